@@ -1,0 +1,50 @@
+# Two commands on a fresh machine: `make run` (serve the shipped checkpoint) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+# CPU build of torch. A local wheel (pip's find-links) is used when present; otherwise this index.
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: run test install dev lint bench compose-smoke depth-study clean
+
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --no-index torch==$(TORCH_VERSION) 2>/dev/null \
+	  || $(PIP) install -q --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -e '.[dev]'
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+
+dev: $(VENV)/.dev
+
+run: $(VENV)/.installed
+	$(PY) -m app --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.dev
+	$(PY) -m pytest
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check app model tests bench
+
+bench: $(VENV)/.dev
+	$(PIP) install -q -e '.[bench]'
+	$(PY) -m bench.run
+
+compose-smoke:
+	bash deploy/compose-smoke.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

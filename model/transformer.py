@@ -1,0 +1,254 @@
+"""A pre-LayerNorm GPT-style Transformer whose blocks compute x = x + F(x).
+
+The KV cache is caller-owned state passed into `forward`; the residual stream is
+returned on request (TransformerLens names), never captured with global hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+
+Component = Literal["block", "attn", "mlp"]
+RESID_NAMES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+
+
+class KVCache:
+    """Preallocated keys/values for `n_rows` sequences: (n_layer, rows, n_head, block_size, head_dim)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        n_rows: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+    ) -> None:
+        shape = (config.n_layer, n_rows, config.n_head, config.block_size, config.head_dim)
+        self.k = k if k is not None else torch.zeros(shape, device=device, dtype=dtype)
+        self.v = v if v is not None else torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def n_rows(self) -> int:
+        """Number of sequence rows."""
+        return self.k.shape[1]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A view over rows [start, stop): writes through it land in this cache."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        return view
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Copy one row's keys/values over another (used to keep live rows contiguous)."""
+        self.k[:, dst].copy_(self.k[:, src])
+        self.v[:, dst].copy_(self.v[:, src])
+
+
+@dataclass
+class Intervention:
+    """Blocks whose F(x) is zeroed, so that component becomes the identity map."""
+
+    ablate: dict[int, Component] = field(default_factory=dict)
+
+    def skips(self, layer: int, part: Literal["attn", "mlp"]) -> bool:
+        """Whether `part` of block `layer` is ablated."""
+        what = self.ablate.get(layer)
+        return what == "block" or what == part
+
+
+@dataclass
+class ModelOutput:
+    """Logits plus, when asked, the residual stream of every layer."""
+
+    logits: torch.Tensor  # (B, T, vocab)
+    resid: list[dict[str, torch.Tensor]] | None = None  # per layer: RESID_NAMES -> (B, T, d_model)
+    final: torch.Tensor | None = None  # ln_f(resid_post[-1]): (B, T, d_model)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with a fused QKV projection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.c_attn = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        k_cache: torch.Tensor | None = None,
+        v_cache: torch.Tensor | None = None,
+        write_idx: tuple[torch.Tensor, torch.Tensor] | None = None,
+        n_keys: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each (B, T, nh, hd)
+        q = q.transpose(1, 2)  # (B, nh, T, hd)
+        if k_cache is None:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, nh, T, hd)
+        else:
+            rows, positions = write_idx  # each (B, T)
+            k_cache[rows, :, positions] = k  # cache (B, nh, S_max, hd) <- (B, T, nh, hd)
+            v_cache[rows, :, positions] = v
+            keys, values = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]  # (B, nh, S, hd) views
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.c_proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """One residual block: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.mlp = MLP(config)
+        self.residual = config.residual
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, **attn_kw: object) -> torch.Tensor:
+        if self.residual:
+            x = x + self.resid_dropout(self.attn(self.ln_1(x), **attn_kw))
+            x = x + self.mlp(self.ln_2(x))
+            return x
+        x = self.resid_dropout(self.attn(self.ln_1(x), **attn_kw))  # plain stack: no shortcut
+        return self.mlp(self.ln_2(x))
+
+    def forward_traced(
+        self, x: torch.Tensor, layer: int, intervention: Intervention | None, **attn_kw: object
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Same maths as `forward`, returning every named point of the residual stream."""
+        skip_attn = intervention is not None and intervention.skips(layer, "attn")
+        skip_mlp = intervention is not None and intervention.skips(layer, "mlp")
+        resid_pre = x
+        if skip_attn:
+            attn_out, resid_mid = torch.zeros_like(x), x  # the block part is the identity
+            if attn_kw.get("k_cache") is not None:  # still fill the cache so later steps stay consistent
+                self.attn(self.ln_1(x), **attn_kw)
+        else:
+            attn_out = self.resid_dropout(self.attn(self.ln_1(x), **attn_kw))  # (B, T, C)
+            resid_mid = resid_pre + attn_out if self.residual else attn_out
+        if skip_mlp:
+            mlp_out, resid_post = torch.zeros_like(x), resid_mid
+        else:
+            mlp_out = self.mlp(self.ln_2(resid_mid))  # (B, T, C)
+            resid_post = resid_mid + mlp_out if self.residual else mlp_out
+        trace = dict(
+            resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid, mlp_out=mlp_out, resid_post=resid_post
+        )
+        return resid_post, trace
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model over bytes with a deep residual stack."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.block_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale the writes into the residual stream
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        """Number of parameters (the unembedding is tied to the token embedding)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """Map a normalised stream (..., d_model) to logits (..., vocab)."""
+        return F.linear(x, self.wte.weight)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        pos: torch.Tensor | None = None,
+        return_resid: bool = False,
+        intervention: Intervention | None = None,
+        last_only: bool = False,
+    ) -> ModelOutput:
+        """Run the model on `idx` (B, T).
+
+        With `cache` (B rows) and `pos` (B,), row b's tokens sit at positions pos[b]..pos[b]+T-1 and
+        attend to everything that row has cached before them. `last_only` returns logits for the
+        final position only (decode).
+        """
+        B, T = idx.shape
+        attn_kw: dict[str, object] = {}
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+            positions = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
+        else:
+            if pos is None or pos.shape != (B,) or cache.n_rows != B:
+                raise ValueError("a cached forward needs pos of shape (B,) and a cache with B rows")
+            positions = pos[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+            n_keys = int(positions.max()) + 1
+            if n_keys > self.config.block_size:
+                raise ValueError(f"position {n_keys - 1} exceeds block_size {self.config.block_size}")
+            rows = torch.arange(B, device=idx.device)[:, None].expand(B, T)  # (B, T)
+            key_pos = torch.arange(n_keys, device=idx.device)  # (S,)
+            mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, S)
+            attn_kw = dict(write_idx=(rows, positions), n_keys=n_keys, mask=mask)
+        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
+        traces: list[dict[str, torch.Tensor]] = []
+        for layer, block in enumerate(self.blocks):
+            if cache is not None:
+                attn_kw["k_cache"], attn_kw["v_cache"] = cache.k[layer], cache.v[layer]
+            if return_resid or intervention is not None:
+                x, trace = block.forward_traced(x, layer, intervention, **attn_kw)
+                traces.append(trace)
+            else:
+                x = block(x, **attn_kw)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        final = self.ln_f(x)  # (B, T, C)
+        logits = self.unembed(final)  # (B, T, vocab)
+        if return_resid:
+            return ModelOutput(logits=logits, resid=traces, final=final)
+        return ModelOutput(logits=logits)
