@@ -78,7 +78,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "tokenizer": tokenizer.KIND,
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "code_version": code_version(),
         **(metadata or {}),
     }
@@ -106,7 +106,17 @@ def _read_header(path: Path, data: bytes) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
-    end = max((t.get("data_offsets", [0, 0])[1] for k, t in header.items() if k != "__metadata__"), default=0)
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: not a safetensors file (__metadata__ must map strings to strings)")
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = t.get("data_offsets") if isinstance(t, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise CheckpointError(f"{path}: not a safetensors file (bad entry for tensor {name!r})")
+        end = max(end, offsets[1])
     if 8 + n + end > len(data):
         raise CheckpointError(f"{path}: truncated (tensor data needs {8 + n + end} bytes, file has {len(data)})")
     return header
@@ -138,6 +148,8 @@ def _load_raw(path: Path, data: bytes) -> tuple[dict[str, Any], ModelConfig, dic
     try:
         config = ModelConfig.from_dict(json.loads(meta_raw["config"]))
         metadata = json.loads(meta_raw.get("metadata", "{}"))
+        if not isinstance(metadata, dict):
+            raise ValueError("metadata is not a JSON object")
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad config in header: {e}") from None
     return header, config, metadata

@@ -1,0 +1,104 @@
+"""One JSON error shape for every failure: {"error": {"message", "type", "param", "code"}} (OpenAI style)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.engine import EngineDrainingError, EngineError, InvalidRequestError, PromptTooLongError, QueueFullError
+
+log = logging.getLogger(__name__)
+
+TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class APIError(Exception):
+    """An error with an HTTP status, rendered in the standard shape."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The standard error object."""
+    return {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"), "param": param,
+                      "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """A JSONResponse carrying the standard error object."""
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def engine_error(e: EngineError, param: str | None = None) -> APIError:
+    """Map an engine exception to its HTTP error."""
+    if isinstance(e, PromptTooLongError):
+        return APIError(400, str(e), param="max_new_tokens", code="context_length_exceeded")
+    if isinstance(e, InvalidRequestError):
+        return APIError(400, str(e), param=param, code="invalid_value")
+    if isinstance(e, QueueFullError):
+        return APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(e, EngineDrainingError):
+        return APIError(503, str(e), code="draining")
+    return APIError(500, "internal error", code="engine_error")
+
+
+def _loc_param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Render every error, expected or not, in the standard shape."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        e = engine_error(exc)
+        return error_response(e.status, e.message, e.param, e.code, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        param = _loc_param(tuple(first.get("loc", ())))
+        msg = str(first.get("msg", "invalid request"))
+        if first.get("type") == "json_invalid":
+            msg, param = "request body is not valid JSON", None
+        elif param:
+            msg = f"{param}: {msg}"
+        if len(errors) > 1:
+            msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return error_response(422, msg, param, first.get("type"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal server error", code="internal_error")

@@ -1,0 +1,64 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import service
+from app.errors import install_error_handlers
+from app.metrics import Metrics
+from app.middleware import ServiceMiddleware
+from app.routes import generate, health, openai
+from app.service import ServedModel
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, models: dict[str, ServedModel] | None = None,
+               metrics: Metrics | None = None) -> FastAPI:
+    """Build the app. Models load in the lifespan unless preloaded ones (and their metrics) are passed."""
+    settings = settings or Settings()
+    metrics = metrics or Metrics(resid_norms=settings.resid_norm_metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        threads = service.configure_threads(settings.threads)
+        device = service.select_device(settings.device)
+        served = models if models is not None else service.load_models(settings, metrics, device)
+        app.state.models = served
+        app.state.device = device
+        log.info("serving %s on %s with %d threads", ", ".join(served), device, threads)
+        for m in served.values():
+            if settings.warmup:
+                log.info("warm-up of %s took %.3f s", m.name, service.warm_up(m))
+            m.engine.start()
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            for m in served.values():
+                m.engine.stop()
+
+    app = FastAPI(
+        title="Shortcut",
+        version="0.1.0",
+        summary="Serve a deep residual Transformer and see inside its residual stream.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.models = {}
+    app.state.ready = False
+    app.state.draining = False
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(generate.router)
+    app.include_router(openai.router)
+    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,110 @@
+"""POST /generate (with SSE streaming), /tokenize and /detokenize."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from app.auth import require_api_key
+from app.deps import get_served
+from app.errors import error_body
+from app.generation import collect, default_max_new, finish_error, stop_tuple, stream_events, submit
+from app.schemas import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    TokenInfo,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from app.service import ServedModel
+from model import tokenizer
+from model.engine import FinishEvent, SamplingParams, TokenEvent
+
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 503, 504)}
+router = APIRouter(tags=["generation"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+
+
+def token_info(ev: TokenEvent) -> TokenInfo:
+    """Per-token details for the response."""
+    tops = None
+    if ev.top_logprobs is not None:
+        tops = [{"id": i, "text": tokenizer.token_text(i), "logprob": lp} for i, lp in ev.top_logprobs]
+    return TokenInfo(id=ev.token_id, text=tokenizer.token_text(ev.token_id), logprob=ev.logprob, top_logprobs=tops)
+
+
+def build_response(rid: str, served: ServedModel, tokens: list[TokenEvent], fin: FinishEvent,
+                   logprobs: int) -> GenerateResponse:
+    """The /generate result object."""
+    return GenerateResponse(
+        id=rid, model=served.name, text=fin.text, finish_reason=fin.reason,
+        usage={"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
+               "total_tokens": fin.prompt_tokens + fin.completion_tokens},
+        tokens=[token_info(t) for t in tokens] if logprobs > 0 else None,
+        timings=fin.timings, seed=fin.seed, checkpoint_sha256=served.sha256,
+    )
+
+
+def sse(event: str, data: dict) -> str:
+    """One Server-Sent Event."""
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+@router.post("/generate", response_model=GenerateResponse,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "JSON, or Server-Sent Events when stream=true"}})
+async def generate(body: GenerateRequest, request: Request):
+    """Continue `prompt`. With `stream: true`, Server-Sent Events: `token` per token, then `done` (or `error`)."""
+    served = get_served(request, body.model)
+    n_prompt = len(tokenizer.encode(body.prompt))
+    settings = request.app.state.settings
+    max_new = body.max_new_tokens or default_max_new(served, n_prompt, settings.default_max_new_tokens)
+    params = SamplingParams(max_new_tokens=max_new, temperature=body.temperature, top_k=body.top_k,
+                            top_p=body.top_p, stop=stop_tuple(body.stop), seed=body.seed, logprobs=body.logprobs)
+    handle, _ = submit(served, body.prompt, params)
+    rid = f"gen-{uuid.uuid4().hex[:24]}"
+    if not body.stream:
+        tokens, fin = await collect(request, handle)
+        err = finish_error(fin)
+        if err is not None:
+            raise err
+        return build_response(rid, served, tokens, fin, body.logprobs)
+
+    async def events() -> AsyncIterator[str]:
+        tokens: list[TokenEvent] = []
+        async for ev in stream_events(handle):
+            if isinstance(ev, TokenEvent):
+                tokens.append(ev)
+                yield sse("token", {"type": "token", "text": ev.text,
+                                    "token": token_info(ev).model_dump(exclude_none=True)})
+                continue
+            err = finish_error(ev)
+            if err is not None:
+                yield sse("error", error_body(err.status, err.message, err.param, err.code))
+            else:
+                yield sse("done", {"type": "done", **build_response(rid, served, tokens, ev, body.logprobs)
+                                   .model_dump(mode="json")})
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    """Token ids of `text` (one per UTF-8 byte)."""
+    served = get_served(request, body.model)
+    ids = tokenizer.encode(body.text)
+    return TokenizeResponse(tokens=ids, count=len(ids), context_window=served.checkpoint.config.block_size)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    """Text of token ids (invalid UTF-8 becomes U+FFFD)."""
+    get_served(request, body.model)
+    return DetokenizeResponse(text=tokenizer.decode(body.tokens))

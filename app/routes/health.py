@@ -1,0 +1,61 @@
+"""Liveness, readiness, info and metrics."""
+
+from __future__ import annotations
+
+import torch
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.errors import error_response
+from model.checkpoint import code_version
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: 200 while the process runs."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", responses={503: {"description": "not loaded yet, or draining"}})
+async def ready(request: Request) -> Response:
+    """Readiness: 200 once the model is loaded and warmed up; 503 before that and while draining."""
+    state = request.app.state
+    if state.draining:
+        return error_response(503, "server is draining", code="draining")
+    if not state.ready:
+        return error_response(503, "model is not loaded yet", code="not_ready")
+    return Response('{"status":"ready"}', media_type="application/json")
+
+
+@router.get("/info")
+async def info(request: Request) -> dict:
+    """Served models: config, parameter count, checkpoint path and sha256, device, dtype, version."""
+    state = request.app.state
+    models = {}
+    for name, m in state.models.items():
+        ck = m.checkpoint
+        models[name] = {
+            "config": ck.config.to_dict(),
+            "parameters": ck.model.num_params(),
+            "checkpoint_path": str(ck.path),
+            "checkpoint_sha256": ck.sha256,
+            "checkpoint_metadata": {k: v for k, v in ck.metadata.items() if k != "train_state"},
+            "dtype": str(next(ck.model.parameters()).dtype).removeprefix("torch."),
+        }
+    return {
+        "version": code_version(),
+        "default_model": state.settings.model_name,
+        "device": str(getattr(state, "device", "unknown")),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "ready": state.ready,
+        "models": models,
+    }
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition of every service metric."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,172 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SEED = 2**63 - 1
+
+Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False, description="0 = greedy")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+TopK = Annotated[int, Field(ge=0, le=256, description="0 = off")]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(max_length=256)]
+ModelName = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /generate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, description="text to continue (UTF-8; one token per byte)")
+    model: ModelName | None = Field(None, description="served model name; default the main model")
+    max_new_tokens: int | None = Field(None, ge=1, le=65536)
+    temperature: Temperature = 1.0
+    top_k: TopK = 0
+    top_p: TopP = 1.0
+    stop: str | StopList | None = None
+    seed: Seed | None = None
+    logprobs: int = Field(0, ge=0, le=256, description="top alternatives per token; 0 = none")
+    stream: bool = False
+
+
+class TopLogprob(BaseModel):
+    id: int
+    text: str
+    logprob: float
+
+
+class TokenInfo(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[TopLogprob] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(BaseModel):
+    queue_s: float
+    ttft_s: float | None
+    total_s: float
+
+
+class GenerateResponse(BaseModel):
+    """Body of a non-streaming /generate answer (and of the final streamed event)."""
+
+    id: str
+    model: str
+    text: str
+    finish_reason: Literal["length", "stop", "abort", "timeout", "error"]
+    usage: Usage
+    tokens: list[TokenInfo] | None = None
+    timings: Timings
+    seed: int
+    checkpoint_sha256: str
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(..., max_length=1_000_000)
+    model: ModelName | None = None
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    context_window: int
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens: list[Annotated[int, Field(ge=0, le=255)]] = Field(..., max_length=1_000_000)
+    model: ModelName | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    text: str
+
+
+# ---- OpenAI-compatible ---------------------------------------------------------------------------
+
+
+class CompletionRequest(BaseModel):
+    """Body of POST /v1/completions (the subset that applies to this server)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: ModelName | None = None
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    max_tokens: int | None = Field(16, ge=1, le=65536)
+    temperature: Temperature | None = 1.0
+    top_p: TopP | None = 1.0
+    top_k: TopK | None = None
+    n: Literal[1] = 1
+    stream: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    stop: str | StopList | None = None
+    seed: Seed | None = None
+    echo: Literal[False] = False
+    best_of: Literal[1] | None = None
+    stream_options: dict | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "shortcut"
+    n_layer: int
+    d_model: int
+    context_window: int
+    residual: bool
+    checkpoint_sha256: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error has this shape."""
+
+    error: ErrorDetail

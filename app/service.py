@@ -1,0 +1,96 @@
+"""Loading the served models and driving their engines (no HTTP here either: routes adapt it)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from app.metrics import Metrics
+from app.settings import Settings
+from model import tokenizer
+from model.checkpoint import Checkpoint, load_checkpoint
+from model.engine import Engine
+from model.transformer import KVCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """One checkpoint being served, with its engine."""
+
+    name: str
+    checkpoint: Checkpoint
+    engine: Engine
+    created: int
+
+    @property
+    def sha256(self) -> str:
+        """The checkpoint file's sha256."""
+        return self.checkpoint.sha256
+
+
+def select_device(setting: str) -> torch.device:
+    """Resolve SHORTCUT_DEVICE (auto|cpu|cuda) to a torch device."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("SHORTCUT_DEVICE=cuda but CUDA is not available")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def configure_threads(threads: int) -> int:
+    """Set torch intra-op threads (0 = one per available core) and return the number used."""
+    n = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    return n
+
+
+def checkpoint_paths(settings: Settings) -> dict[str, Path]:
+    """Name -> checkpoint path of every model to serve; the main model first."""
+    paths = {settings.model_name: settings.checkpoint}
+    if settings.extra_checkpoints_dir is not None:
+        for p in sorted(Path(settings.extra_checkpoints_dir).glob("*.safetensors")):
+            if p.resolve() != settings.checkpoint.resolve() and not p.name.endswith(".resume.safetensors"):
+                paths.setdefault(p.stem, p)
+    return paths
+
+
+def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> dict[str, ServedModel]:
+    """Load every checkpoint and start an engine for each (raises CheckpointError on a bad file)."""
+    models: dict[str, ServedModel] = {}
+    for i, (name, path) in enumerate(checkpoint_paths(settings).items()):
+        ck = load_checkpoint(path, device=device)
+        engine = Engine(
+            ck.model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+            request_timeout_s=settings.request_timeout_s,
+            observer=metrics if i == 0 else None,  # live metrics describe the main model
+            max_stop_strings=settings.max_stop_strings, max_stop_length=settings.max_stop_length,
+            max_logprobs=settings.max_logprobs,
+        )
+        models[name] = ServedModel(name=name, checkpoint=ck, engine=engine, created=int(time.time()))
+        c = ck.config
+        metrics.model_info.labels(name, ck.sha256, str(c.n_layer), str(c.d_model), device.type).set(1)
+    return models
+
+
+def warm_up(served: ServedModel) -> float:
+    """Run a prefill and a few batched decode steps off the engine so first requests skip lazy init; return seconds."""
+    t0 = time.perf_counter()
+    model, cfg = served.checkpoint.model, served.checkpoint.config
+    device = next(model.parameters()).device
+    rows = min(served.engine.max_batch_size, 4)
+    cache = KVCache(cfg, rows, device=device, dtype=next(model.parameters()).dtype)
+    prompt = torch.tensor([tokenizer.encode("Warm up.")[: cfg.block_size - 4]] * rows, device=device)  # (R, T)
+    with torch.inference_mode():
+        model(prompt, cache=cache, pos=torch.zeros(rows, dtype=torch.long, device=device), last_only=True)
+        pos = torch.full((rows,), prompt.shape[1], device=device)
+        for _ in range(3):
+            model(prompt[:, :1], cache=cache, pos=pos, last_only=True)
+            pos = pos + 1
+    return time.perf_counter() - t0

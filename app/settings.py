@@ -1,0 +1,43 @@
+"""Service settings from environment variables (prefix SHORTCUT_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+import model
+
+DEFAULT_CHECKPOINT = Path(model.__file__).resolve().parent / "checkpoints" / "shakespeare.safetensors"
+
+
+class Settings(BaseSettings):
+    """Every knob of the server; each field is read from SHORTCUT_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="SHORTCUT_", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    checkpoint: Path = DEFAULT_CHECKPOINT
+    model_name: str = Field("shakespeare", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    extra_checkpoints_dir: Path | None = Field(
+        None, description="serve every *.safetensors in this folder too, named by file stem"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
+    api_key: SecretStr | None = None
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_queue: int = Field(256, ge=0)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_stop_strings: int = Field(16, ge=0)
+    max_stop_length: int = Field(64, ge=1)
+    max_logprobs: int = Field(20, ge=0, le=256)
+    default_max_new_tokens: int = Field(64, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    warmup: bool = True
+    resid_norm_metrics: bool = Field(True, description="observe per-layer residual norms of served prefills")
+    log_json: bool = False
+    log_level: str = "INFO"

@@ -1,0 +1,149 @@
+"""Evaluation CLI: python -m model.evaluate --checkpoint PATH --data PATH [--split val|train|all].
+
+Mean next-byte cross-entropy over a split, with every byte after the split's first scored exactly once.
+Sliding windows of `block_size` bytes move by `stride = block_size // 2`: the first window scores all its
+targets, every later window only its last `stride`, so each target sees at least `block_size - stride`
+bytes of context where the text allows. When the remaining targets do not fill a whole window, one
+final window is aligned to the end of the split and scores only the targets not scored yet.
+The split is taken as one sequence: `--split all` scores the whole file, not train and val separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model.checkpoint import load_checkpoint
+from model.train import load_splits
+from model.transformer import Transformer
+
+log = logging.getLogger("model.evaluate")
+
+
+@dataclass(frozen=True)
+class Window:
+    """One scoring window: inputs data[start:start+length], targets shifted by one; targets j >= skip count."""
+
+    start: int
+    length: int
+    skip: int
+
+
+def plan_windows(n_bytes: int, block_size: int) -> list[Window]:
+    """Windows that score targets 1..n_bytes-1 exactly once (see the module docstring)."""
+    n_targets = n_bytes - 1
+    if n_targets < 1:
+        return []
+    if n_targets <= block_size:
+        return [Window(0, n_targets, 0)]
+    stride = max(1, block_size // 2)
+    windows = [Window(0, block_size, 0)]
+    start = stride
+    while start + block_size <= n_targets:  # full window: its targets are start+1 .. start+block_size
+        windows.append(Window(start, block_size, block_size - stride))
+        start += stride
+    scored_to = windows[-1].start + block_size  # last target position scored so far
+    if scored_to < n_targets:
+        tail = n_targets - block_size  # aligned to the end: targets tail+1 .. n_targets
+        windows.append(Window(tail, block_size, scored_to - tail))
+    return windows
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, data: torch.Tensor, batch_size: int = 32) -> dict[str, float | int]:
+    """Sliding-window next-byte cross-entropy of `model` over the 1-D byte tensor `data`."""
+    if data.dim() != 1 or len(data) < 2:
+        raise ValueError(f"need a 1-D tensor of at least 2 bytes, got shape {tuple(data.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    block_size = model.config.block_size
+    windows = plan_windows(len(data), block_size)
+    device = next(model.parameters()).device
+    tokens = data.to(torch.long)  # (N,)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for b0 in range(0, len(windows), batch_size):
+            batch = windows[b0 : b0 + batch_size]
+            length = batch[0].length  # every window has the same length
+            starts = torch.tensor([w.start for w in batch])  # (b,)
+            offsets = starts[:, None] + torch.arange(length + 1)  # (b, L+1)
+            chunk = tokens[offsets].to(device)  # (b, L+1)
+            x, y = chunk[:, :-1], chunk[:, 1:]  # (b, L) each
+            logits = model(x).logits  # (b, L, V)
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)  # (b, L)
+            skips = torch.tensor([w.skip for w in batch], device=device)  # (b,)
+            keep = torch.arange(length, device=device)[None, :] >= skips[:, None]  # (b, L)
+            total += nll[keep].double().sum().item()
+            count += int(keep.sum())
+            if (b0 // batch_size) % 50 == 0:
+                log.info("evaluated %d/%d windows", min(b0 + batch_size, len(windows)), len(windows))
+    finally:
+        model.train(was_training)
+    nats = total / count
+    return {
+        "nats_per_byte": nats,
+        "bits_per_byte": nats / math.log(2),
+        "bytes_scored": count,
+        "sum_nats": total,
+        "windows": len(windows),
+        "block_size": block_size,
+        "stride": max(1, block_size // 2),
+    }
+
+
+def select_split(path: str | Path, split: str) -> tuple[torch.Tensor, str]:
+    """Bytes of the requested split ('train', 'val' or 'all') as a uint8 tensor, and the file's sha256."""
+    train_split, val_split, sha = load_splits(path)
+    if split == "train":
+        return train_split, sha
+    if split == "val":
+        return val_split, sha
+    if split == "all":
+        return torch.cat([train_split, val_split]), sha
+    raise ValueError(f"unknown split {split!r} (expected train, val or all)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, evaluate, and print one JSON line."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint path (.safetensors)")
+    p.add_argument("--data", required=True, help="text file (UTF-8 bytes); split as in model.train")
+    p.add_argument("--split", choices=("val", "train", "all"), default="val")
+    p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t0 = time.monotonic()
+    ck = load_checkpoint(a.checkpoint)
+    data, data_sha = select_split(a.data, a.split)
+    if len(data) < 2:
+        p.error(f"the {a.split} split of {a.data} has {len(data)} bytes; at least 2 are needed")
+    result = evaluate(ck.model, data, batch_size=a.batch_size)
+    summary = {
+        **result,
+        "split": a.split,
+        "checkpoint": str(a.checkpoint),
+        "checkpoint_sha256": ck.sha256,
+        "data": str(a.data),
+        "data_sha256": data_sha,
+        "split_bytes": len(data),
+        "params": ck.model.num_params(),
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny seeded models, a tiny checkpoint file and generated training text."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import save_checkpoint
+from model.config import ModelConfig
+from model.transformer import Transformer
+
+TINY = dict(block_size=32, n_layer=3, n_head=4, d_model=32, d_ff=64)
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    """A 3-layer, 32-wide config with a 32-byte context."""
+    return ModelConfig(**TINY)
+
+
+def build_model(config: ModelConfig | None = None, seed: int = 0, scale: float | None = 0.3) -> Transformer:
+    """A seeded model in eval mode.
+
+    With `scale`, every weight is redrawn as N(0, scale) (LayerNorm gains as 1 + N(0, scale)) so that outputs depend
+    strongly on context and equivalence tests can fail; `scale=None` keeps the training initialisation.
+    """
+    torch.manual_seed(seed)
+    model = Transformer(config or ModelConfig(**TINY))
+    if scale is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.normal_(0.0, scale)
+                if ("ln_" in name) and name.endswith("weight"):
+                    p.add_(1.0)
+    return model.eval()
+
+
+@pytest.fixture
+def make_model() -> Callable[..., Transformer]:
+    """Factory: make_model(config=None, seed=0, scale=0.3) -> tiny Transformer in eval mode."""
+    return build_model
+
+
+@pytest.fixture
+def tiny_model(tiny_config: ModelConfig) -> Transformer:
+    """The tiny config with large random weights (see `build_model`), in eval mode."""
+    return build_model(tiny_config)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path, tiny_model: Transformer) -> Path:
+    """`tiny_model` saved as a checkpoint file with metadata {'note': 'fixture'}."""
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(tiny_model, path, metadata={"note": "fixture"})
+    return path
+
+
+def make_text(n_bytes: int = 6000, seed: int = 0) -> str:
+    """Deterministic easy-to-learn text: pangram-like sentences with a little variation, plus some non-ASCII."""
+    gen = torch.Generator().manual_seed(seed)
+    subjects = ["the quick brown fox", "a lazy dog", "the small cat", "my old friend", "ein grüner Baum"]
+    verbs = ["jumps over", "looks at", "runs past", "sleeps near", "sieht"]
+    parts: list[str] = []
+    size = 0
+    while size < n_bytes:
+        s = subjects[int(torch.randint(len(subjects), (1,), generator=gen))]
+        v = verbs[int(torch.randint(len(verbs), (1,), generator=gen))]
+        o = subjects[int(torch.randint(len(subjects), (1,), generator=gen))]
+        line = f"{s} {v} {o}. "
+        parts.append(line)
+        size += len(line.encode())
+    return "".join(parts).encode()[:n_bytes].decode("utf-8", errors="ignore")
+
+
+@pytest.fixture
+def pattern_text() -> str:
+    """About 6 KB of repetitive generated text (the fixed seed makes it identical in every test)."""
+    return make_text()
+
+
+@pytest.fixture(scope="session")
+def shared_text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`make_text()` written once per session; treat it as read-only."""
+    path = tmp_path_factory.mktemp("shared") / "data.txt"
+    path.write_text(make_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path: Path, pattern_text: str) -> Path:
+    """`pattern_text` written to tmp_path/data.txt."""
+    path = tmp_path / "data.txt"
+    path.write_text(pattern_text, encoding="utf-8")
+    return path

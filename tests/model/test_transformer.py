@@ -1,0 +1,204 @@
+"""Transformer: shapes, KV-cache equivalence, residual-stream identities, ablations, no-shortcut mode, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.transformer import RESID_NAMES, Intervention, KVCache, Transformer
+
+ATOL = 1e-5
+
+
+def _tokens(b: int, t: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (b, t), generator=torch.Generator().manual_seed(seed))  # (B, T)
+
+
+def _embed(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
+    return model.wte(idx) + model.wpe(torch.arange(idx.shape[1]))  # (B, T, C)
+
+
+@torch.no_grad()
+def test_shapes(tiny_model: Transformer) -> None:
+    cfg = tiny_model.config
+    idx = _tokens(2, 7)
+    out = tiny_model(idx, return_resid=True)
+    assert out.logits.shape == (2, 7, cfg.vocab_size)
+    assert out.final.shape == (2, 7, cfg.d_model)
+    assert len(out.resid) == cfg.n_layer
+    for trace in out.resid:
+        assert tuple(trace) == RESID_NAMES
+        assert all(v.shape == (2, 7, cfg.d_model) for v in trace.values())
+    plain = tiny_model(idx)
+    assert plain.resid is None and plain.final is None
+    assert torch.equal(plain.logits, out.logits)
+    last = tiny_model(idx, last_only=True).logits
+    assert last.shape == (2, 1, cfg.vocab_size)
+    torch.testing.assert_close(last, out.logits[:, -1:], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_logits_depend_on_context(tiny_model: Transformer) -> None:
+    """Guards the equivalence tests below: a model that ignored context would pass them trivially."""
+    a, b = _tokens(1, 8, seed=1), _tokens(1, 8, seed=2)
+    b[0, -1] = a[0, -1]
+    assert (tiny_model(a).logits[0, -1] - tiny_model(b).logits[0, -1]).abs().max() > 0.1
+
+
+@torch.no_grad()
+def test_kv_cache_step_by_step_matches_full_forward(tiny_model: Transformer) -> None:
+    T = tiny_model.config.block_size
+    idx = _tokens(2, T)
+    full = tiny_model(idx).logits  # (2, T, V)
+    cache = KVCache(tiny_model.config, 2)
+    prefill = tiny_model(idx[:, :5], cache=cache, pos=torch.zeros(2, dtype=torch.long)).logits
+    torch.testing.assert_close(prefill, full[:, :5], atol=ATOL, rtol=0)
+    for t in range(5, T):
+        step = tiny_model(idx[:, t : t + 1], cache=cache, pos=torch.full((2,), t), last_only=True).logits
+        torch.testing.assert_close(step[:, 0], full[:, t], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_kv_cache_batched_rows_at_different_positions(tiny_model: Transformer) -> None:
+    cfg = tiny_model.config
+    lengths = [3, 9, 16]
+    seqs = _tokens(3, cfg.block_size, seed=5)
+    cache = KVCache(cfg, 3)
+    for b, n in enumerate(lengths):  # each row prefilled on its own, through a view
+        tiny_model(seqs[b : b + 1, :n], cache=cache.rows(b, b + 1), pos=torch.tensor([0]))
+    pos = torch.tensor(lengths)
+    while int(pos.max()) < cfg.block_size:
+        idx = seqs[torch.arange(3), pos][:, None]  # (3, 1): next token of every row
+        logits = tiny_model(idx, cache=cache, pos=pos).logits[:, 0]  # (3, V)
+        for b in range(3):
+            ref = tiny_model(seqs[b : b + 1, : int(pos[b]) + 1]).logits[0, -1]
+            torch.testing.assert_close(logits[b], ref, atol=ATOL, rtol=0)
+        pos = pos + 1
+
+
+@torch.no_grad()
+def test_kv_cache_multi_token_chunk_continuation(tiny_model: Transformer) -> None:
+    cfg = tiny_model.config
+    seqs = _tokens(2, 20, seed=7)
+    full = tiny_model(seqs).logits  # (2, 20, V)
+    cache = KVCache(cfg, 2)
+    tiny_model(seqs[0:1, :5], cache=cache.rows(0, 1), pos=torch.tensor([0]))
+    tiny_model(seqs[1:2, :9], cache=cache.rows(1, 2), pos=torch.tensor([0]))
+    # Row 0 continues with a 4-token chunk alone, then both rows take a 4-token chunk at different positions.
+    chunk = tiny_model(seqs[0:1, 5:9], cache=cache.rows(0, 1), pos=torch.tensor([5])).logits
+    torch.testing.assert_close(chunk[0], full[0, 5:9], atol=ATOL, rtol=0)
+    idx = torch.stack([seqs[0, 9:13], seqs[1, 9:13]])  # (2, 4)
+    chunk = tiny_model(idx, cache=cache, pos=torch.tensor([9, 9])).logits
+    torch.testing.assert_close(chunk, full[:, 9:13], atol=ATOL, rtol=0)
+    cache2 = KVCache(cfg, 2)
+    tiny_model(seqs[0:1, :2], cache=cache2.rows(0, 1), pos=torch.tensor([0]))
+    tiny_model(seqs[1:2, :13], cache=cache2.rows(1, 2), pos=torch.tensor([0]))
+    idx = torch.stack([seqs[0, 2:6], seqs[1, 13:17]])  # rows at positions 2 and 13
+    chunk = tiny_model(idx, cache=cache2, pos=torch.tensor([2, 13])).logits
+    torch.testing.assert_close(chunk[0], full[0, 2:6], atol=ATOL, rtol=0)
+    torch.testing.assert_close(chunk[1], full[1, 13:17], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_residual_stream_identities(tiny_model: Transformer) -> None:
+    idx = _tokens(2, 11)
+    out = tiny_model(idx, return_resid=True)
+    torch.testing.assert_close(out.resid[0]["resid_pre"], _embed(tiny_model, idx), atol=ATOL, rtol=0)
+    for layer, tr in enumerate(out.resid):
+        torch.testing.assert_close(tr["resid_mid"], tr["resid_pre"] + tr["attn_out"], atol=ATOL, rtol=0)
+        torch.testing.assert_close(tr["resid_post"], tr["resid_mid"] + tr["mlp_out"], atol=ATOL, rtol=0)
+        block = tiny_model.blocks[layer]
+        attn = block.attn(block.ln_1(tr["resid_pre"]))
+        torch.testing.assert_close(tr["attn_out"], attn, atol=ATOL, rtol=0)
+        torch.testing.assert_close(tr["mlp_out"], block.mlp(block.ln_2(tr["resid_mid"])), atol=ATOL, rtol=0)
+        if layer + 1 < len(out.resid):
+            assert torch.equal(out.resid[layer + 1]["resid_pre"], tr["resid_post"])
+    torch.testing.assert_close(out.final, tiny_model.ln_f(out.resid[-1]["resid_post"]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.logits, tiny_model.unembed(out.final), atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.logits, out.final @ tiny_model.wte.weight.T, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_ablating_every_block_leaves_the_embeddings_only_model(tiny_model: Transformer) -> None:
+    idx = _tokens(2, 10)
+    ablate = Intervention(ablate={layer: "block" for layer in range(tiny_model.config.n_layer)})
+    out = tiny_model(idx, intervention=ablate, return_resid=True)
+    expected = tiny_model.unembed(tiny_model.ln_f(_embed(tiny_model, idx)))
+    torch.testing.assert_close(out.logits, expected, atol=ATOL, rtol=0)
+    assert all(torch.equal(tr["attn_out"], torch.zeros_like(tr["attn_out"])) for tr in out.resid)
+    assert (out.logits - tiny_model(idx).logits).abs().max() > 0.1
+
+
+def _skip_loop(model: Transformer, idx: torch.Tensor, layer: int, part: str) -> torch.Tensor:
+    """Hand-written forward in which `part` of block `layer` is left out."""
+    x = _embed(model, idx)
+    for i, block in enumerate(model.blocks):
+        if i != layer:
+            x = block(x)
+        elif part == "attn":
+            x = x + block.mlp(block.ln_2(x))
+        elif part == "mlp":
+            x = x + block.attn(block.ln_1(x))
+    return model.unembed(model.ln_f(x))
+
+
+@pytest.mark.parametrize("part", ["block", "attn", "mlp"])
+@torch.no_grad()
+def test_ablating_one_component_equals_skipping_it(tiny_model: Transformer, part: str) -> None:
+    idx = _tokens(2, 12)
+    for layer in range(tiny_model.config.n_layer):
+        out = tiny_model(idx, intervention=Intervention(ablate={layer: part})).logits
+        torch.testing.assert_close(out, _skip_loop(tiny_model, idx, layer, part), atol=ATOL, rtol=0)
+        assert (out - tiny_model(idx).logits).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_ablation_with_kv_cache_matches_full_forward(tiny_model: Transformer) -> None:
+    idx = _tokens(1, 16)
+    iv = Intervention(ablate={0: "attn", 2: "block"})
+    full = tiny_model(idx, intervention=iv).logits
+    cache = KVCache(tiny_model.config, 1)
+    tiny_model(idx[:, :6], cache=cache, pos=torch.tensor([0]), intervention=iv)
+    for t in range(6, 16):
+        step = tiny_model(idx[:, t : t + 1], cache=cache, pos=torch.tensor([t]), intervention=iv).logits
+        torch.testing.assert_close(step[:, 0], full[:, t], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_no_residual_config_has_no_shortcut(make_model, tiny_config: ModelConfig) -> None:
+    model = make_model(dataclasses.replace(tiny_config, residual=False))
+    idx = _tokens(2, 9)
+    x = _embed(model, idx)
+    block = model.blocks[0]
+    a = block.attn(block.ln_1(x))
+    f = block.mlp(block.ln_2(a))
+    torch.testing.assert_close(block(x), f, atol=ATOL, rtol=0)
+    assert (block(x) - (x + a + block.mlp(block.ln_2(x + a)))).abs().max() > 0.1
+    h = x
+    for blk in model.blocks:  # plain composition of the sublayers
+        h = blk.mlp(blk.ln_2(blk.attn(blk.ln_1(h))))
+    out = model(idx, return_resid=True)
+    torch.testing.assert_close(out.logits, model.unembed(model.ln_f(h)), atol=ATOL, rtol=0)
+    for tr in out.resid:
+        assert torch.equal(tr["resid_mid"], tr["attn_out"])
+        assert torch.equal(tr["resid_post"], tr["mlp_out"])
+
+
+@torch.no_grad()
+def test_too_long_inputs_raise(tiny_model: Transformer) -> None:
+    cfg = tiny_model.config
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        tiny_model(_tokens(1, cfg.block_size + 1))
+    tiny_model(_tokens(1, cfg.block_size))  # exactly block_size is fine
+    cache = KVCache(cfg, 1)
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        tiny_model(_tokens(1, 4), cache=cache, pos=torch.tensor([cfg.block_size - 3]))
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        tiny_model(_tokens(1, 1), cache=cache, pos=torch.tensor([cfg.block_size]))
+    with pytest.raises(ValueError, match="pos of shape"):
+        tiny_model(_tokens(1, 1), cache=cache)
+    with pytest.raises(ValueError, match="pos of shape"):
+        tiny_model(_tokens(2, 1), cache=cache, pos=torch.tensor([0, 0]))
