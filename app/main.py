@@ -12,7 +12,7 @@ from app import service
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware
-from app.routes import generate, health, openai
+from app.routes import diagnostics, generate, health, openai
 from app.service import ServedModel
 from app.settings import Settings
 
@@ -60,5 +60,6 @@ def create_app(settings: Settings | None = None, models: dict[str, ServedModel] 
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(openai.router)
+    app.include_router(diagnostics.router)
     app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     return app

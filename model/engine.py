@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from model import tokenizer
+from model.diagnostics import residual_norms_last
 from model.sampling import sample_rows, top_logprobs
 from model.transformer import KVCache, Transformer
 
@@ -243,6 +244,11 @@ class Engine:
         return len(self._waiting)
 
     @property
+    def n_jobs(self) -> int:
+        """Jobs (e.g. diagnostics) queued or running on the worker."""
+        return len(self._jobs)
+
+    @property
     def accepting(self) -> bool:
         """False once draining or stopped."""
         return self._accepting
@@ -377,8 +383,7 @@ class Engine:
             return
         gen, fut = self._jobs[0]
         try:
-            with torch.inference_mode(False), torch.enable_grad():
-                next(gen)
+            next(gen)
         except StopIteration as stop:
             self._jobs.popleft()
             fut.set_result(stop.value)
@@ -407,8 +412,7 @@ class Engine:
             return_resid=want_norms, last_only=not want_norms,
         )
         if want_norms:
-            last = torch.stack([t["resid_post"][0, -1] for t in out.resid])  # (L, C)
-            self.observer.on_resid_norms(torch.linalg.vector_norm(last, dim=-1).tolist())
+            self.observer.on_resid_norms(residual_norms_last(out.resid))
         logits = out.logits[:, -1]  # (1, V)
         req.pos = len(req.prompt)
         self._running.append(req)

@@ -1,0 +1,86 @@
+"""GET/POST /diagnostics: the residual stream of the live model, as JSON or an 80-column text report."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.auth import require_api_key
+from app.deps import get_served
+from app.errors import APIError
+from app.schemas import ErrorResponse, ModelName
+from app.service import ServedModel
+from model import tokenizer
+from model.diagnostics import DiagnosticsOptions, iter_diagnostics, render_text
+from model.engine import EngineDrainingError
+
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 503)}
+router = APIRouter(tags=["diagnostics"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+
+
+class DiagnosticsRequest(BaseModel):
+    """What to compute; every field is also a query parameter of GET /diagnostics."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, description="text whose residual stream is examined")
+    model: ModelName | None = None
+    per_token: bool = Field(False, description="include per-position norms")
+    logit_lens: int = Field(0, ge=0, le=256, description="top-K tokens per layer from the logit lens; 0 = off")
+    gradients: bool = Field(False, description="gradient norm reaching each layer's input")
+    ablation: bool = Field(False, description="loss change when each block / attention / MLP is skipped")
+    format: Literal["json", "text"] | None = Field(None, description="default json; text for a terminal report")
+
+
+def _wants_text(req: DiagnosticsRequest, request: Request) -> bool:
+    if req.format is not None:
+        return req.format == "text"
+    accept = request.headers.get("accept", "")
+    return "text/plain" in accept and "application/json" not in accept
+
+
+async def _diagnose(req: DiagnosticsRequest, request: Request):
+    served: ServedModel = get_served(request, req.model)
+    ids = tokenizer.encode(req.prompt)
+    window = served.checkpoint.config.block_size
+    if len(ids) > window:
+        raise APIError(400, f"prompt is {len(ids)} tokens; the context window is {window} tokens", param="prompt",
+                       code="context_length_exceeded")
+    opts = DiagnosticsOptions(per_token=req.per_token, logit_lens=req.logit_lens, gradients=req.gradients,
+                              ablation=req.ablation)
+    c = served.checkpoint.config
+    info = {"name": served.name, "n_layer": c.n_layer, "d_model": c.d_model, "residual": c.residual,
+            "checkpoint_sha256": served.sha256}
+    engine = served.engine
+    if engine.n_jobs >= max(1, request.app.state.settings.max_queue):
+        raise APIError(429, "too many diagnostics requests queued", code="queue_full", headers={"Retry-After": "1"})
+    try:
+        fut = engine.run_job(lambda model: iter_diagnostics(model, ids, opts, info))
+        result = await asyncio.wrap_future(fut)
+    except EngineDrainingError as e:
+        raise APIError(503, str(e), code="draining") from None
+    except ValueError as e:
+        raise APIError(400, str(e), code="invalid_value") from None
+    if _wants_text(req, request):
+        return PlainTextResponse(render_text(result))
+    return JSONResponse(result)
+
+
+TEXT_OR_JSON = {200: {"content": {"application/json": {}, "text/plain": {}},
+                      "description": "diagnostics as JSON, or a plain-text report with format=text"}}
+
+
+@router.get("/diagnostics", responses=TEXT_OR_JSON)
+async def diagnostics_get(req: Annotated[DiagnosticsRequest, Query()], request: Request):
+    """Per-layer residual-stream figures for `prompt` (curl-friendly: every option is a query parameter)."""
+    return await _diagnose(req, request)
+
+
+@router.post("/diagnostics", responses=TEXT_OR_JSON)
+async def diagnostics_post(req: DiagnosticsRequest, request: Request):
+    """Same as GET /diagnostics, with a JSON body."""
+    return await _diagnose(req, request)

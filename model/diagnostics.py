@@ -1,0 +1,406 @@
+"""Residual-stream diagnostics for one prompt: norms, update ratios, logit lens, gradients, ablations.
+
+The computation core of the `/diagnostics` endpoint; it knows nothing about HTTP.
+
+Numerical conventions:
+- Every ratio a/b of norms is a / max(b, EPS) with EPS = 1e-8: a zero denominator gives 0 when the numerator
+  is 0 too, and a large but finite number otherwise. A cosine with a zero vector is 0 for the same reason
+  (dot / max(|a| |b|, EPS)). Logit-lens KL divergences are clamped at 0 (float round-off can go a hair below).
+- Statistics are computed in float32 (or the model's wider dtype) and rounded to 6 significant digits at the end;
+  a non-finite value (only possible if the model itself overflows) becomes None, so the result is always valid JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import textwrap
+from collections.abc import Generator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.tokenizer import token_text
+from model.transformer import RESID_NAMES, Intervention, Transformer
+
+log = logging.getLogger(__name__)
+
+EPS = 1e-8
+SIG_DIGITS = 6
+COMPONENTS = ("block", "attn", "mlp")
+_EIGHTHS = " ▏▎▍▌▋▊▉"  # partial bar cells, 0/8 .. 7/8
+
+
+@dataclass(frozen=True)
+class DiagnosticsOptions:
+    """What to compute beyond the per-layer norms (which are always there)."""
+
+    per_token: bool = False
+    logit_lens: int = 0
+    gradients: bool = False
+    ablation: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("per_token", "gradients", "ablation"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DiagnosticsOptions.{name} must be a bool, got {getattr(self, name)!r}")
+        k = self.logit_lens
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"DiagnosticsOptions.logit_lens must be an int >= 0, got {k!r}")
+
+    def validate_for(self, config: ModelConfig) -> None:
+        """Check the options against a model (logit_lens at most vocab_size)."""
+        if self.logit_lens > config.vocab_size:
+            raise ValueError(f"logit_lens={self.logit_lens} exceeds the vocabulary size {config.vocab_size}")
+
+
+def run_diagnostics(
+    model: Transformer, ids: list[int], opts: DiagnosticsOptions, model_info: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Diagnose the residual stream of `model` on one prompt; a JSON-serialisable dict (see module docstring)."""
+    steps = iter_diagnostics(model, ids, opts, model_info)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def iter_diagnostics(
+    model: Transformer, ids: list[int], opts: DiagnosticsOptions, model_info: Mapping[str, Any] | None = None
+) -> Generator[None, None, dict[str, Any]]:
+    """`run_diagnostics` as a generator that yields after each forward pass (so a server can interleave it
+    with batched decoding); its return value is the result. No grad/inference context is held across a yield."""
+    config = model.config
+    opts.validate_for(config)
+    _check_ids(ids, config)
+    if model.training and config.dropout > 0:
+        raise ValueError("diagnostics need deterministic forwards: call model.eval() first (dropout > 0)")
+    n_tokens, n_layer = len(ids), config.n_layer
+    notes: list[str] = []
+    skipped = [name for name, on in (("gradients", opts.gradients), ("ablation", opts.ablation)) if on]
+    if n_tokens < 2 and skipped:
+        notes.append(f"{' and '.join(skipped)} skipped: they need a loss, so at least 2 tokens (t predicts t+1)")
+
+    grads: list[torch.Tensor] | None = None
+    if opts.gradients and n_tokens >= 2:
+        resid, logits, grads = _forward_with_grads(model, ids)
+    else:
+        with torch.inference_mode():
+            idx = _as_batch(model, ids)  # (1, T)
+            out = model(idx, return_resid=True)
+        resid, logits = out.resid, out.logits
+    yield
+
+    ablated = None
+    if opts.ablation and n_tokens >= 2:
+        losses = []
+        for layer in range(n_layer):
+            for part in COMPONENTS:
+                with torch.inference_mode():
+                    idx = _as_batch(model, ids)  # (1, T)
+                    logits_ab = model(idx, intervention=Intervention(ablate={layer: part})).logits  # (1, T, V)
+                    losses.append(_prompt_loss(logits_ab, idx))
+                yield
+        ablated = torch.stack(losses).view(n_layer, len(COMPONENTS))  # (L, 3)
+
+    with torch.inference_mode():
+        idx = _as_batch(model, ids)  # (1, T)
+        clean_loss = _prompt_loss(logits, idx) if n_tokens >= 2 else None  # () or None
+        norms, table = _layer_stats(resid)  # (5, L, T), (20, L)
+        rows = table.T.tolist()  # L rows of 20 numbers
+        per_token = norms.transpose(0, 1).tolist() if opts.per_token else None  # (L, 5, T)
+        grad_norms = None
+        if grads is not None:
+            g = torch.stack([t[0] for t in grads]).float()  # (L, T, C)
+            grad_norms = torch.linalg.vector_norm(g, dim=-1).mean(-1).tolist()  # L
+        lens = _logit_lens(model, resid, logits, opts.logit_lens) if opts.logit_lens > 0 else None
+        delta = None
+        if ablated is not None and clean_loss is not None:
+            delta = (ablated - clean_loss).tolist()  # (L, 3)
+        loss = clean_loss.item() if clean_loss is not None else None
+
+    layers: list[dict[str, Any]] = []
+    for layer in range(n_layer):
+        row = rows[layer]
+        entry: dict[str, Any] = {"layer": layer}
+        for i, name in enumerate(RESID_NAMES):
+            entry[name] = {"mean": row[i], "max": row[5 + i], "first": row[10 + i]}
+            if per_token is not None:
+                entry[name]["per_token"] = per_token[layer][i]
+        entry["update_ratio"] = {"attn": row[15], "mlp": row[16], "block": row[17]}
+        entry["cos_update"] = row[18]
+        entry["block_influence"] = row[19]
+        if lens is not None:
+            entry["logit_lens"] = lens[layer]
+        if opts.gradients:
+            entry["grad_norm"] = grad_norms[layer] if grad_norms is not None else None
+        if opts.ablation:
+            entry["delta_loss"] = dict(zip(COMPONENTS, delta[layer], strict=True)) if delta is not None else None
+        layers.append(entry)
+
+    result: dict[str, Any] = {
+        "tokens": {"ids": list(ids), "text": [_token_text(i) for i in ids]},
+        "n_tokens": n_tokens,
+        "loss": loss,
+        "options": asdict(opts),
+        "layers": layers,
+        "summary": _summary(layers, n_layer, with_ablation=delta is not None, ablation_asked=opts.ablation),
+        "notes": notes,
+    }
+    if model_info is not None:
+        result["model"] = dict(model_info)
+    return _clean(result)
+
+
+def residual_norms_last(resid: list[dict[str, torch.Tensor]], row: int = 0, position: int = -1) -> list[float]:
+    """L2 norm of resid_post at one position (default: the last) of one batch row, for every layer."""
+    with torch.no_grad():
+        last = torch.stack([r["resid_post"][row, position] for r in resid]).float()  # (L, C)
+        return torch.linalg.vector_norm(last, dim=-1).tolist()
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman rank correlation (average ranks for ties); None for fewer than 2 points or a constant input."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman needs equal lengths, got {len(x)} and {len(y)}")
+    if len(x) < 2:
+        return None
+    rx, ry = _average_ranks(x), _average_ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    if vx == 0 or vy == 0:
+        return None
+    return cov / math.sqrt(vx * vy)
+
+
+def render_text(result: dict[str, Any], width: int = 80) -> str:
+    """Plain-text report of a `run_diagnostics` result: header, one row per layer with a bar chart, summary."""
+    layers = result["layers"]
+    first = layers[0] if layers else {}
+    cols: list[tuple[str, int, Any]] = [
+        ("layer", 5, lambda e: str(e["layer"])),
+        ("|post|", 8, lambda e: e["resid_post"]["mean"]),
+        ("upd", 7, lambda e: e["update_ratio"]["block"]),
+        ("attn", 7, lambda e: e["update_ratio"]["attn"]),
+        ("mlp", 7, lambda e: e["update_ratio"]["mlp"]),
+        ("BI", 8, lambda e: e["block_influence"]),
+    ]
+    if "grad_norm" in first:
+        cols.append(("grad", 8, lambda e: e["grad_norm"]))
+    if "delta_loss" in first:
+        cols.append(("dL blk", 8, lambda e: e["delta_loss"]["block"] if e["delta_loss"] else None))
+    if "logit_lens" in first:
+        cols.append(("lens", 8, lambda e: _top1(e["logit_lens"])))
+    used = sum(w for _, w, _ in cols) + len(cols) - 1
+    bar_width = max(width - used - 1, 0)
+    bar_values = [e["update_ratio"]["block"] or 0.0 for e in layers]
+    top = max(bar_values, default=0.0)
+
+    loss = result.get("loss")
+    summary = result.get("summary", {})
+    n_tokens = result["n_tokens"]
+    loss_text = f"{_fmt(loss)} nats" if loss is not None else "n/a"
+    prose = [
+        f"diagnostics: {n_tokens} token{'s' if n_tokens != 1 else ''}, loss {loss_text}, "
+        f"norm growth {_fmt(summary.get('norm_growth_per_layer'))}x/layer",
+        "columns: |post| mean resid_post norm; upd/attn/mlp update ratios; BI block influence"
+        + ("; grad |dL/d resid_pre|" if "grad_norm" in first else "")
+        + ("; dL blk loss change with the block ablated" if "delta_loss" in first else "")
+        + ("; lens logit-lens top-1 at the last token" if "logit_lens" in first else "")
+        + ("; bar: upd" if bar_width else ""),
+    ]
+    lines = [w for line in prose for w in textwrap.wrap(line, width, subsequent_indent="  ")]
+    lines.insert(1, _clip("prompt: " + repr("".join(result["tokens"]["text"])), width))
+    lines += ["", _clip(" ".join(f"{name:>{w}}" for name, w, _ in cols), width)]
+    for entry, value in zip(layers, bar_values, strict=True):
+        row = " ".join(_cell(get(entry), w) for _, w, get in cols)
+        if bar_width:
+            row += " " + _bar(value, top, bar_width)
+        lines.append(_clip(row.rstrip(), width))
+    lines.append("")
+    tail: list[str] = []
+    largest = summary.get("largest_update_layer")
+    if largest is not None:
+        ratio = _fmt(layers[largest]["update_ratio"]["block"])
+        tail.append(f"largest update: layer {largest} (block update ratio {ratio})")
+    if "spearman_bi_vs_delta_loss" in summary:
+        tail.append(f"spearman(BI, delta_loss.block) across layers: {_fmt(summary['spearman_bi_vs_delta_loss'])}")
+    tail += ["note: " + note for note in result.get("notes", [])]
+    lines += [w for line in tail for w in textwrap.wrap(line, width, subsequent_indent="  ")]
+    return "\n".join(lines) + "\n"
+
+
+def _check_ids(ids: list[int], config: ModelConfig) -> None:
+    if not isinstance(ids, list | tuple) or not ids:
+        raise ValueError("diagnostics need a non-empty list of token ids")
+    if len(ids) > config.block_size:
+        raise ValueError(f"{len(ids)} tokens exceed block_size {config.block_size}")
+    for i in ids:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < config.vocab_size:
+            raise ValueError(f"token id {i!r} is not an int in 0..{config.vocab_size - 1}")
+
+
+def _as_batch(model: Transformer, ids: list[int]) -> torch.Tensor:
+    return torch.tensor([ids], dtype=torch.long, device=model.wte.weight.device)  # (1, T)
+
+
+def _prompt_loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the prompt (row 0)."""
+    return F.cross_entropy(logits[0, :-1].float(), idx[0, 1:])  # ()
+
+
+def _forward_with_grads(
+    model: Transformer, ids: list[int]
+) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, list[torch.Tensor]]:
+    """One forward with grad on, then dL/d resid_pre for every layer; parameters' .grad is never touched."""
+    with torch.inference_mode(False), torch.enable_grad():
+        idx = _as_batch(model, ids)  # (1, T), a normal tensor even if the caller is in inference mode
+        out = model(idx, return_resid=True)
+        pre = [r["resid_pre"] for r in out.resid]  # L x (1, T, C), all in the graph
+        if not pre[0].requires_grad:
+            raise ValueError("gradients need the model's parameters to require grad (they only carry the graph)")
+        loss = _prompt_loss(out.logits, idx)  # ()
+        grads = list(torch.autograd.grad(loss, pre))
+    return out.resid, out.logits.detach(), grads
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor, na: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
+    """Cosine along the last dim, 0 where either vector is zero; na/nb are the precomputed norms."""
+    return (a * b).sum(-1) / (na * nb).clamp_min(EPS)
+
+
+def _layer_stats(resid: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norms (5, L, T) and a per-layer table (20, L): mean/max/first norms, 3 update ratios, cos_update, BI."""
+    stack = torch.stack([torch.stack([r[name][0] for r in resid]) for name in RESID_NAMES])  # (5, L, T, C)
+    stack = stack.detach().to(torch.promote_types(stack.dtype, torch.float32))
+    norms = torch.linalg.vector_norm(stack, dim=-1)  # (5, L, T)
+    pre, _, _, _, post = stack.unbind(0)  # each (L, T, C)
+    n_pre, n_attn, n_mid, n_mlp, n_post = norms.unbind(0)  # each (L, T)
+    update = post - pre  # (L, T, C)
+    n_upd = torch.linalg.vector_norm(update, dim=-1)  # (L, T)
+    ratios = torch.stack([n_attn / n_pre.clamp_min(EPS), n_mlp / n_mid.clamp_min(EPS), n_upd / n_pre.clamp_min(EPS)])
+    cos_update = _cos(pre, update, n_pre, n_upd).mean(-1)  # (L,)
+    bi = 1.0 - _cos(pre, post, n_pre, n_post).mean(-1)  # (L,)
+    table = torch.cat(
+        [norms.mean(-1), norms.amax(-1), norms[..., 0], ratios.mean(-1), cos_update[None], bi[None]]
+    )  # (20, L)
+    return norms, table
+
+
+def _logit_lens(
+    model: Transformer, resid: list[dict[str, torch.Tensor]], logits: torch.Tensor, k: int
+) -> list[dict[str, Any]]:
+    """Per layer at the last position: top-k tokens of ln_f(resid_post) unembedded, entropy, KL(final || layer)."""
+    last = torch.stack([r["resid_post"][0, -1] for r in resid])  # (L, C)
+    logq = F.log_softmax(model.unembed(model.ln_f(last)).float(), dim=-1)  # (L, V)
+    logp = F.log_softmax(logits[0, -1].float(), dim=-1)  # (V,)
+    q = logq.exp()  # (L, V)
+    entropy = -(q * logq).sum(-1)  # (L,)
+    kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)  # (L,)
+    top_p, top_i = q.topk(k, dim=-1)  # (L, k)
+    packed = torch.stack([entropy, kl], dim=1).tolist()  # (L, 2)
+    top_p_l, top_i_l = top_p.tolist(), top_i.tolist()
+    return [
+        {
+            "top": [
+                {"id": i, "text": _token_text(i), "prob": p}
+                for i, p in zip(top_i_l[layer], top_p_l[layer], strict=True)
+            ],
+            "entropy": packed[layer][0],
+            "kl_to_final": packed[layer][1],
+        }
+        for layer in range(len(resid))
+    ]
+
+
+def _summary(
+    layers: list[dict[str, Any]], n_layer: int, *, with_ablation: bool, ablation_asked: bool
+) -> dict[str, Any]:
+    first_pre = layers[0]["resid_pre"]["mean"]
+    last_post = layers[-1]["resid_post"]["mean"]
+    growth = (last_post / max(first_pre, EPS)) ** (1.0 / n_layer)
+    blocks = [e["update_ratio"]["block"] for e in layers]
+    summary: dict[str, Any] = {
+        "norm_growth_per_layer": growth,
+        "largest_update_layer": max(range(n_layer), key=blocks.__getitem__),
+    }
+    if ablation_asked:
+        rho = None
+        if with_ablation:
+            rho = spearman([e["block_influence"] for e in layers], [e["delta_loss"]["block"] for e in layers])
+        summary["spearman_bi_vs_delta_loss"] = rho
+    return summary
+
+
+def _average_ranks(xs: list[float]) -> list[float]:
+    """1-based ranks; tied values share the mean of the ranks they span."""
+    order = sorted(range(len(xs)), key=xs.__getitem__)
+    ranks = [0.0] * len(xs)
+    start = 0
+    while start < len(order):
+        stop = start
+        while stop + 1 < len(order) and xs[order[stop + 1]] == xs[order[start]]:
+            stop += 1
+        for k in range(start, stop + 1):
+            ranks[order[k]] = (start + stop) / 2 + 1
+        start = stop + 1
+    return ranks
+
+
+def _token_text(token_id: int) -> str:
+    try:
+        return token_text(token_id)
+    except ValueError:  # a vocabulary wider than bytes
+        return f"<{token_id}>"
+
+
+def _clean(obj: Any) -> Any:
+    """Round floats to SIG_DIGITS significant digits, non-finite to None, recursively."""
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            log.warning("non-finite diagnostic value replaced by None")
+            return None
+        return float(f"{obj:.{SIG_DIGITS}g}")
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    """Short number: `digits` significant digits, '-' for None."""
+    return "-" if x is None else f"{x:.{digits}g}"
+
+
+def _cell(value: float | str | None, width: int) -> str:
+    """Right-aligned table cell; numbers lose digits until they fit."""
+    if isinstance(value, str):
+        return f"{_clip(value, width):>{width}}"
+    text = _fmt(value)
+    for digits in (3, 2, 1):
+        if len(text) <= width:
+            break
+        text = _fmt(value, digits)
+    return f"{_clip(text, width):>{width}}"
+
+
+def _top1(lens: dict[str, Any]) -> str:
+    return _clip(repr(lens["top"][0]["text"]), 8) if lens and lens["top"] else "-"
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def _bar(value: float, top: float, width: int) -> str:
+    """A horizontal bar of `width` cells for value/top, in eighths of a cell."""
+    eighths = round(8 * width * value / top) if top > 0 else 0
+    eighths = min(max(eighths, 0), 8 * width)
+    full, rest = divmod(eighths, 8)
+    return "█" * full + (_EIGHTHS[rest] if rest else "")
