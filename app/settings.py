@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import model
 
-DEFAULT_CHECKPOINT = Path(model.__file__).resolve().parent / "checkpoints" / "shakespeare.safetensors"
+CHECKPOINTS_DIR = Path(model.__file__).resolve().parent / "checkpoints"
+DEFAULT_CHECKPOINT = CHECKPOINTS_DIR / "shakespeare.safetensors"
 
 
 class Settings(BaseSettings):
@@ -23,7 +24,7 @@ class Settings(BaseSettings):
     checkpoint: Path = DEFAULT_CHECKPOINT
     model_name: str = Field("shakespeare", pattern=r"^[A-Za-z0-9._-]{1,64}$")
     extra_checkpoints_dir: Path | None = Field(
-        None, description="serve every *.safetensors in this folder too, named by file stem"
+        CHECKPOINTS_DIR, description="also serve every *.safetensors in this folder, named by file stem ('' = none)"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
@@ -41,3 +42,8 @@ class Settings(BaseSettings):
     resid_norm_metrics: bool = Field(True, description="observe per-layer residual norms of served prefills")
     log_json: bool = False
     log_level: str = "INFO"
+
+    @field_validator("extra_checkpoints_dir", "api_key", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value

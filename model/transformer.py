@@ -93,6 +93,7 @@ class CausalSelfAttention(nn.Module):
         write_idx: tuple[torch.Tensor, torch.Tensor] | None = None,
         n_keys: int = 0,
         mask: torch.Tensor | None = None,
+        causal: bool = False,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each (B, T, nh, hd)
@@ -106,7 +107,7 @@ class CausalSelfAttention(nn.Module):
             k_cache[rows, :, positions] = k  # cache (B, nh, S_max, hd) <- (B, T, nh, hd)
             v_cache[rows, :, positions] = v
             keys, values = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]  # (B, nh, S, hd) views
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, nh, T, hd)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 
@@ -202,6 +203,23 @@ class Transformer(nn.Module):
         """Map a normalised stream (..., d_model) to logits (..., vocab)."""
         return F.linear(x, self.wte.weight)
 
+    def _cache_mask(self, positions: torch.Tensor, n_keys: int) -> tuple[torch.Tensor | None, bool]:
+        """(additive mask (B, 1, T, S), is_causal) for a cached forward, built once for all layers.
+
+        No mask is needed when every row sits at the same position: a one-token decode step attends to all
+        cached keys, and a fresh prefill (T == S) is plain causal attention.
+        """
+        T = positions.shape[1]
+        if bool((positions[:, -1] == n_keys - 1).all()):
+            if T == 1:
+                return None, False
+            if T == n_keys:
+                return None, True
+        key_pos = torch.arange(n_keys, device=positions.device)  # (S,)
+        allowed = key_pos[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, S)
+        mask = torch.zeros(allowed.shape, dtype=self.wte.weight.dtype, device=positions.device)
+        return mask.masked_fill_(~allowed, float("-inf")), False
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -232,9 +250,8 @@ class Transformer(nn.Module):
             if n_keys > self.config.block_size:
                 raise ValueError(f"position {n_keys - 1} exceeds block_size {self.config.block_size}")
             rows = torch.arange(B, device=idx.device)[:, None].expand(B, T)  # (B, T)
-            key_pos = torch.arange(n_keys, device=idx.device)  # (S,)
-            mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, S)
-            attn_kw = dict(write_idx=(rows, positions), n_keys=n_keys, mask=mask)
+            mask, causal = self._cache_mask(positions, n_keys)
+            attn_kw = dict(write_idx=(rows, positions), n_keys=n_keys, mask=mask, causal=causal)
         x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
         traces: list[dict[str, torch.Tensor]] = []
         for layer, block in enumerate(self.blocks):
