@@ -47,3 +47,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _printable_ascii_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # HTTP header values arrive as Latin-1; a key outside printable ASCII could never match
+        if value is not None and not all(33 <= ord(c) < 127 for c in value.get_secret_value()):
+            raise ValueError("SHORTCUT_API_KEY must be printable ASCII without spaces")
+        return value

@@ -374,6 +374,7 @@ class Engine:
         self._run_job_slice()
         self._reap()
         self._admit()
+        self._reap()  # a request can finish on its prefill token (max_new_tokens=1, stop): it must not decode again
         if self._running:
             self._decode()
             self._reap()

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.errors import error_response
+from app.schemas import ErrorResponse
 from model.checkpoint import code_version
 
 router = APIRouter(tags=["operations"])
@@ -18,7 +19,7 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", responses={503: {"description": "not loaded yet, or draining"}})
+@router.get("/ready", responses={503: {"model": ErrorResponse, "description": "not loaded yet, or draining"}})
 async def ready(request: Request) -> Response:
     """Readiness: 200 once the model is loaded and warmed up; 503 before that and while draining."""
     state = request.app.state
@@ -55,7 +56,9 @@ async def info(request: Request) -> dict:
     }
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text exposition format"}})
 async def metrics(request: Request) -> Response:
     """Prometheus exposition of every service metric."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
