@@ -434,10 +434,13 @@ class Engine:
 
     def _sample_and_emit(self, batch: list[_Request], logits: torch.Tensor) -> None:
         now = time.perf_counter()
-        temp = torch.tensor([r.params.temperature for r in batch], device=self.device)
-        top_k = torch.tensor([r.params.top_k for r in batch], device=self.device)
-        top_p = torch.tensor([r.params.top_p for r in batch], device=self.device)
-        chosen = sample_rows(logits, temp, top_k, top_p, [r.generator for r in batch])  # (B,)
+        if all(r.params.temperature == 0 for r in batch):
+            chosen = logits.argmax(dim=-1)  # (B,) all greedy: nothing to draw
+        else:
+            temp = torch.tensor([r.params.temperature for r in batch], device=self.device)
+            top_k = torch.tensor([r.params.top_k for r in batch], device=self.device)
+            top_p = torch.tensor([r.params.top_p for r in batch], device=self.device)
+            chosen = sample_rows(logits, temp, top_k, top_p, [r.generator for r in batch])  # (B,)
         n_lp = max(r.params.logprobs for r in batch)
         lp = top_logprobs(logits, chosen, n_lp) if n_lp > 0 else None
         chosen_list = chosen.tolist()
