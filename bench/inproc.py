@@ -1,0 +1,172 @@
+"""In-process measurements: the Engine at batch 1, diagnostics vs a plain forward, and a decode-step profile."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bench.stats import median, rate
+from model.diagnostics import DiagnosticsOptions, run_diagnostics
+from model.engine import Engine, FinishEvent, SamplingParams
+from model.transformer import KVCache, Transformer
+
+
+@dataclass
+class EngineRun:
+    """One request through the engine, timed on the event-loop side."""
+
+    tokens: list[int]
+    e2e_s: float  # submit -> finish event
+    decode_s: float  # first token -> last token
+    ttft_s: float  # submit -> first token
+    cpu_e2e_s: float  # process CPU time over e2e (robust to other processes taking the cores)
+    cpu_decode_s: float  # process CPU time from first to last token
+
+
+async def _generate_once(engine: Engine, prompt: list[int], max_new_tokens: int) -> EngineRun:
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    t0, c0 = time.perf_counter(), time.process_time()
+    handle = engine.submit(prompt, params)
+    tokens: list[int] = []
+    arrivals: list[tuple[float, float]] = []  # (wall, cpu)
+    async for ev in handle:
+        now, cpu = time.perf_counter(), time.process_time()
+        if isinstance(ev, FinishEvent):
+            if ev.reason != "length":
+                raise RuntimeError(f"engine request finished with {ev.reason}: {ev.error}")
+            return EngineRun(tokens=tokens, e2e_s=now - t0, decode_s=arrivals[-1][0] - arrivals[0][0],
+                             ttft_s=arrivals[0][0] - t0, cpu_e2e_s=cpu - c0,
+                             cpu_decode_s=arrivals[-1][1] - arrivals[0][1])
+        tokens.append(ev.token_id)
+        arrivals.append((now, cpu))
+    raise RuntimeError("engine stream ended without a finish event")
+
+
+def engine_bs1(model: Transformer, prompt: list[int], max_new_tokens: int, reps: int,
+               max_batch_size: int = 64) -> dict[str, Any]:
+    """Greedy generation of one sequence at a time through a started Engine; medians over `reps` runs."""
+
+    async def main() -> list[EngineRun]:
+        engine = Engine(model, max_batch_size=max_batch_size)
+        engine.start()
+        try:
+            await _generate_once(engine, prompt, min(8, max_new_tokens))  # warm-up
+            return [await _generate_once(engine, prompt, max_new_tokens) for _ in range(reps)]
+        finally:
+            engine.stop()
+
+    runs = asyncio.run(main())
+    n = max_new_tokens
+    e2e = [rate(n, r.e2e_s) for r in runs]
+    pure = [rate(n - 1, r.decode_s) for r in runs] if n > 1 else []
+    return {
+        "tok_s": median(e2e),
+        "decode_only_tok_s": median(pure) if pure else None,
+        "ms_per_token_decode": 1e3 / median(pure) if pure else None,
+        "ttft_ms": 1e3 * median([r.ttft_s for r in runs]),
+        "cpu_ms_per_token": 1e3 * median([r.cpu_e2e_s / n for r in runs]),
+        "cpu_ms_per_token_decode": 1e3 * median([r.cpu_decode_s / (n - 1) for r in runs]) if n > 1 else None,
+        "reps_tok_s": e2e,
+        "reps_decode_only_tok_s": pure,
+        "tokens": runs[-1].tokens,
+    }
+
+
+def diagnostics_vs_forward(model: Transformer, ids: list[int], reps: int) -> dict[str, Any]:
+    """Median wall time of norms-only `run_diagnostics` and of one plain forward of the same prompt (interleaved)."""
+    idx = torch.tensor([ids], dtype=torch.long)  # (1, T)
+    opts = DiagnosticsOptions()
+    diag, fwd, diag_cpu, fwd_cpu = [], [], [], []
+    with torch.inference_mode():
+        run_diagnostics(model, ids, opts)  # warm-up
+        model(idx)
+        for _ in range(reps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            run_diagnostics(model, ids, opts)
+            t1, c1 = time.perf_counter(), time.process_time()
+            model(idx)
+            t2, c2 = time.perf_counter(), time.process_time()
+            diag.append(1e3 * (t1 - t0))
+            fwd.append(1e3 * (t2 - t1))
+            diag_cpu.append(1e3 * (c1 - c0))
+            fwd_cpu.append(1e3 * (c2 - c1))
+    return {"prompt_tokens": len(ids), "diagnostics_norms_ms": median(diag), "forward_ms": median(fwd),
+            "diagnostics_norms_cpu_ms": median(diag_cpu), "forward_cpu_ms": median(fwd_cpu),
+            "reps_diagnostics_ms": diag, "reps_forward_ms": fwd}
+
+
+CATEGORIES = (  # (category, substrings of aten op names), first match wins
+    ("matmul", ("addmm", "aten::mm", "bmm", "matmul")),
+    ("kv_cache_write", ("index_put",)),
+    ("attention", ("scaled_dot_product", "flash_attention", "_softmax")),
+    ("layer_norm", ("layer_norm",)),
+    ("gelu", ("gelu",)),
+    ("mask_and_positions", ("arange", "where", "le", "scalar_tensor", "max", "_local_scalar_dense", "item")),
+    ("embedding", ("embedding", "index_select")),
+    ("argmax", ("argmax",)),
+)
+
+
+def _category(name: str) -> str:
+    for cat, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            return cat
+    return "views_copies_other"
+
+
+def profile_decode(model: Transformer, prompt: list[int], steps: int, batch: int = 1) -> dict[str, Any]:
+    """Time a cached decode step of `batch` rows as the engine runs it (forward + argmax), then profile it by aten op.
+
+    Every row holds the same prompt; as in the engine, the cache is a view of the first rows of a 64-row cache.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = model.config
+    steps = max(1, min(steps, cfg.block_size - len(prompt) - 1))
+    cache = KVCache(cfg, max(64, batch)).rows(0, batch)
+
+    def prefill() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            model(torch.tensor([prompt] * batch), cache=cache, pos=torch.zeros(batch, dtype=torch.long),
+                  last_only=True)
+        return torch.tensor([[prompt[-1]]] * batch), torch.full((batch,), len(prompt))  # (B, 1), (B,)
+
+    def decode(tok: torch.Tensor, pos: torch.Tensor, n: int) -> tuple[float, float]:
+        with torch.inference_mode():
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                logits = model(tok, cache=cache, pos=pos, last_only=True).logits[:, -1]  # (B, V)
+                tok, pos = logits.argmax(-1, keepdim=True), pos + 1
+            return time.perf_counter() - t0, time.process_time() - c0
+
+    decode(*prefill(), 3)  # warm-up
+    wall, cpu = decode(*prefill(), steps)
+    tok, pos = prefill()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        decode(tok, pos, steps)
+    ops: list[dict[str, Any]] = []
+    cats: dict[str, float] = {}
+    total = 0.0
+    for ev in prof.key_averages():
+        self_ms = ev.self_cpu_time_total / 1e3 / steps  # per decode step
+        if self_ms <= 0:
+            continue
+        total += self_ms
+        cats[_category(ev.key)] = cats.get(_category(ev.key), 0.0) + self_ms
+        ops.append({"op": ev.key, "self_ms_per_step": self_ms, "calls_per_step": ev.count / steps})
+    ops.sort(key=lambda o: -o["self_ms_per_step"])
+    for o in ops:
+        o["share"] = o["self_ms_per_step"] / total if total else None
+    return {
+        "batch": batch,
+        "forward_step_ms": 1e3 * wall / steps,
+        "forward_step_cpu_ms": 1e3 * cpu / steps,
+        "profiled_step_ms": total,
+        "aten_calls_per_step": sum(o["calls_per_step"] for o in ops),
+        "categories_ms_per_step": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+        "top_ops": ops[:12],
+    }
