@@ -4,14 +4,40 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**63 - 1
 
-Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False, description="0 = greedy")]
-TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
-TopK = Annotated[int, Field(ge=0, le=256, description="0 = off")]
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+def json_number(value: object) -> object:
+    """Only a JSON number is a number: pydantic's lax mode would also read true/false as 1/0 and "5" as 5."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PydanticCustomError("number_type", "Input should be a JSON number")
+    return value
+
+
+def not_a_bool(value: object) -> object:
+    """Reject true/false for a number (query-string text such as "5" still parses)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_type", "Input should be a number, not a boolean")
+    return value
+
+
+def not_a_number(value: object) -> object:
+    """Reject 0/1 for a boolean (query-string text such as "true" still parses)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise PydanticCustomError("bool_type", "Input should be a valid boolean")
+    return value
+
+
+JsonNumber = BeforeValidator(json_number)
+# constraints first: a validator placed before them would hide them from the JSON schema
+Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False, description="0 = greedy"), JsonNumber]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False), JsonNumber]
+TopK = Annotated[int, Field(ge=0, le=256, description="0 = off"), JsonNumber]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED), JsonNumber]
+MaxTokens = Annotated[int, Field(ge=1, le=65536), JsonNumber]
 StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(max_length=256)]
 ModelName = Annotated[str, Field(min_length=1, max_length=64)]
 
@@ -23,14 +49,14 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(..., min_length=1, description="text to continue (UTF-8; one token per byte)")
     model: ModelName | None = Field(None, description="served model name; default the main model")
-    max_new_tokens: int | None = Field(None, ge=1, le=65536)
+    max_new_tokens: MaxTokens | None = None
     temperature: Temperature = 1.0
     top_k: TopK = 0
     top_p: TopP = 1.0
     stop: str | StopList | None = None
     seed: Seed | None = None
-    logprobs: int = Field(0, ge=0, le=256, description="top alternatives per token; 0 = none")
-    stream: bool = False
+    logprobs: Annotated[int, Field(ge=0, le=256, description="top alternatives per token; 0 = none"), JsonNumber] = 0
+    stream: StrictBool = False
 
 
 class TopLogprob(BaseModel):
@@ -86,7 +112,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    tokens: list[Annotated[int, Field(ge=0, le=255)]] = Field(..., max_length=1_000_000)
+    tokens: list[Annotated[int, Field(ge=0, le=255), JsonNumber]] = Field(..., max_length=1_000_000)
     model: ModelName | None = None
 
 
@@ -104,13 +130,13 @@ class CompletionRequest(BaseModel):
 
     model: ModelName | None = None
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    max_tokens: int | None = Field(16, ge=1, le=65536)
+    max_tokens: MaxTokens | None = 16
     temperature: Temperature | None = 1.0
     top_p: TopP | None = 1.0
     top_k: TopK | None = None
     n: Literal[1] = 1
-    stream: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    stream: StrictBool = False
+    logprobs: Annotated[int, Field(ge=0, le=20), JsonNumber] | None = None
     stop: str | StopList | None = None
     seed: Seed | None = None
     echo: Literal[False] = False

@@ -155,15 +155,30 @@ def _load_raw(path: Path, data: bytes) -> tuple[dict[str, Any], ModelConfig, dic
     return header, config, metadata
 
 
+def _check_header_shapes(path: Path, header: dict[str, Any], expected: dict[str, torch.Tensor]) -> None:
+    """Compare tensor names and shapes declared in the header with those the config implies."""
+    declared = {k: v.get("shape") for k, v in header.items() if k != "__metadata__" and not k.startswith("extra.")}
+    missing, unexpected = sorted(set(expected) - set(declared)), sorted(set(declared) - set(expected))
+    if missing or unexpected:
+        return  # reported in full, with names, after loading
+    for name, ref in expected.items():
+        if list(ref.shape) != declared[name]:
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(declared[name] or ())}, "
+                                  f"config implies {tuple(ref.shape)}")
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Load and validate a checkpoint; raise CheckpointError on any problem."""
     path = Path(path)
     data = _read_bytes(path)
-    _, config, metadata = _load_raw(path, data)
+    header, config, metadata = _load_raw(path, data)
     if metadata.get("tokenizer", tokenizer.KIND) != tokenizer.KIND:
         raise CheckpointError(f"{path}: unsupported tokenizer {metadata.get('tokenizer')!r}")
     if config.vocab_size != tokenizer.VOCAB_SIZE:
         raise CheckpointError(f"{path}: vocab_size {config.vocab_size} does not match the byte tokenizer (256)")
+    with torch.device("meta"):  # shapes only: a config that lies about its size costs no memory
+        expected = Transformer(config).state_dict()
+    _check_header_shapes(path, header, expected)
     try:
         tensors = load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
@@ -171,7 +186,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
     weights = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
     model = Transformer(config)
-    expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:

@@ -24,7 +24,8 @@ def sample_rows(
     if not bool(sampled.any()):
         return greedy
     idx = sampled.nonzero().squeeze(1)  # (S,)
-    lg = logits[idx] / temperature[idx, None]  # (S, V)
+    lg = logits[idx]
+    lg = (lg - lg.amax(dim=-1, keepdim=True)) / temperature[idx, None]  # (S, V); shifted so a tiny T cannot overflow
     sorted_lg, order = lg.sort(dim=-1, descending=True)  # (S, V)
     rank = torch.arange(V, device=logits.device)  # (V,)
     k = torch.where(top_k[idx] > 0, top_k[idx], V)  # (S,)
@@ -32,7 +33,7 @@ def sample_rows(
     probs = torch.softmax(sorted_lg.masked_fill(~keep, float("-inf")), dim=-1)  # (S, V)
     # nucleus: keep the smallest prefix whose mass reaches top_p (always at least one token)
     before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
-    keep &= before < top_p[idx, None]
+    keep &= (before < top_p[idx, None]) | (rank[None, :] == 0)  # the best token always stays (top_p may round to 0)
     probs = probs.masked_fill(~keep, 0.0)
     cdf = probs.cumsum(dim=-1)  # (S, V)
     u = torch.stack([torch.rand((), generator=generators[int(i)]) for i in idx.tolist()]).to(logits.device)

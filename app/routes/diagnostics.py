@@ -7,18 +7,19 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.auth import require_api_key
 from app.deps import get_served
 from app.errors import APIError
-from app.schemas import ErrorResponse, ModelName
+from app.schemas import ErrorResponse, ModelName, not_a_bool, not_a_number
 from app.service import ServedModel
 from model import tokenizer
 from model.diagnostics import DiagnosticsOptions, iter_diagnostics, render_text
 from model.engine import EngineDrainingError
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 503)}
+Flag = Annotated[bool, BeforeValidator(not_a_number)]  # "true" in a query string, true in JSON; never 0/1
 router = APIRouter(tags=["diagnostics"], dependencies=[Depends(require_api_key)], responses=ERRORS)
 
 
@@ -29,10 +30,11 @@ class DiagnosticsRequest(BaseModel):
 
     prompt: str = Field(..., min_length=1, description="text whose residual stream is examined")
     model: ModelName | None = None
-    per_token: bool = Field(False, description="include per-position norms")
-    logit_lens: int = Field(0, ge=0, le=256, description="top-K tokens per layer from the logit lens; 0 = off")
-    gradients: bool = Field(False, description="gradient norm reaching each layer's input")
-    ablation: bool = Field(False, description="loss change when each block / attention / MLP is skipped")
+    per_token: Flag = Field(False, description="include per-position norms")
+    logit_lens: Annotated[int, Field(ge=0, le=256), BeforeValidator(not_a_bool)] = Field(
+        0, description="top-K tokens per layer from the logit lens; 0 = off")
+    gradients: Flag = Field(False, description="gradient norm reaching each layer's input")
+    ablation: Flag = Field(False, description="loss change when each block / attention / MLP is skipped")
     format: Literal["json", "text"] | None = Field(None, description="default json; text for a terminal report")
 
 

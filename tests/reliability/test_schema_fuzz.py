@@ -1,0 +1,80 @@
+"""Schema fuzzing: every operation of the app's own OpenAPI schema, driven by schemathesis in-process (ASGI).
+
+Positive (schema-valid) and negative (schema-violating) inputs; every answer must be non-5xx, carry a documented
+status and content type, and match its documented schema (errors included). Examples are derandomized, so a run is
+reproducible and bounded (about EXAMPLES per mode and operation).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import GenerationMode
+
+from app.main import create_app
+from app.settings import Settings
+from tests.reliability.conftest import app_settings
+
+EXAMPLES = 12
+MAX_BODY = 65_536  # small enough that over-size negative bodies reach the 413 path
+
+# Limits that depend on the served model or on settings (context window, stop strings, logprobs), an unknown model
+# name and a full queue are refusals of schema-valid input; each of these statuses is documented with ErrorResponse.
+CONFIG = schemathesis.Config.from_dict({
+    "checks": {
+        "positive_data_acceptance": {"expected-statuses": ["2XX", 400, 404, 413, 429]},
+        "negative_data_rejection": {"expected-statuses": [400, 404, 413, 422, 429]},
+    },
+})
+
+_SPEC = create_app(Settings(extra_checkpoints_dir=None)).openapi()  # building the app loads nothing
+OPERATIONS = [(method.upper(), path) for path, ops in _SPEC["paths"].items() for method in ops]
+ERROR_FIELDS = {"message", "type", "param", "code"}
+
+
+def _has_inputs(method: str, path: str) -> bool:
+    op = _SPEC["paths"][path][method.lower()]
+    return bool(op.get("parameters") or op.get("requestBody"))
+
+
+@pytest.fixture(scope="module")
+def api_schema(tiny_ckpt: Path) -> Iterator[schemathesis.BaseSchema]:
+    """The schema as served by a live in-process app (schemathesis runs its lifespan)."""
+    app = create_app(app_settings(tiny_ckpt, max_body_bytes=MAX_BODY))
+    yield schemathesis.openapi.from_asgi("/openapi.json", app, config=CONFIG)
+    from schemathesis.python import asgi  # stop the engines of the lifespans schemathesis started
+
+    asgi.shutdown_lifespans()
+
+
+def test_every_route_is_fuzzed() -> None:
+    """The parametrization below covers the API (a route added later is fuzzed automatically)."""
+    assert {("POST", "/generate"), ("POST", "/v1/completions"), ("GET", "/diagnostics"), ("POST", "/diagnostics"),
+            ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/v1/models"), ("GET", "/health"),
+            ("GET", "/ready"), ("GET", "/info"), ("GET", "/metrics")} <= set(OPERATIONS)
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["positive", "negative"])
+@pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
+def test_operation(api_schema: schemathesis.BaseSchema, method: str, path: str, mode: GenerationMode) -> None:
+    if mode == GenerationMode.NEGATIVE and not _has_inputs(method, path):
+        pytest.skip("no parameters or body to break")
+    operation = api_schema[path][method]
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    def check(case: schemathesis.Case) -> None:
+        response = case.call()
+        assert response.status_code < 500, response.text
+        if response.status_code >= 400:
+            body = json.loads(response.content)
+            assert set(body) == {"error"} and set(body["error"]) == ERROR_FIELDS, body
+        case.validate_response(response)  # status, content type, headers and body match the documentation
+
+    check()
