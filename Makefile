@@ -46,5 +46,10 @@ bench: $(VENV)/.dev
 compose-smoke:
 	bash deploy/compose-smoke.sh
 
+# needs the corpus: DATA=path/to/tinyshakespeare.txt (default ../shared/data/tinyshakespeare.txt)
+DATA ?= ../shared/data/tinyshakespeare.txt
+depth-study: $(VENV)/.dev
+	$(PY) -m model.depth_study --data $(DATA)
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -205,6 +205,8 @@ def fmt_ratio(v: float | None) -> str:
 def _flow(r: float | None) -> str:
     if r is None:
         return "is not finite"
+    if r == 0:
+        return "vanishes: the first layer receives a gradient of exactly 0 (float32 underflow)"
     if r < 0.1:
         return f"shrinks by {1 / r:.3g}x from the last layer down to the first"
     if r > 10:

@@ -221,3 +221,10 @@ def test_too_short_data_fails_clearly(tmp_path: Path) -> None:
     short.write_text("abc")
     with pytest.raises(ValueError, match="too short"):
         depth_study.run_study(short, tmp_path / "o", tmp_path / "c", depth_study.QUICK)
+
+
+def test_flow_text_handles_a_gradient_that_underflows_to_zero() -> None:
+    from model.depth_study import _flow
+
+    assert "vanishes" in _flow(0.0)
+    assert "shrinks by 100x" in _flow(0.01)
