@@ -1,0 +1,55 @@
+"""GET/POST /diagnostics through the app: same numbers as the library call, both formats, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from model import tokenizer
+from model.checkpoint import load_checkpoint
+from model.diagnostics import DiagnosticsOptions, run_diagnostics
+from tests.app.helpers import assert_error
+
+PROMPT = "To be, or not to be"
+
+
+def test_json_matches_the_library_computation(client: TestClient, app_checkpoint: Path) -> None:
+    r = client.get("/diagnostics", params={"prompt": PROMPT, "logit_lens": 3, "gradients": "true",
+                                            "ablation": "true", "per_token": "true"})
+    assert r.status_code == 200
+    got = r.json()
+    ck = load_checkpoint(app_checkpoint)
+    opts = DiagnosticsOptions(per_token=True, logit_lens=3, gradients=True, ablation=True)
+    want = run_diagnostics(ck.model, tokenizer.encode(PROMPT), opts)
+    assert got["model"] == {"name": "tiny", "n_layer": ck.config.n_layer, "d_model": ck.config.d_model,
+                            "residual": True, "checkpoint_sha256": ck.sha256}
+    for key in ("tokens", "loss", "layers", "summary"):
+        assert got[key] == want[key], key
+
+
+def test_post_equals_get(client: TestClient) -> None:
+    get = client.get("/diagnostics", params={"prompt": PROMPT, "logit_lens": 2}).json()
+    post = client.post("/diagnostics", json={"prompt": PROMPT, "logit_lens": 2}).json()
+    assert get == post
+
+
+def test_text_report_by_format_or_accept_header(client: TestClient) -> None:
+    by_param = client.get("/diagnostics", params={"prompt": PROMPT, "format": "text", "ablation": "true"})
+    by_accept = client.get("/diagnostics", params={"prompt": PROMPT, "ablation": "true"},
+                           headers={"Accept": "text/plain"})
+    for r in (by_param, by_accept):
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/plain")
+        assert all(len(line) <= 80 for line in r.text.splitlines())
+        assert r.text.startswith("diagnostics:")
+    assert by_param.text == by_accept.text
+
+
+def test_errors_have_the_standard_shape(client: TestClient) -> None:
+    assert_error(client.get("/diagnostics", params={"prompt": ""}), 422)
+    over = client.get("/diagnostics", params={"prompt": "x" * 65})
+    assert_error(over, 400)
+    assert "65 tokens" in over.json()["error"]["message"] and "64 tokens" in over.json()["error"]["message"]
+    assert_error(client.get("/diagnostics", params={"prompt": PROMPT, "model": "nope"}), 404)
+    assert_error(client.get("/diagnostics", params={"prompt": PROMPT, "logit_lens": -1}), 422)
