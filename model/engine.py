@@ -410,7 +410,7 @@ class Engine:
         want_norms = self.observer.wants_resid_norms
         out = self.model(
             idx, cache=self.cache.rows(row, row + 1), pos=torch.zeros(1, dtype=torch.long, device=self.device),
-            return_resid=want_norms, last_only=not want_norms,
+            return_resid=want_norms, last_only=True,
         )
         if want_norms:
             self.observer.on_resid_norms(residual_norms_last(out.resid))
