@@ -17,7 +17,8 @@ class ModelConfig:
     n_head: int = 4
     d_model: int = 128
     d_ff: int = 512
-    dropout: float = 0.0
+    dropout: float = 0.0  # on embeddings, each block's output F(x) and inside the MLP
+    attn_dropout: float = 0.0  # on attention probabilities; > 0 leaves SDPA's fused CPU kernel
     bias: bool = True
     residual: bool = True
 
@@ -28,8 +29,10 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
         if self.d_model % self.n_head != 0:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "attn_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {value!r}")
 
     @property
     def head_dim(self) -> int:

@@ -27,7 +27,7 @@ import torch
 from model import tokenizer
 from model.diagnostics import residual_norms_last
 from model.sampling import sample_rows, top_logprobs
-from model.transformer import KVCache, Transformer
+from model.transformer import FastDecoder, KVCache, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ class Engine:
         self.max_stop_strings, self.max_stop_length, self.max_logprobs = max_stop_strings, max_stop_length, max_logprobs
         self.observer = observer or EngineObserver()
         self.cache = KVCache(self.config, max_batch_size, device=self.device, dtype=self.dtype)
+        self._decode_step = FastDecoder(self.model)
         self._running: list[_Request] = []  # row i of the cache belongs to _running[i]
         self._waiting: collections.deque[_Request] = collections.deque()
         self._jobs: collections.deque[tuple[Generator, Future]] = collections.deque()
@@ -423,9 +424,9 @@ class Engine:
     def _decode(self) -> None:
         batch = self._running
         B = len(batch)
-        tokens = torch.tensor([[r.last_token] for r in batch], device=self.device)  # (B, 1)
+        tokens = torch.tensor([r.last_token for r in batch], device=self.device)  # (B,)
         pos = torch.tensor([r.pos for r in batch], device=self.device)  # (B,)
-        logits = self.model(tokens, cache=self.cache.rows(0, B), pos=pos, last_only=True).logits[:, -1]  # (B, V)
+        logits = self._decode_step(tokens, self.cache.rows(0, B), pos)  # (B, V)
         for r in batch:
             r.pos += 1
         self.steps += 1

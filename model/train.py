@@ -8,6 +8,7 @@ and `--resume` continues exactly where the run stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -138,10 +139,15 @@ def train(
     tc: TrainConfig,
     *,
     resume: bool = False,
+    resume_dropout: float | None = None,
     max_minutes: float | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train a model and write the checkpoint, its resume state, loss history and plot; return a summary."""
+    """Train a model and write the checkpoint, its resume state, loss history and plot; return a summary.
+
+    On resume the model config comes from the resume file; `resume_dropout` (when given) replaces
+    its dropout, the only setting that can change without changing the weights' shapes.
+    """
     out = Path(out)
     resume_path = out.with_name(out.stem + ".resume.safetensors")
     train_split, val_split, data_sha = load_splits(data)
@@ -152,6 +158,11 @@ def train(
     if resume and resume_path.exists():
         ck = load_checkpoint(resume_path)
         mc, model = ck.config, ck.model
+        if resume_dropout is not None and resume_dropout != mc.dropout:
+            mc = dataclasses.replace(mc, dropout=resume_dropout)
+            model = Transformer(mc)
+            model.load_state_dict(ck.model.state_dict())
+            log.info("dropout changed to %s on resume", resume_dropout)
         model.train()
         opt = make_optimizer(model, tc)
         _load_opt_tensors(opt, ck.extra)
@@ -235,7 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d-model", type=int, default=d.d_model)
     p.add_argument("--d-ff", type=int, default=None, help="default 4 * d_model")
     p.add_argument("--block-size", type=int, default=d.block_size)
-    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--dropout", type=float, default=None,
+                   help=f"default {d.dropout}; with --resume, replaces the resumed run's dropout")
+    p.add_argument("--attn-dropout", type=float, default=d.attn_dropout)
     p.add_argument("--no-residual", action="store_true", help="drop the shortcut (depth study only)")
     p.add_argument("--batch-size", type=int, default=t.batch_size)
     p.add_argument("--lr", type=float, default=t.lr)
@@ -254,11 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     mc = ModelConfig(n_layer=a.n_layer, n_head=a.n_head, d_model=a.d_model, d_ff=a.d_ff or 4 * a.d_model,
-                     block_size=a.block_size, dropout=a.dropout, residual=not a.no_residual)
+                     block_size=a.block_size, dropout=a.dropout if a.dropout is not None else d.dropout,
+                     attn_dropout=a.attn_dropout, residual=not a.no_residual)
     tc = TrainConfig(batch_size=a.batch_size, lr=a.lr, min_lr=a.min_lr if a.min_lr is not None else a.lr / 10,
                      warmup_steps=a.warmup_steps, max_steps=a.max_steps, eval_every=a.eval_every,
                      weight_decay=a.weight_decay, seed=a.seed)
-    summary = train(a.data, a.out, mc, tc, resume=a.resume, max_minutes=a.max_minutes, progress=not a.no_progress)
+    summary = train(a.data, a.out, mc, tc, resume=a.resume, resume_dropout=a.dropout, max_minutes=a.max_minutes,
+                    progress=not a.no_progress)
     print(json.dumps(summary))
 
 

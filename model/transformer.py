@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,8 +35,8 @@ class KVCache:
         v: torch.Tensor | None = None,
     ) -> None:
         shape = (config.n_layer, n_rows, config.n_head, config.block_size, config.head_dim)
-        self.k = k if k is not None else torch.zeros(shape, device=device, dtype=dtype)
-        self.v = v if v is not None else torch.zeros(shape, device=device, dtype=dtype)
+        self.k = k if k is not None else _zeros(shape, device, dtype)
+        self.v = v if v is not None else _zeros(shape, device, dtype)
 
     @property
     def n_rows(self) -> int:
@@ -52,6 +53,17 @@ class KVCache:
         """Copy one row's keys/values over another (used to keep live rows contiguous)."""
         self.k[:, dst].copy_(self.k[:, src])
         self.v[:, dst].copy_(self.v[:, src])
+
+
+def _zeros(shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros; on CPU from calloc'd memory, whose pages cost resident memory only once written.
+
+    A cache sized for max_batch_size x block_size is then paid for as sequences fill it, not at start.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, device=device, dtype=dtype)
+    n_bytes = math.prod(shape) * dtype.itemsize
+    return torch.from_numpy(np.zeros(n_bytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 @dataclass
@@ -83,7 +95,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.c_attn = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
-        self.dropout = config.dropout
+        self.attn_dropout = config.attn_dropout
 
     def forward(
         self,
@@ -100,7 +112,7 @@ class CausalSelfAttention(nn.Module):
         q = q.transpose(1, 2)  # (B, nh, T, hd)
         if k_cache is None:
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
-            p = self.dropout if self.training else 0.0
+            p = self.attn_dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, nh, T, hd)
         else:
             rows, positions = write_idx  # each (B, T)
@@ -269,3 +281,101 @@ class Transformer(nn.Module):
         if return_resid:
             return ModelOutput(logits=logits, resid=traces, final=final)
         return ModelOutput(logits=logits)
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in `Transformer(config).state_dict()`, without building the model."""
+    C, D, S, V = config.d_model, config.d_ff, config.block_size, config.vocab_size
+    linears = {"attn.c_attn": (3 * C, C), "attn.c_proj": (C, C), "mlp.c_fc": (D, C), "mlp.c_proj": (C, D)}
+    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (V, C), "wpe.weight": (S, C)}
+    for layer in range(config.n_layer):
+        p = f"blocks.{layer}."
+        for ln, (name, (out_f, in_f)) in zip(("ln_1", None, "ln_2", None), linears.items(), strict=True):
+            if ln is not None:
+                shapes[p + ln + ".weight"] = (C,)
+                if config.bias:
+                    shapes[p + ln + ".bias"] = (C,)
+            shapes[p + name + ".weight"] = (out_f, in_f)
+            if config.bias:
+                shapes[p + name + ".bias"] = (out_f,)
+    shapes["ln_f.weight"] = (C,)
+    if config.bias:
+        shapes["ln_f.bias"] = (C,)
+    return shapes
+
+
+class FastDecoder:
+    """One-token decode steps for inference, with the weights laid out for it.
+
+    At batch 1 a decode step of this small model is bound by per-op dispatch, not arithmetic, so
+    this path does the same maths as `Transformer.forward(tokens[:, None], cache=..., pos=...,
+    last_only=True)` in far fewer tensor ops: pre-transposed contiguous weight matrices for `addmm`,
+    one flat `index_copy_` per cache write and attention as two `bmm`s. It holds a snapshot of the
+    weights (about the model's size again): build a new one after changing them. No dropout,
+    residual stream or interventions here: those go through `forward`.
+    """
+
+    def __init__(self, model: Transformer) -> None:
+        self.config = cfg = model.config
+
+        def bias(linear: nn.Linear) -> torch.Tensor:
+            return linear.bias.detach() if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+
+        def t(linear: nn.Linear) -> torch.Tensor:
+            return linear.weight.detach().t().contiguous()  # (in, out)
+
+        self.wte, self.wpe = model.wte.weight.detach(), model.wpe.weight.detach()
+        self.unembed_t = self.wte.t().contiguous()  # (C, vocab)
+        self.ln_f = (model.ln_f.weight.detach(), _detach(model.ln_f.bias))
+        self.layers = [
+            (
+                (b.ln_1.weight.detach(), _detach(b.ln_1.bias)), t(b.attn.c_attn), bias(b.attn.c_attn),
+                t(b.attn.c_proj), bias(b.attn.c_proj),
+                (b.ln_2.weight.detach(), _detach(b.ln_2.bias)), t(b.mlp.c_fc), bias(b.mlp.c_fc),
+                t(b.mlp.c_proj), bias(b.mlp.c_proj),
+            )
+            for b in model.blocks
+        ]
+        self.residual = cfg.residual
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) for one new token per row: `tokens` (B,) at positions `pos` (B,)."""
+        B = tokens.shape[0]
+        cfg = self.config
+        nh, hd, C, S = cfg.n_head, cfg.head_dim, cfg.d_model, cache.k.shape[3]
+        if tokens.shape != (B,) or pos.shape != (B,) or cache.n_rows != B:
+            raise ValueError("a decode step needs tokens and pos of shape (B,) and a cache with B rows")
+        if not cache.k[0].is_contiguous() or not cache.v[0].is_contiguous():
+            raise ValueError("a decode step needs each layer of the cache to be contiguous")
+        n_keys = int(pos.max()) + 1
+        if n_keys > cfg.block_size:
+            raise ValueError(f"position {n_keys - 1} exceeds block_size {cfg.block_size}")
+        rows = torch.arange(B, device=pos.device)
+        slot = ((rows[:, None] * nh + torch.arange(nh, device=pos.device)) * S + pos[:, None]).view(-1)  # (B*nh,)
+        allowed = torch.arange(n_keys, device=pos.device) <= pos[:, None]  # (B, S)
+        mask = torch.zeros((B, nh, 1, n_keys), dtype=self.wte.dtype, device=pos.device)
+        mask = mask.masked_fill_(~allowed[:, None, None, :], float("-inf")).view(B * nh, 1, n_keys)
+        x = self.wte.index_select(0, tokens) + self.wpe.index_select(0, pos)  # (B, C)
+        for layer, (ln_1, w_qkv, b_qkv, w_o, b_o, ln_2, w_fc, b_fc, w_p, b_p) in enumerate(self.layers):
+            h = F.layer_norm(x, (C,), *ln_1)  # (B, C)
+            qkv = torch.addmm(b_qkv, h, w_qkv).view(B, 3, nh, hd)  # (B, 3, nh, hd)
+            k_flat, v_flat = cache.k[layer].view(-1, hd), cache.v[layer].view(-1, hd)  # (B*nh*S, hd)
+            k_flat.index_copy_(0, slot, qkv[:, 1].reshape(B * nh, hd))  # cache[b, h, pos[b]] = k[b, h]
+            v_flat.index_copy_(0, slot, qkv[:, 2].reshape(B * nh, hd))
+            keys = k_flat.view(B * nh, S, hd)[:, :n_keys]  # (B*nh, S', hd)
+            values = v_flat.view(B * nh, S, hd)[:, :n_keys]
+            q = qkv[:, 0].reshape(B * nh, 1, hd)
+            att = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=self.scale).softmax(-1)  # (B*nh, 1, S')
+            y = torch.bmm(att, values).view(B, C)  # (B, C)
+            a = torch.addmm(b_o, y, w_o)  # (B, C)
+            x = x + a if self.residual else a
+            h = F.layer_norm(x, (C,), *ln_2)
+            m = torch.addmm(b_p, F.gelu(torch.addmm(b_fc, h, w_fc), approximate="tanh"), w_p)  # (B, C)
+            x = x + m if self.residual else m
+        return torch.mm(F.layer_norm(x, (C,), *self.ln_f), self.unembed_t)  # (B, vocab)
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.detach() if t is not None else None

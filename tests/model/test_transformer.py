@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.transformer import RESID_NAMES, Intervention, KVCache, Transformer
+from model.transformer import RESID_NAMES, FastDecoder, Intervention, KVCache, Transformer, parameter_shapes
 
 ATOL = 1e-5
 
@@ -202,3 +202,61 @@ def test_too_long_inputs_raise(tiny_model: Transformer) -> None:
         tiny_model(_tokens(1, 1), cache=cache)
     with pytest.raises(ValueError, match="pos of shape"):
         tiny_model(_tokens(2, 1), cache=cache, pos=torch.tensor([0, 0]))
+
+
+@pytest.mark.parametrize("variant", [{}, {"residual": False}, {"bias": False}])
+def test_fast_decoder_matches_forward_for_rows_at_different_positions(make_model, tiny_config, variant) -> None:
+    model = make_model(dataclasses.replace(tiny_config, **variant))
+    cfg = model.config
+    fast = FastDecoder(model)
+    lengths = [1, 6, 13]
+    seqs = _tokens(3, cfg.block_size, seed=9)
+    cache, fast_cache = KVCache(cfg, 3), KVCache(cfg, 3)
+    with torch.no_grad():
+        for b, n in enumerate(lengths):
+            for c in (cache, fast_cache):
+                model(seqs[b : b + 1, :n], cache=c.rows(b, b + 1), pos=torch.tensor([0]))
+    pos = torch.tensor(lengths)
+    while int(pos.max()) < cfg.block_size:
+        tokens = seqs[torch.arange(3), pos]  # (3,)
+        with torch.no_grad():
+            ref = model(tokens[:, None], cache=cache, pos=pos, last_only=True).logits[:, -1]
+        got = fast(tokens, fast_cache, pos)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)  # same maths, different op order
+        pos = pos + 1
+    torch.testing.assert_close(fast_cache.k, cache.k, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast_cache.v, cache.v, atol=1e-5, rtol=0)
+
+
+def test_fast_decoder_works_through_a_row_view_and_rejects_bad_input(tiny_model: Transformer) -> None:
+    cfg = tiny_model.config
+    fast = FastDecoder(tiny_model)
+    cache = KVCache(cfg, 4)
+    seq = _tokens(1, 5, seed=3)
+    with torch.no_grad():
+        tiny_model(seq[:, :4], cache=cache.rows(2, 3), pos=torch.tensor([0]))
+        ref = tiny_model(seq).logits[0, -1]
+    got = fast(seq[0, 4:], cache.rows(2, 3), torch.tensor([4]))
+    torch.testing.assert_close(got[0], ref, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        fast(seq[0, :1], cache.rows(0, 1), torch.tensor([cfg.block_size]))
+    with pytest.raises(ValueError, match="shape"):
+        fast(seq[0, :2], cache.rows(0, 1), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("variant", [{}, {"bias": False}, {"residual": False, "n_layer": 1}])
+def test_parameter_shapes_match_the_built_model(tiny_config: ModelConfig, variant) -> None:
+    config = dataclasses.replace(tiny_config, **variant)
+    built = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
+    assert parameter_shapes(config) == built
+    assert list(parameter_shapes(config)) == list(built)  # same order too
+
+
+def test_kv_cache_starts_zeroed_on_cpu(tiny_config: ModelConfig) -> None:
+    cache = KVCache(tiny_config, 3, dtype=torch.bfloat16)
+    assert cache.k.shape == (tiny_config.n_layer, 3, tiny_config.n_head, tiny_config.block_size,
+                             tiny_config.head_dim)
+    assert cache.k.dtype == torch.bfloat16 and cache.v.dtype == torch.bfloat16
+    assert not cache.k.any() and not cache.v.any()
+    cache.k[0, 1].fill_(1.0)
+    assert cache.k.sum() == cache.k[0, 1].numel() and not cache.v.any()  # separate storage
