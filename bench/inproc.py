@@ -12,7 +12,7 @@ import torch
 from bench.stats import median, rate
 from model.diagnostics import DiagnosticsOptions, run_diagnostics
 from model.engine import Engine, FinishEvent, SamplingParams
-from model.transformer import KVCache, Transformer
+from model.transformer import FastDecoder, KVCache, Transformer
 
 
 @dataclass
@@ -100,9 +100,9 @@ def diagnostics_vs_forward(model: Transformer, ids: list[int], reps: int) -> dic
 
 
 CATEGORIES = (  # (category, substrings of aten op names), first match wins
-    ("matmul", ("addmm", "aten::mm", "bmm", "matmul")),
-    ("kv_cache_write", ("index_put",)),
-    ("attention", ("scaled_dot_product", "flash_attention", "_softmax")),
+    ("attention", ("bmm", "scaled_dot_product", "flash_attention", "_softmax")),
+    ("matmul", ("addmm", "aten::mm", "matmul")),
+    ("kv_cache_write", ("index_put", "index_copy")),
     ("layer_norm", ("layer_norm",)),
     ("gelu", ("gelu",)),
     ("mask_and_positions", ("arange", "where", "le", "scalar_tensor", "max", "_local_scalar_dense", "item")),
@@ -119,9 +119,10 @@ def _category(name: str) -> str:
 
 
 def profile_decode(model: Transformer, prompt: list[int], steps: int, batch: int = 1) -> dict[str, Any]:
-    """Time a cached decode step of `batch` rows as the engine runs it (forward + argmax), then profile it by aten op.
+    """Time a cached decode step of `batch` rows as the engine runs it (FastDecoder + argmax), profile it by aten op.
 
     Every row holds the same prompt; as in the engine, the cache is a view of the first rows of a 64-row cache.
+    The generic path (`model(tok, cache=..., last_only=True)`) is timed too, for comparison.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -135,15 +136,22 @@ def profile_decode(model: Transformer, prompt: list[int], steps: int, batch: int
                   last_only=True)
         return torch.tensor([[prompt[-1]]] * batch), torch.full((batch,), len(prompt))  # (B, 1), (B,)
 
-    def decode(tok: torch.Tensor, pos: torch.Tensor, n: int) -> tuple[float, float]:
+    fast = FastDecoder(model)
+
+    def decode(tok: torch.Tensor, pos: torch.Tensor, n: int, generic: bool = False) -> tuple[float, float]:
         with torch.inference_mode():
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(n):
-                logits = model(tok, cache=cache, pos=pos, last_only=True).logits[:, -1]  # (B, V)
+                if generic:
+                    logits = model(tok, cache=cache, pos=pos, last_only=True).logits[:, -1]  # (B, V)
+                else:
+                    logits = fast(tok[:, 0], cache, pos)  # (B, V)
                 tok, pos = logits.argmax(-1, keepdim=True), pos + 1
             return time.perf_counter() - t0, time.process_time() - c0
 
     decode(*prefill(), 3)  # warm-up
+    decode(*prefill(), 3, generic=True)
+    generic_wall, generic_cpu = decode(*prefill(), steps, generic=True)
     wall, cpu = decode(*prefill(), steps)
     tok, pos = prefill()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -165,6 +173,8 @@ def profile_decode(model: Transformer, prompt: list[int], steps: int, batch: int
         "batch": batch,
         "forward_step_ms": 1e3 * wall / steps,
         "forward_step_cpu_ms": 1e3 * cpu / steps,
+        "generic_forward_step_ms": 1e3 * generic_wall / steps,
+        "generic_forward_step_cpu_ms": 1e3 * generic_cpu / steps,
         "profiled_step_ms": total,
         "aten_calls_per_step": sum(o["calls_per_step"] for o in ops),
         "categories_ms_per_step": dict(sorted(cats.items(), key=lambda kv: -kv[1])),

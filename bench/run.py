@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from app.settings import Settings
 from bench import inproc, load, servers
 from bench.stats import median, meets, ratio
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -30,6 +31,7 @@ from model.transformer import Transformer
 log = logging.getLogger("bench")
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_MAX_BATCH: int = Settings.model_fields["max_batch_size"].default
 SHIPPED = Path(__file__).resolve().parent.parent / "model" / "checkpoints" / "shakespeare.safetensors"
 SHIPPED_CONFIG = ModelConfig(n_layer=16, n_head=4, d_model=128, d_ff=512, block_size=256)
 SECTIONS = ("engine", "profile", "hf", "diagnostics", "http", "resid", "naive")
@@ -64,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mid", type=int, help="the middle concurrency, also used for the resid-norm check (8; quick 2)")
     p.add_argument("--diag-reps", type=int, help="repetitions of the diagnostics timing (default 7; quick 3)")
     p.add_argument("--profile-steps", type=int, help="decode steps profiled (default 64; quick 16)")
+    p.add_argument("--server-max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"SHORTCUT_MAX_BATCH_SIZE of the server (default {DEFAULT_MAX_BATCH}, the service default)")
     p.add_argument("--checkpoint", type=Path, default=SHIPPED)
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list out of {','.join(SECTIONS)}")
     p.add_argument("--out", type=Path, help="JSON path (default results/latest.json; quick: results/quick.json)")
@@ -175,7 +179,7 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "settings": {"prompt_bytes": a.prompt_bytes, "max_new_tokens": a.max_new_tokens, "decoding": "greedy",
                      "reps": a.reps, "http_reps": a.http_reps, "requests_per_client": a.requests_per_client,
                      "concurrency": a.concurrency, "batch": B, "mid": a.mid, "threads": a.threads,
-                     "sections": a.sections, "server_max_batch_size": 64},
+                     "sections": a.sections, "server_max_batch_size": a.server_max_batch},
         "metrics": {}, "details": {},
     }
     m, d = res["metrics"], res["details"]
@@ -258,7 +262,7 @@ def kv_cache_mb(cfg: ModelConfig, rows: int, bytes_per_value: int = 4) -> float:
 def http_sections(ckpt: Path, cfg: ModelConfig, prompts: list[str], a: argparse.Namespace, m: dict[str, Any],
                   d: dict[str, Any]) -> None:
     """The Shortcut server: concurrency sweep, peak RSS, and resid-norm metrics on vs off."""
-    with servers.shortcut_server(ckpt, a.threads, resid_norm_metrics=True) as srv:
+    with servers.shortcut_server(ckpt, a.threads, a.server_max_batch, resid_norm_metrics=True) as srv:
         print(f"    shortcut server ready in {srv.started_s:.1f} s at {srv.base_url}")
         load.run_load(srv.base_url, prompts, min(4, a.max_new_tokens), 1)  # warm-up
         if "http" in a.sections:
@@ -276,7 +280,8 @@ def http_sections(ckpt: Path, cfg: ModelConfig, prompts: list[str], a: argparse.
                 for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):
                     m[f"http_c{c}_{k}"] = by_c[c][k]
         if "resid" in a.sections:
-            with servers.shortcut_server(ckpt, a.threads, resid_norm_metrics=False, name="shortcut-no-norms") as off:
+            with servers.shortcut_server(ckpt, a.threads, a.server_max_batch, resid_norm_metrics=False,
+                                         name="shortcut-no-norms") as off:
                 load.run_load(off.base_url, prompts, min(4, a.max_new_tokens), 1)  # warm-up
                 on_runs, off_runs = [], []
                 for _ in range(max(2, a.http_reps)):  # interleaved so that drift hits both alike
@@ -291,10 +296,11 @@ def http_sections(ckpt: Path, cfg: ModelConfig, prompts: list[str], a: argparse.
         m["server_peak_rss_mb"] = peak / 2**20 if peak else None
         m["server_peak_uss_mb"] = uss / 2**20 if uss else None
         d["server_rss"] = {"peak_mb": m["server_peak_rss_mb"], "peak_uss_mb": m["server_peak_uss_mb"],
-                           "samples": srv.rss.samples if srv.rss else 0, "max_batch_size": 64,
-                           "kv_cache_mb": kv_cache_mb(cfg, 64),
+                           "samples": srv.rss.samples if srv.rss else 0, "max_batch_size": a.server_max_batch,
+                           "kv_cache_mb": kv_cache_mb(cfg, a.server_max_batch),
                            "note": "resident set of the `python -m app` process, sampled every 50 ms (USS every"
-                                   " 0.5 s) from its start to the end of its load"}
+                                   " 0.5 s) from its start to the end of its load; the KV cache's pages"
+                                   " become resident as sequences fill them"}
 
 
 def naive_section(ckpt: Path, prompts: list[str], a: argparse.Namespace) -> dict[str, Any]:
@@ -358,8 +364,9 @@ def render(res: dict[str, Any]) -> str:
     profiles = [v for k, v in res["details"].items() if k.startswith("profile_decode_bs")]
     for prof in profiles:
         b = prof["batch"]
-        lines += ["", f"batch-{b} decode step (model forward + argmax): {prof['forward_step_ms']:.2f} ms wall, "
-                      f"{prof['forward_step_cpu_ms']:.2f} ms CPU, {prof['aten_calls_per_step']:.0f} aten calls; "
+        lines += ["", f"batch-{b} decode step (FastDecoder + argmax): {prof['forward_step_ms']:.2f} ms wall, "
+                      f"{prof['forward_step_cpu_ms']:.2f} ms CPU, {prof['aten_calls_per_step']:.0f} aten calls "
+                      f"(generic forward: {prof['generic_forward_step_ms']:.2f} ms wall); "
                       "self CPU time by kind (ms/step):"]
         lines += [f"  {k:<24} {v:8.3f}  {v / prof['profiled_step_ms']:6.1%}"
                   for k, v in prof["categories_ms_per_step"].items()]

@@ -117,3 +117,17 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path, straight_run: tuple[
     val = [h["val_loss"] for h in json.loads(out.with_name("m.history.json").read_text()) if h["val_loss"]]
     ref = [h["val_loss"] for h in json.loads(straight.with_name("m.history.json").read_text()) if h["val_loss"]]
     assert val == ref
+
+
+def test_resume_can_turn_dropout_on_and_keeps_the_weights(tmp_path: Path, text_file: Path) -> None:
+    out = tmp_path / "m.safetensors"
+    half = TrainConfig(**{**FLAT.__dict__, "max_steps": FLAT.max_steps // 2})
+    train(text_file, out, MC, half, progress=False)
+    before = load_checkpoint(_resume_path(out)).model.state_dict()
+    one_more = TrainConfig(**{**half.__dict__, "max_steps": half.max_steps + 1, "eval_every": 1})
+    train(text_file, out, MC, one_more, resume=True, resume_dropout=0.2, progress=False)
+    resumed = load_checkpoint(_resume_path(out))
+    assert resumed.config.dropout == 0.2 and resumed.metadata["train_state"]["step"] == half.max_steps + 1
+    after = resumed.model.state_dict()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved and all((before[k] - after[k]).abs().max() < 0.1 for k in before)  # one small step from there
