@@ -91,6 +91,6 @@ def warm_up(served: ServedModel) -> float:
         model(prompt, cache=cache, pos=torch.zeros(rows, dtype=torch.long, device=device), last_only=True)
         pos = torch.full((rows,), prompt.shape[1], device=device)
         for _ in range(3):
-            model(prompt[:, :1], cache=cache, pos=pos, last_only=True)
+            served.engine.decode_step(prompt[:, 0], cache, pos)  # (R, V)
             pos = pos + 1
     return time.perf_counter() - t0

@@ -205,7 +205,7 @@ class Engine:
         self.max_stop_strings, self.max_stop_length, self.max_logprobs = max_stop_strings, max_stop_length, max_logprobs
         self.observer = observer or EngineObserver()
         self.cache = KVCache(self.config, max_batch_size, device=self.device, dtype=self.dtype)
-        self._decode_step = FastDecoder(self.model)
+        self.decode_step = FastDecoder(self.model)  # the decode fast path; warm-up runs it too
         self._running: list[_Request] = []  # row i of the cache belongs to _running[i]
         self._waiting: collections.deque[_Request] = collections.deque()
         self._jobs: collections.deque[tuple[Generator, Future]] = collections.deque()
@@ -426,7 +426,7 @@ class Engine:
         B = len(batch)
         tokens = torch.tensor([r.last_token for r in batch], device=self.device)  # (B,)
         pos = torch.tensor([r.pos for r in batch], device=self.device)  # (B,)
-        logits = self._decode_step(tokens, self.cache.rows(0, B), pos)  # (B, V)
+        logits = self.decode_step(tokens, self.cache.rows(0, B), pos)  # (B, V)
         for r in batch:
             r.pos += 1
         self.steps += 1
