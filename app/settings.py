@@ -27,7 +27,7 @@ class Settings(BaseSettings):
         CHECKPOINTS_DIR, description="also serve every *.safetensors in this folder, named by file stem ('' = none)"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores but one")
     api_key: SecretStr | None = None
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_queue: int = Field(256, ge=0)

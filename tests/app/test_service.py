@@ -1,0 +1,28 @@
+"""Service helpers: the intra-op thread policy."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from app import service
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_zero_threads_leaves_one_core_to_the_event_loop(restore_threads, monkeypatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert service.configure_threads(0) == 3 and torch.get_num_threads() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert service.configure_threads(0) == 1 and torch.get_num_threads() == 1
+
+
+def test_explicit_threads_are_used_as_given(restore_threads) -> None:
+    assert service.configure_threads(2) == 2 and torch.get_num_threads() == 2
