@@ -1,9 +1,10 @@
-"""Shared fixtures: tiny seeded models, a tiny checkpoint file and generated training text."""
+"""Shared fixtures: tiny seeded models, tiny checkpoint files, in-process app clients and generated training text."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -12,7 +13,16 @@ from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.transformer import Transformer
 
+if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
+
+    from app.settings import Settings
+
 TINY = dict(block_size=32, n_layer=3, n_head=4, d_model=32, d_ff=64)
+# served by the app and reliability tests: a context window of 64
+APP_CONFIG = ModelConfig(n_layer=2, n_head=2, d_model=16, d_ff=32, block_size=64)
+# still small, but a 200-token generation takes long enough (~0.5 s) to be caught in flight
+SLOW_CONFIG = ModelConfig(n_layer=4, n_head=4, d_model=64, d_ff=256, block_size=256)
 
 
 @pytest.fixture
@@ -95,3 +105,49 @@ def text_file(tmp_path: Path, pattern_text: str) -> Path:
     path = tmp_path / "data.txt"
     path.write_text(pattern_text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def app_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random checkpoint (`APP_CONFIG`, context window 64) shared by the app and reliability tests."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(build_model(APP_CONFIG, seed=1), path, metadata={"note": "app fixture"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def slow_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bigger (still small) random checkpoint with a 256-token window, for tests that need requests in flight."""
+    path = tmp_path_factory.mktemp("ckpt_slow") / "slow.safetensors"
+    save_checkpoint(build_model(SLOW_CONFIG, seed=2), path, metadata={"note": "slow app fixture"})
+    return path
+
+
+def app_settings(checkpoint: Path, **overrides: object) -> Settings:
+    """Settings for an in-process app serving `checkpoint` as model "tiny": no warm-up, one thread, no extras."""
+    from app.settings import Settings
+
+    base = {"checkpoint": checkpoint, "model_name": "tiny", "warmup": False, "threads": 1,
+            "extra_checkpoints_dir": None}
+    return Settings(**{**base, **overrides})
+
+
+@pytest.fixture
+def make_client(app_checkpoint: Path) -> Iterator[Callable[..., TestClient]]:
+    """Factory: make_client(checkpoint=None, **settings) -> a started TestClient (lifespan run), closed at teardown."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    clients: list[TestClient] = []
+
+    def factory(checkpoint: Path | None = None, **overrides: object) -> TestClient:
+        client = TestClient(create_app(app_settings(checkpoint or app_checkpoint, **overrides)),
+                            raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield factory
+    for c in clients:
+        c.__exit__(None, None, None)

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.auth import keys_match
-from tests.app.helpers import assert_error
+from tests.helpers import assert_error
 
 KEY = "s3cret-key_0123456789"
 

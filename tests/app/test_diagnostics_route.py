@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from model import tokenizer
 from model.checkpoint import load_checkpoint
 from model.diagnostics import DiagnosticsOptions, run_diagnostics
-from tests.app.helpers import assert_error
+from tests.helpers import assert_error
 
 PROMPT = "To be, or not to be"
 

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from model import tokenizer
 from model.checkpoint import load_checkpoint
 from model.transformer import Transformer
-from tests.app.helpers import assert_error, parse_sse
+from tests.helpers import assert_error, parse_sse
 
 PROMPT = "Once upon a time"
 

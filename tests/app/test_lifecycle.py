@@ -18,27 +18,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from tests.app.conftest import LiveServer
-from tests.app.helpers import Samples, assert_error, parse_metrics, value
-
-
-def scrape(url: str) -> Samples:
-    return parse_metrics(httpx.get(f"{url}/metrics", timeout=10).text)
-
-
-def wait_for(url: str, predicate: Callable[[Samples], bool], timeout: float = 20) -> Samples:
-    """Poll /metrics until `predicate` holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        samples = scrape(url)
-        if predicate(samples):
-            return samples
-        if time.monotonic() > deadline:
-            pytest.fail("metrics never reached the expected state")
-        time.sleep(0.02)
-
-
-def idle(s: Samples) -> bool:
-    return value(s, "shortcut_requests_running") == 0 and value(s, "shortcut_requests_waiting") == 0
+from tests.helpers import Samples, assert_error, idle, value, wait_for
 
 
 def in_flight(s: Samples) -> float:

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from model import tokenizer
 from model.checkpoint import load_checkpoint
-from tests.app.helpers import Samples, bucket, parse_metrics, value
+from tests.helpers import Samples, bucket, parse_metrics, value
 
 ISSUE_METRICS = [
     "shortcut_http_request_duration_seconds",

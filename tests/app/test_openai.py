@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from model import tokenizer
-from tests.app.helpers import assert_error
+from tests.helpers import assert_error
 
 PROMPT = "The residual stream"
 

@@ -43,8 +43,8 @@ def call(client: TestClient, method: str, path: str, token: str | None):
 
 
 @pytest.fixture
-def keyed(inproc: Callable[..., TestClient]) -> TestClient:
-    return inproc(api_key=KEY)
+def keyed(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client(api_key=KEY)
 
 
 def test_every_route_but_the_probes_needs_the_key(keyed: TestClient) -> None:
@@ -111,9 +111,9 @@ def test_keys_and_prompts_stay_out_of_logs_and_metrics(keyed: TestClient, caplog
     assert 'route="unmatched"' in metrics
 
 
-def test_request_id_is_sanitised(inproc: Callable[..., TestClient]) -> None:
+def test_request_id_is_sanitised(make_client: Callable[..., TestClient]) -> None:
     """A client-chosen X-Request-ID is echoed only if it is a short plain token (it goes into logs)."""
-    client = inproc()
+    client = make_client()
     assert client.get("/health", headers={"x-request-id": "abc-123.x:y"}).headers["x-request-id"] == "abc-123.x:y"
     for hostile in ('a" b', "x" * 200, "<script>", "a;b=c"):
         echoed = client.get("/health", headers={"x-request-id": hostile}).headers["x-request-id"]

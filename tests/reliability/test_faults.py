@@ -17,33 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers import ERROR_FIELDS, idle, parse_metrics, value, wait_for
 from tests.reliability.conftest import Server
-
-ERROR_FIELDS = {"message", "type", "param", "code"}
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels`."""
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == name and labels.items() <= s.labels.items())
-
-
-def wait_metrics(url: str, predicate: Callable[[str], bool], timeout: float = 30) -> str:
-    """Poll /metrics until `predicate(text)` holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = httpx.get(f"{url}/metrics", timeout=10).text
-        if predicate(text):
-            return text
-        if time.monotonic() > deadline:
-            pytest.fail(f"metrics never reached the expected state:\n{text[-3000:]}")
-        time.sleep(0.02)
-
-
-def idle(text: str) -> bool:
-    return metric(text, "shortcut_requests_running") == 0 and metric(text, "shortcut_requests_waiting") == 0
 
 
 def sse_data(text: str) -> list[str]:
@@ -59,8 +35,10 @@ def assert_standard_error(err: dict, code: str) -> None:
 # ---------------------------------------------------------------- request timeout (in-process, slower model)
 
 
-def test_request_timeout_is_504_and_frees_the_slot(inproc: Callable[..., TestClient], slow_ckpt: Path) -> None:
-    client = inproc(slow_ckpt, request_timeout_s=0.05, max_batch_size=1)
+def test_request_timeout_is_504_and_frees_the_slot(
+    make_client: Callable[..., TestClient], slow_checkpoint: Path
+) -> None:
+    client = make_client(slow_checkpoint, request_timeout_s=0.05, max_batch_size=1)
     engine = client.app.state.models["tiny"].engine
     long = {"prompt": "a slow one", "max_new_tokens": 200}
 
@@ -84,16 +62,18 @@ def test_request_timeout_is_504_and_frees_the_slot(inproc: Callable[..., TestCli
 
     # every slot is free again and each timeout was counted once
     assert engine.n_running == 0 and engine.n_waiting == 0
-    text = client.get("/metrics").text
-    assert metric(text, "shortcut_requests_running") == 0 and metric(text, "shortcut_requests_waiting") == 0
-    assert metric(text, "shortcut_request_success_total", finished_reason="timeout") == 4
-    assert metric(text, "shortcut_generation_tokens_total") < 4 * 200
+    text = parse_metrics(client.get("/metrics").text)
+    assert value(text, "shortcut_requests_running") == 0 and value(text, "shortcut_requests_waiting") == 0
+    assert value(text, "shortcut_request_success_total", finished_reason="timeout") == 4
+    assert value(text, "shortcut_generation_tokens_total") < 4 * 200
 
 
-def test_extreme_sampling_values_do_not_fail_other_requests(inproc: Callable[..., TestClient], slow_ckpt: Path) -> None:
+def test_extreme_sampling_values_do_not_fail_other_requests(
+    make_client: Callable[..., TestClient], slow_checkpoint: Path
+) -> None:
     """Values at the edge of the schema (a subnormal temperature, a top_p that rounds to 0 in float32) are served,
     and a sequence already running in the same batch is not disturbed."""
-    client = inproc(slow_ckpt, max_batch_size=4)
+    client = make_client(slow_checkpoint, max_batch_size=4)
     engine = client.app.state.models["tiny"].engine
     with ThreadPoolExecutor(1) as pool:
         victim = pool.submit(client.post, "/generate", json={"prompt": "victim", "max_new_tokens": 250, "seed": 1})
@@ -113,45 +93,45 @@ def test_extreme_sampling_values_do_not_fail_other_requests(inproc: Callable[...
 
 def test_completions_stream_disconnect_frees_the_row(slow_server: Server) -> None:
     url = slow_server.url
-    before = wait_metrics(url, idle)
-    aborted = metric(before, "shortcut_request_success_total", finished_reason="abort")
-    tokens = metric(before, "shortcut_generation_tokens_total")
+    before = wait_for(url, idle)
+    aborted = value(before, "shortcut_request_success_total", finished_reason="abort")
+    tokens = value(before, "shortcut_generation_tokens_total")
     body = {"prompt": "go away", "max_tokens": 240, "stream": True}
     with httpx.Client(timeout=30) as http, http.stream("POST", f"{url}/v1/completions", json=body) as resp:
         assert resp.status_code == 200
         first = next(line for line in resp.iter_lines() if line.startswith("data: "))
         assert json.loads(first[len("data: "):])["choices"][0]["finish_reason"] is None
-    after = wait_metrics(url, lambda t: idle(t) and metric(t, "shortcut_request_success_total",
+    after = wait_for(url, lambda t: idle(t) and value(t, "shortcut_request_success_total",
                                                            finished_reason="abort") == aborted + 1)
-    assert metric(after, "shortcut_generation_tokens_total") - tokens < 240
+    assert value(after, "shortcut_generation_tokens_total") - tokens < 240
     ok = httpx.post(f"{url}/v1/completions", json={"prompt": "next", "max_tokens": 3}, timeout=30)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
 
 
 def test_disconnect_while_queued_leaves_the_queue(slow_server: Server) -> None:
     url = slow_server.url
-    before = wait_metrics(url, idle)
-    aborted = metric(before, "shortcut_request_success_total", finished_reason="abort")
+    before = wait_for(url, idle)
+    aborted = value(before, "shortcut_request_success_total", finished_reason="abort")
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(httpx.post, f"{url}/generate", json={"prompt": "hold the row", "max_new_tokens": 240},
                               timeout=60)
-        wait_metrics(url, lambda t: metric(t, "shortcut_requests_running") == 1)
+        wait_for(url, lambda t: value(t, "shortcut_requests_running") == 1)
         # the only row is busy: this request waits in the queue, then its client gives up
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/generate", json={"prompt": "impatient", "max_new_tokens": 5}, timeout=0.15)
-        gone = wait_metrics(url, lambda t: metric(t, "shortcut_requests_waiting") == 0
-                            and metric(t, "shortcut_request_success_total", finished_reason="abort") == aborted + 1)
-        assert metric(gone, "shortcut_requests_running") == 1 or running.done()  # the first one was not disturbed
+        gone = wait_for(url, lambda t: value(t, "shortcut_requests_waiting") == 0
+                            and value(t, "shortcut_request_success_total", finished_reason="abort") == aborted + 1)
+        assert value(gone, "shortcut_requests_running") == 1 or running.done()  # the first one was not disturbed
         first = running.result()
     assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 240
-    wait_metrics(url, idle)
+    wait_for(url, idle)
 
 
 # ---------------------------------------------------------------- SIGTERM drain with streams in flight
 
 
-def test_sigterm_drains_streams(start_server: Callable[..., Server], slow_ckpt: Path) -> None:
-    server = start_server(slow_ckpt, max_batch_size=1, drain_timeout_s=60, log_level="INFO")
+def test_sigterm_drains_streams(start_server: Callable[..., Server], slow_checkpoint: Path) -> None:
+    server = start_server(slow_checkpoint, max_batch_size=1, drain_timeout_s=60, log_level="INFO")
     url, n_new = server.url, 240
     results: dict[str, httpx.Response | str] = {}
     started = threading.Barrier(4)
@@ -174,7 +154,7 @@ def test_sigterm_drains_streams(start_server: Callable[..., Server], slow_ckpt: 
     for t in threads:
         t.start()
     started.wait(60)
-    wait_metrics(url, lambda t: metric(t, "shortcut_requests_running") + metric(t, "shortcut_requests_waiting") == 3)
+    wait_for(url, lambda t: value(t, "shortcut_requests_running") + value(t, "shortcut_requests_waiting") == 3)
     server.process.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(120)

@@ -19,8 +19,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from model.checkpoint import FORMAT, save_checkpoint
-from tests.conftest import build_model
-from tests.reliability.conftest import REPO_ROOT, TINY_CONFIG, free_port, server_env
+from tests.conftest import APP_CONFIG, build_model
+from tests.reliability.conftest import REPO_ROOT, free_port, server_env
 
 
 class Exploit:
@@ -64,7 +64,7 @@ def _wrong_shape(path: Path, good: Path) -> None:
 
 def _lying_config(path: Path, good: Path) -> None:
     tensors, meta = _tensors_and_header(good)
-    meta["config"] = json.dumps({**json.loads(meta["config"]), "n_layer": TINY_CONFIG.n_layer + 1})
+    meta["config"] = json.dumps({**json.loads(meta["config"]), "n_layer": APP_CONFIG.n_layer + 1})
     save_file(tensors, str(path), metadata=meta)
 
 
@@ -78,7 +78,7 @@ CASES = {
     "pickle": (_pickle, ["not a safetensors file"]),
     "truncated": (_truncated, ["truncated"]),
     "wrong-shape": (_wrong_shape, ["blocks.1.mlp.c_fc.weight", "shape"]),
-    "lying-config": (_lying_config, [f"n_layer={TINY_CONFIG.n_layer + 1}", "do not match"]),
+    "lying-config": (_lying_config, [f"n_layer={APP_CONFIG.n_layer + 1}", "do not match"]),
     "huge-header": (_huge_header, ["header too large"]),
 }
 
@@ -88,7 +88,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
     """Write every hostile file, start `python -m app` on each at once, collect exit code and output."""
     root = tmp_path_factory.mktemp("hostile_ckpt")
     good = root / "good.safetensors"
-    save_checkpoint(build_model(TINY_CONFIG, seed=3), good)
+    save_checkpoint(build_model(APP_CONFIG, seed=3), good)
     procs = {}
     for name, (write, _) in CASES.items():
         path = root / f"{name}.safetensors"

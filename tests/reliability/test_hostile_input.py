@@ -11,11 +11,12 @@ from typing import Any, NamedTuple
 import httpx
 import pytest
 
-from tests.reliability.conftest import TINY_CONFIG, Server
+from tests.conftest import APP_CONFIG
+from tests.helpers import ERROR_FIELDS
+from tests.reliability.conftest import Server
 
 JSON = {"content-type": "application/json"}
-ERROR_FIELDS = {"message", "type", "param", "code"}
-WINDOW = TINY_CONFIG.block_size
+WINDOW = APP_CONFIG.block_size
 DEPTH = 10_000
 
 

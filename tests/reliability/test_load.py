@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers import scrape, value
 from tests.reliability.conftest import Server
 
 CLIENTS = 64
@@ -106,12 +106,6 @@ def check(results: list[tuple[str, int, int, Any]], solo: dict[tuple[str, int], 
     return ok
 
 
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels`."""
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == name and labels.items() <= s.labels.items())
-
-
 @pytest.mark.timeout(240)
 def test_concurrent_mixed_load(tiny_server: Server) -> None:
     url = tiny_server.url
@@ -133,7 +127,7 @@ def test_concurrent_mixed_load(tiny_server: Server) -> None:
     warm = asyncio.run(run_round(url, 1))
     assert check(warm, solo) >= len(warm) // 2
     rss_warm = tiny_server.rss_bytes()
-    before = httpx.get(f"{url}/metrics", timeout=10).text
+    before = scrape(url)
 
     loaded = asyncio.run(run_round(url, PER_CLIENT))
     assert len(loaded) == CLIENTS * PER_CLIENT
@@ -142,12 +136,12 @@ def test_concurrent_mixed_load(tiny_server: Server) -> None:
     rss_after = tiny_server.rss_bytes()
     assert rss_after <= rss_warm * 1.10, (rss_warm, rss_after)
 
-    metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    assert metric_value(metrics, "shortcut_requests_running") == 0
-    assert metric_value(metrics, "shortcut_requests_waiting") == 0
+    metrics = scrape(url)
+    assert value(metrics, "shortcut_requests_running") == 0
+    assert value(metrics, "shortcut_requests_waiting") == 0
     # the clients really overlapped: some decode steps ran several sequences at once
     def delta(name: str, **labels: str) -> float:
-        return metric_value(metrics, name, **labels) - metric_value(before, name, **labels)
+        return value(metrics, name, **labels) - value(before, name, **labels)
 
     steps = delta("shortcut_batch_size_count")
     assert steps - delta("shortcut_batch_size_bucket", le="1.0") > 0.1 * steps

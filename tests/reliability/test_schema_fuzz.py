@@ -18,7 +18,8 @@ from schemathesis import GenerationMode
 
 from app.main import create_app
 from app.settings import Settings
-from tests.reliability.conftest import app_settings
+from tests.conftest import app_settings
+from tests.helpers import ERROR_FIELDS
 
 EXAMPLES = 12
 MAX_BODY = 65_536  # small enough that over-size negative bodies reach the 413 path
@@ -34,7 +35,6 @@ CONFIG = schemathesis.Config.from_dict({
 
 _SPEC = create_app(Settings(extra_checkpoints_dir=None)).openapi()  # building the app loads nothing
 OPERATIONS = [(method.upper(), path) for path, ops in _SPEC["paths"].items() for method in ops]
-ERROR_FIELDS = {"message", "type", "param", "code"}
 
 
 def _has_inputs(method: str, path: str) -> bool:
@@ -43,9 +43,9 @@ def _has_inputs(method: str, path: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def api_schema(tiny_ckpt: Path) -> Iterator[schemathesis.BaseSchema]:
+def api_schema(app_checkpoint: Path) -> Iterator[schemathesis.BaseSchema]:
     """The schema as served by a live in-process app (schemathesis runs its lifespan)."""
-    app = create_app(app_settings(tiny_ckpt, max_body_bytes=MAX_BODY))
+    app = create_app(app_settings(app_checkpoint, max_body_bytes=MAX_BODY))
     yield schemathesis.openapi.from_asgi("/openapi.json", app, config=CONFIG)
     from schemathesis.python import asgi  # stop the engines of the lifespans schemathesis started
 

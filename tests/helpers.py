@@ -1,11 +1,14 @@
-"""Helpers for the app tests: SSE parsing, Prometheus scraping, the standard error shape."""
+"""Test helpers: SSE parsing, Prometheus scraping and polling, the standard error shape."""
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 ERROR_FIELDS = {"message", "type", "param", "code"}
@@ -48,6 +51,28 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     """Sum of the samples called `name` whose labels include `labels` (0 if none)."""
     want = set(labels.items())
     return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)
+
+
+def scrape(url: str) -> Samples:
+    """GET `url`/metrics of a live server, parsed."""
+    return parse_metrics(httpx.get(f"{url}/metrics", timeout=10).text)
+
+
+def wait_for(url: str, predicate: Callable[[Samples], bool], timeout: float = 30) -> Samples:
+    """Poll a live server's /metrics until `predicate` holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(url)
+        if predicate(samples):
+            return samples
+        if time.monotonic() > deadline:
+            pytest.fail(f"metrics never reached the expected state: {sorted(samples.items())[-40:]}")
+        time.sleep(0.02)
+
+
+def idle(s: Samples) -> bool:
+    """No request running or waiting."""
+    return value(s, "shortcut_requests_running") == 0 and value(s, "shortcut_requests_waiting") == 0
 
 
 def bucket(samples: Samples, name: str, le: str, **labels: str) -> float:
