@@ -155,12 +155,20 @@ def _load_raw(path: Path, data: bytes) -> tuple[dict[str, Any], ModelConfig, dic
     return header, config, metadata
 
 
-def _check_header_shapes(path: Path, header: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> None:
-    """Compare tensor names and shapes declared in the header with those the config implies."""
+def _check_header_shapes(path: Path, header: dict[str, Any], config: ModelConfig) -> None:
+    """Compare the tensor names and shapes declared in the header with those the config implies.
+
+    Only the header is read: a config that lies about its size costs no memory.
+    """
+    expected = parameter_shapes(config)
     declared = {k: v.get("shape") for k, v in header.items() if k != "__metadata__" and not k.startswith("extra.")}
     missing, unexpected = sorted(set(expected) - set(declared)), sorted(set(declared) - set(expected))
     if missing or unexpected:
-        return  # reported in full, with names, after loading
+        raise CheckpointError(
+            f"{path}: tensors do not match config (n_layer={config.n_layer}): "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
     for name, ref in expected.items():
         if list(ref) != declared[name]:
             raise CheckpointError(f"{path}: tensor {name} has shape {tuple(declared[name] or ())}, "
@@ -176,33 +184,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise CheckpointError(f"{path}: unsupported tokenizer {metadata.get('tokenizer')!r}")
     if config.vocab_size != tokenizer.VOCAB_SIZE:
         raise CheckpointError(f"{path}: vocab_size {config.vocab_size} does not match the byte tokenizer (256)")
-    expected = parameter_shapes(config)  # shapes only: a config that lies about its size costs no memory
-    _check_header_shapes(path, header, expected)
+    _check_header_shapes(path, header, config)
     try:
         tensors = load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: invalid safetensors data: {e}") from None
     extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
     weights = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
-    model = Transformer(config)
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: tensors do not match config (n_layer={config.n_layer}): "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    for name, ref in expected.items():
-        got = weights[name]
-        if tuple(got.shape) != ref:
-            raise CheckpointError(
-                f"{path}: tensor {name} has shape {tuple(got.shape)}, config implies {ref}"
-            )
+    for name, got in weights.items():  # names and shapes were checked against the header
         if got.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {got.dtype}")
         if not torch.isfinite(got).all():
             raise CheckpointError(f"{path}: tensor {name} contains NaN or inf")
+    model = Transformer(config)
     model.load_state_dict({k: v.float() for k, v in weights.items()})
     model.to(device).eval()
     sha = hashlib.sha256(data).hexdigest()

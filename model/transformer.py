@@ -285,22 +285,23 @@ class Transformer(nn.Module):
 
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in `Transformer(config).state_dict()`, without building the model."""
-    C, D, S, V = config.d_model, config.d_ff, config.block_size, config.vocab_size
-    linears = {"attn.c_attn": (3 * C, C), "attn.c_proj": (C, C), "mlp.c_fc": (D, C), "mlp.c_proj": (C, D)}
-    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (V, C), "wpe.weight": (S, C)}
+    C, D = config.d_model, config.d_ff
+    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (config.vocab_size, C), "wpe.weight": (config.block_size, C)}
+
+    def add(name: str, weight: tuple[int, ...]) -> None:  # a LayerNorm or Linear: weight, then bias if any
+        shapes[f"{name}.weight"] = weight
+        if config.bias:
+            shapes[f"{name}.bias"] = weight[:1]
+
     for layer in range(config.n_layer):
         p = f"blocks.{layer}."
-        for ln, (name, (out_f, in_f)) in zip(("ln_1", None, "ln_2", None), linears.items(), strict=True):
-            if ln is not None:
-                shapes[p + ln + ".weight"] = (C,)
-                if config.bias:
-                    shapes[p + ln + ".bias"] = (C,)
-            shapes[p + name + ".weight"] = (out_f, in_f)
-            if config.bias:
-                shapes[p + name + ".bias"] = (out_f,)
-    shapes["ln_f.weight"] = (C,)
-    if config.bias:
-        shapes["ln_f.bias"] = (C,)
+        add(p + "ln_1", (C,))
+        add(p + "attn.c_attn", (3 * C, C))
+        add(p + "attn.c_proj", (C, C))
+        add(p + "ln_2", (C,))
+        add(p + "mlp.c_fc", (D, C))
+        add(p + "mlp.c_proj", (C, D))
+    add("ln_f", (C,))
     return shapes
 
 
@@ -336,7 +337,6 @@ class FastDecoder:
             )
             for b in model.blocks
         ]
-        self.residual = cfg.residual
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
     @torch.inference_mode()
@@ -345,6 +345,7 @@ class FastDecoder:
         B = tokens.shape[0]
         cfg = self.config
         nh, hd, C, S = cfg.n_head, cfg.head_dim, cfg.d_model, cache.k.shape[3]
+        residual = cfg.residual
         if tokens.shape != (B,) or pos.shape != (B,) or cache.n_rows != B:
             raise ValueError("a decode step needs tokens and pos of shape (B,) and a cache with B rows")
         if not cache.k[0].is_contiguous() or not cache.v[0].is_contiguous():
@@ -370,10 +371,10 @@ class FastDecoder:
             att = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=self.scale).softmax(-1)  # (B*nh, 1, S')
             y = torch.bmm(att, values).view(B, C)  # (B, C)
             a = torch.addmm(b_o, y, w_o)  # (B, C)
-            x = x + a if self.residual else a
+            x = x + a if residual else a
             h = F.layer_norm(x, (C,), *ln_2)
             m = torch.addmm(b_p, F.gelu(torch.addmm(b_fc, h, w_fc), approximate="tanh"), w_p)  # (B, C)
-            x = x + m if self.residual else m
+            x = x + m if residual else m
         return torch.mm(F.layer_norm(x, (C,), *self.ln_f), self.unembed_t)  # (B, vocab)
 
 
