@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,3 +91,22 @@ def stop(server: Server, timeout: float = 20) -> int:
             server.process.kill()
             server.process.wait()
     return server.process.returncode
+
+
+@contextmanager
+def server_pool(log_dir: Path, default_checkpoint: Path | None = None) -> Iterator[Callable[..., Server]]:
+    """A factory `(checkpoint=None, **settings) -> Server` whose servers are all stopped when the block ends."""
+    servers: list[Server] = []
+
+    def start(checkpoint: Path | None = None, **settings: object) -> Server:
+        path = checkpoint or default_checkpoint
+        if path is None:
+            raise ValueError("no checkpoint given and no default")
+        servers.append(launch(path, log_dir, **settings))
+        return servers[-1]
+
+    try:
+        yield start
+    finally:
+        for s in servers:
+            stop(s)

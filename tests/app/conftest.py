@@ -9,8 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.live_server import Server as LiveServer
-from tests.live_server import launch as launch_server
-from tests.live_server import stop as stop_server
+from tests.live_server import server_pool
 
 
 @pytest.fixture
@@ -26,17 +25,8 @@ def start_server(app_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     Settings become environment variables (`max_batch_size=1` -> SHORTCUT_MAX_BATCH_SIZE=1); the default checkpoint
     is `app_checkpoint` served as "tiny", without warm-up, with one thread and no extra checkpoints.
     """
-    servers: list[LiveServer] = []
-    log_dir = tmp_path_factory.mktemp("server_logs")
-
-    def factory(checkpoint: Path | None = None, **settings: object) -> LiveServer:
-        server = launch_server(checkpoint or app_checkpoint, log_dir, **settings)
-        servers.append(server)
-        return server
-
-    yield factory
-    for s in servers:
-        stop_server(s)
+    with server_pool(tmp_path_factory.mktemp("server_logs"), app_checkpoint) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")

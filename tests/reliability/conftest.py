@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.live_server import REPO_ROOT, Server, free_port, launch, server_env, stop  # noqa: F401 - re-exported
+from tests.live_server import REPO_ROOT, Server, free_port, server_env, server_pool  # noqa: F401 - re-exported
 
 # ---------------------------------------------------------------- live servers
 
@@ -15,17 +15,8 @@ from tests.live_server import REPO_ROOT, Server, free_port, launch, server_env, 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
     """Factory: start_server(checkpoint, **settings) -> a ready Server; every one is stopped at session end."""
-    servers: list[Server] = []
-    log_dir = tmp_path_factory.mktemp("rel_server_logs")
-
-    def factory(checkpoint: Path, **settings: object) -> Server:
-        server = launch(checkpoint, log_dir, **settings)
-        servers.append(server)
-        return server
-
-    yield factory
-    for s in servers:
-        stop(s)
+    with server_pool(tmp_path_factory.mktemp("rel_server_logs")) as start:
+        yield start
 
 
 @pytest.fixture(scope="session")
