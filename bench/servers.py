@@ -135,7 +135,7 @@ def serve(name: str, args: list[str], env: dict[str, str], port: int, ready_path
             os.unlink(log_file.name)
 
 
-def shortcut_server(checkpoint: Path, threads: int, max_batch_size: int = 64, resid_norm_metrics: bool = True,
+def shortcut_server(checkpoint: Path, threads: int, max_batch_size: int, resid_norm_metrics: bool = True,
                     name: str = "shortcut") -> contextlib.AbstractContextManager[Server]:
     """`python -m app` serving `checkpoint` alone on a free port."""
     port = free_port()
