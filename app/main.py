@@ -37,6 +37,7 @@ def create_app(settings: Settings | None = None, models: dict[str, ServedModel] 
             if settings.warmup:
                 log.info("warm-up of %s took %.3f s", m.name, service.warm_up(m))
             m.engine.start()
+        service.release_free_memory()
         app.state.ready = True
         try:
             yield

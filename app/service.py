@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import time
@@ -53,6 +55,23 @@ def configure_threads(threads: int) -> int:
     n = threads or max(1, len(os.sched_getaffinity(0)) - 1)
     torch.set_num_threads(n)
     return n
+
+
+def release_free_memory() -> bool:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`); False where there is no such call.
+
+    Loading a checkpoint and the first forward passes free tens of MB that glibc keeps in the heap
+    (its mmap threshold grows with each large free), so the idle server would hold them for good.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def checkpoint_paths(settings: Settings) -> dict[str, Path]:

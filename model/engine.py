@@ -195,6 +195,7 @@ class Engine:
         max_stop_strings: int = 16,
         max_stop_length: int = 64,
         max_logprobs: int = 20,
+        prefill_tokens: int = 512,
     ) -> None:
         self.model = model.eval()
         self.config = model.config
@@ -203,6 +204,7 @@ class Engine:
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.request_timeout_s = request_timeout_s
         self.max_stop_strings, self.max_stop_length, self.max_logprobs = max_stop_strings, max_stop_length, max_logprobs
+        self.prefill_tokens = prefill_tokens  # padded prompt tokens per batched prefill (bounds the decode stall)
         self.observer = observer or EngineObserver()
         self.cache = KVCache(self.config, max_batch_size, device=self.device, dtype=self.dtype)
         self.decode_step = FastDecoder(self.model)  # the decode fast path; warm-up runs it too
@@ -394,32 +396,56 @@ class Engine:
             fut.set_exception(e)
 
     def _admit(self) -> None:
+        """Move waiting requests into free rows, prefilling them together up to `prefill_tokens` padded tokens."""
         while len(self._running) < self.max_batch_size:
-            with self._cv:
-                if not self._waiting:
-                    return
-                req = self._waiting.popleft()
-            if req.cancelled:
-                self._finish(req, "abort")
-                continue
-            self._prefill(req, row=len(self._running))
+            batch: list[_Request] = []
+            while len(self._running) + len(batch) < self.max_batch_size:
+                with self._cv:
+                    if not self._waiting:
+                        break
+                    req = self._waiting[0]
+                    width = max([len(req.prompt)] + [len(r.prompt) for r in batch])
+                    if batch and width * (len(batch) + 1) > self.prefill_tokens:
+                        break
+                    self._waiting.popleft()
+                if req.cancelled:
+                    self._finish(req, "abort")
+                    continue
+                batch.append(req)
+            if not batch:
+                return
+            self._prefill(batch)
 
-    def _prefill(self, req: _Request, row: int) -> None:
-        req.t_prefill = time.perf_counter()
-        self.observer.on_prefill(len(req.prompt), req.t_prefill - req.t_submit)
-        idx = torch.tensor([req.prompt], device=self.device)  # (1, T)
+    def _prefill(self, batch: list[_Request]) -> None:
+        """One forward over the prompts of `batch`, right-padded to the longest, into the next free cache rows.
+
+        Padding is exact: a causal model's outputs at real positions never see later (padded) ones, and the
+        cache entries written at padded positions are overwritten by the row's decode steps before any
+        query can attend to them (the decode mask covers keys up to each row's own position).
+        """
+        now = time.perf_counter()
+        for req in batch:
+            req.t_prefill = now
+            self.observer.on_prefill(len(req.prompt), now - req.t_submit)
+        n, width, row = len(batch), max(len(r.prompt) for r in batch), len(self._running)
+        idx = torch.zeros((n, width), dtype=torch.long)  # (n, T)
+        for i, req in enumerate(batch):
+            idx[i, : len(req.prompt)] = torch.tensor(req.prompt)
+        last = torch.tensor([len(r.prompt) - 1 for r in batch], device=self.device)  # (n,)
         want_norms = self.observer.wants_resid_norms
         out = self.model(
-            idx, cache=self.cache.rows(row, row + 1), pos=torch.zeros(1, dtype=torch.long, device=self.device),
-            return_resid=want_norms, last_only=True,
+            idx.to(self.device), cache=self.cache.rows(row, row + n),
+            pos=torch.zeros(n, dtype=torch.long, device=self.device), return_resid=want_norms, at=last,
         )
         if want_norms:
-            self.observer.on_resid_norms(residual_norms_last(out.resid))
-        logits = out.logits[:, -1]  # (1, V)
-        req.pos = len(req.prompt)
-        self._running.append(req)
+            for i in range(n):
+                self.observer.on_resid_norms(residual_norms_last(out.resid, row=i))
+        logits = out.logits[:, -1]  # (n, V)
+        for req in batch:
+            req.pos = len(req.prompt)
+            self._running.append(req)
         self.observer.on_queue_change(len(self._running), len(self._waiting))
-        self._sample_and_emit([req], logits)
+        self._sample_and_emit(batch, logits)
 
     def _decode(self) -> None:
         batch = self._running

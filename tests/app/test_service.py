@@ -1,8 +1,9 @@
-"""Service helpers: the intra-op thread policy."""
+"""Service helpers: the intra-op thread policy and giving freed memory back."""
 
 from __future__ import annotations
 
 import os
+import platform
 
 import pytest
 import torch
@@ -26,3 +27,7 @@ def test_zero_threads_leaves_one_core_to_the_event_loop(restore_threads, monkeyp
 
 def test_explicit_threads_are_used_as_given(restore_threads) -> None:
     assert service.configure_threads(2) == 2 and torch.get_num_threads() == 2
+
+
+def test_release_free_memory_uses_malloc_trim_where_glibc_has_it() -> None:
+    assert service.release_free_memory() is (platform.libc_ver()[0] == "glibc")

@@ -12,6 +12,7 @@ import torch
 
 from model import tokenizer
 from model.config import ModelConfig
+from model.diagnostics import residual_norms_last
 from model.engine import (
     Engine,
     EngineDrainingError,
@@ -130,6 +131,43 @@ def test_greedy_in_a_batch_with_rows_leaving(model: Transformer) -> None:
     for (prompt, n), tokens in zip(jobs, got, strict=True):
         assert tokens == greedy_reference(model, prompt, n)
     assert rec.steps[0] >= 4  # the four submitted before start ran as one batch
+
+
+class PrefillRecorder(EngineObserver):
+    """Records the batch layout after each change and the resid-norm observations of prefills."""
+
+    wants_resid_norms = True
+
+    def __init__(self) -> None:
+        self.layouts: list[tuple[int, int]] = []
+        self.norms: list[list[float]] = []
+
+    def on_queue_change(self, running: int, waiting: int) -> None:
+        self.layouts.append((running, waiting))
+
+    def on_resid_norms(self, norms: list[float]) -> None:
+        self.norms.append(norms)
+
+
+def test_prompts_prefill_together_padded_within_the_token_budget(model: Transformer) -> None:
+    """Prompts of 3, 11 and 7 tokens with a 24-token budget: [3, 11] (padded to 2 x 11) then [7]; each is exact."""
+    prompts = [tokenizer.encode("abc"), tokenizer.encode("The cat sat"), tokenizer.encode("0123456")]
+
+    async def body(engine: Engine) -> list[list[int]]:
+        handles = [engine.submit(p, SamplingParams(max_new_tokens=6, temperature=0.0)) for p in prompts]
+        engine.start()
+        return [ids(tokens) for tokens, _ in await asyncio.gather(*(events_of(h) for h in handles))]
+
+    rec = PrefillRecorder()
+    got = run_with_engine(model, body, start=False, observer=rec, max_batch_size=4, prefill_tokens=24)
+    for prompt, tokens in zip(prompts, got, strict=True):
+        assert tokens == greedy_reference(model, prompt, 6)
+    admitted = [layout for layout in rec.layouts if layout[0] > 0][:2]
+    assert admitted == [(2, 1), (3, 0)]  # two prefills: the first took two prompts, the second one
+    with torch.no_grad():
+        for prompt, norms in zip(prompts, rec.norms, strict=True):
+            resid = model(torch.tensor([prompt]), return_resid=True).resid
+            assert norms == pytest.approx(residual_norms_last(resid), rel=1e-5)
 
 
 def test_max_new_tokens_gives_length(model: Transformer) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.transformer import RESID_NAMES, FastDecoder, Intervention, KVCache, Transformer, parameter_shapes
 
@@ -224,8 +225,8 @@ def test_fast_decoder_matches_forward_for_rows_at_different_positions(make_model
         got = fast(tokens, fast_cache, pos)
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)  # same maths, different op order
         pos = pos + 1
-    torch.testing.assert_close(fast_cache.k, cache.k, atol=1e-5, rtol=0)
-    torch.testing.assert_close(fast_cache.v, cache.v, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast_cache.k, cache.k, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast_cache.v, cache.v, atol=1e-5, rtol=1e-4)
 
 
 def test_fast_decoder_works_through_a_row_view_and_rejects_bad_input(tiny_model: Transformer) -> None:
@@ -242,6 +243,57 @@ def test_fast_decoder_works_through_a_row_view_and_rejects_bad_input(tiny_model:
         fast(seq[0, :1], cache.rows(0, 1), torch.tensor([cfg.block_size]))
     with pytest.raises(ValueError, match="shape"):
         fast(seq[0, :2], cache.rows(0, 1), torch.tensor([0, 1]))
+
+
+def test_at_returns_one_position_per_row(tiny_model: Transformer) -> None:
+    seq = _tokens(3, 9, seed=5)
+    at = torch.tensor([8, 0, 4])
+    with torch.no_grad():
+        full = tiny_model(seq, return_resid=True)
+        got = tiny_model(seq, return_resid=True, at=at)
+    rows = torch.arange(3)
+    assert got.logits.shape == (3, 1, tiny_model.config.vocab_size)
+    torch.testing.assert_close(got.logits[:, 0], full.logits[rows, at])
+    for layer_full, layer_got in zip(full.resid, got.resid, strict=True):
+        for name in RESID_NAMES:
+            torch.testing.assert_close(layer_got[name][:, 0], layer_full[name][rows, at])
+    for bad in (torch.tensor([0, 1]), torch.tensor([0, 9, 1]), torch.tensor([-1, 0, 0])):
+        with pytest.raises(ValueError, match="`at`"):
+            tiny_model(seq, at=bad)
+    with pytest.raises(ValueError, match="`at`"):
+        tiny_model(seq, at=at, last_only=True)
+
+
+def test_fast_decoder_shares_the_model_weights(tiny_model: Transformer, tmp_path) -> None:
+    cfg = tiny_model.config
+    seq = _tokens(1, 6, seed=4)
+    with torch.no_grad():
+        before = tiny_model(seq).logits
+    fast = FastDecoder(tiny_model)
+    fc = tiny_model.blocks[1].mlp.c_fc.weight
+    assert fc.t().is_contiguous() and fast.layers[1][8].data_ptr() == fc.data_ptr()  # one copy, (in, out)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model(seq).logits, before, atol=1e-5, rtol=0)  # same values after re-layout
+        fc.mul_(1.5)  # an in-place change through the model reaches the decoder
+        cache = KVCache(cfg, 1)
+        tiny_model(seq[:, :5], cache=cache, pos=torch.tensor([0]))
+        ref = tiny_model(seq).logits[:, -1]
+    torch.testing.assert_close(fast(seq[:, 5], cache, torch.tensor([5])), ref, atol=1e-4, rtol=0)
+    assert not torch.allclose(ref, before[:, -1], atol=1e-3)
+    save_checkpoint(tiny_model, tmp_path / "relaid.safetensors")  # the checkpoint writer copes with the layout
+    torch.testing.assert_close(load_checkpoint(tmp_path / "relaid.safetensors").model.blocks[1].mlp.c_fc.weight, fc)
+
+
+def test_scripted_and_eager_decode_steps_agree(tiny_model: Transformer) -> None:
+    cfg = tiny_model.config
+    scripted, eager = FastDecoder(tiny_model), FastDecoder(tiny_model, script=False)
+    assert scripted.scripted and not eager.scripted
+    caches = KVCache(cfg, 2), KVCache(cfg, 2)
+    tokens, pos = torch.tensor([3, 7]), torch.tensor([0, 2])
+    for _ in range(4):
+        a, b = scripted(tokens, caches[0], pos), eager(tokens, caches[1], pos)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        tokens, pos = a.argmax(-1), pos + 1
 
 
 @pytest.mark.parametrize("variant", [{}, {"bias": False}, {"residual": False, "n_layer": 1}])
