@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -180,3 +181,54 @@ def profile_decode(model: Transformer, prompt: list[int], steps: int, batch: int
         "categories_ms_per_step": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
         "top_ops": ops[:12],
     }
+
+
+def gil_contention(model: Transformer, prompt: list[int], steps: int, batches: tuple[int, ...] = (1, 32),
+                   busy_ms: float = 0.5, idle_ms: float = 1.0) -> dict[str, Any]:
+    """Decode-step time alone and next to a Python thread that computes `busy_ms` then sleeps `idle_ms`.
+
+    The thread stands in for the server's event loop. An eager step hands the GIL over at every aten op and
+    waits for the other thread's burst each time; the TorchScript step (the engine's) releases it once.
+    Medians over 3 runs of `steps` steps, ms per step, for the eager and the scripted decoder.
+    """
+    cfg = model.config
+    decoders = {"eager": FastDecoder(model, script=False), "scripted": FastDecoder(model)}
+    start = min(len(prompt), cfg.block_size - steps - 1)
+
+    def step_ms(dec: FastDecoder, batch: int) -> float:
+        cache = KVCache(cfg, batch)
+        tok, pos = torch.zeros(batch, dtype=torch.long), torch.full((batch,), start)
+        dec(tok, cache, pos)  # warm-up (and TorchScript's profiling runs)
+        dec(tok, cache, pos + 1)
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for i in range(steps):
+                dec(tok, cache, pos + i)
+            runs.append(1e3 * (time.perf_counter() - t0) / steps)
+        return median(runs)
+
+    stop = threading.Event()
+
+    def python_bursts() -> None:
+        while not stop.is_set():
+            end = time.perf_counter() + busy_ms / 1e3
+            while time.perf_counter() < end:
+                pass
+            time.sleep(idle_ms / 1e3)
+
+    out: dict[str, Any] = {"busy_ms": busy_ms, "idle_ms": idle_ms, "steps": steps,
+                           "scripted": decoders["scripted"].scripted}
+    for b in batches:
+        for name, dec in decoders.items():
+            out[f"{name}_bs{b}_alone_ms"] = step_ms(dec, b)
+    thread = threading.Thread(target=python_bursts, daemon=True)
+    thread.start()
+    try:
+        for b in batches:
+            for name, dec in decoders.items():
+                out[f"{name}_bs{b}_with_python_thread_ms"] = step_ms(dec, b)
+    finally:
+        stop.set()
+        thread.join()
+    return out

@@ -34,7 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MAX_BATCH: int = Settings.model_fields["max_batch_size"].default
 SHIPPED = Path(__file__).resolve().parent.parent / "model" / "checkpoints" / "shakespeare.safetensors"
 SHIPPED_CONFIG = ModelConfig(n_layer=16, n_head=4, d_model=128, d_ff=512, block_size=256)
-SECTIONS = ("engine", "profile", "hf", "diagnostics", "http", "resid", "naive")
+SECTIONS = ("engine", "profile", "gil", "hf", "diagnostics", "http", "resid", "naive")
 TEXT = (  # public-domain source of the prompts (ASCII: one byte per character)
     "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer the slings and arrows "
     "of outrageous fortune, or to take arms against a sea of troubles and by opposing end them. To die, to sleep; "
@@ -201,6 +201,9 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                                          lambda: inproc.profile_decode(model, ids0, a.profile_steps))
         d[f"profile_decode_bs{B}"] = _timed(f"profile of a batch-{B} decode step",
                                             lambda: inproc.profile_decode(model, ids0, a.profile_steps, B))
+    if "gil" in a.sections:
+        d["gil"] = _timed("decode step next to a busy Python thread",
+                          lambda: inproc.gil_contention(model, ids0, a.profile_steps, (1, B)))
     if "hf" in a.sections:
         d["hf"] = _timed("transformers GPT2LMHeadModel.generate", lambda: hf_section(model, prompts, ids0, a, d))
         m["hf_generate_bs1_tok_s"] = d["hf"]["bs1_tok_s"]
@@ -375,6 +378,14 @@ def render(res: dict[str, Any]) -> str:
         lines.append(f"engine decode per token (batch 1): {eng['ms_per_token_decode']:.2f} ms wall, "
                      f"{eng['cpu_ms_per_token_decode']:.2f} ms CPU (engine overhead over the bare step: "
                      f"{eng['cpu_ms_per_token_decode'] - prof['forward_step_cpu_ms']:+.2f} ms CPU)")
+    gil = res["details"].get("gil")
+    if gil:
+        lines += ["", f"decode step, ms (alone -> next to a Python thread busy {gil['busy_ms']} ms of every "
+                      f"{gil['busy_ms'] + gil['idle_ms']} ms):"]
+        for b in sorted({int(k.split("_bs")[1].split("_")[0]) for k in gil if "_bs" in k}):
+            eager, scripted = (f"{gil[f'{k}_bs{b}_alone_ms']:7.2f} -> {gil[f'{k}_bs{b}_with_python_thread_ms']:7.2f}"
+                               for k in ("eager", "scripted"))
+            lines.append(f"  batch {b:<3} eager {eager}   TorchScript {scripted}")
     mach = res["machine"]
     if max(mach["loadavg_start"][0], mach["loadavg_end"][0]) > 0.5 * mach["cpus_available"]:
         lines += ["", f"WARNING: the machine was busy (load average {mach['loadavg_start'][0]:.1f} at start, "
