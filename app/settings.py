@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_queue: int = Field(256, ge=0)
+    max_prefill_tokens: int = Field(
+        512, ge=1, description="padded prompt tokens prefilled together in one forward (longer prompts go alone)"
+    )
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_stop_strings: int = Field(16, ge=0)
     max_stop_length: int = Field(64, ge=1)

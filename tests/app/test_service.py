@@ -1,4 +1,4 @@
-"""Service helpers: the intra-op thread policy and giving freed memory back."""
+"""Service helpers: the intra-op thread policy, giving freed memory back, engine limits from the settings."""
 
 from __future__ import annotations
 
@@ -31,3 +31,10 @@ def test_explicit_threads_are_used_as_given(restore_threads) -> None:
 
 def test_release_free_memory_uses_malloc_trim_where_glibc_has_it() -> None:
     assert service.release_free_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_engine_limits_come_from_settings(make_client) -> None:
+    client = make_client(max_batch_size=3, max_queue=5, max_prefill_tokens=40)
+    engine = client.app.state.models["tiny"].engine
+    assert (engine.max_batch_size, engine.max_queue, engine.prefill_tokens) == (3, 5, 40)
+    assert client.post("/generate", json={"prompt": "abc", "max_new_tokens": 2}).status_code == 200
