@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_queue: int = Field(256, ge=0)
+    decode_weights: Literal["auto", "float32", "float16"] = Field(
+        "auto", description="weights of the decode step; auto = float16 where FBGEMM runs it (x86 CPU)"
+    )
     max_prefill_tokens: int = Field(
         512, ge=1, description="padded prompt tokens prefilled together in one forward (longer prompts go alone)"
     )

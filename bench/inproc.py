@@ -13,7 +13,7 @@ import torch
 from bench.stats import median, rate
 from model.diagnostics import DiagnosticsOptions, run_diagnostics
 from model.engine import Engine, FinishEvent, SamplingParams
-from model.transformer import FastDecoder, KVCache, Transformer
+from model.transformer import FastDecoder, KVCache, Transformer, auto_decode_weights
 
 
 @dataclass
@@ -102,7 +102,7 @@ def diagnostics_vs_forward(model: Transformer, ids: list[int], reps: int) -> dic
 
 CATEGORIES = (  # (category, substrings of aten op names), first match wins
     ("attention", ("bmm", "scaled_dot_product", "flash_attention", "_softmax")),
-    ("matmul", ("addmm", "aten::mm", "matmul")),
+    ("matmul", ("addmm", "aten::mm", "matmul", "fbgemm_linear")),
     ("kv_cache_write", ("index_put", "index_copy")),
     ("layer_norm", ("layer_norm",)),
     ("gelu", ("gelu",)),
@@ -137,7 +137,7 @@ def profile_decode(model: Transformer, prompt: list[int], steps: int, batch: int
                   last_only=True)
         return torch.tensor([[prompt[-1]]] * batch), torch.full((batch,), len(prompt))  # (B, 1), (B,)
 
-    fast = FastDecoder(model)
+    fast = FastDecoder(model, weights=auto_decode_weights())  # as the engine runs it
 
     def decode(tok: torch.Tensor, pos: torch.Tensor, n: int, generic: bool = False) -> tuple[float, float]:
         with torch.inference_mode():
@@ -172,6 +172,7 @@ def profile_decode(model: Transformer, prompt: list[int], steps: int, batch: int
         o["share"] = o["self_ms_per_step"] / total if total else None
     return {
         "batch": batch,
+        "weights": fast.weights,
         "forward_step_ms": 1e3 * wall / steps,
         "forward_step_cpu_ms": 1e3 * cpu / steps,
         "generic_forward_step_ms": 1e3 * generic_wall / steps,
@@ -192,7 +193,9 @@ def gil_contention(model: Transformer, prompt: list[int], steps: int, batches: t
     Medians over 3 runs of `steps` steps, ms per step, for the eager and the scripted decoder.
     """
     cfg = model.config
-    decoders = {"eager": FastDecoder(model, script=False), "scripted": FastDecoder(model)}
+    weights = auto_decode_weights()  # as the engine runs it
+    decoders = {"eager": FastDecoder(model, script=False, weights=weights),
+                "scripted": FastDecoder(model, weights=weights)}
     start = min(len(prompt), cfg.block_size - steps - 1)
 
     def step_ms(dec: FastDecoder, batch: int) -> float:
@@ -217,7 +220,7 @@ def gil_contention(model: Transformer, prompt: list[int], steps: int, batches: t
                 pass
             time.sleep(idle_ms / 1e3)
 
-    out: dict[str, Any] = {"busy_ms": busy_ms, "idle_ms": idle_ms, "steps": steps,
+    out: dict[str, Any] = {"busy_ms": busy_ms, "idle_ms": idle_ms, "steps": steps, "weights": weights,
                            "scripted": decoders["scripted"].scripted}
     for b in batches:
         for name, dec in decoders.items():

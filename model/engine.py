@@ -27,7 +27,7 @@ import torch
 from model import tokenizer
 from model.diagnostics import residual_norms_last
 from model.sampling import sample_rows, top_logprobs
-from model.transformer import FastDecoder, KVCache, Transformer
+from model.transformer import FastDecoder, KVCache, Transformer, auto_decode_weights
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,7 @@ class Engine:
         max_stop_length: int = 64,
         max_logprobs: int = 20,
         prefill_tokens: int = 512,
+        decode_weights: str = "auto",
     ) -> None:
         self.model = model.eval()
         self.config = model.config
@@ -207,7 +208,8 @@ class Engine:
         self.prefill_tokens = prefill_tokens  # padded prompt tokens per batched prefill (bounds the decode stall)
         self.observer = observer or EngineObserver()
         self.cache = KVCache(self.config, max_batch_size, device=self.device, dtype=self.dtype)
-        self.decode_step = FastDecoder(self.model)  # the decode fast path; warm-up runs it too
+        self.decode_weights = auto_decode_weights(self.device) if decode_weights == "auto" else decode_weights
+        self.decode_step = FastDecoder(self.model, weights=self.decode_weights)  # the fast path; warm-up runs it too
         self._running: list[_Request] = []  # row i of the cache belongs to _running[i]
         self._waiting: collections.deque[_Request] = collections.deque()
         self._jobs: collections.deque[tuple[Generator, Future]] = collections.deque()

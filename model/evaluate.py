@@ -113,6 +113,14 @@ def select_split(path: str | Path, split: str) -> tuple[torch.Tensor, str]:
     raise ValueError(f"unknown split {split!r} (expected train, val or all)")
 
 
+@torch.no_grad()
+def round_linear_weights_to_float16(model: Transformer) -> None:
+    """Round every `nn.Linear` weight to the nearest float16 value in place (kept as float32)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.copy_(module.weight.half().float())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, evaluate, and print one JSON line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", choices=("val", "train", "all"), default="val")
     p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--weights", choices=("float32", "float16"), default="float32",
+                   help="float16: round every Linear weight to float16 first, as SHORTCUT_DECODE_WEIGHTS=float16 "
+                        "stores them (the arithmetic stays float32)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.threads:
@@ -130,10 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     data, data_sha = select_split(a.data, a.split)
     if len(data) < 2:
         p.error(f"the {a.split} split of {a.data} has {len(data)} bytes; at least 2 are needed")
+    if a.weights == "float16":
+        round_linear_weights_to_float16(ck.model)
     result = evaluate(ck.model, data, batch_size=a.batch_size)
     summary = {
         **result,
         "split": a.split,
+        "weights": a.weights,
         "checkpoint": str(a.checkpoint),
         "checkpoint_sha256": ck.sha256,
         "data": str(a.data),

@@ -337,17 +337,27 @@ class FastDecoder:
     weight out in place as the transpose of a contiguous (in, out) matrix (same values; `F.linear`
     then multiplies by that matrix directly, so `forward` gets the layout too). In-place changes to the
     weights are seen by both; after replacing parameters (e.g. `model.to(...)`), build a new decoder.
+    With `weights="float16"` (CPU with FBGEMM only, see `float16_weights_available`) the four matrices
+    of each block are also packed as float16 for FBGEMM's fp16-weight GEMM: the arithmetic stays float32,
+    the weights read per token halve, and the logits move by ~1e-4 relative (the weights are rounded).
     No dropout, residual stream or interventions here: those go through `forward`.
     """
 
-    def __init__(self, model: Transformer, *, script: bool = True) -> None:
+    def __init__(self, model: Transformer, *, script: bool = True, weights: str = "float32") -> None:
         self.config = cfg = model.config
+        if weights not in ("float32", "float16"):
+            raise ValueError(f"weights must be 'float32' or 'float16', not {weights!r}")
+        self.weights, self.packed = weights, weights == "float16"
+        if self.packed and not float16_weights_available(model.wte.weight.device):
+            raise ValueError("float16 decode weights need a CPU build of torch with FBGEMM (x86)")
 
         def vec(t: torch.Tensor | None, n: int) -> torch.Tensor:
             return t.detach() if t is not None else model.wte.weight.new_zeros(n)  # a missing bias adds nothing
 
         def t(linear: nn.Linear) -> torch.Tensor:
             w = linear.weight
+            if self.packed:
+                return torch.fbgemm_pack_gemm_matrix_fp16(w.detach().float())  # (out, in) packed by FBGEMM
             if not w.t().is_contiguous():  # re-lay the model's weight out as the transpose of an (in, out) matrix
                 w.data = w.detach().t().contiguous().t()
             return w.detach().t()  # (in, out), contiguous, the model's own storage
@@ -383,13 +393,41 @@ class FastDecoder:
         if int(pos.max()) >= cfg.block_size:
             raise ValueError(f"position {int(pos.max())} exceeds block_size {cfg.block_size}")
         return self._step(tokens, pos, cache.k, cache.v, self.wte, self.wpe, self.unembed_t, self.ln_f,
-                          self.layers, cfg.n_head, self.scale, cfg.residual)
+                          self.layers, cfg.n_head, self.scale, cfg.residual, self.packed)
+
+
+def float16_weights_available(device: torch.device | str = "cpu") -> bool:
+    """Whether `FastDecoder(weights="float16")` can run on `device` (a CPU build of torch with FBGEMM)."""
+    if torch.device(device).type != "cpu" or "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    # Both ops are deprecated upstream and warn once per process: this probe takes those warnings, and
+    # answers False if a later torch drops them (torch is pinned; decode then falls back to float32).
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            w = torch.fbgemm_pack_gemm_matrix_fp16(torch.eye(8))
+            ok = torch.equal(torch.fbgemm_linear_fp16_weight(torch.eye(8), w, torch.zeros(8)), torch.eye(8))
+    except (AttributeError, RuntimeError):
+        return False
+    return ok
+
+
+def auto_decode_weights(device: torch.device | str = "cpu") -> str:
+    """What decode weights `auto` means: float16 where FBGEMM runs them (same val loss), else float32."""
+    return "float16" if float16_weights_available(device) else "float32"
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, packed: bool) -> torch.Tensor:
+    """x @ W^T + b, with W as a contiguous (in, out) float matrix or packed by FBGEMM as float16."""
+    if packed:
+        return torch.fbgemm_linear_fp16_weight(x, w, b)
+    return torch.addmm(b, x, w)
 
 
 def _decode_step(
     tokens: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, wte: torch.Tensor,
     wpe: torch.Tensor, unembed_t: torch.Tensor, ln_f: list[torch.Tensor], layers: list[list[torch.Tensor]],
-    n_head: int, scale: float, residual: bool,
+    n_head: int, scale: float, residual: bool, packed: bool,
 ) -> torch.Tensor:
     """The body of `FastDecoder.__call__` (checked input), written in the TorchScript subset."""
     B, C, S = tokens.shape[0], wte.shape[1], k_cache.shape[3]
@@ -397,14 +435,17 @@ def _decode_step(
     n_keys = int(pos.max()) + 1
     rows = torch.arange(B, device=pos.device)
     slot = ((rows[:, None] * nh + torch.arange(nh, device=pos.device)) * S + pos[:, None]).view(-1)  # (B*nh,)
-    allowed = torch.arange(n_keys, device=pos.device) <= pos[:, None]  # (B, S')
-    mask = torch.zeros((B, nh, 1, n_keys), dtype=wte.dtype, device=pos.device)
-    mask = mask.masked_fill_(~allowed[:, None, None, :], float("-inf")).view(B * nh, 1, n_keys)
+    if int(pos.min()) == n_keys - 1:  # every row at the same position (always at batch 1): nothing to mask
+        mask = torch.zeros((1, 1, 1), dtype=wte.dtype, device=pos.device)
+    else:
+        allowed = torch.arange(n_keys, device=pos.device) <= pos[:, None]  # (B, S')
+        mask = torch.zeros((B, nh, 1, n_keys), dtype=wte.dtype, device=pos.device)
+        mask = mask.masked_fill_(~allowed[:, None, None, :], float("-inf")).view(B * nh, 1, n_keys)
     x = wte.index_select(0, tokens) + wpe.index_select(0, pos)  # (B, C)
     for layer, w in enumerate(layers):
         ln_1_w, ln_1_b, w_qkv, b_qkv, w_o, b_o, ln_2_w, ln_2_b, w_fc, b_fc, w_p, b_p = w
         h = F.layer_norm(x, [C], ln_1_w, ln_1_b)  # (B, C)
-        qkv = torch.addmm(b_qkv, h, w_qkv).view(B, 3, nh, hd)  # (B, 3, nh, hd)
+        qkv = _linear(h, w_qkv, b_qkv, packed).view(B, 3, nh, hd)  # (B, 3, nh, hd)
         k_flat, v_flat = k_cache[layer].view(-1, hd), v_cache[layer].view(-1, hd)  # (B*nh*S, hd)
         k_flat.index_copy_(0, slot, qkv[:, 1].reshape(B * nh, hd))  # cache[b, h, pos[b]] = k[b, h]
         v_flat.index_copy_(0, slot, qkv[:, 2].reshape(B * nh, hd))
@@ -413,10 +454,10 @@ def _decode_step(
         q = qkv[:, 0].reshape(B * nh, 1, hd)
         att = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=scale).softmax(-1)  # (B*nh, 1, S')
         y = torch.bmm(att, values).view(B, C)  # (B, C)
-        a = torch.addmm(b_o, y, w_o)  # (B, C)
+        a = _linear(y, w_o, b_o, packed)  # (B, C)
         x = x + a if residual else a
         h = F.layer_norm(x, [C], ln_2_w, ln_2_b)
-        m = torch.addmm(b_p, F.gelu(torch.addmm(b_fc, h, w_fc), approximate="tanh"), w_p)  # (B, C)
+        m = _linear(F.gelu(_linear(h, w_fc, b_fc, packed), approximate="tanh"), w_p, b_p, packed)  # (B, C)
         x = x + m if residual else m
     return torch.mm(F.layer_norm(x, [C], ln_f[0], ln_f[1]), unembed_t)  # (B, vocab)
 

@@ -26,7 +26,7 @@ from model.engine import (
     TokenEvent,
 )
 from model.sampling import sample_rows
-from model.transformer import Transformer
+from model.transformer import Transformer, float16_weights_available
 from tests.conftest import TINY, build_model
 
 WINDOW = TINY["block_size"]  # 32
@@ -56,7 +56,7 @@ def run_with_engine(model: Transformer, body: Callable[[Engine], Awaitable[Any]]
     """Run `body(engine)` in a fresh event loop; the engine is always stopped afterwards."""
 
     async def main() -> Any:
-        engine = Engine(model, **engine_kw)
+        engine = Engine(model, **{"decode_weights": "float32", **engine_kw})  # exact, to compare with references
         if start:
             engine.start()
         try:
@@ -168,6 +168,19 @@ def test_prompts_prefill_together_padded_within_the_token_budget(model: Transfor
         for prompt, norms in zip(prompts, rec.norms, strict=True):
             resid = model(torch.tensor([prompt]), return_resid=True).resid
             assert norms == pytest.approx(residual_norms_last(resid), rel=1e-5)
+
+
+def test_auto_decode_weights_are_float16_where_fbgemm_runs_them(model: Transformer) -> None:
+    want = "float16" if float16_weights_available() else "float32"
+
+    async def body(engine: Engine) -> FinishEvent:
+        assert engine.decode_weights == want and engine.decode_step.packed == (want == "float16")
+        return (await events_of(engine.submit(PROMPT, SamplingParams(max_new_tokens=12, temperature=0.0))))[1]
+
+    fin = run_with_engine(model, body, decode_weights="auto")
+    assert fin.reason == "length" and fin.completion_tokens == 12
+    with pytest.raises(ValueError, match="weights must be"):
+        Engine(model, decode_weights="int8")
 
 
 def test_max_new_tokens_gives_length(model: Transformer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -18,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.config import ModelConfig
-from model.evaluate import evaluate, main, plan_windows
+from model.evaluate import evaluate, main, plan_windows, round_linear_weights_to_float16
 from model.train import load_splits
 from model.transformer import Transformer
 
@@ -139,6 +140,21 @@ def test_cli_prints_json_summary(
     expected = evaluate(tiny_model, data, batch_size=8)
     assert out["nats_per_byte"] == pytest.approx(expected["nats_per_byte"], rel=1e-6)
     assert out["bits_per_byte"] == pytest.approx(expected["nats_per_byte"] / math.log(2), rel=1e-6)
+
+
+def test_cli_float16_weights_score_the_rounded_model(
+    capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path, tiny_model: Transformer, text_file: Path
+) -> None:
+    main(["--checkpoint", str(tiny_checkpoint), "--data", str(text_file), "--weights", "float16"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rounded = copy.deepcopy(tiny_model)
+    round_linear_weights_to_float16(rounded)
+    fc = rounded.blocks[0].mlp.c_fc.weight
+    assert torch.equal(fc, fc.half().float()) and not torch.equal(fc, tiny_model.blocks[0].mlp.c_fc.weight)
+    _, val_split, _ = load_splits(text_file)
+    assert out["weights"] == "float16"
+    assert out["nats_per_byte"] == pytest.approx(evaluate(rounded, val_split)["nats_per_byte"], rel=1e-6)
+    assert out["nats_per_byte"] != pytest.approx(evaluate(tiny_model, val_split)["nats_per_byte"], rel=1e-9)
 
 
 def test_cli_module_entry_point(tiny_checkpoint: Path, text_file: Path) -> None:

@@ -9,7 +9,15 @@ import torch
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
-from model.transformer import RESID_NAMES, FastDecoder, Intervention, KVCache, Transformer, parameter_shapes
+from model.transformer import (
+    RESID_NAMES,
+    FastDecoder,
+    Intervention,
+    KVCache,
+    Transformer,
+    float16_weights_available,
+    parameter_shapes,
+)
 
 ATOL = 1e-5
 
@@ -282,6 +290,23 @@ def test_fast_decoder_shares_the_model_weights(tiny_model: Transformer, tmp_path
     assert not torch.allclose(ref, before[:, -1], atol=1e-3)
     save_checkpoint(tiny_model, tmp_path / "relaid.safetensors")  # the checkpoint writer copes with the layout
     torch.testing.assert_close(load_checkpoint(tmp_path / "relaid.safetensors").model.blocks[1].mlp.c_fc.weight, fc)
+
+
+@pytest.mark.skipif(not float16_weights_available(), reason="needs a CPU build of torch with FBGEMM (x86)")
+@pytest.mark.parametrize("script", [True, False])
+def test_float16_weight_decoder_stays_close_to_float32(tiny_model: Transformer, script: bool) -> None:
+    cfg = tiny_model.config
+    exact, half = FastDecoder(tiny_model), FastDecoder(tiny_model, script=script, weights="float16")
+    assert half.packed and not exact.packed
+    caches = KVCache(cfg, 2), KVCache(cfg, 2)
+    tokens, pos = torch.tensor([3, 7]), torch.tensor([0, 4])
+    for _ in range(6):
+        a, b = exact(tokens, caches[0], pos), half(tokens, caches[1], pos)
+        scale = float(a.abs().max())
+        assert 0 < float((a - b).abs().max()) <= 2e-3 * scale  # rounded weights: close, not equal
+        tokens, pos = a.argmax(-1), pos + 1
+    with pytest.raises(ValueError, match="weights must be"):
+        FastDecoder(tiny_model, weights="bfloat16")
 
 
 def test_scripted_and_eager_decode_steps_agree(tiny_model: Transformer) -> None:
