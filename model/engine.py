@@ -401,19 +401,20 @@ class Engine:
         """Move waiting requests into free rows, prefilling them together up to `prefill_tokens` padded tokens."""
         while len(self._running) < self.max_batch_size:
             batch: list[_Request] = []
+            width = 0  # longest prompt in the batch
             while len(self._running) + len(batch) < self.max_batch_size:
                 with self._cv:
                     if not self._waiting:
                         break
                     req = self._waiting[0]
-                    width = max([len(req.prompt)] + [len(r.prompt) for r in batch])
-                    if batch and width * (len(batch) + 1) > self.prefill_tokens:
+                    if batch and max(width, len(req.prompt)) * (len(batch) + 1) > self.prefill_tokens:
                         break
                     self._waiting.popleft()
                 if req.cancelled:
                     self._finish(req, "abort")
                     continue
                 batch.append(req)
+                width = max(width, len(req.prompt))
             if not batch:
                 return
             self._prefill(batch)
@@ -430,13 +431,11 @@ class Engine:
             req.t_prefill = now
             self.observer.on_prefill(len(req.prompt), now - req.t_submit)
         n, width, row = len(batch), max(len(r.prompt) for r in batch), len(self._running)
-        idx = torch.zeros((n, width), dtype=torch.long)  # (n, T)
-        for i, req in enumerate(batch):
-            idx[i, : len(req.prompt)] = torch.tensor(req.prompt)
+        idx = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in batch], device=self.device)  # (n, T)
         last = torch.tensor([len(r.prompt) - 1 for r in batch], device=self.device)  # (n,)
         want_norms = self.observer.wants_resid_norms
         out = self.model(
-            idx.to(self.device), cache=self.cache.rows(row, row + n),
+            idx, cache=self.cache.rows(row, row + n),
             pos=torch.zeros(n, dtype=torch.long, device=self.device), return_resid=want_norms, at=last,
         )
         if want_norms:

@@ -330,7 +330,7 @@ class FastDecoder:
     cache write and attention as two `bmm`s. The step body (`_decode_step`) is compiled with
     TorchScript, so a whole step runs in C++ without taking the GIL between ops: an eager step hands
     the GIL over ~1,500 times, and every handover waits for whatever Python the server's event loop
-    is running (measured: a batch-32 step 40 -> 52 ms next to a thread busy a third of the time).
+    is running (`python -m bench.run --sections gil` times both next to a busy thread).
     If scripting is unavailable the same function runs eagerly.
 
     The decoder shares the model's weights rather than copying them: it re-lays each `nn.Linear`
@@ -347,7 +347,7 @@ class FastDecoder:
         self.config = cfg = model.config
         if weights not in ("float32", "float16"):
             raise ValueError(f"weights must be 'float32' or 'float16', not {weights!r}")
-        self.weights, self.packed = weights, weights == "float16"
+        self.weights = weights
         if self.packed and not float16_weights_available(model.wte.weight.device):
             raise ValueError("float16 decode weights need a CPU build of torch with FBGEMM (x86)")
 
@@ -381,6 +381,11 @@ class FastDecoder:
         if script:
             self._step, self.scripted = _scripted_decode_step()
 
+    @property
+    def packed(self) -> bool:
+        """Whether the block matrices are FBGEMM-packed float16."""
+        return self.weights == "float16"
+
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor) -> torch.Tensor:
         """Logits (B, vocab) for one new token per row: `tokens` (B,) at positions `pos` (B,)."""
@@ -390,15 +395,22 @@ class FastDecoder:
             raise ValueError("a decode step needs tokens and pos of shape (B,) and a cache with B rows")
         if not cache.k[0].is_contiguous() or not cache.v[0].is_contiguous():
             raise ValueError("a decode step needs each layer of the cache to be contiguous")
-        if int(pos.max()) >= cfg.block_size:
-            raise ValueError(f"position {int(pos.max())} exceeds block_size {cfg.block_size}")
-        return self._step(tokens, pos, cache.k, cache.v, self.wte, self.wpe, self.unembed_t, self.ln_f,
+        n_keys = int(pos.max()) + 1
+        if n_keys > cfg.block_size:
+            raise ValueError(f"position {n_keys - 1} exceeds block_size {cfg.block_size}")
+        return self._step(tokens, pos, n_keys, cache.k, cache.v, self.wte, self.wpe, self.unembed_t, self.ln_f,
                           self.layers, cfg.n_head, self.scale, cfg.residual, self.packed)
 
 
 def float16_weights_available(device: torch.device | str = "cpu") -> bool:
     """Whether `FastDecoder(weights="float16")` can run on `device` (a CPU build of torch with FBGEMM)."""
-    if torch.device(device).type != "cpu" or "fbgemm" not in torch.backends.quantized.supported_engines:
+    return torch.device(device).type == "cpu" and _fbgemm_fp16_works()
+
+
+@functools.cache
+def _fbgemm_fp16_works() -> bool:
+    """Probe FBGEMM's fp16-weight GEMM once per process."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
         return False
     # Both ops are deprecated upstream and warn once per process: this probe takes those warnings, and
     # answers False if a later torch drops them (torch is pinned; decode then falls back to float32).
@@ -425,14 +437,13 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, packed: bool) -> 
 
 
 def _decode_step(
-    tokens: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, wte: torch.Tensor,
-    wpe: torch.Tensor, unembed_t: torch.Tensor, ln_f: list[torch.Tensor], layers: list[list[torch.Tensor]],
-    n_head: int, scale: float, residual: bool, packed: bool,
+    tokens: torch.Tensor, pos: torch.Tensor, n_keys: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    wte: torch.Tensor, wpe: torch.Tensor, unembed_t: torch.Tensor, ln_f: list[torch.Tensor],
+    layers: list[list[torch.Tensor]], n_head: int, scale: float, residual: bool, packed: bool,
 ) -> torch.Tensor:
-    """The body of `FastDecoder.__call__` (checked input), written in the TorchScript subset."""
+    """The body of `FastDecoder.__call__` (checked input; n_keys = max(pos) + 1), in the TorchScript subset."""
     B, C, S = tokens.shape[0], wte.shape[1], k_cache.shape[3]
     nh, hd = n_head, C // n_head
-    n_keys = int(pos.max()) + 1
     rows = torch.arange(B, device=pos.device)
     slot = ((rows[:, None] * nh + torch.arange(nh, device=pos.device)) * S + pos[:, None]).view(-1)  # (B*nh,)
     if int(pos.min()) == n_keys - 1:  # every row at the same position (always at batch 1): nothing to mask
@@ -473,6 +484,3 @@ def _scripted_decode_step() -> tuple[Callable[..., torch.Tensor], bool]:
         log.warning("TorchScript unavailable (%s: %s); the decode step runs eagerly", type(e).__name__, e)
         return _decode_step, False
 
-
-def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.detach() if t is not None else None
