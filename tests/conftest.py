@@ -23,6 +23,7 @@ TINY = dict(block_size=32, n_layer=3, n_head=4, d_model=32, d_ff=64)
 APP_CONFIG = ModelConfig(n_layer=2, n_head=2, d_model=16, d_ff=32, block_size=64)
 # still small, but a 200-token generation takes long enough (~0.5 s) to be caught in flight
 SLOW_CONFIG = ModelConfig(n_layer=4, n_head=4, d_model=64, d_ff=256, block_size=256)
+SLOW_STEP_S = 0.005  # live servers of the slow checkpoint hold each decode step this long (tests/slow_app.py)
 
 
 @pytest.fixture

@@ -58,14 +58,20 @@ def server_env(checkpoint: Path, **settings: object) -> dict[str, str]:
     return env
 
 
-def launch(checkpoint: Path, log_dir: Path, **settings: object) -> Server:
-    """Start `python -m app` with SHORTCUT_<NAME>=value per setting; return once /ready answers 200."""
+def launch(checkpoint: Path, log_dir: Path, step_delay_s: float = 0.0, **settings: object) -> Server:
+    """Start `python -m app` with SHORTCUT_<NAME>=value per setting; return once /ready answers 200.
+
+    With `step_delay_s` > 0 the server is `python -m tests.slow_app`: each decode step takes at least that long.
+    """
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
+    env = server_env(checkpoint, **settings)
+    module = "app"
+    if step_delay_s > 0:
+        module, env["TEST_STEP_DELAY_S"] = "tests.slow_app", str(step_delay_s)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=REPO_ROOT, env=server_env(checkpoint, **settings), stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", proc, log_path)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from tests.app.conftest import LiveServer
+from tests.conftest import SLOW_STEP_S
 from tests.helpers import Samples, assert_error, idle, value, wait_for
 
 
@@ -67,7 +68,7 @@ def test_ready_then_503_while_draining(client: TestClient) -> None:
 
 @pytest.fixture(scope="module")
 def limited(start_server: Callable[..., LiveServer], slow_checkpoint: Path) -> str:
-    return start_server(slow_checkpoint, max_batch_size=1, max_queue=1).url
+    return start_server(slow_checkpoint, max_batch_size=1, max_queue=1, step_delay_s=SLOW_STEP_S).url
 
 
 def test_queue_full_is_429(limited: str) -> None:
@@ -123,7 +124,8 @@ def test_non_streaming_client_disconnect_frees_the_slot(limited: str) -> None:
 
 def test_sigterm_drains_in_flight_requests(start_server: Callable[..., LiveServer], slow_checkpoint: Path) -> None:
     """SIGTERM: /ready turns 503, new work is refused, running and queued requests finish, then exit code 0."""
-    server = start_server(slow_checkpoint, max_batch_size=1, drain_timeout_s=60, log_level="INFO")
+    server = start_server(slow_checkpoint, max_batch_size=1, drain_timeout_s=60, log_level="INFO",
+                          step_delay_s=SLOW_STEP_S)
     url, n = server.url, 4
 
     def accepted_and_queued(s: Samples) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SLOW_STEP_S
 from tests.live_server import REPO_ROOT, Server, free_port, server_env, server_pool  # noqa: F401 - re-exported
 
 # ---------------------------------------------------------------- live servers
@@ -28,4 +29,4 @@ def tiny_server(start_server: Callable[..., Server], app_checkpoint: Path) -> Se
 @pytest.fixture(scope="session")
 def slow_server(start_server: Callable[..., Server], slow_checkpoint: Path) -> Server:
     """A live server of the slow checkpoint with one batch row and two queue slots."""
-    return start_server(slow_checkpoint, max_batch_size=1, max_queue=2)
+    return start_server(slow_checkpoint, max_batch_size=1, max_queue=2, step_delay_s=SLOW_STEP_S)

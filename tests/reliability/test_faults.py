@@ -18,8 +18,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from model.transformer import FastDecoder
+from tests.conftest import SLOW_STEP_S
 from tests.helpers import ERROR_FIELDS, idle, parse_metrics, value, wait_for
 from tests.reliability.conftest import Server
+from tests.slow_app import hold_each_step
 
 
 def sse_data(text: str) -> list[str]:
@@ -36,8 +39,10 @@ def assert_standard_error(err: dict, code: str) -> None:
 
 
 def test_request_timeout_is_504_and_frees_the_slot(
-    make_client: Callable[..., TestClient], slow_checkpoint: Path
+    make_client: Callable[..., TestClient], slow_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # 200 steps of at least 1 ms each cannot beat a 50 ms deadline on any machine
+    monkeypatch.setattr(FastDecoder, "__call__", hold_each_step(FastDecoder.__call__, 0.001))
     client = make_client(slow_checkpoint, request_timeout_s=0.05, max_batch_size=1)
     engine = client.app.state.models["tiny"].engine
     long = {"prompt": "a slow one", "max_new_tokens": 200}
@@ -131,7 +136,8 @@ def test_disconnect_while_queued_leaves_the_queue(slow_server: Server) -> None:
 
 
 def test_sigterm_drains_streams(start_server: Callable[..., Server], slow_checkpoint: Path) -> None:
-    server = start_server(slow_checkpoint, max_batch_size=1, drain_timeout_s=60, log_level="INFO")
+    server = start_server(slow_checkpoint, max_batch_size=1, drain_timeout_s=60, log_level="INFO",
+                          step_delay_s=SLOW_STEP_S)
     url, n_new = server.url, 240
     results: dict[str, httpx.Response | str] = {}
     started = threading.Barrier(4)
