@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -50,12 +51,14 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-def engine_error(e: EngineError, param: str | None = None) -> APIError:
-    """Map an engine exception to its HTTP error."""
+def engine_error(e: EngineError, names: Mapping[str, str] | None = None) -> APIError:
+    """Map an engine exception to its HTTP error; `names` renames engine fields to the route's (max_tokens)."""
+    names = names or {}
     if isinstance(e, PromptTooLongError):
-        return APIError(400, str(e), param="max_new_tokens", code="context_length_exceeded")
+        return APIError(400, e.describe(names.get("max_new_tokens", "max_new_tokens")),
+                        param=names.get(e.param, e.param), code="context_length_exceeded")
     if isinstance(e, InvalidRequestError):
-        return APIError(400, str(e), param=param, code="invalid_value")
+        return APIError(400, str(e), param=names.get(e.param, e.param) if e.param else None, code="invalid_value")
     if isinstance(e, QueueFullError):
         return APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"})
     if isinstance(e, EngineDrainingError):

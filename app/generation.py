@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from fastapi import Request
 
@@ -26,13 +26,15 @@ def default_max_new(served: ServedModel, prompt_len: int, default: int) -> int:
     return max(1, min(default, served.checkpoint.config.block_size - prompt_len))
 
 
-def submit(served: ServedModel, prompt: str, params: SamplingParams) -> tuple[RequestHandle, int]:
-    """Tokenize and queue; map engine refusals to API errors. Returns the handle and the prompt length."""
+def submit(served: ServedModel, prompt: str, params: SamplingParams,
+           names: Mapping[str, str] | None = None) -> tuple[RequestHandle, int]:
+    """Tokenize and queue; map engine refusals to API errors (fields renamed by `names`). Returns the handle and
+    the prompt length."""
     ids = tokenizer.encode(prompt)
     try:
         return served.engine.submit(ids, params), len(ids)
     except EngineError as e:
-        raise engine_error(e) from None
+        raise engine_error(e, names) from None
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -38,12 +38,26 @@ class EngineError(Exception):
     """Base class of errors raised to callers of the engine."""
 
 
-class PromptTooLongError(EngineError, ValueError):
+class InvalidRequestError(EngineError, ValueError):
+    """A request parameter is out of range; `param` names it (a SamplingParams field, or "prompt")."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class PromptTooLongError(InvalidRequestError):
     """Prompt tokens + max_new_tokens exceed the context window."""
 
+    def __init__(self, n_prompt: int, max_new_tokens: int, window: int) -> None:
+        self.n_prompt, self.max_new_tokens, self.window = n_prompt, max_new_tokens, window
+        # the prompt is to blame when it leaves no room for even one new token
+        super().__init__(self.describe(), "prompt" if n_prompt >= window else "max_new_tokens")
 
-class InvalidRequestError(EngineError, ValueError):
-    """A request parameter is out of range."""
+    def describe(self, max_new_name: str = "max_new_tokens") -> str:
+        """The message, naming the new-token limit as the caller's API does."""
+        return (f"prompt ({self.n_prompt} tokens) + {max_new_name} ({self.max_new_tokens}) = "
+                f"{self.n_prompt + self.max_new_tokens} exceeds the context window of {self.window} tokens")
 
 
 class QueueFullError(EngineError):
@@ -261,31 +275,28 @@ class Engine:
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError / PromptTooLongError for a request the engine cannot serve."""
         if not prompt:
-            raise InvalidRequestError("prompt must contain at least one token")
+            raise InvalidRequestError("prompt must contain at least one token", "prompt")
         if any(not 0 <= t < self.config.vocab_size for t in prompt):
-            raise InvalidRequestError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+            raise InvalidRequestError(f"token ids must be in 0..{self.config.vocab_size - 1}", "prompt")
         if params.max_new_tokens < 1:
-            raise InvalidRequestError("max_new_tokens must be at least 1")
+            raise InvalidRequestError("max_new_tokens must be at least 1", "max_new_tokens")
         if not (params.temperature >= 0 and params.temperature != float("inf")):
-            raise InvalidRequestError("temperature must be a finite number >= 0")
+            raise InvalidRequestError("temperature must be a finite number >= 0", "temperature")
         if params.top_k < 0:
-            raise InvalidRequestError("top_k must be >= 0 (0 disables it)")
+            raise InvalidRequestError("top_k must be >= 0 (0 disables it)", "top_k")
         if not 0 < params.top_p <= 1:
-            raise InvalidRequestError("top_p must be in (0, 1]")
+            raise InvalidRequestError("top_p must be in (0, 1]", "top_p")
         if not 0 <= params.logprobs <= self.max_logprobs:
-            raise InvalidRequestError(f"logprobs must be in 0..{self.max_logprobs}")
+            raise InvalidRequestError(f"logprobs must be in 0..{self.max_logprobs}", "logprobs")
         if len(params.stop) > self.max_stop_strings:
-            raise InvalidRequestError(f"at most {self.max_stop_strings} stop strings are allowed")
+            raise InvalidRequestError(f"at most {self.max_stop_strings} stop strings are allowed", "stop")
         if any(not s or len(s) > self.max_stop_length for s in params.stop):
-            raise InvalidRequestError(f"stop strings must be 1..{self.max_stop_length} characters")
+            raise InvalidRequestError(f"stop strings must be 1..{self.max_stop_length} characters", "stop")
         if params.seed is not None and not 0 <= params.seed <= MAX_SEED:
-            raise InvalidRequestError(f"seed must be in 0..{MAX_SEED}")
+            raise InvalidRequestError(f"seed must be in 0..{MAX_SEED}", "seed")
         window = self.config.block_size
         if len(prompt) + params.max_new_tokens > window:
-            raise PromptTooLongError(
-                f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
-                f"{len(prompt) + params.max_new_tokens} exceeds the context window of {window} tokens"
-            )
+            raise PromptTooLongError(len(prompt), params.max_new_tokens, window)
 
     def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
         """Queue a request (call from the event loop); raise on invalid input, a full queue or draining."""

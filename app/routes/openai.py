@@ -28,6 +28,8 @@ from model import tokenizer
 from model.engine import FinishEvent, SamplingParams, TokenEvent
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 503, 504)}
+OPENAI_NAMES = {"max_new_tokens": "max_tokens"}  # engine field -> this route's field, for error params
+
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)], responses=ERRORS)
 
 
@@ -65,7 +67,7 @@ async def completions(body: CompletionRequest, request: Request):
         top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p, stop=stop_tuple(body.stop),
         seed=body.seed, logprobs=body.logprobs or 0,
     )
-    handle, _ = submit(served, prompt, params)
+    handle, _ = submit(served, prompt, params, OPENAI_NAMES)
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     want_lp = body.logprobs is not None
 

@@ -156,7 +156,8 @@ def test_prompt_too_long_names_the_numbers(client: TestClient) -> None:
     numbers = set(re.findall(r"\d+", err["message"]))
     assert {"60", "10", "64"} <= numbers
     # a prompt that alone fills the window fails too, even without max_new_tokens
-    err = assert_error(client.post("/generate", json={"prompt": "a" * 70}), 400, code="context_length_exceeded")
+    err = assert_error(client.post("/generate", json={"prompt": "a" * 70}), 400, code="context_length_exceeded",
+                       param="prompt")
     assert "70" in err["message"] and "64" in err["message"]
 
 
@@ -189,8 +190,10 @@ def test_invalid_json_is_422(client: TestClient) -> None:
 
 def test_engine_limits_are_400(make_client: Callable[..., TestClient]) -> None:
     client = make_client(max_logprobs=2, max_stop_strings=1)
-    assert_error(client.post("/generate", json={"prompt": PROMPT, "logprobs": 3}), 400, code="invalid_value")
-    assert_error(client.post("/generate", json={"prompt": PROMPT, "stop": ["a", "b"]}), 400, code="invalid_value")
+    assert_error(client.post("/generate", json={"prompt": PROMPT, "logprobs": 3}), 400, code="invalid_value",
+                 param="logprobs")
+    assert_error(client.post("/generate", json={"prompt": PROMPT, "stop": ["a", "b"]}), 400, code="invalid_value",
+                 param="stop")
 
 
 def test_unknown_route_and_model_are_404(client: TestClient) -> None:

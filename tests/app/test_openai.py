@@ -115,7 +115,15 @@ def test_unknown_model_is_404(oai: openai.OpenAI, live_server: str) -> None:
     assert_error(resp, 404, code="model_not_found", param="model")
 
 
-def test_too_long_is_400(oai: openai.OpenAI) -> None:
+def test_too_long_is_400(oai: openai.OpenAI, live_server: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         oai.completions.create(model="tiny", prompt="x" * 60, max_tokens=10)
     assert "64" in str(info.value)
+    # the error names this route's field (max_tokens), not the engine's
+    resp = httpx.post(f"{live_server}/v1/completions", json={"prompt": "x" * 60, "max_tokens": 10})
+    err = assert_error(resp, 400, code="context_length_exceeded", param="max_tokens")
+    assert "max_tokens (10)" in err["message"] and "max_new_tokens" not in err["message"]
+    resp = httpx.post(f"{live_server}/v1/completions", json={"prompt": "x" * 70})
+    assert_error(resp, 400, code="context_length_exceeded", param="prompt")
+    resp = httpx.post(f"{live_server}/v1/completions", json={"prompt": "hi", "stop": ["x" * 65]})
+    assert_error(resp, 400, code="invalid_value", param="stop")

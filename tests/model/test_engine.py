@@ -420,31 +420,34 @@ def test_prompt_too_long_names_both_numbers(model: Transformer) -> None:
 
 
 @pytest.mark.parametrize(
-    ("prompt", "params"),
+    ("prompt", "params", "param"),
     [
-        ([], SamplingParams()),
-        ([256], SamplingParams(max_new_tokens=1)),
-        ([-1], SamplingParams(max_new_tokens=1)),
-        ([65], SamplingParams(max_new_tokens=0)),
-        ([65], SamplingParams(max_new_tokens=2, temperature=-1.0)),
-        ([65], SamplingParams(max_new_tokens=2, temperature=float("inf"))),
-        ([65], SamplingParams(max_new_tokens=2, temperature=float("nan"))),
-        ([65], SamplingParams(max_new_tokens=2, top_k=-1)),
-        ([65], SamplingParams(max_new_tokens=2, top_p=0.0)),
-        ([65], SamplingParams(max_new_tokens=2, top_p=1.5)),
-        ([65], SamplingParams(max_new_tokens=2, logprobs=21)),
-        ([65], SamplingParams(max_new_tokens=2, logprobs=-1)),
-        ([65], SamplingParams(max_new_tokens=2, stop=("",))),
-        ([65], SamplingParams(max_new_tokens=2, stop=("x" * 65,))),
-        ([65], SamplingParams(max_new_tokens=2, stop=tuple("abcdefghijklmnopq"))),
-        ([65], SamplingParams(max_new_tokens=2, seed=-1)),
-        ([65], SamplingParams(max_new_tokens=2, seed=2**63)),
+        ([], SamplingParams(), "prompt"),
+        ([256], SamplingParams(max_new_tokens=1), "prompt"),
+        ([-1], SamplingParams(max_new_tokens=1), "prompt"),
+        ([65], SamplingParams(max_new_tokens=0), "max_new_tokens"),
+        ([65], SamplingParams(max_new_tokens=2, temperature=-1.0), "temperature"),
+        ([65], SamplingParams(max_new_tokens=2, temperature=float("inf")), "temperature"),
+        ([65], SamplingParams(max_new_tokens=2, temperature=float("nan")), "temperature"),
+        ([65], SamplingParams(max_new_tokens=2, top_k=-1), "top_k"),
+        ([65], SamplingParams(max_new_tokens=2, top_p=0.0), "top_p"),
+        ([65], SamplingParams(max_new_tokens=2, top_p=1.5), "top_p"),
+        ([65], SamplingParams(max_new_tokens=2, logprobs=21), "logprobs"),
+        ([65], SamplingParams(max_new_tokens=2, logprobs=-1), "logprobs"),
+        ([65], SamplingParams(max_new_tokens=2, stop=("",)), "stop"),
+        ([65], SamplingParams(max_new_tokens=2, stop=("x" * 65,)), "stop"),
+        ([65], SamplingParams(max_new_tokens=2, stop=tuple("abcdefghijklmnopq")), "stop"),
+        ([65], SamplingParams(max_new_tokens=2, seed=-1), "seed"),
+        ([65], SamplingParams(max_new_tokens=2, seed=2**63), "seed"),
+        ([65] * 25, SamplingParams(max_new_tokens=11), "max_new_tokens"),  # room left, but not for 11 more
+        ([65] * WINDOW, SamplingParams(max_new_tokens=1), "prompt"),  # the prompt alone fills the window
     ],
 )
-def test_invalid_params_raise(model: Transformer, prompt: list[int], params: SamplingParams) -> None:
+def test_invalid_params_raise(model: Transformer, prompt: list[int], params: SamplingParams, param: str) -> None:
     engine = Engine(model)
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(InvalidRequestError) as info:
         engine.validate(prompt, params)
+    assert info.value.param == param
 
     async def submit() -> None:
         engine.submit(prompt, params)

@@ -58,7 +58,8 @@ CASES = [
     Case("1mb-prompt", "POST", "/generate", gen(prompt="a" * 1_000_000), 413, "body_too_large"),
     Case("1mb-chunked-body", "POST", "/generate", {"content": chunks(1_100_000), "headers": JSON}, 413,
          "body_too_large"),
-    Case("prompt-over-window", "POST", "/generate", gen(prompt="a" * 900_000), 400, "context_length_exceeded"),
+    Case("prompt-over-window", "POST", "/generate", gen(prompt="a" * 900_000), 400, "context_length_exceeded",
+         "prompt"),
     Case("prompt-not-a-string", "POST", "/generate", gen(prompt=123), 422, "string_type", "prompt"),
     Case("prompt-null", "POST", "/generate", gen(prompt=None), 422, "string_type", "prompt"),
     # max_new_tokens
