@@ -38,7 +38,27 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False), JsonNumber]
 TopK = Annotated[int, Field(ge=0, le=256, description="0 = off"), JsonNumber]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED), JsonNumber]
 MaxTokens = Annotated[int, Field(ge=1, le=65536), JsonNumber]
-StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(max_length=256)]
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 256, 1024  # schema caps; the engine's own limits (settings) are lower
+
+
+def stop_shape(value: object) -> object:
+    """One error for a bad `stop` (pydantic would report one per branch of `str | list[str]`)."""
+    items = [value] if isinstance(value, str) else value
+    if value is None:
+        return value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise PydanticCustomError("stop_type", "Input should be a string or a list of strings")
+    if len(items) > MAX_STOP_STRINGS:
+        raise PydanticCustomError("too_long", "at most {max} stop strings", {"max": MAX_STOP_STRINGS})
+    if not all(1 <= len(s) <= MAX_STOP_CHARS for s in items):
+        raise PydanticCustomError("string_length", "stop strings must be 1..{max} characters",
+                                  {"max": MAX_STOP_CHARS})
+    return value
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = Annotated[StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None,
+                 BeforeValidator(stop_shape)]
 ModelName = Annotated[str, Field(min_length=1, max_length=64)]
 
 
@@ -53,7 +73,7 @@ class GenerateRequest(BaseModel):
     temperature: Temperature = 1.0
     top_k: TopK = 0
     top_p: TopP = 1.0
-    stop: str | StopList | None = None
+    stop: Stop = None
     seed: Seed | None = None
     logprobs: Annotated[int, Field(ge=0, le=256, description="top alternatives per token; 0 = none"), JsonNumber] = 0
     stream: StrictBool = False
@@ -137,7 +157,7 @@ class CompletionRequest(BaseModel):
     n: Literal[1] = 1
     stream: StrictBool = False
     logprobs: Annotated[int, Field(ge=0, le=20), JsonNumber] | None = None
-    stop: str | StopList | None = None
+    stop: Stop = None
     seed: Seed | None = None
     echo: Literal[False] = False
     best_of: Literal[1] | None = None

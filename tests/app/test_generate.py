@@ -172,6 +172,7 @@ def test_prompt_too_long_names_the_numbers(client: TestClient) -> None:
         ({"prompt": PROMPT, "seed": -5}, "seed"),
         ({"prompt": PROMPT, "stream": "maybe"}, "stream"),
         ({"prompt": PROMPT, "frobnicate": True}, "frobnicate"),
+        ({"prompt": PROMPT, "stop": [1, 2]}, "stop"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": 123}, "prompt"),
         ({}, "prompt"),

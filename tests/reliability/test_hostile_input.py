@@ -97,12 +97,16 @@ CASES = [
     Case("top-k-huge", "POST", "/generate", gen(top_k=10**12), 422, "less_than_equal", "top_k"),
     Case("top-k-negative", "POST", "/generate", gen(top_k=-1), 422, "greater_than_equal", "top_k"),
     # stop strings (max_stop_strings=16, max_stop_length=64 by default; the schema caps 256 strings of 1024 chars)
-    Case("100-stop-strings", "POST", "/generate", gen(stop=[f"s{i}" for i in range(100)]), 400, "invalid_value"),
-    # (`stop` is a string or a list: pydantic reports the string branch first, so code and param are not checked)
-    Case("300-stop-strings", "POST", "/generate", gen(stop=[f"s{i}" for i in range(300)]), 422),
-    Case("stop-string-100-chars", "POST", "/generate", gen(stop="x" * 100), 400, "invalid_value"),
-    Case("stop-string-100k-chars", "POST", "/generate", gen(stop=["x" * 100_000]), 422),
-    Case("empty-stop-in-list", "POST", "/generate", gen(stop=[""]), 422),
+    Case("100-stop-strings", "POST", "/generate", gen(stop=[f"s{i}" for i in range(100)]), 400, "invalid_value",
+         "stop"),
+    Case("300-stop-strings", "POST", "/generate", gen(stop=[f"s{i}" for i in range(300)]), 422, "too_long", "stop"),
+    Case("stop-string-100-chars", "POST", "/generate", gen(stop="x" * 100), 400, "invalid_value", "stop"),
+    Case("stop-string-100k-chars", "POST", "/generate", gen(stop=["x" * 100_000]), 422, "string_length", "stop"),
+    Case("stop-string-alone-100k-chars", "POST", "/generate", gen(stop="x" * 100_000), 422, "string_length", "stop"),
+    Case("empty-stop-in-list", "POST", "/generate", gen(stop=[""]), 422, "string_length", "stop"),
+    Case("stop-numbers", "POST", "/generate", gen(stop=[1, 2]), 422, "stop_type", "stop"),
+    Case("stop-object", "POST", "/v1/completions", {"json": {"prompt": "hi", "stop": {"a": 1}}}, 422, "stop_type",
+         "stop"),
     # other fields
     Case("logprobs-over-setting", "POST", "/generate", gen(logprobs=21), 400, "invalid_value"),
     Case("logprobs-over-schema", "POST", "/generate", gen(logprobs=257), 422, "less_than_equal", "logprobs"),
