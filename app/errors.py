@@ -30,6 +30,9 @@ TYPES = {
 }
 
 
+HTTP_CODES = {400: "invalid_body", 404: "route_not_found", 405: "method_not_allowed"}  # framework errors
+
+
 class APIError(Exception):
     """An error with an HTTP status, rendered in the standard shape."""
 
@@ -99,7 +102,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        status, message = exc.status_code, str(exc.detail)
+        if status == 400:  # FastAPI's only 400: the body could not be decoded (not UTF-8, or nested too deep)
+            message = "request body could not be parsed as UTF-8 JSON"
+        elif status == 404:
+            message = f"no route {request.url.path!r}; GET /docs lists the routes"
+        elif status == 405:
+            message = f"method {request.method} is not allowed on {request.url.path!r}"
+        return error_response(status, message, code=HTTP_CODES.get(status),
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

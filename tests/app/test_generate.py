@@ -198,7 +198,14 @@ def test_engine_limits_are_400(make_client: Callable[..., TestClient]) -> None:
 
 
 def test_unknown_route_and_model_are_404(client: TestClient) -> None:
-    assert_error(client.get("/no/such/route"), 404)
+    err = assert_error(client.get("/no/such/route"), 404, code="route_not_found")
+    assert "/no/such/route" in err["message"]
+    wrong = client.get("/generate")
+    err = assert_error(wrong, 405, code="method_not_allowed")
+    assert "GET" in err["message"] and wrong.headers["allow"] == "POST"
+    err = assert_error(client.post("/generate", content=b'{"prompt": "\xff"}',
+                                   headers={"content-type": "application/json"}), 400, code="invalid_body")
+    assert "UTF-8" in err["message"]
     err = assert_error(client.post("/generate", json={"prompt": PROMPT, "model": "nope"}), 404,
                        code="model_not_found", param="model")
     assert "nope" in err["message"]

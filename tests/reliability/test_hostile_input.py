@@ -118,17 +118,18 @@ CASES = [
     Case("model-path-traversal", "POST", "/generate", gen(model="../../etc/passwd"), 404, "model_not_found", "model"),
     Case("model-name-too-long", "POST", "/generate", gen(model="m" * 65), 422, "string_too_long", "model"),
     # bodies that are not what they claim
-    Case("invalid-utf8", "POST", "/generate", raw(b'{"prompt": "\xff\xfe\xfd"}'), 400),
+    Case("invalid-utf8", "POST", "/generate", raw(b'{"prompt": "\xff\xfe\xfd"}'), 400, "invalid_body"),
     Case("not-json", "POST", "/generate", raw(b'{"prompt": '), 422, "json_invalid"),
     Case("body-is-a-list", "POST", "/generate", raw(b"[1, 2]"), 422, "model_attributes_type"),
     Case("empty-body", "POST", "/generate", raw(b""), 422),
     Case("text-plain", "POST", "/generate", raw(b'{"prompt": "hi"}', "text/plain"), 422),
     Case("form-encoded", "POST", "/generate", {"data": {"prompt": "hi"}}, 422),
-    Case("nested-10k-body", "POST", "/generate", raw(b"[" * DEPTH + b"]" * DEPTH), 400),
+    Case("nested-10k-body", "POST", "/generate", raw(b"[" * DEPTH + b"]" * DEPTH), 400, "invalid_body"),
     Case("nested-10k-field", "POST", "/generate", raw(b'{"prompt": "hi", "stop": ' + b"[" * DEPTH + b"]" * DEPTH
-                                                      + b"}"), 400),
+                                                      + b"}"), 400, "invalid_body"),
     Case("nested-10k-object", "POST", "/v1/completions", raw(b'{"prompt": "hi", "stream_options": '
-                                                             + b'{"a": ' * DEPTH + b"1" + b"}" * DEPTH + b"}"), 400),
+                                                             + b'{"a": ' * DEPTH + b"1" + b"}" * DEPTH + b"}"), 400,
+         "invalid_body"),
     # OpenAI route
     Case("completions-n-2", "POST", "/v1/completions", {"json": {"prompt": "hi", "n": 2}}, 422, "literal_error", "n"),
     Case("completions-two-prompts", "POST", "/v1/completions", {"json": {"prompt": ["a", "b"]}}, 422),
@@ -160,8 +161,8 @@ CASES = [
     Case("diag-post-lens-bool", "POST", "/diagnostics", {"json": {"prompt": "hi", "logit_lens": True}}, 422,
          "number_type", "logit_lens"),
     # routing
-    Case("wrong-method", "GET", "/generate", {}, 405),
-    Case("unknown-route", "GET", "/admin", {}, 404),
+    Case("wrong-method", "GET", "/generate", {}, 405, "method_not_allowed"),
+    Case("unknown-route", "GET", "/admin", {}, 404, "route_not_found"),
 ]
 
 
