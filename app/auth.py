@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import APIError
+
+# auto_error=False: the check below decides (a server without a key accepts every request) and words the 401
+bearer = HTTPBearer(auto_error=False, scheme_name="apiKey",
+                    description="`Authorization: Bearer <key>`; required only when the server sets SHORTCUT_API_KEY.")
 
 
 def keys_match(given: str, expected: str) -> bool:
@@ -14,15 +19,14 @@ def keys_match(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 
-async def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request,
+                          credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
     """Dependency for protected routes; a no-op when no key is configured."""
     key = request.app.state.settings.api_key
     if key is None:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
+    if credentials is None:
         raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
-    if not keys_match(token.strip(), key.get_secret_value()):
+    if not keys_match(credentials.credentials.strip(), key.get_secret_value()):
         raise APIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})

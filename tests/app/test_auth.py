@@ -78,3 +78,15 @@ def test_keys_match() -> None:
     assert not keys_match("ABC", "abc")
     assert not keys_match("\ud800", "\ud801")
     assert not keys_match("é", "e\u0301")  # no Unicode normalisation: the bytes must be equal
+
+
+def test_openapi_declares_the_bearer_key_on_protected_routes_only(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http", "scheme": "bearer",
+        "description": "`Authorization: Bearer <key>`; required only when the server sets SHORTCUT_API_KEY."}
+    for method, path, _ in PROTECTED:
+        op = spec["paths"][path.split("?")[0]][method.lower()]
+        assert op["security"] == [{"apiKey": []}], (method, path)
+    for path in ["/health", "/ready"]:
+        assert "security" not in spec["paths"][path]["get"]
