@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
+from typing import Any
 
-from fastapi import Request, Security
+from fastapi import FastAPI, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import APIError
 
 # auto_error=False: the check below decides (a server without a key accepts every request) and words the 401
 bearer = HTTPBearer(auto_error=False, scheme_name="apiKey",
-                    description="`Authorization: Bearer <key>`; required only when the server sets SHORTCUT_API_KEY.")
+                    description="`Authorization: Bearer <key>`, the key the server was given in SHORTCUT_API_KEY.")
 
 
 def keys_match(given: str, expected: str) -> bool:
@@ -30,3 +32,20 @@ async def require_api_key(request: Request,
                        headers={"WWW-Authenticate": "Bearer"})
     if not keys_match(credentials.credentials.strip(), key.get_secret_value()):
         raise APIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def document_auth(app: FastAPI, key_required: bool) -> None:
+    """Keep the OpenAPI schema honest: without a configured key, drop the bearer requirement the routes declare."""
+    if key_required:
+        return
+    build: Callable[[], dict[str, Any]] = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        spec = build()  # FastAPI caches the dict; the first call strips it, later ones find nothing to strip
+        if spec.get("components", {}).pop("securitySchemes", None) is not None:
+            for operations in spec["paths"].values():
+                for op in operations.values():
+                    op.pop("security", None)
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]

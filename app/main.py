@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import service
+from app.auth import document_auth
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, models: dict[str, ServedModel] 
     app.state.ready = False
     app.state.draining = False
     install_error_handlers(app)
+    document_auth(app, key_required=settings.api_key is not None)
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(openai.router)

@@ -80,13 +80,17 @@ def test_keys_match() -> None:
     assert not keys_match("é", "e\u0301")  # no Unicode normalisation: the bytes must be equal
 
 
-def test_openapi_declares_the_bearer_key_on_protected_routes_only(client: TestClient) -> None:
-    spec = client.get("/openapi.json").json()
+def test_openapi_declares_the_key_only_where_it_is_required(keyed: TestClient, client: TestClient) -> None:
+    spec = keyed.get("/openapi.json").json()
     assert spec["components"]["securitySchemes"]["apiKey"] == {
         "type": "http", "scheme": "bearer",
-        "description": "`Authorization: Bearer <key>`; required only when the server sets SHORTCUT_API_KEY."}
+        "description": "`Authorization: Bearer <key>`, the key the server was given in SHORTCUT_API_KEY."}
     for method, path, _ in PROTECTED:
-        op = spec["paths"][path.split("?")[0]][method.lower()]
-        assert op["security"] == [{"apiKey": []}], (method, path)
+        assert spec["paths"][path.split("?")[0]][method.lower()]["security"] == [{"apiKey": []}], (method, path)
     for path in ["/health", "/ready"]:
         assert "security" not in spec["paths"][path]["get"]
+    # a server without a key does not claim to need one (the schema is served the same twice: it is cached)
+    for _ in range(2):
+        spec = client.get("/openapi.json").json()
+        assert "securitySchemes" not in spec["components"]
+        assert not any("security" in op for ops in spec["paths"].values() for op in ops.values())

@@ -26,14 +26,16 @@ MAX_BODY = 65_536  # small enough that over-size negative bodies reach the 413 p
 
 # Limits that depend on the served model or on settings (context window, stop strings, logprobs), an unknown model
 # name and a full queue are refusals of schema-valid input; each of these statuses is documented with ErrorResponse.
+KEY = "fuzz-key-0123456789"  # the app is served with a key, so schemathesis also checks that bad auth is refused
 CONFIG = schemathesis.Config.from_dict({
+    "auth": {"openapi": {"apiKey": {"bearer": KEY}}},
     "checks": {
         "positive_data_acceptance": {"expected-statuses": ["2XX", 400, 404, 413, 429]},
-        "negative_data_rejection": {"expected-statuses": [400, 404, 413, 422, 429]},
+        "negative_data_rejection": {"expected-statuses": [400, 401, 404, 413, 422, 429]},  # 401: auth left out
     },
 })
 
-_SPEC = create_app(Settings(extra_checkpoints_dir=None)).openapi()  # building the app loads nothing
+_SPEC = create_app(Settings(extra_checkpoints_dir=None, api_key=KEY)).openapi()  # building the app loads nothing
 OPERATIONS = [(method.upper(), path) for path, ops in _SPEC["paths"].items() for method in ops]
 
 
@@ -45,7 +47,7 @@ def _has_inputs(method: str, path: str) -> bool:
 @pytest.fixture(scope="module")
 def api_schema(app_checkpoint: Path) -> Iterator[schemathesis.BaseSchema]:
     """The schema as served by a live in-process app (schemathesis runs its lifespan)."""
-    app = create_app(app_settings(app_checkpoint, max_body_bytes=MAX_BODY))
+    app = create_app(app_settings(app_checkpoint, max_body_bytes=MAX_BODY, api_key=KEY))
     yield schemathesis.openapi.from_asgi("/openapi.json", app, config=CONFIG)
     from schemathesis.python import asgi  # stop the engines of the lifespans schemathesis started
 
