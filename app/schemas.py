@@ -43,9 +43,9 @@ MAX_STOP_STRINGS, MAX_STOP_CHARS = 256, 1024  # schema caps; the engine's own li
 
 def stop_shape(value: object) -> object:
     """One error for a bad `stop` (pydantic would report one per branch of `str | list[str]`)."""
-    items = [value] if isinstance(value, str) else value
     if value is None:
         return value
+    items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
         raise PydanticCustomError("stop_type", "Input should be a string or a list of strings")
     if len(items) > MAX_STOP_STRINGS:
