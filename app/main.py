@@ -6,10 +6,10 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from app import service
-from app.auth import document_auth
+from app.auth import require_api_key
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware
@@ -60,10 +60,9 @@ def create_app(settings: Settings | None = None, models: dict[str, ServedModel] 
     app.state.ready = False
     app.state.draining = False
     install_error_handlers(app)
-    document_auth(app, key_required=settings.api_key is not None)
-    app.include_router(health.router)
-    app.include_router(generate.router)
-    app.include_router(openai.router)
-    app.include_router(diagnostics.router)
+    app.include_router(health.router)  # probes, /info and /metrics stay open
+    protected = [Depends(require_api_key(settings.api_key))] if settings.api_key is not None else []
+    for router in (generate.router, openai.router, diagnostics.router):
+        app.include_router(router, dependencies=protected)
     app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     return app

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from app.auth import require_api_key
 from app.deps import get_served
 from app.errors import APIError
 from app.schemas import ErrorResponse, ModelName, not_a_bool, not_a_number
@@ -20,7 +19,7 @@ from model.engine import EngineDrainingError
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 503)}
 Flag = Annotated[bool, BeforeValidator(not_a_number)]  # "true" in a query string, true in JSON; never 0/1
-router = APIRouter(tags=["diagnostics"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+router = APIRouter(tags=["diagnostics"], responses=ERRORS)
 
 
 class DiagnosticsRequest(BaseModel):

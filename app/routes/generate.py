@@ -6,10 +6,9 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from app.auth import require_api_key
 from app.deps import get_served
 from app.errors import error_body
 from app.generation import collect, default_max_new, finish_error, stop_tuple, stream_events, submit
@@ -28,7 +27,7 @@ from model import tokenizer
 from model.engine import FinishEvent, SamplingParams, TokenEvent
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 503, 504)}
-router = APIRouter(tags=["generation"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+router = APIRouter(tags=["generation"], responses=ERRORS)
 
 
 def token_info(ev: TokenEvent) -> TokenInfo:

@@ -7,10 +7,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from app.auth import require_api_key
 from app.deps import get_served
 from app.errors import error_body
 from app.generation import collect, default_max_new, finish_error, stop_tuple, stream_events, submit
@@ -30,7 +29,7 @@ from model.engine import FinishEvent, SamplingParams, TokenEvent
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 503, 504)}
 OPENAI_NAMES = {"max_new_tokens": "max_tokens"}  # engine field -> this route's field, for error params
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+router = APIRouter(prefix="/v1", tags=["openai"], responses=ERRORS)
 
 
 def completion_logprobs(tokens: list[TokenEvent], offset: int) -> CompletionLogprobs:
