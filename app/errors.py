@@ -57,11 +57,12 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 def engine_error(e: EngineError, names: Mapping[str, str] | None = None) -> APIError:
     """Map an engine exception to its HTTP error; `names` renames engine fields to the route's (max_tokens)."""
     names = names or {}
-    if isinstance(e, PromptTooLongError):
-        return APIError(400, e.describe(names.get("max_new_tokens", "max_new_tokens")),
-                        param=names.get(e.param, e.param), code="context_length_exceeded")
     if isinstance(e, InvalidRequestError):
-        return APIError(400, str(e), param=names.get(e.param, e.param) if e.param else None, code="invalid_value")
+        param = names.get(e.param, e.param) if e.param else None
+        if isinstance(e, PromptTooLongError):
+            return APIError(400, e.describe(names.get("max_new_tokens", "max_new_tokens")), param=param,
+                            code="context_length_exceeded")
+        return APIError(400, str(e), param=param, code="invalid_value")
     if isinstance(e, QueueFullError):
         return APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"})
     if isinstance(e, EngineDrainingError):

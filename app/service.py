@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import time
@@ -63,12 +62,9 @@ def release_free_memory() -> bool:
     Loading a checkpoint and the first forward passes free tens of MB that glibc keeps in the heap
     (its mmap threshold grows with each large free), so the idle server would hold them for good.
     """
-    name = ctypes.util.find_library("c")
     try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own symbols: glibc's, if that is its C library
     except (OSError, AttributeError):
-        trim = None
-    if trim is None:
         return False
     trim(0)
     return True
