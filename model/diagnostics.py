@@ -224,7 +224,7 @@ def render_text(result: dict[str, Any], width: int = 80) -> str:
     layers = result["layers"]
     first = layers[0] if layers else {}
     cols: list[tuple[str, int, Any]] = [
-        ("layer", 5, lambda e: str(e["layer"])),
+        ("layer", 5, lambda e: f"{e['layer']}{'*' if e.get('intervened') else ''}"),
         ("|post|", 8, lambda e: e["resid_post"]["mean"]),
         ("upd", 7, lambda e: e["update_ratio"]["block"]),
         ("attn", 7, lambda e: e["update_ratio"]["attn"]),
@@ -255,6 +255,14 @@ def render_text(result: dict[str, Any], width: int = 80) -> str:
         + ("; lens logit-lens top-1 at the last token" if "logit_lens" in first else "")
         + ("; bar: upd" if bar_width else ""),
     ]
+    iv = result.get("options", {}).get("intervention")
+    if iv:
+        prose.insert(1, "intervention (* layers): " + _describe_intervention(iv))
+    info = result.get("model")
+    if info and "name" in info:
+        stack = {True: "residual", False: "plain"}.get(info.get("residual"), "")
+        about = ", ".join(x for x in (f"{info['n_layer']} layers" if "n_layer" in info else "", stack) if x)
+        prose.insert(1, f"model: {info['name']}" + (f" ({about})" if about else ""))
     lines = [w for line in prose for w in textwrap.wrap(line, width, subsequent_indent="  ")]
     lines.insert(1, _clip("prompt: " + repr("".join(result["tokens"]["text"])), width))
     lines += ["", _clip(" ".join(f"{name:>{w}}" for name, w, _ in cols), width)]
@@ -274,6 +282,16 @@ def render_text(result: dict[str, Any], width: int = 80) -> str:
     tail += ["note: " + note for note in result.get("notes", [])]
     lines += [w for line in tail for w in textwrap.wrap(line, width, subsequent_indent="  ")]
     return "\n".join(lines) + "\n"
+
+
+def _describe_intervention(iv: Mapping[str, Any]) -> str:
+    """'skip 3.mlp, 7.block; scale 0.attn x0.5' from the JSON form."""
+    parts = []
+    if iv.get("skip"):
+        parts.append("skip " + ", ".join(f"{e['layer']}.{e['part']}" for e in iv["skip"]))
+    if iv.get("scale"):
+        parts.append("scale " + ", ".join(f"{e['layer']}.{e['part']} x{_fmt(e['factor'])}" for e in iv["scale"]))
+    return "; ".join(parts)
 
 
 def _check_ids(ids: list[int], config: ModelConfig) -> None:

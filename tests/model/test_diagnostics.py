@@ -414,7 +414,7 @@ def _check_layout(text: str, n_layer: int, width: int = 80) -> list[str]:
     assert lines[0].startswith("diagnostics: ")
     header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["layer"])
     rows = lines[header + 1 : header + 1 + n_layer]
-    assert [int(r.split()[0]) for r in rows] == list(range(n_layer))
+    assert [int(r.split()[0].rstrip("*")) for r in rows] == list(range(n_layer))
     assert lines[header + 1 + n_layer] == ""
     return rows
 
