@@ -566,6 +566,7 @@ class Engine:
 
     def _reap(self) -> None:
         now = time.perf_counter()
+        done: list[tuple[_Request, str]] = []
         i = 0
         while i < len(self._running):
             r = self._running[i]
@@ -582,16 +583,16 @@ class Engine:
                 self.cache.copy_row(last, i)
                 self._running[i] = self._running[last]
             self._running.pop()
-            err = "request exceeded the per-request timeout" if reason == "timeout" else None
-            self._finish(r, reason, error=err)
+            done.append((r, reason))
         with self._cv:
             expired = [r for r in self._waiting if r.cancelled or (r.deadline is not None and now > r.deadline)]
             for r in expired:
                 self._waiting.remove(r)
-        for r in expired:
-            reason = "abort" if r.cancelled else "timeout"
-            self._finish(r, reason, error="request exceeded the per-request timeout" if reason == "timeout" else None)
+        done += [(r, "abort" if r.cancelled else "timeout") for r in expired]
+        # the gauges move before any client can see its request end
         self.observer.on_queue_change(len(self._running), len(self._waiting))
+        for r, reason in done:
+            self._finish(r, reason, error="request exceeded the per-request timeout" if reason == "timeout" else None)
 
     def _finish(self, r: _Request, reason: str, error: str | None = None) -> None:
         now = time.perf_counter()
