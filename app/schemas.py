@@ -282,3 +282,100 @@ class ErrorResponse(BaseModel):
     """Every error has this shape."""
 
     error: ErrorDetail
+
+
+# ---- /diagnostics (documents the JSON that model.diagnostics builds; a test validates real results against it)
+
+Stat = float | None  # None only where the model itself overflowed
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NormStats(_Strict):
+    mean: Stat
+    max: Stat
+    first: Stat = Field(..., description="at position 0 (often an attention sink)")
+    per_token: list[Stat] | None = Field(None, description="with per_token=true")
+
+
+class UpdateRatios(_Strict):
+    attn: Stat = Field(..., description="|attn_out| / |resid_pre|, mean over positions")
+    mlp: Stat = Field(..., description="|mlp_out| / |resid_mid|")
+    block: Stat = Field(..., description="|resid_post - resid_pre| / |resid_pre|")
+    per_token: dict[Literal["attn", "mlp", "block"], list[Stat]] | None = Field(None, description="per_token=true")
+
+
+class LogitLensTop(_Strict):
+    id: int
+    text: str
+    prob: Stat
+
+
+class LogitLensLayer(_Strict):
+    top: list[LogitLensTop]
+    entropy: Stat
+    kl_to_final: Stat = Field(..., description="KL(final || this layer) at the last position")
+
+
+class DeltaLoss(_Strict):
+    block: Stat
+    attn: Stat
+    mlp: Stat
+
+
+class LayerDiagnostics(_Strict):
+    layer: int
+    intervened: bool = Field(..., description="the request's intervention touches this layer")
+    resid_pre: NormStats
+    attn_out: NormStats
+    resid_mid: NormStats
+    mlp_out: NormStats
+    resid_post: NormStats
+    update_ratio: UpdateRatios
+    cos_update: Stat
+    block_influence: Stat = Field(..., description="1 - cos(resid_pre, resid_post) (ShortGPT's BI)")
+    logit_lens: LogitLensLayer | None = Field(None, description="with logit_lens=K")
+    grad_norm: Stat = Field(None, description="with gradients=true: |dL/d resid_pre|")
+    delta_loss: DeltaLoss | None = Field(None, description="with ablation=true: loss change with the part skipped")
+
+
+class DiagnosticsTokens(_Strict):
+    ids: list[int]
+    text: list[str]
+
+
+class DiagnosticsSummary(_Strict):
+    norm_growth_per_layer: Stat
+    largest_update_layer: int
+    spearman_bi_vs_delta_loss: Stat = Field(None, description="with ablation=true")
+
+
+class DiagnosticsOptionsEcho(_Strict):
+    per_token: bool
+    logit_lens: int
+    gradients: bool
+    ablation: bool
+    intervention: InterventionSpec | None
+
+
+class DiagnosticsModel(_Strict):
+    name: str
+    n_layer: int
+    d_model: int
+    residual: bool
+    checkpoint_sha256: str
+
+
+class DiagnosticsResponse(_Strict):
+    """Body of a JSON /diagnostics answer."""
+
+    tokens: DiagnosticsTokens
+    n_tokens: int
+    loss: Stat = Field(..., description="mean next-token loss over the prompt, nats (None under 2 tokens)")
+    options: DiagnosticsOptionsEcho
+    layers: list[LayerDiagnostics]
+    summary: DiagnosticsSummary
+    notes: list[str]
+    model: DiagnosticsModel
