@@ -1,11 +1,12 @@
-"""The decode step as it was before per-row interventions and traces (git 0959a3f, model/transformer.py), verbatim
-but for its arguments' packing: the `interventions` bench section times it next to today's step to show what the
-gates and trace branches cost when no row uses them. Not used by the server."""
+"""The decode step as it was before per-row interventions and traces (git 0959a3f, model/transformer.py: the step
+body and `FastDecoder.__call__`), verbatim but for where its weights come from: the `interventions` bench section
+times it next to today's step to show what interventions and the trace cost when no row uses them. Not used by the
+server."""
 
 import torch
 import torch.nn.functional as F
 
-from model.decode import DecodeWeights, _linear
+from model.decode import DecodeWeights, FastDecoder, KVCache, _linear
 
 
 def baseline_step(
@@ -51,6 +52,24 @@ def baseline_args(w: DecodeWeights) -> tuple:
     return w.wte, w.wpe, w.unembed_t, [w.ln_f_w, w.ln_f_b], [list(lw) for lw in w.layers]
 
 
-def scripted_baseline_step():
-    """The old step compiled by TorchScript, as the server ran it."""
-    return torch.jit.script(baseline_step)
+class BaselineDecoder:
+    """The old `FastDecoder.__call__` (its checks, then the scripted step) over today's packed weights."""
+
+    def __init__(self, fast: FastDecoder) -> None:
+        self.config, self.scale, self.packed = fast.config, fast.scale, fast.packed
+        self.args = baseline_args(fast.w)
+        self._step = torch.jit.script(baseline_step)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor) -> torch.Tensor:
+        B = tokens.shape[0]
+        cfg = self.config
+        if tokens.shape != (B,) or pos.shape != (B,) or cache.n_rows != B:
+            raise ValueError("a decode step needs tokens and pos of shape (B,) and a cache with B rows")
+        if not cache.k[0].is_contiguous() or not cache.v[0].is_contiguous():
+            raise ValueError("a decode step needs each layer of the cache to be contiguous")
+        n_keys = int(pos.max()) + 1
+        if n_keys > cfg.block_size:
+            raise ValueError(f"position {n_keys - 1} exceeds block_size {cfg.block_size}")
+        return self._step(tokens, pos, n_keys, cache.k, cache.v, *self.args, cfg.n_head, self.scale, cfg.residual,
+                          self.packed)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from bench.baseline_step import baseline_args, scripted_baseline_step
+from bench.baseline_step import BaselineDecoder
 from bench.stats import median
 from model.decode import FastDecoder, KVCache, auto_decode_weights
 from model.diagnostics import stream_trace
@@ -19,8 +19,11 @@ from model.transformer import Intervention, Transformer
 
 
 def step_costs(model: Transformer, start: int, steps: int, batches: tuple[int, ...] = (1, 32),
-               rounds: int = 5) -> dict[str, Any]:
-    """ms per decode step of each variant, medians over `rounds` interleaved runs of `steps` steps.
+               rounds: int = 9) -> dict[str, Any]:
+    """CPU ms per decode step of each variant, medians over `rounds` interleaved runs of `steps` steps.
+
+    CPU time of this process (the step runs on the calling thread with one torch thread), not wall time: other
+    processes taking the cores then inflate the figures far less.
 
     baseline: the step before interventions existed; none: today's step, no row intervened or traced (the
     common case); gates: every row intervened (identity gates, same work as any intervention); trace: every
@@ -45,10 +48,10 @@ def _step_variants(model: Transformer, fast: FastDecoder, B: int) -> dict[str, C
     cache = KVCache(cfg, B)
     tok = torch.zeros(B, dtype=torch.long)
     gates, rows = torch.ones(B, cfg.n_layer, 2), torch.arange(B)
-    old, old_w = scripted_baseline_step(), baseline_args(fast.w)
+    old = BaselineDecoder(fast)
 
     def run_old(pos: torch.Tensor) -> None:
-        old(tok, pos, int(pos.max()) + 1, cache.k, cache.v, *old_w, cfg.n_head, fast.scale, cfg.residual, fast.packed)
+        old(tok, cache, pos)
 
     def run_new(pos: torch.Tensor, g: torch.Tensor | None = None, r: torch.Tensor | None = None,
                 lens: int = -1) -> None:
@@ -62,7 +65,7 @@ def _step_variants(model: Transformer, fast: FastDecoder, B: int) -> dict[str, C
 
 def _interleaved(variants: dict[str, Callable[[torch.Tensor], None]], start: int, steps: int, rounds: int,
                  B: int) -> dict[str, list[float]]:
-    """ms per step of each variant, one run of each per round, after a warm-up (TorchScript specialises)."""
+    """CPU ms per step of each variant, one run of each per round, after a warm-up (TorchScript specialises)."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     with torch.inference_mode():
         for fn in variants.values():
@@ -70,10 +73,10 @@ def _interleaved(variants: dict[str, Callable[[torch.Tensor], None]], start: int
                 fn(torch.full((B,), start + i))
         for _ in range(rounds):
             for name, fn in variants.items():
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 for i in range(steps):
                     fn(torch.full((B,), start + i))
-                times[name].append(1e3 * (time.perf_counter() - t0) / steps)
+                times[name].append(1e3 * (time.process_time() - t0) / steps)
     return times
 
 
