@@ -26,7 +26,7 @@ import torch
 
 from model import tokenizer
 from model.diagnostics import residual_norms_last
-from model.sampling import sample_rows, top_logprobs
+from model.sampling import LogitControls, adjust_logits, control_problem, record_tokens, sample_rows, top_logprobs
 from model.transformer import FastDecoder, KVCache, Transformer, auto_decode_weights
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int = 0
+    presence_penalty: float = 0.0  # OpenAI's, over generated tokens; 0 = off
+    frequency_penalty: float = 0.0  # OpenAI's, over generated tokens; 0 = off
+    repetition_penalty: float = 1.0  # CTRL / HF, over prompt and generated tokens; 1 = off
+    min_p: float = 0.0  # 0 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; biases clamped to +-100
 
 
 @dataclass
@@ -142,6 +147,7 @@ class _Request:
     t_submit: float
     deadline: float | None
     generator: torch.Generator
+    controls: LogitControls | None = None  # logit bias / penalty state; None when the request uses none
     decoder: tokenizer.IncrementalDecoder = field(default_factory=tokenizer.IncrementalDecoder)
     text: str = ""  # all decoded text so far
     emitted: int = 0  # characters of `text` already sent
@@ -294,6 +300,8 @@ class Engine:
             raise InvalidRequestError(f"stop strings must be 1..{self.max_stop_length} characters", "stop")
         if params.seed is not None and not 0 <= params.seed <= MAX_SEED:
             raise InvalidRequestError(f"seed must be in 0..{MAX_SEED}", "seed")
+        if (problem := control_problem(params, self.config.vocab_size)) is not None:
+            raise InvalidRequestError(*problem)
         window = self.config.block_size
         if len(prompt) + params.max_new_tokens > window:
             raise PromptTooLongError(len(prompt), params.max_new_tokens, window)
@@ -309,6 +317,7 @@ class Engine:
             queue=asyncio.Queue(), t_submit=now,
             deadline=now + self.request_timeout_s if self.request_timeout_s else None,
             generator=torch.Generator().manual_seed(seed),
+            controls=LogitControls.create(list(prompt), params, self.config.vocab_size, self.device),
         )
         with self._cv:
             if not self._accepting:
@@ -473,16 +482,20 @@ class Engine:
 
     def _sample_and_emit(self, batch: list[_Request], logits: torch.Tensor) -> None:
         now = time.perf_counter()
+        controls = [r.controls for r in batch]
+        adjusted = adjust_logits(logits, controls)  # logit bias and penalties; logprobs stay the model's (raw)
         if all(r.params.temperature == 0 for r in batch):
-            chosen = logits.argmax(dim=-1)  # (B,) all greedy: nothing to draw
+            chosen = adjusted.argmax(dim=-1)  # (B,) all greedy: nothing to draw
         else:
             temp = torch.tensor([r.params.temperature for r in batch], device=self.device)
             top_k = torch.tensor([r.params.top_k for r in batch], device=self.device)
             top_p = torch.tensor([r.params.top_p for r in batch], device=self.device)
-            chosen = sample_rows(logits, temp, top_k, top_p, [r.generator for r in batch])  # (B,)
+            min_p = torch.tensor([r.params.min_p for r in batch], device=self.device)
+            chosen = sample_rows(adjusted, temp, top_k, top_p, [r.generator for r in batch], min_p)  # (B,)
         n_lp = max(r.params.logprobs for r in batch)
         lp = top_logprobs(logits, chosen, n_lp) if n_lp > 0 else None
         chosen_list = chosen.tolist()
+        record_tokens(controls, chosen_list)
         lp_lists = [t.tolist() for t in lp] if lp is not None else None
         gaps = []
         for i, (r, tok) in enumerate(zip(batch, chosen_list, strict=True)):
