@@ -38,6 +38,13 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False), JsonNumber]
 TopK = Annotated[int, Field(ge=0, le=256, description="0 = off"), JsonNumber]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED), JsonNumber]
 MaxTokens = Annotated[int, Field(ge=1, le=65536), JsonNumber]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False, description="0 = off"), JsonNumber]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, allow_inf_nan=False, description="1 = off"), JsonNumber]
+MinP = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, description="0 = off"), JsonNumber]
+TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,6}$")]
+BiasValue = Annotated[float, Field(allow_inf_nan=False, description="clamped to -100..100"), JsonNumber]
+LogitBias = Annotated[dict[TokenIdKey, BiasValue], Field(max_length=1024,
+                      description="token id (as a string) -> bias added to its logit, clamped to -100..100")]
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 256, 1024  # schema caps; the engine's own limits (settings) are lower
 
 
@@ -77,6 +84,11 @@ class GenerateRequest(BaseModel):
     seed: Seed | None = None
     logprobs: Annotated[int, Field(ge=0, le=256, description="top alternatives per token; 0 = none"), JsonNumber] = 0
     stream: StrictBool = False
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    min_p: MinP = 0.0
+    logit_bias: LogitBias | None = None
 
 
 class TopLogprob(BaseModel):

@@ -65,7 +65,10 @@ async def generate(body: GenerateRequest, request: Request):
     settings = request.app.state.settings
     max_new = body.max_new_tokens or default_max_new(served, n_prompt, settings.default_max_new_tokens)
     params = SamplingParams(max_new_tokens=max_new, temperature=body.temperature, top_k=body.top_k,
-                            top_p=body.top_p, stop=stop_tuple(body.stop), seed=body.seed, logprobs=body.logprobs)
+                            top_p=body.top_p, stop=stop_tuple(body.stop), seed=body.seed, logprobs=body.logprobs,
+                            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                            repetition_penalty=body.repetition_penalty, min_p=body.min_p,
+                            logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()))
     handle, _ = submit(served, body.prompt, params)
     rid = f"gen-{uuid.uuid4().hex[:24]}"
     if not body.stream:
