@@ -480,9 +480,9 @@ def render_chat(template: str, body: ChatCompletionRequest) -> tuple[str, str]:
     """
     turns, speaker = [], ROLE_NAMES["assistant"]
     for i, m in enumerate(body.messages):
-        _refuse_extra(m.model_extra, MESSAGE_NOT_SERVED, f"messages.{i}.")
         if m.role in ("tool", "function"):
             raise unsupported(f"messages.{i}.role", _NO_TOOLS)
+        _refuse_extra(m.model_extra, MESSAGE_NOT_SERVED, f"messages.{i}.")
         if m.content is None:
             raise APIError(400, f"messages.{i}.content: a message needs content", param=f"messages.{i}.content",
                            code="invalid_value")
