@@ -43,8 +43,9 @@ RepetitionPenalty = Annotated[float, Field(gt=0.0, allow_inf_nan=False, descript
 MinP = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, description="0 = off"), JsonNumber]
 TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,6}$")]
 BiasValue = Annotated[float, Field(allow_inf_nan=False, description="clamped to -100..100"), JsonNumber]
-LogitBias = Annotated[dict[TokenIdKey, BiasValue], Field(max_length=1024,
-                      description="token id (as a string) -> bias added to its logit, clamped to -100..100")]
+LogitBias = Annotated[dict[TokenIdKey, BiasValue], Field(
+    max_length=1024, description="token id (as a string) -> bias added to its logit, clamped to -100..100",
+    json_schema_extra={"additionalProperties": False})]  # keys are only the pattern's
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 256, 1024  # schema caps; the engine's own limits (settings) are lower
 
 
