@@ -351,24 +351,26 @@ async def stream_rows(rows: list[Row], handles: list[RequestHandle], head: dict,
             yield chunk([choice])
     pending: list[list[Scored]] = [[] for _ in rows]
     fins: list[FinishEvent | None] = [None] * len(rows)
-    async for i, ev in merged_events(handles):
-        row = rows[i]
-        if isinstance(ev, TokenEvent):
-            pending[i].append(scored(ev))
-            if ev.text:
-                yield chunk([delta(row, ev.text, pending[i], None)])
-                pending[i] = []
-            continue
-        err = finish_error(ev)
-        if err is not None:
-            yield sse(error_body(err.status, err.message, err.param, err.code))
-            break
-        fins[i] = ev
-        yield chunk([delta(row, "", pending[i], ev.reason)])
-        pending[i] = []
-    else:
-        if want_usage:
-            yield sse({**head, "choices": [], "usage": usage(rows, [f for f in fins if f is not None])})
+    failed = False
+    async with contextlib.aclosing(merged_events(handles)) as events:  # closing it cancels the rows left
+        async for i, ev in events:
+            row = rows[i]
+            if isinstance(ev, TokenEvent):
+                pending[i].append(scored(ev))
+                if ev.text:
+                    yield chunk([delta(row, ev.text, pending[i], None)])
+                    pending[i] = []
+                continue
+            err = finish_error(ev)
+            if err is not None:
+                yield sse(error_body(err.status, err.message, err.param, err.code))
+                failed = True
+                break
+            fins[i] = ev
+            yield chunk([delta(row, "", pending[i], ev.reason)])
+            pending[i] = []
+    if want_usage and not failed:
+        yield sse({**head, "choices": [], "usage": usage(rows, [f for f in fins if f is not None])})
     yield "data: [DONE]\n\n"
 
 
@@ -527,7 +529,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     rows = [Row(i, 0, ids, prompt, sampling_params(body, max_new, choice_seed(body.seed, i),
                                                    0 if k is None else max(k, 1), stop)) for i in range(n)]
     max_name = "max_tokens" if body.max_tokens else "max_completion_tokens"
-    handles = submit_rows(served, rows, {"max_new_tokens": max_name})
+    handles = submit_rows(served, rows, {"max_new_tokens": max_name, "logprobs": "top_logprobs"})
 
     if not body.stream:
         results = await collect_all(request, handles)
