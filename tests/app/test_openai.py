@@ -6,6 +6,7 @@ Responses are also parsed with the client's own pydantic types (validation on) a
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from openai.types import Completion, Model
 
 from app.routes.openai import choice_seed
 from model import tokenizer
-from tests.helpers import assert_error, parse_sse
+from tests.conftest import SLOW_STEP_S
+from tests.helpers import assert_error, idle, parse_sse, value, wait_for
+from tests.live_server import Server
 
 PROMPT = "The residual stream"
 
@@ -363,3 +366,23 @@ def test_seeded_controls_alone_equal_inside_a_mixed_batch(live_server: str) -> N
     streamed = ["".join(e["choices"][0]["text"] for e in raw_stream(live_server, **b) if e["choices"])
                 for b in bodies]
     assert streamed == alone
+
+
+def test_disconnect_cancels_every_row_of_a_request(start_server: Callable[..., Server],
+                                                   slow_checkpoint: Path) -> None:
+    url = start_server(slow_checkpoint, step_delay_s=SLOW_STEP_S).url
+    before = wait_for(url, idle)
+    aborted = value(before, "shortcut_request_success_total", finished_reason="abort")
+    body = {"prompt": ["go", "away"], "n": 2, "max_tokens": 200, "stream": True}
+    with httpx.Client(timeout=30) as http, http.stream("POST", f"{url}/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+        next(line for line in resp.iter_lines() if line.startswith("data: "))
+    after = wait_for(url, lambda s: idle(s) and value(s, "shortcut_request_success_total",
+                                                      finished_reason="abort") == aborted + 4)
+    assert value(after, "shortcut_generation_tokens_total") - value(before, "shortcut_generation_tokens_total") < 800
+    with ThreadPoolExecutor(1) as pool:  # the same without streaming: the client gives up, all four rows leave
+        gone = pool.submit(lambda: httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=0.5))
+        with pytest.raises(httpx.ReadTimeout):
+            gone.result()
+    wait_for(url, lambda s: idle(s) and value(s, "shortcut_request_success_total",
+                                              finished_reason="abort") == aborted + 8)
