@@ -229,6 +229,7 @@ class ChatCompletionRequest(OpenAIRequest):
     """Body of POST /v1/chat/completions."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
+    safety_identifier: Annotated[str, Field(max_length=256)] | None = Field(None, description="logged only")
     max_completion_tokens: MaxTokens | None = None
     max_tokens: MaxTokens | None = Field(None, description="deprecated alias of max_completion_tokens; omitted or "
                                                            "null: SHORTCUT_DEFAULT_MAX_NEW_TOKENS, capped by the "

@@ -131,8 +131,9 @@ def check_common(body: OpenAIRequest, request: Request, rid: str) -> int:
     limit = request.app.state.settings.max_n
     if n > limit:
         raise APIError(400, f"n must be at most {limit} (SHORTCUT_MAX_N)", param="n", code="invalid_value")
-    if body.user is not None:
-        log.info("%s: user %r", rid, body.user)
+    for name in ("user", "safety_identifier"):
+        if (who := getattr(body, name, None)) is not None:
+            log.info("%s: %s %r", rid, name, who)
     return n
 
 

@@ -173,7 +173,7 @@ def test_chat_value_errors(live_server: str) -> None:
     assert_error(chat_raw(live_server, top_logprobs=2), 400, code="invalid_value", param="top_logprobs")
     r = chat_raw(live_server, messages=[{"role": "user", "content": None}])
     assert_error(r, 400, code="invalid_value", param="messages.0.content")
-    ok = chat_raw(live_server, max_tokens=2, tools=[], tool_choice="none", store=False, user="u",
+    ok = chat_raw(live_server, max_tokens=2, tools=[], tool_choice="none", store=False, user="u", safety_identifier="s",
                   response_format={"type": "text"}, parallel_tool_calls=False, modalities=["text"])
     assert ok.status_code == 200, ok.text
 
