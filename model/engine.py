@@ -490,7 +490,8 @@ class Engine:
             temp = torch.tensor([r.params.temperature for r in batch], device=self.device)
             top_k = torch.tensor([r.params.top_k for r in batch], device=self.device)
             top_p = torch.tensor([r.params.top_p for r in batch], device=self.device)
-            min_p = torch.tensor([r.params.min_p for r in batch], device=self.device)
+            min_p = (torch.tensor([r.params.min_p for r in batch], device=self.device)
+                     if any(r.params.min_p > 0 for r in batch) else None)
             chosen = sample_rows(adjusted, temp, top_k, top_p, [r.generator for r in batch], min_p)  # (B,)
         n_lp = max(r.params.logprobs for r in batch)
         lp = top_logprobs(logits, chosen, n_lp) if n_lp > 0 else None
