@@ -226,7 +226,7 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                             lambda: interventions.step_costs(model, len(ids0), a.profile_steps, (1, B)))
         iv["engine"] = _timed(f"engine, {B} rows, trace / intervention on every row",
                               lambda: interventions.engine_throughput(
-                                  model, [list(p.encode()) for p in prompts[:B]], a.max_new_tokens, a.reps))
+                                  model, [list(p.encode()) for p in prompts[:B]], a.max_new_tokens, max(a.reps, 5)))
         m["step_no_intervention_vs_before_bs1"] = iv["step"]["bs1_none_throughput_vs_baseline"]
         m[f"step_no_intervention_vs_before_bs{B}"] = iv["step"][f"bs{B}_none_throughput_vs_baseline"]
         m[f"engine_bs{B}_trace_vs_plain"] = iv["engine"]["trace_vs_plain"]
