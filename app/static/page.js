@@ -512,7 +512,9 @@
     if (v === null || v === undefined || !Number.isFinite(v)) return "–";
     if (v === 0) return "0";
     const a = Math.abs(v);
-    return a >= 1e4 || a < 1e-3 ? v.toExponential(2) : v.toPrecision(4).replace(/\.?0+$/, "");
+    if (a >= 1e4 || a < 1e-3) return v.toExponential(2);
+    const text = v.toPrecision(4);
+    return text.includes(".") ? text.replace(/0+$/, "").replace(/\.$/, "") : text;
   }
 
   // ------------------------------------------------------------------ Write: generate, stop, generate again
@@ -588,11 +590,12 @@
     } catch (e) {
       if (e.name === "AbortError") {
         $("#status").textContent = `stopped after ${run.tokens.length} tokens`;
+        out.dataset.done = "stopped";
       } else {
         $("#status").textContent = "";
         showError(e);
+        out.dataset.done = "error";
       }
-      out.dataset.done = "error";
     } finally {
       state.running = null;
       setRunning(null);
