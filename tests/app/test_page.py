@@ -4,8 +4,9 @@ Each test checks the page against the API itself: the text streamed into the pag
 for the very request the page sent, the charts hold the numbers `/diagnostics` returns, and no request leaves for
 another host. One browser per module, one fresh context per test.
 
-Needs Chromium: `apt-get install chromium` (Debian/Ubuntu; `.ci/run` does it). Without it the module is skipped and
-pytest's summary (-ra) says why. Playwright's own browser download is not used.
+Needs Chromium: `apt-get install chromium` (Debian/Ubuntu; `.ci/run` does it and sets TEST_REQUIRE_BROWSER=1, which
+turns a missing browser into a failure). Without it the module is skipped and pytest's summary (-ra) says why.
+Playwright's own browser download is not used.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from app.settings import CHECKPOINTS_DIR
 from tests.conftest import APP_CONFIG
 from tests.live_server import Server
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install -e '.[dev]'")
+try:
+    from playwright import sync_api
+except ImportError:  # the dev extra installs it
+    sync_api = None
 
 
 def find_chromium() -> str | None:
-    """$SHORTCUT_TEST_CHROMIUM, else the first Chromium-like browser on PATH."""
-    given = os.environ.get("SHORTCUT_TEST_CHROMIUM")
+    """$TEST_CHROMIUM, else the first Chromium-like browser on PATH."""
+    given = os.environ.get("TEST_CHROMIUM")
     if given:
         return given if Path(given).is_file() else None
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
@@ -39,11 +43,12 @@ def find_chromium() -> str | None:
 
 
 CHROMIUM = find_chromium()
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="no Chromium for the page's browser tests: install it with `apt-get install chromium` (Debian/Ubuntu) "
-           "or point SHORTCUT_TEST_CHROMIUM at a Chromium/Chrome binary",
-)
+MISSING = ("Playwright is not installed: pip install -e '.[dev]'" if sync_api is None else
+           "no Chromium for the page's browser tests: install it with `apt-get install chromium` (Debian/Ubuntu) "
+           "or point TEST_CHROMIUM at a Chromium/Chrome binary" if CHROMIUM is None else None)
+if MISSING and os.environ.get("TEST_REQUIRE_BROWSER") == "1":  # CI (.ci/run) must run these, never skip them
+    pytest.fail(MISSING, pytrace=False)
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 N_LAYER = APP_CONFIG.n_layer
 REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
