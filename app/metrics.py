@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from model.engine import EngineObserver
+from model.transformer import PARTS
 
 # sub-millisecond to tens of seconds: suits a CPU model
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
@@ -43,6 +44,10 @@ class Metrics(EngineObserver):
                                     buckets=BATCH_BUCKETS, registry=r)
         self.model_info = Gauge("shortcut_model_info", "The served model (value is always 1).",
                                 ["model", "checkpoint_sha256", "n_layer", "d_model", "device"], registry=r)
+        self.interventions = Counter("shortcut_interventions", "Requests served with an intervention, by part.",
+                                     ["part"], registry=r)
+        for part in PARTS:
+            self.interventions.labels(part)
         self.resid_norm = Histogram(
             "shortcut_resid_post_norm", "L2 norm of the last-position residual stream after each layer, "
             "observed on served prefills.", ["layer"], buckets=NORM_BUCKETS, registry=r)
@@ -71,6 +76,10 @@ class Metrics(EngineObserver):
     def on_queue_change(self, running: int, waiting: int) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
+
+    def on_intervention(self, parts: set[str]) -> None:
+        for part in parts & set(PARTS):  # the engine validated them; the set keeps the label values fixed
+            self.interventions.labels(part).inc()
 
     def on_resid_norms(self, norms: list[float]) -> None:
         for layer, value in enumerate(norms):

@@ -7,6 +7,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from pydantic_core import PydanticCustomError
 
+from model.engine import MAX_LENS_TOP
+from model.transformer import Intervention
+
 MAX_SEED = 2**63 - 1
 
 
@@ -62,6 +65,63 @@ Stop = Annotated[StopString | Annotated[list[StopString], Field(max_length=MAX_S
 ModelName = Annotated[str, Field(min_length=1, max_length=64)]
 
 
+MAX_INTERVENTION_ENTRIES = 1024  # a schema cap; the model's own limit (3 parts x n_layer, no repeats) is checked too
+# Layer numbers, part names and factors are checked against the model by the engine: a 400 naming the entry.
+LayerIndex = Annotated[int, JsonNumber]
+PartName = Annotated[str, Field(max_length=16, description="block | attn | mlp")]
+
+
+class SkipEntry(BaseModel):
+    """Leave one part's F(x) out: the stream passes that part unchanged (the identity)."""
+
+    model_config = ConfigDict(extra="forbid")
+    layer: LayerIndex = Field(..., description="0-based layer")
+    part: PartName
+
+
+class ScaleEntry(BaseModel):
+    """Multiply one part's F(x) by `factor` before it is added to the stream."""
+
+    model_config = ConfigDict(extra="forbid")
+    layer: LayerIndex = Field(..., description="0-based layer")
+    part: PartName
+    factor: Annotated[float, JsonNumber] = Field(..., description="finite, |factor| <= 100")
+
+
+class InterventionSpec(BaseModel):
+    """A per-request change to the residual stream, applied to the prompt and every generated token."""
+
+    model_config = ConfigDict(extra="forbid")
+    skip: list[SkipEntry] = Field(default_factory=list, max_length=MAX_INTERVENTION_ENTRIES)
+    scale: list[ScaleEntry] = Field(default_factory=list, max_length=MAX_INTERVENTION_ENTRIES)
+
+    def to_engine(self) -> Intervention | None:
+        """The engine's form (None when empty: nothing changes)."""
+        if not self.skip and not self.scale:
+            return None
+        return Intervention(skip=tuple((e.layer, e.part) for e in self.skip),
+                            scale=tuple((e.layer, e.part, e.factor) for e in self.scale))
+
+
+class LensToken(BaseModel):
+    id: int
+    text: str
+    prob: float
+
+
+class TokenTrace(BaseModel):
+    """The residual stream at the position that produced a token."""
+
+    position: int = Field(..., description="0-based position in prompt + generated tokens")
+    resid_norm: list[float] = Field(..., description="per layer: L2 norm of resid_post")
+    update_ratio: list[float] = Field(..., description="per layer: |resid_post - resid_pre| / |resid_pre|")
+    logit_lens: list[list[LensToken]] | None = Field(None, description="per layer: the logit lens's top tokens")
+
+
+class Trace(BaseModel):
+    tokens: list[TokenTrace] = Field(..., description="one per generated token, in order")
+
+
 class GenerateRequest(BaseModel):
     """Body of POST /generate."""
 
@@ -77,6 +137,10 @@ class GenerateRequest(BaseModel):
     seed: Seed | None = None
     logprobs: Annotated[int, Field(ge=0, le=256, description="top alternatives per token; 0 = none"), JsonNumber] = 0
     stream: StrictBool = False
+    intervention: InterventionSpec | None = Field(None, description="skip or scale blocks' F(x) for this request")
+    trace: StrictBool = Field(False, description="per token: resid_post norm and update ratio of every layer")
+    logit_lens_top: Annotated[int, Field(ge=0, le=MAX_LENS_TOP), JsonNumber] = Field(
+        0, description="per token and layer: the logit lens's top-K tokens (implies trace)")
 
 
 class TopLogprob(BaseModel):
@@ -116,6 +180,8 @@ class GenerateResponse(BaseModel):
     timings: Timings
     seed: int
     checkpoint_sha256: str
+    intervention: InterventionSpec | None = Field(None, description="the intervention applied, if any")
+    trace: Trace | None = None
 
 
 class TokenizeRequest(BaseModel):

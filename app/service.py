@@ -13,10 +13,8 @@ import torch
 
 from app.metrics import Metrics
 from app.settings import Settings
-from model import tokenizer
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.engine import Engine
-from model.transformer import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +98,7 @@ def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> d
 
 
 def warm_up(served: ServedModel) -> float:
-    """Run a prefill and a few batched decode steps off the engine so first requests skip lazy init; return seconds."""
+    """Warm the engine's forward and decode paths up before serving; return seconds."""
     t0 = time.perf_counter()
-    model, cfg = served.checkpoint.model, served.checkpoint.config
-    device = next(model.parameters()).device
-    rows = min(served.engine.max_batch_size, 4)
-    cache = KVCache(cfg, rows, device=device, dtype=next(model.parameters()).dtype)
-    prompt = torch.tensor([tokenizer.encode("Warm up.")[: cfg.block_size - 4]] * rows, device=device)  # (R, T)
-    with torch.inference_mode():
-        model(prompt, cache=cache, pos=torch.zeros(rows, dtype=torch.long, device=device), last_only=True)
-        pos = torch.full((rows,), prompt.shape[1], device=device)
-        for _ in range(3):
-            served.engine.decode_step(prompt[:, 0], cache, pos)  # (R, V)
-            pos = pos + 1
+    served.engine.warm_up()
     return time.perf_counter() - t0

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from bench.stats import median, rate
+from model.decode import FastDecoder, KVCache, auto_decode_weights
 from model.diagnostics import DiagnosticsOptions, run_diagnostics
 from model.engine import Engine, FinishEvent, SamplingParams
-from model.transformer import FastDecoder, KVCache, Transformer, auto_decode_weights
+from model.transformer import Transformer
 
 
 @dataclass

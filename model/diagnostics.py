@@ -17,20 +17,21 @@ import math
 import textwrap
 from collections.abc import Generator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.tokenizer import token_text
-from model.transformer import RESID_NAMES, Intervention, Transformer
+from model.transformer import GATE_COLUMNS, RESID_NAMES, Intervention, Transformer
 
 log = logging.getLogger(__name__)
 
 EPS = 1e-8
 SIG_DIGITS = 6
 COMPONENTS = ("block", "attn", "mlp")
+UPDATE_PARTS = ("attn", "mlp", "block")
 _EIGHTHS = " ▏▎▍▌▋▊▉"  # partial bar cells, 0/8 .. 7/8
 
 
@@ -42,6 +43,7 @@ class DiagnosticsOptions:
     logit_lens: int = 0
     gradients: bool = False
     ablation: bool = False
+    intervention: Intervention | None = None  # applied to every forward (ablations are on top of it)
 
     def __post_init__(self) -> None:
         for name in ("per_token", "gradients", "ablation"):
@@ -52,9 +54,13 @@ class DiagnosticsOptions:
             raise ValueError(f"DiagnosticsOptions.logit_lens must be an int >= 0, got {k!r}")
 
     def validate_for(self, config: ModelConfig) -> None:
-        """Check the options against a model (logit_lens at most vocab_size)."""
+        """Check the options against a model (logit_lens at most vocab_size, an intervention it can apply)."""
         if self.logit_lens > config.vocab_size:
             raise ValueError(f"logit_lens={self.logit_lens} exceeds the vocabulary size {config.vocab_size}")
+        problem = self.intervention.problem(config.n_layer) if self.intervention is not None else None
+        if problem is not None:
+            raise ValueError(problem[1])
+
 
 
 def run_diagnostics(
@@ -85,13 +91,15 @@ def iter_diagnostics(
     if n_tokens < 2 and skipped:
         notes.append(f"{' and '.join(skipped)} skipped: they need a loss, so at least 2 tokens (t predicts t+1)")
 
+    device = model.wte.weight.device
+    gates = opts.intervention.gates(n_layer)[None].to(device) if opts.intervention else None  # (1, L, 2)
     grads: list[torch.Tensor] | None = None
     if opts.gradients and n_tokens >= 2:
-        resid, logits, grads = _forward_with_grads(model, ids)
+        resid, logits, grads = _forward_with_grads(model, ids, gates)
     else:
         with torch.inference_mode():
             idx = _as_batch(model, ids)  # (1, T)
-            out = model(idx, return_resid=True)
+            out = model(idx, return_resid=True, gates=gates)
         resid, logits = out.resid, out.logits
     yield
 
@@ -102,7 +110,9 @@ def iter_diagnostics(
             for part in COMPONENTS:
                 with torch.inference_mode():
                     idx = _as_batch(model, ids)  # (1, T)
-                    logits_ab = model(idx, intervention=Intervention(ablate={layer: part})).logits  # (1, T, V)
+                    skipped = gates.clone() if gates is not None else torch.ones(1, n_layer, 2, device=device)
+                    skipped[0, layer, GATE_COLUMNS[part]] = 0.0
+                    logits_ab = model(idx, gates=skipped).logits  # (1, T, V)
                     losses.append(_prompt_loss(logits_ab, idx))
                 yield
         ablated = torch.stack(losses).view(n_layer, len(COMPONENTS))  # (L, 3)
@@ -110,9 +120,7 @@ def iter_diagnostics(
     with torch.inference_mode():
         idx = _as_batch(model, ids)  # (1, T)
         clean_loss = _prompt_loss(logits, idx) if n_tokens >= 2 else None  # () or None
-        norms, table = _layer_stats(resid)  # (5, L, T), (20, L)
-        rows = table.T.tolist()  # L rows of 20 numbers
-        per_token = norms.transpose(0, 1).tolist() if opts.per_token else None  # (L, 5, T)
+        stats = _layer_stats(resid)
         grad_norms = None
         if grads is not None:
             g = torch.stack([t[0] for t in grads]).float()  # (L, T, C)
@@ -123,17 +131,22 @@ def iter_diagnostics(
             delta = (ablated - clean_loss).tolist()  # (L, 3)
         loss = clean_loss.item() if clean_loss is not None else None
 
+    touched = opts.intervention.layers() if opts.intervention else set()
     layers: list[dict[str, Any]] = []
     for layer in range(n_layer):
-        row = rows[layer]
-        entry: dict[str, Any] = {"layer": layer}
-        for i, name in enumerate(RESID_NAMES):
-            entry[name] = {"mean": row[i], "max": row[5 + i], "first": row[10 + i]}
-            if per_token is not None:
-                entry[name]["per_token"] = per_token[layer][i]
-        entry["update_ratio"] = {"attn": row[15], "mlp": row[16], "block": row[17]}
-        entry["cos_update"] = row[18]
-        entry["block_influence"] = row[19]
+        entry: dict[str, Any] = {"layer": layer, "intervened": layer in touched}
+        for name in RESID_NAMES:
+            norms = stats.norms[name][layer]
+            entry[name] = {"mean": norms.mean().item(), "max": norms.max().item(), "first": norms[0].item()}
+            if opts.per_token:
+                entry[name]["per_token"] = norms.tolist()
+        entry["update_ratio"] = {part: stats.update_ratio[part][layer].mean().item() for part in UPDATE_PARTS}
+        if opts.per_token:
+            entry["update_ratio"]["per_token"] = {
+                part: stats.update_ratio[part][layer].tolist() for part in UPDATE_PARTS
+            }
+        entry["cos_update"] = stats.cos_update[layer].item()
+        entry["block_influence"] = stats.block_influence[layer].item()
         if lens is not None:
             entry["logit_lens"] = lens[layer]
         if opts.gradients:
@@ -146,7 +159,7 @@ def iter_diagnostics(
         "tokens": {"ids": list(ids), "text": [_token_text(i) for i in ids]},
         "n_tokens": n_tokens,
         "loss": loss,
-        "options": asdict(opts),
+        "options": {**asdict(opts), "intervention": opts.intervention.to_dict() if opts.intervention else None},
         "layers": layers,
         "summary": _summary(layers, n_layer, with_ablation=delta is not None, ablation_asked=opts.ablation),
         "notes": notes,
@@ -161,6 +174,34 @@ def residual_norms_last(resid: list[dict[str, torch.Tensor]], row: int = 0, posi
     with torch.no_grad():
         last = torch.stack([r["resid_post"][row, position] for r in resid]).float()  # (L, C)
         return torch.linalg.vector_norm(last, dim=-1).tolist()
+
+
+def stream_trace(model: Transformer, stream: torch.Tensor, lens_top: list[int]) -> list[dict[str, Any]]:
+    """The per-token trace of R positions from their residual stream `stream` (L + 1, R, C): the embedding,
+    then resid_post of every layer.
+
+    Per row: `resid_norm` (L,) = |resid_post|, `update_ratio` (L,) = |resid_post - resid_pre| / |resid_pre| (as
+    `/diagnostics` computes them per token) and, where lens_top[r] > 0, `logit_lens` (L lists of the top tokens
+    of ln_f(resid_post) unembedded, with their probabilities).
+    """
+    with torch.inference_mode():
+        s = stream.float()
+        norms = torch.linalg.vector_norm(s, dim=-1)  # (L + 1, R)
+        ratio = torch.linalg.vector_norm(s[1:] - s[:-1], dim=-1) / norms[:-1].clamp_min(EPS)  # (L, R)
+        rows = [{"resid_norm": n, "update_ratio": u} for n, u in zip(norms[1:].T.tolist(), ratio.T.tolist(),
+                                                                        strict=True)]
+        k = max(lens_top, default=0)
+        if k > 0:
+            probs = F.softmax(model.unembed(model.ln_f(s[1:])).float(), dim=-1)  # (L, R, V)
+            top_p, top_i = probs.topk(k, dim=-1)  # (L, R, k)
+            top_p_l, top_i_l = top_p.transpose(0, 1).tolist(), top_i.transpose(0, 1).tolist()  # (R, L, k)
+            for r, (row, kr) in enumerate(zip(rows, lens_top, strict=True)):
+                if kr > 0:
+                    row["logit_lens"] = [
+                        [{"id": i, "text": _token_text(i), "prob": p} for i, p in zip(ids[:kr], ps[:kr], strict=True)]
+                        for ids, ps in zip(top_i_l[r], top_p_l[r], strict=True)
+                    ]
+    return rows
 
 
 def spearman(x: list[float], y: list[float]) -> float | None:
@@ -183,7 +224,7 @@ def render_text(result: dict[str, Any], width: int = 80) -> str:
     layers = result["layers"]
     first = layers[0] if layers else {}
     cols: list[tuple[str, int, Any]] = [
-        ("layer", 5, lambda e: str(e["layer"])),
+        ("layer", 5, lambda e: f"{e['layer']}{'*' if e.get('intervened') else ''}"),
         ("|post|", 8, lambda e: e["resid_post"]["mean"]),
         ("upd", 7, lambda e: e["update_ratio"]["block"]),
         ("attn", 7, lambda e: e["update_ratio"]["attn"]),
@@ -214,6 +255,14 @@ def render_text(result: dict[str, Any], width: int = 80) -> str:
         + ("; lens logit-lens top-1 at the last token" if "logit_lens" in first else "")
         + ("; bar: upd" if bar_width else ""),
     ]
+    iv = result.get("options", {}).get("intervention")
+    if iv:
+        prose.insert(1, "intervention (* layers): " + _describe_intervention(iv))
+    info = result.get("model")
+    if info and "name" in info:
+        stack = {True: "residual", False: "plain"}.get(info.get("residual"), "")
+        about = ", ".join(x for x in (f"{info['n_layer']} layers" if "n_layer" in info else "", stack) if x)
+        prose.insert(1, f"model: {info['name']}" + (f" ({about})" if about else ""))
     lines = [w for line in prose for w in textwrap.wrap(line, width, subsequent_indent="  ")]
     lines.insert(1, _clip("prompt: " + repr("".join(result["tokens"]["text"])), width))
     lines += ["", _clip(" ".join(f"{name:>{w}}" for name, w, _ in cols), width)]
@@ -233,6 +282,16 @@ def render_text(result: dict[str, Any], width: int = 80) -> str:
     tail += ["note: " + note for note in result.get("notes", [])]
     lines += [w for line in tail for w in textwrap.wrap(line, width, subsequent_indent="  ")]
     return "\n".join(lines) + "\n"
+
+
+def _describe_intervention(iv: Mapping[str, Any]) -> str:
+    """'skip 3.mlp, 7.block; scale 0.attn x0.5' from the JSON form."""
+    parts = []
+    if iv.get("skip"):
+        parts.append("skip " + ", ".join(f"{e['layer']}.{e['part']}" for e in iv["skip"]))
+    if iv.get("scale"):
+        parts.append("scale " + ", ".join(f"{e['layer']}.{e['part']} x{_fmt(e['factor'])}" for e in iv["scale"]))
+    return "; ".join(parts)
 
 
 def _check_ids(ids: list[int], config: ModelConfig) -> None:
@@ -255,12 +314,12 @@ def _prompt_loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_with_grads(
-    model: Transformer, ids: list[int]
+    model: Transformer, ids: list[int], gates: torch.Tensor | None
 ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, list[torch.Tensor]]:
     """One forward with grad on, then dL/d resid_pre for every layer; parameters' .grad is never touched."""
     with torch.inference_mode(False), torch.enable_grad():
         idx = _as_batch(model, ids)  # (1, T), a normal tensor even if the caller is in inference mode
-        out = model(idx, return_resid=True)
+        out = model(idx, return_resid=True, gates=gates)
         pre = [r["resid_pre"] for r in out.resid]  # L x (1, T, C), all in the graph
         if not pre[0].requires_grad:
             raise ValueError("gradients need the model's parameters to require grad (they only carry the graph)")
@@ -274,8 +333,17 @@ def _cos(a: torch.Tensor, b: torch.Tensor, na: torch.Tensor, nb: torch.Tensor) -
     return (a * b).sum(-1) / (na * nb).clamp_min(EPS)
 
 
-def _layer_stats(resid: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Norms (5, L, T) and a per-layer table (20, L): mean/max/first norms, 3 update ratios, cos_update, BI."""
+class LayerStats(NamedTuple):
+    """Per-layer figures of one prompt's residual stream, each indexed [layer] -> (T,) or a scalar."""
+
+    norms: dict[str, torch.Tensor]  # RESID_NAMES -> (L, T) L2 norms
+    update_ratio: dict[str, torch.Tensor]  # attn | mlp | block -> (L, T)
+    cos_update: torch.Tensor  # (L,) mean over positions
+    block_influence: torch.Tensor  # (L,) mean over positions
+
+
+def _layer_stats(resid: list[dict[str, torch.Tensor]]) -> LayerStats:
+    """Norms, update ratios, cos_update and block influence of every layer (row 0 of the batch)."""
     stack = torch.stack([torch.stack([r[name][0] for r in resid]) for name in RESID_NAMES])  # (5, L, T, C)
     stack = stack.detach().to(torch.promote_types(stack.dtype, torch.float32))
     norms = torch.linalg.vector_norm(stack, dim=-1)  # (5, L, T)
@@ -283,13 +351,13 @@ def _layer_stats(resid: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, to
     n_pre, n_attn, n_mid, n_mlp, n_post = norms.unbind(0)  # each (L, T)
     update = post - pre  # (L, T, C)
     n_upd = torch.linalg.vector_norm(update, dim=-1)  # (L, T)
-    ratios = torch.stack([n_attn / n_pre.clamp_min(EPS), n_mlp / n_mid.clamp_min(EPS), n_upd / n_pre.clamp_min(EPS)])
-    cos_update = _cos(pre, update, n_pre, n_upd).mean(-1)  # (L,)
-    bi = 1.0 - _cos(pre, post, n_pre, n_post).mean(-1)  # (L,)
-    table = torch.cat(
-        [norms.mean(-1), norms.amax(-1), norms[..., 0], ratios.mean(-1), cos_update[None], bi[None]]
-    )  # (20, L)
-    return norms, table
+    return LayerStats(
+        norms=dict(zip(RESID_NAMES, norms.unbind(0), strict=True)),
+        update_ratio={"attn": n_attn / n_pre.clamp_min(EPS), "mlp": n_mlp / n_mid.clamp_min(EPS),
+                      "block": n_upd / n_pre.clamp_min(EPS)},
+        cos_update=_cos(pre, update, n_pre, n_upd).mean(-1),
+        block_influence=1.0 - _cos(pre, post, n_pre, n_post).mean(-1),
+    )
 
 
 def _logit_lens(

@@ -19,19 +19,22 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from model import tokenizer
-from model.diagnostics import residual_norms_last
+from model.decode import FastDecoder, KVCache, auto_decode_weights
+from model.diagnostics import residual_norms_last, stream_trace
 from model.sampling import sample_rows, top_logprobs
-from model.transformer import FastDecoder, KVCache, Transformer, auto_decode_weights
+from model.textstream import TextStream
+from model.transformer import Intervention, Transformer
 
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
+MAX_LENS_TOP = 5  # logit-lens tokens per layer in a trace
 
 
 class EngineError(Exception):
@@ -70,7 +73,7 @@ class EngineDrainingError(EngineError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request generation settings."""
+    """Per-request generation settings, including what to change in and report from the residual stream."""
 
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -79,6 +82,14 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int = 0
+    intervention: Intervention | None = None  # applied to this request's prefill and every decode step
+    trace: bool = False  # per token: resid_post norm and block update ratio of every layer
+    logit_lens_top: int = 0  # per token and layer: the logit lens's top-K tokens (implies trace)
+
+    @property
+    def traced(self) -> bool:
+        """Whether this request's tokens carry a trace."""
+        return self.trace or self.logit_lens_top > 0
 
 
 @dataclass
@@ -89,6 +100,7 @@ class TokenEvent:
     text: str
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    trace: dict[str, Any] | None = None  # the position that produced the token: see `stream_trace`
 
 
 @dataclass
@@ -130,6 +142,9 @@ class EngineObserver:
     def on_resid_norms(self, norms: list[float]) -> None:
         """Last-position resid_post L2 norm per layer of a served prefill."""
 
+    def on_intervention(self, parts: set[str]) -> None:
+        """A request with an intervention on these parts (block, attn, mlp) was prefilled."""
+
 
 @dataclass
 class _Request:
@@ -142,9 +157,8 @@ class _Request:
     t_submit: float
     deadline: float | None
     generator: torch.Generator
-    decoder: tokenizer.IncrementalDecoder = field(default_factory=tokenizer.IncrementalDecoder)
-    text: str = ""  # all decoded text so far
-    emitted: int = 0  # characters of `text` already sent
+    gates: torch.Tensor | None  # (n_layer, 2) factors on each block's attention and MLP update, None = all 1
+    text: TextStream
     n_generated: int = 0
     pos: int = 0  # position of the next token to feed
     last_token: int = 0
@@ -182,17 +196,6 @@ class RequestHandle:
                 return tokens, ev
             tokens.append(ev)
         raise RuntimeError("unreachable")
-
-
-def _release_len(text: str, stops: tuple[str, ...]) -> int:
-    """How much of `text` can be sent: hold back a tail that could still grow into a stop string."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), hold, -1):
-            if s.startswith(text[-k:]):
-                hold = k
-                break
-    return len(text) - hold
 
 
 class Engine:
@@ -272,6 +275,23 @@ class Engine:
         """False once draining or stopped."""
         return self._accepting
 
+    def warm_up(self, rows: int = 4, steps: int = 3) -> None:
+        """Run a prefill and a few decode steps (plain, then gated and traced) off the worker, before `start`,
+        so first requests skip lazy initialisation (TorchScript specialises a step on its first calls)."""
+        if self._thread is not None:
+            raise RuntimeError("warm up before start: the worker owns the cache")
+        rows = min(rows, self.max_batch_size)
+        cache = self.cache.rows(0, rows)
+        prompt = torch.tensor([tokenizer.encode("Warm up.")] * rows, device=self.device)  # (R, T)
+        gates = torch.ones(rows, self.config.n_layer, 2, device=self.device)
+        with torch.inference_mode():
+            self.model(prompt, cache=cache, pos=torch.zeros(rows, dtype=torch.long, device=self.device), last_only=True)
+            pos = torch.full((rows,), prompt.shape[1], device=self.device)
+            for extra in ({}, {"gates": gates, "trace_rows": torch.arange(rows, device=self.device)}):
+                for _ in range(steps):
+                    self.decode_step(prompt[:, 0], cache, pos, **extra)  # (R, V)
+                    pos = pos + 1
+
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError / PromptTooLongError for a request the engine cannot serve."""
         if not prompt:
@@ -294,6 +314,11 @@ class Engine:
             raise InvalidRequestError(f"stop strings must be 1..{self.max_stop_length} characters", "stop")
         if params.seed is not None and not 0 <= params.seed <= MAX_SEED:
             raise InvalidRequestError(f"seed must be in 0..{MAX_SEED}", "seed")
+        if not 0 <= params.logit_lens_top <= MAX_LENS_TOP:
+            raise InvalidRequestError(f"logit_lens_top must be in 0..{MAX_LENS_TOP}", "logit_lens_top")
+        problem = params.intervention.problem(self.config.n_layer) if params.intervention else None
+        if problem is not None:
+            raise InvalidRequestError(problem[1], problem[0])
         window = self.config.block_size
         if len(prompt) + params.max_new_tokens > window:
             raise PromptTooLongError(len(prompt), params.max_new_tokens, window)
@@ -308,7 +333,8 @@ class Engine:
             id=next(self._ids), prompt=list(prompt), params=params, seed=seed, loop=loop,
             queue=asyncio.Queue(), t_submit=now,
             deadline=now + self.request_timeout_s if self.request_timeout_s else None,
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(seed), text=TextStream(params.stop),
+            gates=params.intervention.gates(self.config.n_layer).to(self.device) if params.intervention else None,
         )
         with self._cv:
             if not self._accepting:
@@ -445,33 +471,65 @@ class Engine:
         idx = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in batch], device=self.device)  # (n, T)
         last = torch.tensor([len(r.prompt) - 1 for r in batch], device=self.device)  # (n,)
         want_norms = self.observer.wants_resid_norms
+        traced = [i for i, r in enumerate(batch) if r.params.traced]
         out = self.model(
-            idx, cache=self.cache.rows(row, row + n),
-            pos=torch.zeros(n, dtype=torch.long, device=self.device), return_resid=want_norms, at=last,
+            idx, cache=self.cache.rows(row, row + n), pos=torch.zeros(n, dtype=torch.long, device=self.device),
+            return_resid=want_norms or bool(traced), at=last, gates=self._gates(batch),
         )
         if want_norms:
             for i in range(n):
                 self.observer.on_resid_norms(residual_norms_last(out.resid, row=i))
+        traces = None
+        if traced:
+            rows = torch.tensor(traced, device=self.device)
+            stream = torch.stack([out.resid[0]["resid_pre"][rows, 0]] + [r["resid_post"][rows, 0] for r in out.resid])
+            traces = self._traces(batch, traced, stream, [len(r.prompt) - 1 for r in batch])  # stream: (L + 1, R, C)
         logits = out.logits[:, -1]  # (n, V)
         for req in batch:
             req.pos = len(req.prompt)
             self._running.append(req)
+            if req.params.intervention is not None:
+                self.observer.on_intervention(req.params.intervention.parts())
         self.observer.on_queue_change(len(self._running), len(self._waiting))
-        self._sample_and_emit(batch, logits)
+        self._sample_and_emit(batch, logits, traces)
+
+    def _gates(self, batch: list[_Request]) -> torch.Tensor | None:
+        """(B, n_layer, 2) gates of the batch's rows, or None when no row has an intervention (the common case)."""
+        if all(r.gates is None for r in batch):
+            return None
+        ones = torch.ones(self.config.n_layer, 2, device=self.device)
+        return torch.stack([r.gates if r.gates is not None else ones for r in batch])
+
+    def _traces(self, batch: list[_Request], traced: list[int], stream: torch.Tensor,
+                positions: list[int]) -> list[dict[str, Any] | None]:
+        """Per row of the batch, the trace of the position that produced its next token (None if not asked).
+
+        `stream` (L + 1, R, C) holds the traced rows' embedding and resid_post of every layer at `positions`.
+        """
+        per_row = stream_trace(self.model, stream, [batch[i].params.logit_lens_top for i in traced])
+        out: list[dict[str, Any] | None] = [None] * len(batch)
+        for i, t in zip(traced, per_row, strict=True):
+            out[i] = {"position": positions[i], **t}
+        return out
 
     def _decode(self) -> None:
         batch = self._running
         B = len(batch)
         tokens = torch.tensor([r.last_token for r in batch], device=self.device)  # (B,)
         pos = torch.tensor([r.pos for r in batch], device=self.device)  # (B,)
-        logits = self.decode_step(tokens, self.cache.rows(0, B), pos)  # (B, V)
+        traced = [i for i, r in enumerate(batch) if r.params.traced]
+        rows = torch.tensor(traced, device=self.device) if traced else None
+        logits, stream = self.decode_step(tokens, self.cache.rows(0, B), pos, self._gates(batch), rows)  # (B, V)
+        positions = [r.pos for r in batch]
         for r in batch:
             r.pos += 1
         self.steps += 1
         self.observer.on_step(B)
-        self._sample_and_emit(batch, logits)
+        traces = self._traces(batch, traced, stream, positions) if stream is not None else None
+        self._sample_and_emit(batch, logits, traces)
 
-    def _sample_and_emit(self, batch: list[_Request], logits: torch.Tensor) -> None:
+    def _sample_and_emit(self, batch: list[_Request], logits: torch.Tensor,
+                         traces: list[dict[str, Any] | None] | None = None) -> None:
         now = time.perf_counter()
         if all(r.params.temperature == 0 for r in batch):
             chosen = logits.argmax(dim=-1)  # (B,) all greedy: nothing to draw
@@ -493,45 +551,22 @@ class Engine:
             else:
                 gaps.append(now - r.t_last)
             r.t_last = now
-            r.text += r.decoder.push(tok)
-            ev = TokenEvent(token_id=tok, text="")
+            last = r.n_generated >= r.params.max_new_tokens
+            text, stopped = r.text.push(tok, last)
+            ev = TokenEvent(token_id=tok, text=text, trace=traces[i] if traces is not None else None)
             if lp_lists is not None and r.params.logprobs > 0:
+                k = r.params.logprobs
                 ev.logprob = lp_lists[0][i]
-                ev.top_logprobs = list(zip(lp_lists[2][i][: r.params.logprobs], lp_lists[1][i][: r.params.logprobs],
-                                           strict=True))
-            stop_at = self._find_stop(r)
-            if stop_at is not None:
-                r.text = r.text[:stop_at]
-                ev.text = r.text[r.emitted :]
-                r.emitted = len(r.text)
-                self._emit(r, ev)
-                r.finish_reason = "stop"
-                continue
-            if r.n_generated >= r.params.max_new_tokens:
-                r.text += r.decoder.flush()
-                ev.text = r.text[r.emitted :]
-                r.emitted = len(r.text)
-                self._emit(r, ev)
-                r.finish_reason = "length"
-                continue
-            release = _release_len(r.text, r.params.stop) if r.params.stop else len(r.text)
-            ev.text = r.text[r.emitted : release]
-            r.emitted = max(r.emitted, release)
+                ev.top_logprobs = list(zip(lp_lists[2][i][:k], lp_lists[1][i][:k], strict=True))
             self._emit(r, ev)
+            if stopped or last:
+                r.finish_reason = "stop" if stopped else "length"
         if gaps:
             self.observer.on_tokens(gaps)
 
-    @staticmethod
-    def _find_stop(r: _Request) -> int | None:
-        if not r.params.stop:
-            return None
-        # only the tail can contain a new match: look back over the longest stop string
-        start = max(0, len(r.text) - max(len(s) for s in r.params.stop) - 4)
-        hits = [i for s in r.params.stop if (i := r.text.find(s, start)) != -1]
-        return min(hits) if hits else None
-
     def _reap(self) -> None:
         now = time.perf_counter()
+        done: list[tuple[_Request, str]] = []
         i = 0
         while i < len(self._running):
             r = self._running[i]
@@ -548,16 +583,16 @@ class Engine:
                 self.cache.copy_row(last, i)
                 self._running[i] = self._running[last]
             self._running.pop()
-            err = "request exceeded the per-request timeout" if reason == "timeout" else None
-            self._finish(r, reason, error=err)
+            done.append((r, reason))
         with self._cv:
             expired = [r for r in self._waiting if r.cancelled or (r.deadline is not None and now > r.deadline)]
             for r in expired:
                 self._waiting.remove(r)
-        for r in expired:
-            reason = "abort" if r.cancelled else "timeout"
-            self._finish(r, reason, error="request exceeded the per-request timeout" if reason == "timeout" else None)
+        done += [(r, "abort" if r.cancelled else "timeout") for r in expired]
+        # the gauges move before any client can see its request end
         self.observer.on_queue_change(len(self._running), len(self._waiting))
+        for r, reason in done:
+            self._finish(r, reason, error="request exceeded the per-request timeout" if reason == "timeout" else None)
 
     def _finish(self, r: _Request, reason: str, error: str | None = None) -> None:
         now = time.perf_counter()
@@ -567,5 +602,5 @@ class Engine:
             "total_s": now - r.t_submit,
         }
         self.observer.on_finish(reason, now - r.t_submit, r.n_generated)
-        self._emit(r, FinishEvent(reason=reason, text=r.text, prompt_tokens=len(r.prompt),
+        self._emit(r, FinishEvent(reason=reason, text=r.text.text, prompt_tokens=len(r.prompt),
                                   completion_tokens=r.n_generated, seed=r.seed, timings=timings, error=error))

@@ -6,82 +6,77 @@ returned on request (TransformerLens names), never captured with global hooks.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import ModelConfig
 
+if TYPE_CHECKING:
+    from model.decode import KVCache
+
 Component = Literal["block", "attn", "mlp"]
+PARTS: tuple[Component, ...] = ("block", "attn", "mlp")
+GATE_COLUMNS: dict[str, list[int]] = {"block": [0, 1], "attn": [0], "mlp": [1]}  # a part's columns of a gate
+MAX_FACTOR = 100.0
 log = logging.getLogger(__name__)
 
 RESID_NAMES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
 
 
-class KVCache:
-    """Preallocated keys/values for `n_rows` sequences: (n_layer, rows, n_head, block_size, head_dim)."""
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        n_rows: int,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        k: torch.Tensor | None = None,
-        v: torch.Tensor | None = None,
-    ) -> None:
-        shape = (config.n_layer, n_rows, config.n_head, config.block_size, config.head_dim)
-        self.k = k if k is not None else _zeros(shape, device, dtype)
-        self.v = v if v is not None else _zeros(shape, device, dtype)
-
-    @property
-    def n_rows(self) -> int:
-        """Number of sequence rows."""
-        return self.k.shape[1]
-
-    def rows(self, start: int, stop: int) -> KVCache:
-        """A view over rows [start, stop): writes through it land in this cache."""
-        view = KVCache.__new__(KVCache)
-        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
-        return view
-
-    def copy_row(self, src: int, dst: int) -> None:
-        """Copy one row's keys/values over another (used to keep live rows contiguous)."""
-        self.k[:, dst].copy_(self.k[:, src])
-        self.v[:, dst].copy_(self.v[:, src])
-
-
-def _zeros(shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-    """Zeros; on CPU from calloc'd memory, whose pages cost resident memory only once written.
-
-    A cache sized for max_batch_size x block_size is then paid for as sequences fill it, not at start.
-    """
-    if torch.device(device).type != "cpu":
-        return torch.zeros(shape, device=device, dtype=dtype)
-    n_bytes = math.prod(shape) * dtype.itemsize
-    return torch.from_numpy(np.zeros(n_bytes, dtype=np.uint8)).view(dtype).view(shape)
-
-
-@dataclass
+@dataclass(frozen=True)
 class Intervention:
-    """Blocks whose F(x) is zeroed, so that component becomes the identity map."""
+    """A change to the residual stream: skip (F(x) not added: the identity) or scale parts of blocks.
 
-    ablate: dict[int, Component] = field(default_factory=dict)
+    `skip` holds (layer, part) pairs and `scale` (layer, part, factor) triples, part in block | attn | mlp.
+    A block entry acts on both of its parts; factors on the same part multiply.
+    """
 
-    def skips(self, layer: int, part: Literal["attn", "mlp"]) -> bool:
-        """Whether `part` of block `layer` is ablated."""
-        what = self.ablate.get(layer)
-        return what == "block" or what == part
+    skip: tuple[tuple[int, str], ...] = ()
+    scale: tuple[tuple[int, str, float], ...] = ()
+
+    def problem(self, n_layer: int) -> tuple[str, str] | None:
+        """(field, message) of the first entry a model of `n_layer` layers cannot apply, or None."""
+        seen: set[tuple[int, str]] = set()
+        entries = [("skip", i, e[0], e[1], 0.0) for i, e in enumerate(self.skip)]
+        entries += [("scale", i, e[0], e[1], e[2]) for i, e in enumerate(self.scale)]
+        for kind, i, layer, part, factor in entries:
+            where = f"intervention.{kind}[{i}]"
+            if not 0 <= layer < n_layer:
+                return f"{where}.layer", f"{where}.layer is {layer}; the model has layers 0..{n_layer - 1}"
+            if part not in PARTS:
+                return f"{where}.part", f"{where}.part is {part!r}; use one of {', '.join(PARTS)}"
+            if not (math.isfinite(factor) and abs(factor) <= MAX_FACTOR):
+                return f"{where}.factor", f"{where}.factor must be finite with |factor| <= {MAX_FACTOR:g}"
+            if (layer, part) in seen:
+                return where, f"{where} repeats layer {layer} part {part!r}"
+            seen.add((layer, part))
+        return None
+
+    def gates(self, n_layer: int) -> torch.Tensor:
+        """(n_layer, 2): the factor on each layer's attention and MLP update (1 where nothing changes)."""
+        g = torch.ones(n_layer, 2)
+        for layer, part, factor in [(l, p, 0.0) for l, p in self.skip] + list(self.scale):
+            g[layer, GATE_COLUMNS[part]] *= factor
+        return g
+
+    def to_dict(self) -> dict[str, list[dict[str, object]]]:
+        """The JSON form the API takes and echoes."""
+        return {"skip": [{"layer": l, "part": p} for l, p in self.skip],
+                "scale": [{"layer": l, "part": p, "factor": f} for l, p, f in self.scale]}
+
+    def parts(self) -> set[str]:
+        """The parts this intervention touches (for counting)."""
+        return {p for _, p in self.skip} | {p for _, p, _ in self.scale}
+
+    def layers(self) -> set[int]:
+        """The layers this intervention touches."""
+        return {entry[0] for entry in self.skip + self.scale}
 
 
 @dataclass
@@ -155,7 +150,10 @@ class Block(nn.Module):
         self.residual = config.residual
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, **attn_kw: object) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None, **attn_kw: object) -> torch.Tensor:
+        """`gate` (B, 2) scales each row's attention and MLP update (see `Intervention`); None = 1."""
+        if gate is not None:
+            return self.forward_traced(x, gate, **attn_kw)[0]
         if self.residual:
             x = x + self.resid_dropout(self.attn(self.ln_1(x), **attn_kw))
             x = x + self.mlp(self.ln_2(x))
@@ -164,28 +162,36 @@ class Block(nn.Module):
         return self.mlp(self.ln_2(x))
 
     def forward_traced(
-        self, x: torch.Tensor, layer: int, intervention: Intervention | None, **attn_kw: object
+        self, x: torch.Tensor, gate: torch.Tensor | None = None, **attn_kw: object
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Same maths as `forward`, returning every named point of the residual stream."""
-        skip_attn = intervention is not None and intervention.skips(layer, "attn")
-        skip_mlp = intervention is not None and intervention.skips(layer, "mlp")
+        """Same maths as `forward`, returning every named point of the residual stream.
+
+        With a gate, `attn_out`/`mlp_out` are what the part writes (factor x F(x)); a skipped part (factor 0)
+        writes nothing and the stream passes it unchanged, in a plain stack too.
+        """
+        g_attn, g_mlp = (None, None) if gate is None else (gate[:, 0, None, None], gate[:, 1, None, None])  # (B,1,1)
         resid_pre = x
-        if skip_attn:
-            attn_out, resid_mid = torch.zeros_like(x), x  # the block part is the identity
-            if attn_kw.get("k_cache") is not None:  # still fill the cache so later steps stay consistent
-                self.attn(self.ln_1(x), **attn_kw)
-        else:
-            attn_out = self.resid_dropout(self.attn(self.ln_1(x), **attn_kw))  # (B, T, C)
-            resid_mid = resid_pre + attn_out if self.residual else attn_out
-        if skip_mlp:
-            mlp_out, resid_post = torch.zeros_like(x), resid_mid
-        else:
-            mlp_out = self.mlp(self.ln_2(resid_mid))  # (B, T, C)
-            resid_post = resid_mid + mlp_out if self.residual else mlp_out
+        attn_out = self.resid_dropout(self.attn(self.ln_1(x), **attn_kw))  # (B, T, C); fills the cache if skipped too
+        attn_out, resid_mid = _write(resid_pre, attn_out, g_attn, self.residual)
+        mlp_out = self.mlp(self.ln_2(resid_mid))  # (B, T, C)
+        mlp_out, resid_post = _write(resid_mid, mlp_out, g_mlp, self.residual)
         trace = dict(
             resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid, mlp_out=mlp_out, resid_post=resid_post
         )
         return resid_post, trace
+
+
+def _write(
+    x: torch.Tensor, f: torch.Tensor, g: torch.Tensor | None, residual: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what a part writes, the stream after it): x + g*F(x), or g*F(x) in a plain stack; g = 0 is the identity."""
+    if g is not None:
+        f = g * f
+    if residual:
+        return f, x + f
+    if g is None:
+        return f, f
+    return f, torch.where(g == 0, x, f)
 
 
 class Transformer(nn.Module):
@@ -245,7 +251,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         pos: torch.Tensor | None = None,
         return_resid: bool = False,
-        intervention: Intervention | None = None,
+        gates: torch.Tensor | None = None,
         last_only: bool = False,
         at: torch.Tensor | None = None,
     ) -> ModelOutput:
@@ -254,7 +260,8 @@ class Transformer(nn.Module):
         With `cache` (B rows) and `pos` (B,), row b's tokens sit at positions pos[b]..pos[b]+T-1 and
         attend to everything that row has cached before them. `last_only` returns logits for the
         final position only (decode); `at` (B,) returns logits and residual stream at one index of
-        each row only, as (B, 1, ...) (the last real token of right-padded prompts).
+        each row only, as (B, 1, ...) (the last real token of right-padded prompts). `gates`
+        (B or 1, n_layer, 2) scales each block's attention and MLP update per row (`Intervention.gates`).
         """
         B, T = idx.shape
         if at is not None and (last_only or at.shape != (B,) or bool(((at < 0) | (at >= T)).any())):
@@ -279,11 +286,12 @@ class Transformer(nn.Module):
         for layer, block in enumerate(self.blocks):
             if cache is not None:
                 attn_kw["k_cache"], attn_kw["v_cache"] = cache.k[layer], cache.v[layer]
-            if return_resid or intervention is not None:
-                x, trace = block.forward_traced(x, layer, intervention, **attn_kw)
+            gate = gates[:, layer] if gates is not None else None  # (B, 2)
+            if return_resid:
+                x, trace = block.forward_traced(x, gate, **attn_kw)
                 traces.append(trace if at is None else {k: _take(v, at) for k, v in trace.items()})
             else:
-                x = block(x, **attn_kw)
+                x = block(x, gate, **attn_kw)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         elif at is not None:
@@ -320,167 +328,3 @@ def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         add(p + "mlp.c_proj", (C, D))
     add("ln_f", (C,))
     return shapes
-
-
-class FastDecoder:
-    """One-token decode steps for inference, with the weights laid out for it.
-
-    Same maths as `Transformer.forward(tokens[:, None], cache=..., pos=..., last_only=True)` in far
-    fewer tensor ops: contiguous (in, out) weight matrices for `addmm`, one flat `index_copy_` per
-    cache write and attention as two `bmm`s. The step body (`_decode_step`) is compiled with
-    TorchScript, so a whole step runs in C++ without taking the GIL between ops: an eager step hands
-    the GIL over ~1,500 times, and every handover waits for whatever Python the server's event loop
-    is running (`python -m bench.run --sections gil` times both next to a busy thread).
-    If scripting is unavailable the same function runs eagerly.
-
-    The decoder shares the model's weights rather than copying them: it re-lays each `nn.Linear`
-    weight out in place as the transpose of a contiguous (in, out) matrix (same values; `F.linear`
-    then multiplies by that matrix directly, so `forward` gets the layout too). In-place changes to the
-    weights are seen by both; after replacing parameters (e.g. `model.to(...)`), build a new decoder.
-    With `weights="float16"` (CPU with FBGEMM only, see `float16_weights_available`) the four matrices
-    of each block are also packed as float16 for FBGEMM's fp16-weight GEMM: the arithmetic stays float32,
-    the weights read per token halve, and the logits move by ~1e-4 relative (the weights are rounded).
-    No dropout, residual stream or interventions here: those go through `forward`.
-    """
-
-    def __init__(self, model: Transformer, *, script: bool = True, weights: str = "float32") -> None:
-        self.config = cfg = model.config
-        if weights not in ("float32", "float16"):
-            raise ValueError(f"weights must be 'float32' or 'float16', not {weights!r}")
-        self.weights = weights
-        if self.packed and not float16_weights_available(model.wte.weight.device):
-            raise ValueError("float16 decode weights need a CPU build of torch with FBGEMM (x86)")
-
-        def vec(t: torch.Tensor | None, n: int) -> torch.Tensor:
-            return t.detach() if t is not None else model.wte.weight.new_zeros(n)  # a missing bias adds nothing
-
-        def t(linear: nn.Linear) -> torch.Tensor:
-            w = linear.weight
-            if self.packed:
-                return torch.fbgemm_pack_gemm_matrix_fp16(w.detach().float())  # (out, in) packed by FBGEMM
-            if not w.t().is_contiguous():  # re-lay the model's weight out as the transpose of an (in, out) matrix
-                w.data = w.detach().t().contiguous().t()
-            return w.detach().t()  # (in, out), contiguous, the model's own storage
-
-        self.wte, self.wpe = model.wte.weight.detach(), model.wpe.weight.detach()
-        self.unembed_t = self.wte.t().contiguous()  # (C, vocab)
-        C = cfg.d_model
-        self.ln_f = [model.ln_f.weight.detach(), vec(model.ln_f.bias, C)]
-        self.layers = [
-            [
-                b.ln_1.weight.detach(), vec(b.ln_1.bias, C), t(b.attn.c_attn), vec(b.attn.c_attn.bias, 3 * C),
-                t(b.attn.c_proj), vec(b.attn.c_proj.bias, C),
-                b.ln_2.weight.detach(), vec(b.ln_2.bias, C), t(b.mlp.c_fc), vec(b.mlp.c_fc.bias, cfg.d_ff),
-                t(b.mlp.c_proj), vec(b.mlp.c_proj.bias, C),
-            ]
-            for b in model.blocks
-        ]
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.scripted = False
-        self._step = _decode_step
-        if script:
-            self._step, self.scripted = _scripted_decode_step()
-
-    @property
-    def packed(self) -> bool:
-        """Whether the block matrices are FBGEMM-packed float16."""
-        return self.weights == "float16"
-
-    @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor) -> torch.Tensor:
-        """Logits (B, vocab) for one new token per row: `tokens` (B,) at positions `pos` (B,)."""
-        B = tokens.shape[0]
-        cfg = self.config
-        if tokens.shape != (B,) or pos.shape != (B,) or cache.n_rows != B:
-            raise ValueError("a decode step needs tokens and pos of shape (B,) and a cache with B rows")
-        if not cache.k[0].is_contiguous() or not cache.v[0].is_contiguous():
-            raise ValueError("a decode step needs each layer of the cache to be contiguous")
-        n_keys = int(pos.max()) + 1
-        if n_keys > cfg.block_size:
-            raise ValueError(f"position {n_keys - 1} exceeds block_size {cfg.block_size}")
-        return self._step(tokens, pos, n_keys, cache.k, cache.v, self.wte, self.wpe, self.unembed_t, self.ln_f,
-                          self.layers, cfg.n_head, self.scale, cfg.residual, self.packed)
-
-
-def float16_weights_available(device: torch.device | str = "cpu") -> bool:
-    """Whether `FastDecoder(weights="float16")` can run on `device` (a CPU build of torch with FBGEMM)."""
-    return torch.device(device).type == "cpu" and _fbgemm_fp16_works()
-
-
-@functools.cache
-def _fbgemm_fp16_works() -> bool:
-    """Probe FBGEMM's fp16-weight GEMM once per process."""
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        return False
-    # Both ops are deprecated upstream and warn once per process: this probe takes those warnings, and
-    # answers False if a later torch drops them (torch is pinned; decode then falls back to float32).
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            w = torch.fbgemm_pack_gemm_matrix_fp16(torch.eye(8))
-            ok = torch.equal(torch.fbgemm_linear_fp16_weight(torch.eye(8), w, torch.zeros(8)), torch.eye(8))
-    except (AttributeError, RuntimeError):
-        return False
-    return ok
-
-
-def auto_decode_weights(device: torch.device | str = "cpu") -> str:
-    """What decode weights `auto` means: float16 where FBGEMM runs them (same val loss), else float32."""
-    return "float16" if float16_weights_available(device) else "float32"
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, packed: bool) -> torch.Tensor:
-    """x @ W^T + b, with W as a contiguous (in, out) float matrix or packed by FBGEMM as float16."""
-    if packed:
-        return torch.fbgemm_linear_fp16_weight(x, w, b)
-    return torch.addmm(b, x, w)
-
-
-def _decode_step(
-    tokens: torch.Tensor, pos: torch.Tensor, n_keys: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    wte: torch.Tensor, wpe: torch.Tensor, unembed_t: torch.Tensor, ln_f: list[torch.Tensor],
-    layers: list[list[torch.Tensor]], n_head: int, scale: float, residual: bool, packed: bool,
-) -> torch.Tensor:
-    """The body of `FastDecoder.__call__` (checked input; n_keys = max(pos) + 1), in the TorchScript subset."""
-    B, C, S = tokens.shape[0], wte.shape[1], k_cache.shape[3]
-    nh, hd = n_head, C // n_head
-    rows = torch.arange(B, device=pos.device)
-    slot = ((rows[:, None] * nh + torch.arange(nh, device=pos.device)) * S + pos[:, None]).view(-1)  # (B*nh,)
-    if int(pos.min()) == n_keys - 1:  # every row at the same position (always at batch 1): nothing to mask
-        mask = torch.zeros((1, 1, 1), dtype=wte.dtype, device=pos.device)
-    else:
-        allowed = torch.arange(n_keys, device=pos.device) <= pos[:, None]  # (B, S')
-        mask = torch.zeros((B, nh, 1, n_keys), dtype=wte.dtype, device=pos.device)
-        mask = mask.masked_fill_(~allowed[:, None, None, :], float("-inf")).view(B * nh, 1, n_keys)
-    x = wte.index_select(0, tokens) + wpe.index_select(0, pos)  # (B, C)
-    for layer, w in enumerate(layers):
-        ln_1_w, ln_1_b, w_qkv, b_qkv, w_o, b_o, ln_2_w, ln_2_b, w_fc, b_fc, w_p, b_p = w
-        h = F.layer_norm(x, [C], ln_1_w, ln_1_b)  # (B, C)
-        qkv = _linear(h, w_qkv, b_qkv, packed).view(B, 3, nh, hd)  # (B, 3, nh, hd)
-        k_flat, v_flat = k_cache[layer].view(-1, hd), v_cache[layer].view(-1, hd)  # (B*nh*S, hd)
-        k_flat.index_copy_(0, slot, qkv[:, 1].reshape(B * nh, hd))  # cache[b, h, pos[b]] = k[b, h]
-        v_flat.index_copy_(0, slot, qkv[:, 2].reshape(B * nh, hd))
-        keys = k_flat.view(B * nh, S, hd)[:, :n_keys]  # (B*nh, S', hd)
-        values = v_flat.view(B * nh, S, hd)[:, :n_keys]
-        q = qkv[:, 0].reshape(B * nh, 1, hd)
-        att = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=scale).softmax(-1)  # (B*nh, 1, S')
-        y = torch.bmm(att, values).view(B, C)  # (B, C)
-        a = _linear(y, w_o, b_o, packed)  # (B, C)
-        x = x + a if residual else a
-        h = F.layer_norm(x, [C], ln_2_w, ln_2_b)
-        m = _linear(F.gelu(_linear(h, w_fc, b_fc, packed), approximate="tanh"), w_p, b_p, packed)  # (B, C)
-        x = x + m if residual else m
-    return torch.mm(F.layer_norm(x, [C], ln_f[0], ln_f[1]), unembed_t)  # (B, vocab)
-
-
-@functools.cache
-def _scripted_decode_step() -> tuple[Callable[..., torch.Tensor], bool]:
-    """`_decode_step` compiled by TorchScript (once per process), or the plain function if that fails."""
-    try:
-        with warnings.catch_warnings():  # deprecated, but the only GIL-free step that needs no C++ compiler
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.script(_decode_step), True
-    except Exception as e:  # noqa: BLE001 - e.g. no source files, or a torch without TorchScript
-        log.warning("TorchScript unavailable (%s: %s); the decode step runs eagerly", type(e).__name__, e)
-        return _decode_step, False
-

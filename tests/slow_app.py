@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from app.__main__ import main
-from model.transformer import FastDecoder
+from model.decode import FastDecoder
 
 
 def hold_each_step(step: Callable, delay_s: float) -> Callable:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.deps import get_served
 from app.errors import APIError
-from app.schemas import ErrorResponse, ModelName, not_a_bool, not_a_number
+from app.schemas import ErrorResponse, InterventionSpec, ModelName, not_a_bool, not_a_number
 from app.service import ServedModel
 from model import tokenizer
 from model.diagnostics import DiagnosticsOptions, iter_diagnostics, render_text
@@ -37,6 +37,12 @@ class DiagnosticsRequest(BaseModel):
     format: Literal["json", "text"] | None = Field(None, description="default json; text for a terminal report")
 
 
+class DiagnosticsBody(DiagnosticsRequest):
+    """POST /diagnostics: the query's fields, and an intervention applied to every forward pass."""
+
+    intervention: InterventionSpec | None = Field(None, description="as on /generate: skip or scale blocks' F(x)")
+
+
 def _wants_text(req: DiagnosticsRequest, request: Request) -> bool:
     if req.format is not None:
         return req.format == "text"
@@ -44,16 +50,20 @@ def _wants_text(req: DiagnosticsRequest, request: Request) -> bool:
     return "text/plain" in accept and "application/json" not in accept
 
 
-async def _diagnose(req: DiagnosticsRequest, request: Request):
+async def _diagnose(req: DiagnosticsRequest, request: Request, intervention: InterventionSpec | None = None):
     served: ServedModel = get_served(request, req.model)
     ids = tokenizer.encode(req.prompt)
     window = served.checkpoint.config.block_size
     if len(ids) > window:
         raise APIError(400, f"prompt is {len(ids)} tokens; the context window is {window} tokens", param="prompt",
                        code="context_length_exceeded")
-    opts = DiagnosticsOptions(per_token=req.per_token, logit_lens=req.logit_lens, gradients=req.gradients,
-                              ablation=req.ablation)
     c = served.checkpoint.config
+    iv = intervention.to_engine() if intervention is not None else None
+    problem = iv.problem(c.n_layer) if iv is not None else None
+    if problem is not None:
+        raise APIError(400, problem[1], param=problem[0], code="invalid_value")
+    opts = DiagnosticsOptions(per_token=req.per_token, logit_lens=req.logit_lens, gradients=req.gradients,
+                              ablation=req.ablation, intervention=iv)
     info = {"name": served.name, "n_layer": c.n_layer, "d_model": c.d_model, "residual": c.residual,
             "checkpoint_sha256": served.sha256}
     engine = served.engine
@@ -82,6 +92,6 @@ async def diagnostics_get(req: Annotated[DiagnosticsRequest, Query()], request: 
 
 
 @router.post("/diagnostics", responses=TEXT_OR_JSON)
-async def diagnostics_post(req: DiagnosticsRequest, request: Request):
-    """Same as GET /diagnostics, with a JSON body."""
-    return await _diagnose(req, request)
+async def diagnostics_post(req: DiagnosticsBody, request: Request):
+    """Same as GET /diagnostics, with a JSON body, which may also carry an `intervention`."""
+    return await _diagnose(req, request, req.intervention)

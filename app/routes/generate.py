@@ -18,9 +18,11 @@ from app.schemas import (
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
+    InterventionSpec,
     TokenInfo,
     TokenizeRequest,
     TokenizeResponse,
+    Trace,
 )
 from app.service import ServedModel
 from model import tokenizer
@@ -39,14 +41,17 @@ def token_info(ev: TokenEvent) -> TokenInfo:
 
 
 def build_response(rid: str, served: ServedModel, tokens: list[TokenEvent], fin: FinishEvent,
-                   logprobs: int) -> GenerateResponse:
+                   params: SamplingParams) -> GenerateResponse:
     """The /generate result object."""
+    iv = params.intervention
     return GenerateResponse(
         id=rid, model=served.name, text=fin.text, finish_reason=fin.reason,
         usage={"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
                "total_tokens": fin.prompt_tokens + fin.completion_tokens},
-        tokens=[token_info(t) for t in tokens] if logprobs > 0 else None,
+        tokens=[token_info(t) for t in tokens] if params.logprobs > 0 else None,
         timings=fin.timings, seed=fin.seed, checkpoint_sha256=served.sha256,
+        intervention=InterventionSpec.model_validate(iv.to_dict()) if iv is not None else None,
+        trace=Trace(tokens=[t.trace for t in tokens]) if params.traced else None,
     )
 
 
@@ -65,7 +70,9 @@ async def generate(body: GenerateRequest, request: Request):
     settings = request.app.state.settings
     max_new = body.max_new_tokens or default_max_new(served, n_prompt, settings.default_max_new_tokens)
     params = SamplingParams(max_new_tokens=max_new, temperature=body.temperature, top_k=body.top_k,
-                            top_p=body.top_p, stop=stop_tuple(body.stop), seed=body.seed, logprobs=body.logprobs)
+                            top_p=body.top_p, stop=stop_tuple(body.stop), seed=body.seed, logprobs=body.logprobs,
+                            intervention=body.intervention.to_engine() if body.intervention else None,
+                            trace=body.trace, logit_lens_top=body.logit_lens_top)
     handle, _ = submit(served, body.prompt, params)
     rid = f"gen-{uuid.uuid4().hex[:24]}"
     if not body.stream:
@@ -73,21 +80,23 @@ async def generate(body: GenerateRequest, request: Request):
         err = finish_error(fin)
         if err is not None:
             raise err
-        return build_response(rid, served, tokens, fin, body.logprobs)
+        return build_response(rid, served, tokens, fin, params)
 
     async def events() -> AsyncIterator[str]:
         tokens: list[TokenEvent] = []
         async for ev in stream_events(handle):
             if isinstance(ev, TokenEvent):
                 tokens.append(ev)
-                yield sse("token", {"type": "token", "text": ev.text,
-                                    "token": token_info(ev).model_dump(exclude_none=True)})
+                data = {"type": "token", "text": ev.text, "token": token_info(ev).model_dump(exclude_none=True)}
+                if ev.trace is not None:
+                    data["trace"] = ev.trace
+                yield sse("token", data)
                 continue
             err = finish_error(ev)
             if err is not None:
                 yield sse("error", error_body(err.status, err.message, err.param, err.code))
             else:
-                yield sse("done", {"type": "done", **build_response(rid, served, tokens, ev, body.logprobs)
+                yield sse("done", {"type": "done", **build_response(rid, served, tokens, ev, params)
                                    .model_dump(mode="json")})
 
     return StreamingResponse(events(), media_type="text/event-stream",

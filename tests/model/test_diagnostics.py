@@ -353,7 +353,8 @@ def test_result_is_rounded_json(diag_model: Transformer, ids: list[int]) -> None
     result = run_diagnostics(diag_model, ids, opts, model_info={"name": "tiny"})
     assert json.loads(json.dumps(result, allow_nan=False)) == result
     assert result["model"] == {"name": "tiny"}
-    assert result["options"] == {"per_token": True, "logit_lens": 3, "gradients": True, "ablation": True}
+    assert result["options"] == {"per_token": True, "logit_lens": 3, "gradients": True, "ablation": True,
+                                 "intervention": None}
     values = floats(result)
     assert len(values) > 100
     assert all(float(f"{v:.6g}") == v for v in values)
@@ -413,7 +414,7 @@ def _check_layout(text: str, n_layer: int, width: int = 80) -> list[str]:
     assert lines[0].startswith("diagnostics: ")
     header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["layer"])
     rows = lines[header + 1 : header + 1 + n_layer]
-    assert [int(r.split()[0]) for r in rows] == list(range(n_layer))
+    assert [int(r.split()[0].rstrip("*")) for r in rows] == list(range(n_layer))
     assert lines[header + 1 + n_layer] == ""
     return rows
 

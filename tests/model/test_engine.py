@@ -12,6 +12,7 @@ import torch
 
 from model import tokenizer
 from model.config import ModelConfig
+from model.decode import float16_weights_available
 from model.diagnostics import residual_norms_last
 from model.engine import (
     Engine,
@@ -26,7 +27,7 @@ from model.engine import (
     TokenEvent,
 )
 from model.sampling import sample_rows
-from model.transformer import Transformer, float16_weights_available
+from model.transformer import Transformer
 from tests.conftest import TINY, build_model
 
 WINDOW = TINY["block_size"]  # 32

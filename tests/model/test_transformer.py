@@ -9,15 +9,8 @@ import torch
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
-from model.transformer import (
-    RESID_NAMES,
-    FastDecoder,
-    Intervention,
-    KVCache,
-    Transformer,
-    float16_weights_available,
-    parameter_shapes,
-)
+from model.decode import FastDecoder, KVCache, float16_weights_available
+from model.transformer import RESID_NAMES, Intervention, Transformer, parameter_shapes
 
 ATOL = 1e-5
 
@@ -133,8 +126,8 @@ def test_residual_stream_identities(tiny_model: Transformer) -> None:
 @torch.no_grad()
 def test_ablating_every_block_leaves_the_embeddings_only_model(tiny_model: Transformer) -> None:
     idx = _tokens(2, 10)
-    ablate = Intervention(ablate={layer: "block" for layer in range(tiny_model.config.n_layer)})
-    out = tiny_model(idx, intervention=ablate, return_resid=True)
+    ablate = Intervention(skip=tuple((layer, "block") for layer in range(tiny_model.config.n_layer)))
+    out = tiny_model(idx, gates=ablate.gates(tiny_model.config.n_layer)[None], return_resid=True)
     expected = tiny_model.unembed(tiny_model.ln_f(_embed(tiny_model, idx)))
     torch.testing.assert_close(out.logits, expected, atol=ATOL, rtol=0)
     assert all(torch.equal(tr["attn_out"], torch.zeros_like(tr["attn_out"])) for tr in out.resid)
@@ -159,7 +152,7 @@ def _skip_loop(model: Transformer, idx: torch.Tensor, layer: int, part: str) -> 
 def test_ablating_one_component_equals_skipping_it(tiny_model: Transformer, part: str) -> None:
     idx = _tokens(2, 12)
     for layer in range(tiny_model.config.n_layer):
-        out = tiny_model(idx, intervention=Intervention(ablate={layer: part})).logits
+        out = tiny_model(idx, gates=Intervention(skip=((layer, part),)).gates(tiny_model.config.n_layer)[None]).logits
         torch.testing.assert_close(out, _skip_loop(tiny_model, idx, layer, part), atol=ATOL, rtol=0)
         assert (out - tiny_model(idx).logits).abs().max() > 1e-3
 
@@ -167,12 +160,12 @@ def test_ablating_one_component_equals_skipping_it(tiny_model: Transformer, part
 @torch.no_grad()
 def test_ablation_with_kv_cache_matches_full_forward(tiny_model: Transformer) -> None:
     idx = _tokens(1, 16)
-    iv = Intervention(ablate={0: "attn", 2: "block"})
-    full = tiny_model(idx, intervention=iv).logits
+    iv = Intervention(skip=((0, "attn"), (2, "block"))).gates(tiny_model.config.n_layer)[None]
+    full = tiny_model(idx, gates=iv).logits
     cache = KVCache(tiny_model.config, 1)
-    tiny_model(idx[:, :6], cache=cache, pos=torch.tensor([0]), intervention=iv)
+    tiny_model(idx[:, :6], cache=cache, pos=torch.tensor([0]), gates=iv)
     for t in range(6, 16):
-        step = tiny_model(idx[:, t : t + 1], cache=cache, pos=torch.tensor([t]), intervention=iv).logits
+        step = tiny_model(idx[:, t : t + 1], cache=cache, pos=torch.tensor([t]), gates=iv).logits
         torch.testing.assert_close(step[:, 0], full[:, t], atol=ATOL, rtol=0)
 
 
@@ -230,7 +223,7 @@ def test_fast_decoder_matches_forward_for_rows_at_different_positions(make_model
         tokens = seqs[torch.arange(3), pos]  # (3,)
         with torch.no_grad():
             ref = model(tokens[:, None], cache=cache, pos=pos, last_only=True).logits[:, -1]
-        got = fast(tokens, fast_cache, pos)
+        got = fast(tokens, fast_cache, pos).logits
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)  # same maths, different op order
         pos = pos + 1
     torch.testing.assert_close(fast_cache.k, cache.k, atol=1e-5, rtol=1e-4)
@@ -245,7 +238,7 @@ def test_fast_decoder_works_through_a_row_view_and_rejects_bad_input(tiny_model:
     with torch.no_grad():
         tiny_model(seq[:, :4], cache=cache.rows(2, 3), pos=torch.tensor([0]))
         ref = tiny_model(seq).logits[0, -1]
-    got = fast(seq[0, 4:], cache.rows(2, 3), torch.tensor([4]))
+    got = fast(seq[0, 4:], cache.rows(2, 3), torch.tensor([4])).logits
     torch.testing.assert_close(got[0], ref, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="exceeds block_size"):
         fast(seq[0, :1], cache.rows(0, 1), torch.tensor([cfg.block_size]))
@@ -279,14 +272,14 @@ def test_fast_decoder_shares_the_model_weights(tiny_model: Transformer, tmp_path
         before = tiny_model(seq).logits
     fast = FastDecoder(tiny_model)
     fc = tiny_model.blocks[1].mlp.c_fc.weight
-    assert fc.t().is_contiguous() and fast.layers[1][8].data_ptr() == fc.data_ptr()  # one copy, (in, out)
+    assert fc.t().is_contiguous() and fast.w.layers[1].w_fc.data_ptr() == fc.data_ptr()  # one copy, (in, out)
     with torch.no_grad():
         torch.testing.assert_close(tiny_model(seq).logits, before, atol=1e-5, rtol=0)  # same values after re-layout
         fc.mul_(1.5)  # an in-place change through the model reaches the decoder
         cache = KVCache(cfg, 1)
         tiny_model(seq[:, :5], cache=cache, pos=torch.tensor([0]))
         ref = tiny_model(seq).logits[:, -1]
-    torch.testing.assert_close(fast(seq[:, 5], cache, torch.tensor([5])), ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast(seq[:, 5], cache, torch.tensor([5])).logits, ref, atol=1e-4, rtol=0)
     assert not torch.allclose(ref, before[:, -1], atol=1e-3)
     save_checkpoint(tiny_model, tmp_path / "relaid.safetensors")  # the checkpoint writer copes with the layout
     torch.testing.assert_close(load_checkpoint(tmp_path / "relaid.safetensors").model.blocks[1].mlp.c_fc.weight, fc)
@@ -301,7 +294,7 @@ def test_float16_weight_decoder_stays_close_to_float32(tiny_model: Transformer, 
     caches = KVCache(cfg, 2), KVCache(cfg, 2)
     tokens, pos = torch.tensor([3, 7]), torch.tensor([0, 4])
     for _ in range(6):
-        a, b = exact(tokens, caches[0], pos), half(tokens, caches[1], pos)
+        a, b = exact(tokens, caches[0], pos).logits, half(tokens, caches[1], pos).logits
         scale = float(a.abs().max())
         assert 0 < float((a - b).abs().max()) <= 2e-3 * scale  # rounded weights: close, not equal
         tokens, pos = a.argmax(-1), pos + 1
@@ -316,7 +309,7 @@ def test_scripted_and_eager_decode_steps_agree(tiny_model: Transformer) -> None:
     caches = KVCache(cfg, 2), KVCache(cfg, 2)
     tokens, pos = torch.tensor([3, 7]), torch.tensor([0, 2])
     for _ in range(4):
-        a, b = scripted(tokens, caches[0], pos), eager(tokens, caches[1], pos)
+        a, b = scripted(tokens, caches[0], pos).logits, eager(tokens, caches[1], pos).logits
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         tokens, pos = a.argmax(-1), pos + 1
 

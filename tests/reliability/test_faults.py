@@ -18,7 +18,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from model.transformer import FastDecoder
+from model.decode import FastDecoder
 from tests.conftest import SLOW_STEP_S
 from tests.helpers import ERROR_FIELDS, idle, parse_metrics, value, wait_for
 from tests.reliability.conftest import Server

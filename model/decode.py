@@ -1,0 +1,305 @@
+"""The serving fast path: the KV cache and a one-token decode step for a batch of rows.
+
+`model/transformer.py` is the readable reference; `FastDecoder` computes the same maths (tested equal to
+it) in far fewer tensor ops, with per-row gates on every block's F(x) (interventions) and, for the rows that
+ask, the residual stream after every layer (the per-token trace).
+
+No `from __future__ import annotations` here: TorchScript reads the NamedTuples' annotations as types.
+"""
+
+import functools
+import logging
+import math
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+
+class KVCache:
+    """Preallocated keys/values for `n_rows` sequences: (n_layer, rows, n_head, block_size, head_dim)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        n_rows: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (config.n_layer, n_rows, config.n_head, config.block_size, config.head_dim)
+        self.k = _zeros(shape, device, dtype)
+        self.v = _zeros(shape, device, dtype)
+
+    @property
+    def n_rows(self) -> int:
+        """Number of sequence rows."""
+        return self.k.shape[1]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view over rows [start, stop): writes through it land in this cache."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        return view
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Copy one row's keys/values over another (used to keep live rows contiguous)."""
+        self.k[:, dst].copy_(self.k[:, src])
+        self.v[:, dst].copy_(self.v[:, src])
+
+
+def _zeros(shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros; on CPU from calloc'd memory, whose pages cost resident memory only once written.
+
+    A cache sized for max_batch_size x block_size is then paid for as sequences fill it, not at start.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, device=device, dtype=dtype)
+    n_bytes = math.prod(shape) * dtype.itemsize
+    return torch.from_numpy(np.zeros(n_bytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+class LayerWeights(NamedTuple):
+    """One block's tensors as the step reads them: matrices (in, out) or FBGEMM-packed, biases never None."""
+
+    ln_1_w: torch.Tensor
+    ln_1_b: torch.Tensor
+    w_qkv: torch.Tensor
+    b_qkv: torch.Tensor
+    w_o: torch.Tensor
+    b_o: torch.Tensor
+    ln_2_w: torch.Tensor
+    ln_2_b: torch.Tensor
+    w_fc: torch.Tensor
+    b_fc: torch.Tensor
+    w_p: torch.Tensor
+    b_p: torch.Tensor
+
+
+class DecodeWeights(NamedTuple):
+    """Every tensor of a decode step."""
+
+    wte: torch.Tensor  # (vocab, C)
+    wpe: torch.Tensor  # (block_size, C)
+    unembed_t: torch.Tensor  # (C, vocab)
+    ln_f_w: torch.Tensor
+    ln_f_b: torch.Tensor
+    layers: list[LayerWeights]
+
+
+class StepOutput(NamedTuple):
+    """A decode step's logits and, when rows were traced, their residual stream."""
+
+    logits: torch.Tensor  # (B, vocab)
+    stream: torch.Tensor | None  # (n_layer + 1, R, C): the embedding, then resid_post of every layer, traced rows
+
+
+class FastDecoder:
+    """One-token decode steps for inference, with the weights laid out for it.
+
+    Same maths as `Transformer.forward(tokens[:, None], cache=..., pos=..., last_only=True, gates=...)` in
+    far fewer tensor ops: contiguous (in, out) weight matrices for `addmm`, one flat `index_copy_` per cache
+    write and attention as two `bmm`s. The step body (`_decode_step`) is compiled with TorchScript, so a
+    whole step runs in C++ without taking the GIL between ops: an eager step hands the GIL over ~1,500 times,
+    and every handover waits for whatever Python the server's event loop is running
+    (`python -m bench.run --sections gil` times both next to a busy thread). If scripting is unavailable the
+    same function runs eagerly.
+
+    The decoder shares the model's weights rather than copying them: it re-lays each `nn.Linear` weight out
+    in place as the transpose of a contiguous (in, out) matrix (same values; `F.linear` then multiplies by
+    that matrix directly, so `forward` gets the layout too). After replacing parameters (e.g.
+    `model.to(...)`), build a new decoder. With `weights="float16"` (CPU with FBGEMM only, see
+    `float16_weights_available`) the four matrices of each block are also packed as float16 for FBGEMM's
+    fp16-weight GEMM: the arithmetic stays float32, the weights read per token halve, and the logits move by
+    ~1e-4 relative (the weights are rounded). No dropout here.
+    """
+
+    def __init__(self, model: "Transformer", *, script: bool = True, weights: str = "float32") -> None:
+        self.config = cfg = model.config
+        if weights not in ("float32", "float16"):
+            raise ValueError(f"weights must be 'float32' or 'float16', not {weights!r}")
+        self.weights = weights
+        if self.packed and not float16_weights_available(model.wte.weight.device):
+            raise ValueError("float16 decode weights need a CPU build of torch with FBGEMM (x86)")
+        self.w = _pack(model, self.packed)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.scripted = False
+        self._step = _decode_step
+        if script:
+            self._step, self.scripted = _scripted_decode_step()
+
+    @property
+    def packed(self) -> bool:
+        """Whether the block matrices are FBGEMM-packed float16."""
+        return self.weights == "float16"
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        pos: torch.Tensor,
+        gates: torch.Tensor | None = None,
+        trace_rows: torch.Tensor | None = None,
+    ) -> StepOutput:
+        """Logits (B, vocab) for one new token per row: `tokens` (B,) at positions `pos` (B,).
+
+        `gates` (B, n_layer, 2) multiplies each block's attention and MLP update per row (1 = unchanged,
+        0 = skipped: the identity); `trace_rows` (R,) picks the rows whose residual stream is returned.
+        """
+        B = tokens.shape[0]
+        cfg = self.config
+        if tokens.shape != (B,) or pos.shape != (B,) or cache.n_rows != B:
+            raise ValueError("a decode step needs tokens and pos of shape (B,) and a cache with B rows")
+        if gates is not None and gates.shape != (B, cfg.n_layer, 2):
+            raise ValueError(f"gates must have shape ({B}, {cfg.n_layer}, 2)")
+        if not cache.k[0].is_contiguous() or not cache.v[0].is_contiguous():
+            raise ValueError("a decode step needs each layer of the cache to be contiguous")
+        n_keys = int(pos.max()) + 1
+        if n_keys > cfg.block_size:
+            raise ValueError(f"position {n_keys - 1} exceeds block_size {cfg.block_size}")
+        logits, stream = self._step(tokens, pos, n_keys, cache.k, cache.v, self.w, cfg.n_head, self.scale,
+                                    cfg.residual, self.packed, gates, trace_rows)
+        return StepOutput(logits, stream)
+
+
+def _pack(model: "Transformer", packed: bool) -> DecodeWeights:
+    """The model's tensors laid out for the step (sharing the model's storage unless packed as float16)."""
+    C, cfg = model.config.d_model, model.config
+
+    def vec(t: torch.Tensor | None, n: int) -> torch.Tensor:
+        return t.detach() if t is not None else model.wte.weight.new_zeros(n)  # a missing bias adds nothing
+
+    def mat(linear: nn.Linear) -> torch.Tensor:
+        w = linear.weight
+        if packed:
+            return torch.fbgemm_pack_gemm_matrix_fp16(w.detach().float())  # (out, in) packed by FBGEMM
+        if not w.t().is_contiguous():  # re-lay the model's weight out as the transpose of an (in, out) matrix
+            w.data = w.detach().t().contiguous().t()
+        return w.detach().t()  # (in, out), contiguous, the model's own storage
+
+    layers = [
+        LayerWeights(
+            b.ln_1.weight.detach(), vec(b.ln_1.bias, C), mat(b.attn.c_attn), vec(b.attn.c_attn.bias, 3 * C),
+            mat(b.attn.c_proj), vec(b.attn.c_proj.bias, C),
+            b.ln_2.weight.detach(), vec(b.ln_2.bias, C), mat(b.mlp.c_fc), vec(b.mlp.c_fc.bias, cfg.d_ff),
+            mat(b.mlp.c_proj), vec(b.mlp.c_proj.bias, C),
+        )
+        for b in model.blocks
+    ]
+    wte = model.wte.weight.detach()
+    return DecodeWeights(wte, model.wpe.weight.detach(), wte.t().contiguous(), model.ln_f.weight.detach(),
+                         vec(model.ln_f.bias, C), layers)
+
+
+def float16_weights_available(device: torch.device | str = "cpu") -> bool:
+    """Whether `FastDecoder(weights="float16")` can run on `device` (a CPU build of torch with FBGEMM)."""
+    return torch.device(device).type == "cpu" and _fbgemm_fp16_works()
+
+
+@functools.cache
+def _fbgemm_fp16_works() -> bool:
+    """Probe FBGEMM's fp16-weight GEMM once per process."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    # Both ops are deprecated upstream and warn once per process: this probe takes those warnings, and
+    # answers False if a later torch drops them (torch is pinned; decode then falls back to float32).
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            w = torch.fbgemm_pack_gemm_matrix_fp16(torch.eye(8))
+            ok = torch.equal(torch.fbgemm_linear_fp16_weight(torch.eye(8), w, torch.zeros(8)), torch.eye(8))
+    except (AttributeError, RuntimeError):
+        return False
+    return ok
+
+
+def auto_decode_weights(device: torch.device | str = "cpu") -> str:
+    """What decode weights `auto` means: float16 where FBGEMM runs them (same val loss), else float32."""
+    return "float16" if float16_weights_available(device) else "float32"
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, packed: bool) -> torch.Tensor:
+    """x @ W^T + b, with W as a contiguous (in, out) float matrix or packed by FBGEMM as float16."""
+    if packed:
+        return torch.fbgemm_linear_fp16_weight(x, w, b)
+    return torch.addmm(b, x, w)
+
+
+def _update(x: torch.Tensor, f: torch.Tensor, g: torch.Tensor | None, residual: bool) -> torch.Tensor:
+    """x + g * F(x) (plain stack: g * F(x)); g (B, 1) per row, and g = 0 leaves x as it is (the identity)."""
+    if g is None:
+        return x + f if residual else f
+    if residual:
+        return x + g * f
+    return torch.where(g == 0, x, g * f)
+
+
+def _decode_step(
+    tokens: torch.Tensor, pos: torch.Tensor, n_keys: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    w: DecodeWeights, n_head: int, scale: float, residual: bool, packed: bool,
+    gates: torch.Tensor | None, trace_rows: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The body of `FastDecoder.__call__` (checked input; n_keys = max(pos) + 1), in the TorchScript subset."""
+    B, C, S = tokens.shape[0], w.wte.shape[1], k_cache.shape[3]
+    nh, hd = n_head, C // n_head
+    rows = torch.arange(B, device=pos.device)
+    slot = ((rows[:, None] * nh + torch.arange(nh, device=pos.device)) * S + pos[:, None]).view(-1)  # (B*nh,)
+    if int(pos.min()) == n_keys - 1:  # every row at the same position (always at batch 1): nothing to mask
+        mask = torch.zeros((1, 1, 1), dtype=w.wte.dtype, device=pos.device)
+    else:
+        allowed = torch.arange(n_keys, device=pos.device) <= pos[:, None]  # (B, S')
+        mask = torch.zeros((B, nh, 1, n_keys), dtype=w.wte.dtype, device=pos.device)
+        mask = mask.masked_fill_(~allowed[:, None, None, :], float("-inf")).view(B * nh, 1, n_keys)
+    x = w.wte.index_select(0, tokens) + w.wpe.index_select(0, pos)  # (B, C)
+    stream: list[torch.Tensor] = []
+    if trace_rows is not None:
+        stream.append(x.index_select(0, trace_rows))  # (R, C)
+    for layer, lw in enumerate(w.layers):
+        g_attn: torch.Tensor | None = None
+        g_mlp: torch.Tensor | None = None
+        if gates is not None:
+            g_attn, g_mlp = gates[:, layer, 0:1], gates[:, layer, 1:2]  # (B, 1) each
+        h = F.layer_norm(x, [C], lw.ln_1_w, lw.ln_1_b)  # (B, C)
+        qkv = _linear(h, lw.w_qkv, lw.b_qkv, packed).view(B, 3, nh, hd)  # (B, 3, nh, hd)
+        k_flat, v_flat = k_cache[layer].view(-1, hd), v_cache[layer].view(-1, hd)  # (B*nh*S, hd)
+        k_flat.index_copy_(0, slot, qkv[:, 1].reshape(B * nh, hd))  # cache[b, h, pos[b]] = k[b, h]
+        v_flat.index_copy_(0, slot, qkv[:, 2].reshape(B * nh, hd))
+        keys = k_flat.view(B * nh, S, hd)[:, :n_keys]  # (B*nh, S', hd)
+        values = v_flat.view(B * nh, S, hd)[:, :n_keys]
+        q = qkv[:, 0].reshape(B * nh, 1, hd)
+        att = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=scale).softmax(-1)  # (B*nh, 1, S')
+        y = torch.bmm(att, values).view(B, C)  # (B, C)
+        x = _update(x, _linear(y, lw.w_o, lw.b_o, packed), g_attn, residual)  # (B, C)
+        h = F.layer_norm(x, [C], lw.ln_2_w, lw.ln_2_b)
+        m = _linear(F.gelu(_linear(h, lw.w_fc, lw.b_fc, packed), approximate="tanh"), lw.w_p, lw.b_p, packed)
+        x = _update(x, m, g_mlp, residual)  # (B, C)
+        if trace_rows is not None:
+            stream.append(x.index_select(0, trace_rows))  # (R, C)
+    logits = torch.mm(F.layer_norm(x, [C], w.ln_f_w, w.ln_f_b), w.unembed_t)  # (B, vocab)
+    if trace_rows is None:
+        return logits, None
+    return logits, torch.stack(stream)  # (L + 1, R, C)
+
+
+@functools.cache
+def _scripted_decode_step() -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor | None]], bool]:
+    """`_decode_step` compiled by TorchScript (once per process), or the plain function if that fails."""
+    try:
+        with warnings.catch_warnings():  # deprecated, but the only GIL-free step that needs no C++ compiler
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(_decode_step), True
+    except Exception as e:  # noqa: BLE001 - e.g. no source files, or a torch without TorchScript
+        log.warning("TorchScript unavailable (%s: %s); the decode step runs eagerly", type(e).__name__, e)
+        return _decode_step, False
