@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from app.settings import CHECKPOINTS_DIR, DEFAULT_CHECKPOINT
-from tests.app.test_page import CHROMIUM, MISSING, sync_api
+from tests.app.test_page import CHROMIUM, MISSING, hover_cell, sync_api
 from tests.live_server import REPO_ROOT, launch, stop
 
 log = logging.getLogger("page_screenshots")
@@ -52,9 +52,7 @@ def take(base: str, out: Path) -> list[Path]:
         page.fill("#seed", "1")
         page.select_option("#lens-top", "3")
         generate(page)
-        canvas = page.locator("#trace-heatmap")
-        box = canvas.bounding_box()
-        page.mouse.move(box["x"] + 34 + 20 * 14 + 7, box["y"] + 4 + 3 * 14 + 7)  # token 20, layer 3: the tooltip
+        hover_cell(page, 20, 3)  # token 20, layer 3: the tooltip
         shot(page.locator("main > .row"), "page-generate.png")
 
         page.mouse.move(0, 0)

@@ -325,13 +325,15 @@
     return text.replace(/\n/g, "⏎").replace(/ /g, "␣").replace(/\t/g, "⇥");
   }
 
+  // The layer labels sit on their own canvas (#trace-rows) so that they stay in view when the map scrolls sideways.
   const heat = {
-    canvas: null, wrap: null, nLayer: 0, cols: [], hover: null,
-    left: 34, top: 4, bottom: 20, cellW: 14, cellH: 14,
+    canvas: null, rows: null, scroller: null, nLayer: 0, cols: [], hover: null,
+    labelW: 34, top: 4, bottom: 20, cellW: 14, cellH: 14,
 
     init() {
       this.canvas = $("#trace-heatmap");
-      this.wrap = $("#heatmap-wrap");
+      this.rows = $("#trace-rows");
+      this.scroller = $("#heatmap-scroll");
       this.canvas.addEventListener("mousemove", (e) => this.onHover(e));
       this.canvas.addEventListener("click", (e) => this.onHover(e));
       this.canvas.addEventListener("mouseleave", () => this.hideTip());
@@ -344,10 +346,13 @@
       return document.querySelector('input[name="metric"]:checked').value;
     },
 
-    reset(nLayer) {
+    // `expected` columns fit the visible width when they can (cells 6..14 px wide); more scroll sideways
+    reset(nLayer, expected = 0) {
       this.nLayer = nLayer;
       this.cols = [];
       this.cellH = nLayer > 24 ? 9 : 14;
+      const room = this.scroller.clientWidth - 4;
+      this.cellW = expected > 0 && room > 0 ? Math.min(14, Math.max(6, Math.floor(room / expected))) : 14;
       this.hideTip();
       this.draw();
     },
@@ -355,7 +360,7 @@
     add(token, trace) {
       this.cols.push({token, trace});
       this.draw();
-      this.wrap.scrollLeft = this.wrap.scrollWidth;
+      this.scroller.scrollLeft = this.scroller.scrollWidth;
     },
 
     value(col, layer, metric) {
@@ -390,38 +395,31 @@
       const c = this.canvas;
       const n = this.cols.length;
       const metric = this.metric();
-      const w = this.left + Math.max(n, 1) * this.cellW + 4;
+      const w = Math.max(n, 1) * this.cellW + 4;
       const h = this.top + this.nLayer * this.cellH + this.bottom;
-      const dpr = window.devicePixelRatio || 1;
-      c.width = Math.round(w * dpr);
-      c.height = Math.round(h * dpr);
-      c.style.width = `${w}px`;
-      c.style.height = `${h}px`;
-      c.dataset.rows = String(this.nLayer);
-      c.dataset.cols = String(n);
-      c.dataset.metric = metric;
-      const g = c.getContext("2d");
-      g.setTransform(dpr, 0, 0, dpr, 0, 0);
-      g.clearRect(0, 0, w, h);
-      g.font = "10px ui-monospace, monospace";
-      g.textBaseline = "middle";
-      g.fillStyle = "#667085";
-      g.textAlign = "right";
+      const g = this.sized(c, w, h);
+      Object.assign(c.dataset, {rows: String(this.nLayer), cols: String(n), metric, cellW: String(this.cellW),
+        cellH: String(this.cellH), top: String(this.top)});
+      const gr = this.sized(this.rows, this.labelW, h);
+      gr.fillStyle = "#667085";
+      gr.textAlign = "right";
       const every = this.nLayer > 24 ? 4 : this.nLayer > 12 ? 2 : 1;
       for (let l = 0; l < this.nLayer; l++) {
-        if (l % every === 0 || l === this.nLayer - 1) g.fillText(`L${l}`, this.left - 4, this.top + (l + 0.5) * this.cellH);
+        if (l % every === 0 || l === this.nLayer - 1) gr.fillText(`L${l}`, this.labelW - 4, this.top + (l + 0.5) * this.cellH);
       }
       const range = this.range(metric);
       const s = this.scale(metric, range);
       g.textAlign = "center";
+      const labelEvery = Math.ceil(9 / this.cellW);
       for (let i = 0; i < n; i++) {
         const col = this.cols[i];
-        const x = this.left + i * this.cellW;
+        const x = i * this.cellW;
         for (let l = 0; l < this.nLayer; l++) {
           const v = this.value(col, l, metric);
           g.fillStyle = v === null || !Number.isFinite(v) ? "#ccc" : viridis(s(v));
           g.fillRect(x, this.top + l * this.cellH, this.cellW - 1, this.cellH - 1);
         }
+        if (i % labelEvery) continue;
         g.fillStyle = "#1d2430";
         const t = col.token.text.length === 1 ? visible(col.token.text) : "·";
         g.fillText(t, x + this.cellW / 2, this.top + this.nLayer * this.cellH + this.bottom / 2);
@@ -429,11 +427,26 @@
       if (this.hover) {
         g.strokeStyle = "#ff3d00";
         g.lineWidth = 1.5;
-        g.strokeRect(this.left + this.hover.col * this.cellW, this.top + this.hover.row * this.cellH,
+        g.strokeRect(this.hover.col * this.cellW, this.top + this.hover.row * this.cellH,
           this.cellW - 1, this.cellH - 1);
       }
       $("#heatmap-empty").hidden = n > 0;
       this.legend(metric, range);
+    },
+
+    // size a canvas to w × h CSS pixels, sharp on high-DPI screens; its 2D context, cleared
+    sized(canvas, w, h) {
+      const dpr = window.devicePixelRatio || 1;
+      canvas.width = Math.round(w * dpr);
+      canvas.height = Math.round(h * dpr);
+      canvas.style.width = `${w}px`;
+      canvas.style.height = `${h}px`;
+      const g = canvas.getContext("2d");
+      g.setTransform(dpr, 0, 0, dpr, 0, 0);
+      g.clearRect(0, 0, w, h);
+      g.font = "10px ui-monospace, monospace";
+      g.textBaseline = "middle";
+      return g;
     },
 
     legend(metric, range) {
@@ -459,7 +472,7 @@
 
     cellAt(e) {
       const r = this.canvas.getBoundingClientRect();
-      const x = e.clientX - r.left - this.left;
+      const x = e.clientX - r.left;
       const y = e.clientY - r.top - this.top;
       const col = Math.floor(x / this.cellW);
       const row = Math.floor(y / this.cellH);
@@ -554,7 +567,7 @@
     out.dataset.done = "0";
     out.dataset.tokens = "0";
     $("#output-prompt").textContent = req.prompt;
-    heat.reset(card ? card.n_layer : 0);
+    heat.reset(card ? card.n_layer : 0, req.max_new_tokens || 0);
     const run = {kind, request: req, text: "", tokens: [], traced: false, done: null};
     const t0 = performance.now();
     let tFirst = null;
@@ -807,8 +820,14 @@
       return `position ${c.position} reads ${JSON.stringify(c.reads)} · layer ${layer}<br>${escapeHTML(tops)}` +
         (e.kl_to_final !== undefined ? `<br>KL to final ${fmt(e.kl_to_final)}` : "");
     };
+    // as many columns as fit with a readable label; a slider reaches the others (it starts at the end)
+    const fit = Math.max(8, Math.floor(($("#chart-lens").clientWidth - 64) / 22));
+    const zoom = cols.length > fit ? [{type: "slider", xAxisIndex: 0, startValue: cols.length - fit,
+      endValue: cols.length - 1, height: 16, bottom: 48, showDetail: false, brushSelect: false},
+    {type: "inside", xAxisIndex: 0}] : [];
     draw("chart-lens", {
-      grid: {left: 48, right: 16, top: 10, bottom: 84},
+      dataZoom: zoom,
+      grid: {left: 48, right: 16, top: 10, bottom: zoom.length ? 112 : 84},
       tooltip: {trigger: "item", confine: true, formatter: tip},
       xAxis: {type: "category", data: cols.map((c) => visible(c.reads)), name: "position (reads)", nameLocation: "middle",
         nameGap: 26, splitArea: {show: true}},
@@ -818,7 +837,7 @@
         inRange: {color: VIRIDIS.map((c) => `rgb(${c.join(",")})`)}},
       series: [{
         name: "logit lens", type: "heatmap", data,
-        label: {show: cols.length <= 48, fontSize: 10, color: "#fff", formatter: (p) => {
+        label: {show: true, fontSize: 10, color: "#fff", textBorderColor: "#000", textBorderWidth: 2, formatter: (p) => {
           const top = cols[p.data[0]].lens[p.data[1]].top[0];
           return visible(top.text.length === 1 ? top.text : "·");
         }},

@@ -166,6 +166,14 @@ def replay(server: Server, path: str, body: dict, **changes: object) -> dict:
     return resp.json()
 
 
+def hover_cell(page: object, col: int, layer: int) -> None:
+    """Move the mouse to the centre of one heatmap cell (the canvas gives its geometry in data attributes)."""
+    canvas = page.locator("#trace-heatmap")
+    box = canvas.bounding_box()
+    w, h, top = (float(canvas.get_attribute(f"data-{k}")) for k in ("cell-w", "cell-h", "top"))
+    page.mouse.move(box["x"] + (col + 0.5) * w, box["y"] + top + (layer + 0.5) * h)
+
+
 def chart_series(page: object, chart_id: str) -> list[dict]:
     series = page.evaluate(CHART_SERIES_JS, chart_id)
     assert series is not None, f"{chart_id} was never drawn"
@@ -209,9 +217,8 @@ def test_streamed_text_equals_generate_and_the_heatmap_grows_with_it(visit: Call
     assert canvas.get_attribute("data-rows") == str(N_LAYER)
     assert canvas.get_attribute("data-cols") == str(len(expected["trace"]["tokens"])) == "14"
     # hovering a cell shows that cell's figures: the same numbers the non-streamed answer carries
-    box = canvas.bounding_box()
     col, layer = 3, N_LAYER - 1
-    page.mouse.move(box["x"] + 34 + col * 14 + 7, box["y"] + 4 + layer * 14 + 7)
+    hover_cell(page, col, layer)
     tip = page.text_content("#heatmap-tip")
     token = expected["trace"]["tokens"][col]
     assert tip.startswith(f"layer {layer} · token {col} "), tip
