@@ -73,7 +73,7 @@
         resolve(key || null);
       }, {once: true});
     });
-    dialog.querySelector("p").dataset.reason = reason || "";
+    $("#key-reason").textContent = reason || "";
     dialog.showModal();
     return keyPrompt;
   }
@@ -684,7 +684,8 @@
     const base = {
       animation: false,
       grid: {left: 56, right: 56, top: 34, bottom: 40},
-      tooltip: {trigger: "axis", confine: true},
+      // richText: tooltips drawn on the chart's canvas; the HTML ones carry style attributes the page's CSP refuses
+      tooltip: {trigger: "axis", confine: true, renderMode: "richText"},
       textStyle: {fontFamily: "system-ui, sans-serif"},
     };
     const c = chart(id);
@@ -784,6 +785,7 @@
   }
 
   function byteLabel(bytes, i) {
+    if (i < 0 || i >= bytes.length) return "?";
     const b = bytes[i];
     return b < 0x80 ? String.fromCharCode(b) : `<0x${b.toString(16).toUpperCase().padStart(2, "0")}>`;
   }
@@ -817,8 +819,8 @@
       const layer = p.data[1];
       const e = c.lens[layer];
       const tops = e.top.map((t) => `${JSON.stringify(t.text)} ${fmt(t.prob)}`).join(", ");
-      return `position ${c.position} reads ${JSON.stringify(c.reads)} · layer ${layer}<br>${escapeHTML(tops)}` +
-        (e.kl_to_final !== undefined ? `<br>KL to final ${fmt(e.kl_to_final)}` : "");
+      return `position ${c.position} reads ${JSON.stringify(c.reads)} · layer ${layer}\n${tops}` +
+        (e.kl_to_final !== undefined ? `\nKL to final ${fmt(e.kl_to_final)}` : "");
     };
     // as many columns as fit with a readable label; a slider reaches the others (it starts at the end)
     const fit = Math.max(8, Math.floor(($("#chart-lens").clientWidth - 64) / 22));
@@ -828,7 +830,7 @@
     draw("chart-lens", {
       dataZoom: zoom,
       grid: {left: 48, right: 16, top: 10, bottom: zoom.length ? 112 : 84},
-      tooltip: {trigger: "item", confine: true, formatter: tip},
+      tooltip: {trigger: "item", confine: true, renderMode: "richText", formatter: tip},
       xAxis: {type: "category", data: cols.map((c) => visible(c.reads)), name: "position (reads)", nameLocation: "middle",
         nameGap: 26, splitArea: {show: true}},
       yAxis: {type: "category", inverse: true, data: L.map((_, l) => `L${l}`), splitArea: {show: true}},
@@ -843,10 +845,6 @@
         }},
       }],
     });
-  }
-
-  function escapeHTML(s) {
-    return s.replace(/[&<>"']/g, (ch) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[ch]));
   }
 
   // ------------------------------------------------------------------ Inspect and Compare

@@ -253,7 +253,8 @@ def test_switching_block_0_off_changes_the_text(visit: Callable[..., Visit], ser
 
 
 def test_inspect_draws_what_diagnostics_returns(visit: Callable[..., Visit], server: Server) -> None:
-    page = visit().open()
+    v = visit()
+    page = v.open()
     fill_write(page, prompt="Look inside ", max_new=8, seed=3, lens_top=2)
     sent = run_generation(page)
     generated = page.text_content("#output")
@@ -279,6 +280,17 @@ def test_inspect_draws_what_diagnostics_returns(visit: Callable[..., Visit], ser
     for part in ("block", "attn", "mlp"):
         assert ablation[f"ΔLoss {part}"] == [e["delta_loss"][part] for e in layers]
     assert ablation["BI"] == [e["block_influence"] for e in layers]
+
+    # hovering the charts raises their tooltips without a CSP violation (the fixture fails the test on any console
+    # error; ECharts' HTML tooltips carry style attributes that `style-src 'self'` refuses, so the page draws them
+    # on the canvas)
+    for chart_id in ("chart-norms", "chart-lens"):
+        page.locator(f"#{chart_id}").scroll_into_view_if_needed()
+        box = page.locator(f"#{chart_id}").bounding_box()
+        for dx in (0, 8):
+            page.mouse.move(box["x"] + box["width"] / 2 + dx, box["y"] + box["height"] / 3)
+        page.wait_for_timeout(400)
+    assert not v.console, v.console[:1]
 
     (lens,) = chart_series(page, "chart-lens")
     cells = {(x, y): p for x, y, p in lens["data"]}
