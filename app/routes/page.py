@@ -28,9 +28,20 @@ PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "
 router = APIRouter(include_in_schema=False)
 
 
+class _StaticFiles(StaticFiles):
+    """StaticFiles that names its route, so the access log and the HTTP metric say `/static/{path}` (a mount sets
+    no route in the scope, and unknown paths are labelled "unmatched")."""
+
+    path = "/static/{path}"
+
+    async def __call__(self, scope: dict, receive: object, send: object) -> None:
+        scope["route"] = self
+        await super().__call__(scope, receive, send)
+
+
 def static_files() -> StaticFiles:
     """The `/static` mount: the page's script, styles and vendored libraries."""
-    return StaticFiles(directory=STATIC_DIR)
+    return _StaticFiles(directory=STATIC_DIR)
 
 
 @router.api_route("/", methods=["GET", "HEAD"])

@@ -100,3 +100,11 @@ def test_vendored_libraries_keep_their_licences() -> None:
         assert (vendor / folder / licence).is_file(), folder
         assert f"`{folder}/`" in readme, folder
     assert "6.0.0" in readme and "5.35.0" in readme and "2.5.4" in readme
+
+
+def test_static_requests_have_their_own_metric_label(client: TestClient) -> None:
+    client.get("/static/page.js")
+    client.get("/static/nope.js")
+    text = client.get("/metrics").text
+    assert 'route="/static/{path}",status="200"' in text
+    assert 'route="/static/{path}",status="404"' in text
