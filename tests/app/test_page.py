@@ -11,6 +11,7 @@ Playwright's own browser download is not used.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -329,6 +330,22 @@ def test_api_errors_are_shown_as_the_api_words_them(visit: Callable[..., Visit],
     assert resp.status_code == 400
     assert page.text_content("#error") == resp.json()["error"]["message"]
     assert page.is_visible("#error")
+
+
+def test_an_error_event_in_the_stream_is_shown(visit: Callable[..., Visit]) -> None:
+    """The server reports a failure after the stream has begun (a timeout, say) as `event: error`; the page keeps
+    the text so far and shows the message. The stream is canned here: the live server has no way to fail on cue."""
+    message = "request exceeded the 120 s timeout"
+    body = ('event: token\ndata: {"type": "token", "text": "ab", "token": {"id": 98, "text": "b"}}\n\n'
+            'event: error\ndata: ' + json.dumps({"error": {"message": message, "type": "timeout_error", "param": None,
+                                                          "code": "request_timeout"}}) + "\n\n")
+    page = visit().open()
+    page.route("**/generate", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    fill_write(page, trace=False)
+    page.click("#generate")
+    page.wait_for_selector("#output[data-done='error']", state="attached")
+    assert page.text_content("#error") == message
+    assert page.text_content("#output") == "ab"
 
 
 def test_ctrl_enter_generates_and_escape_stops(visit: Callable[..., Visit]) -> None:
