@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from pydantic_core import PydanticCustomError
@@ -41,6 +41,14 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False), JsonNumber]
 TopK = Annotated[int, Field(ge=0, le=256, description="0 = off"), JsonNumber]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED), JsonNumber]
 MaxTokens = Annotated[int, Field(ge=1, le=65536), JsonNumber]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False, description="0 = off"), JsonNumber]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, allow_inf_nan=False, description="1 = off"), JsonNumber]
+MinP = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, description="0 = off"), JsonNumber]
+TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,6}$")]
+BiasValue = Annotated[float, Field(allow_inf_nan=False, description="clamped to -100..100"), JsonNumber]
+LogitBias = Annotated[dict[TokenIdKey, BiasValue], Field(
+    max_length=1024, description="token id (as a string) -> bias added to its logit, clamped to -100..100",
+    json_schema_extra={"additionalProperties": False})]  # keys are only the pattern's
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 256, 1024  # schema caps; the engine's own limits (settings) are lower
 
 
@@ -137,6 +145,11 @@ class GenerateRequest(BaseModel):
     seed: Seed | None = None
     logprobs: Annotated[int, Field(ge=0, le=256, description="top alternatives per token; 0 = none"), JsonNumber] = 0
     stream: StrictBool = False
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    min_p: MinP = 0.0
+    logit_bias: LogitBias | None = None
     intervention: InterventionSpec | None = Field(None, description="skip or scale blocks' F(x) for this request")
     trace: StrictBool = Field(False, description="per token: resid_post norm and update ratio of every layer")
     logit_lens_top: Annotated[int, Field(ge=0, le=MAX_LENS_TOP), JsonNumber] = Field(
@@ -209,35 +222,98 @@ class DetokenizeResponse(BaseModel):
 # ---- OpenAI-compatible ---------------------------------------------------------------------------
 
 
-class CompletionRequest(BaseModel):
-    """Body of POST /v1/completions (the subset that applies to this server)."""
+class StreamOptions(BaseModel):
+    """`stream_options`: OpenAI's fields (unknown ones are refused with a 400 by the route)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: StrictBool | None = None
+    include_obfuscation: StrictBool | None = None
+
+
+class OpenAIRequest(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions.
+
+    Unknown fields are kept (extra="allow") so that the route can refuse them with a 400 `unsupported_parameter`
+    that names the field and says what to use instead, as it does for OpenAI fields this server does not serve.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     model: ModelName | None = None
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    max_tokens: MaxTokens | None = 16
     temperature: Temperature | None = 1.0
     top_p: TopP | None = 1.0
-    top_k: TopK | None = None
-    n: Literal[1] = 1
-    stream: StrictBool = False
-    logprobs: Annotated[int, Field(ge=0, le=20), JsonNumber] | None = None
+    n: Annotated[int, Field(ge=1, le=1024, description="choices per prompt (at most SHORTCUT_MAX_N)"),
+                 JsonNumber] | None = 1
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
     stop: Stop = None
     seed: Seed | None = None
-    echo: Literal[False] = False
-    best_of: Literal[1] | None = None
-    stream_options: dict | None = None
+    presence_penalty: Penalty | None = 0.0
+    frequency_penalty: Penalty | None = 0.0
+    logit_bias: LogitBias | None = None
+    user: Annotated[str, Field(max_length=256)] | None = Field(None, description="logged only, as in OpenAI")
+    # vendor extensions (as in vLLM, plus this server's own)
+    top_k: TopK | None = Field(None, description="extension; 0 = off")
+    min_p: MinP | None = Field(None, description="extension; 0 = off")
+    repetition_penalty: RepetitionPenalty | None = Field(None, description="extension; 1 = off")
+    intervention: InterventionSpec | None = Field(None, description="extension, as on /generate: skip or scale "
+                                                                    "blocks' F(x) for every choice")
+    trace: StrictBool = Field(False, description="extension, as on /generate: each choice carries `trace`")
+    logit_lens_top: Annotated[int, Field(ge=0, le=MAX_LENS_TOP), JsonNumber] = Field(
+        0, description="extension, as on /generate (implies trace)")
+
+
+TokenId = Annotated[int, Field(ge=0, le=2**31), JsonNumber]
+MAX_PROMPTS_SCHEMA = 1024  # the served limit is SHORTCUT_MAX_PROMPTS
+
+
+class CompletionRequest(OpenAIRequest):
+    """Body of POST /v1/completions."""
+
+    prompt: (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS_SCHEMA)]
+             | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]],
+                         Field(min_length=1, max_length=MAX_PROMPTS_SCHEMA)])
+    max_tokens: MaxTokens | None = Field(None, description="omitted or null: 16 (OpenAI's default), capped by "
+                                                           "what the context window leaves")
+    logprobs: Annotated[int, Field(ge=0, le=20), JsonNumber] | None = None
+    echo: StrictBool | None = False
+    best_of: Annotated[int, Field(ge=1), JsonNumber] | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message; `name` is the speaker's name in the rendered play script."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: Annotated[str, Field(max_length=64)] | None = None
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    """Body of POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
+    safety_identifier: Annotated[str, Field(max_length=256)] | None = Field(None, description="logged only")
+    max_completion_tokens: MaxTokens | None = None
+    max_tokens: MaxTokens | None = Field(None, description="deprecated alias of max_completion_tokens; omitted or "
+                                                           "null: SHORTCUT_DEFAULT_MAX_NEW_TOKENS, capped by the "
+                                                           "window")
+    logprobs: StrictBool | None = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20), JsonNumber] | None = None
 
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # null for the first prompt token with echo (nothing predicts it)
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")  # `trace`, an extension, only when it was asked for
     text: str
     index: int
     logprobs: CompletionLogprobs | None
@@ -245,11 +321,52 @@ class CompletionChoice(BaseModel):
 
 
 class CompletionResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")  # `intervention`, an extension, only when one was applied
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")  # `trace`, an extension, only when it was asked for
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")  # `intervention`, an extension, only when one was applied
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
 
@@ -282,3 +399,100 @@ class ErrorResponse(BaseModel):
     """Every error has this shape."""
 
     error: ErrorDetail
+
+
+# ---- /diagnostics (documents the JSON that model.diagnostics builds; a test validates real results against it)
+
+Stat = float | None  # None only where the model itself overflowed
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NormStats(_Strict):
+    mean: Stat
+    max: Stat
+    first: Stat = Field(..., description="at position 0 (often an attention sink)")
+    per_token: list[Stat] | None = Field(None, description="with per_token=true")
+
+
+class UpdateRatios(_Strict):
+    attn: Stat = Field(..., description="|attn_out| / |resid_pre|, mean over positions")
+    mlp: Stat = Field(..., description="|mlp_out| / |resid_mid|")
+    block: Stat = Field(..., description="|resid_post - resid_pre| / |resid_pre|")
+    per_token: dict[Literal["attn", "mlp", "block"], list[Stat]] | None = Field(None, description="per_token=true")
+
+
+class LogitLensTop(_Strict):
+    id: int
+    text: str
+    prob: Stat
+
+
+class LogitLensLayer(_Strict):
+    top: list[LogitLensTop]
+    entropy: Stat
+    kl_to_final: Stat = Field(..., description="KL(final || this layer) at the last position")
+
+
+class DeltaLoss(_Strict):
+    block: Stat
+    attn: Stat
+    mlp: Stat
+
+
+class LayerDiagnostics(_Strict):
+    layer: int
+    intervened: bool = Field(..., description="the request's intervention touches this layer")
+    resid_pre: NormStats
+    attn_out: NormStats
+    resid_mid: NormStats
+    mlp_out: NormStats
+    resid_post: NormStats
+    update_ratio: UpdateRatios
+    cos_update: Stat
+    block_influence: Stat = Field(..., description="1 - cos(resid_pre, resid_post) (ShortGPT's BI)")
+    logit_lens: LogitLensLayer | None = Field(None, description="with logit_lens=K")
+    grad_norm: Stat = Field(None, description="with gradients=true: |dL/d resid_pre|")
+    delta_loss: DeltaLoss | None = Field(None, description="with ablation=true: loss change with the part skipped")
+
+
+class DiagnosticsTokens(_Strict):
+    ids: list[int]
+    text: list[str]
+
+
+class DiagnosticsSummary(_Strict):
+    norm_growth_per_layer: Stat
+    largest_update_layer: int
+    spearman_bi_vs_delta_loss: Stat = Field(None, description="with ablation=true")
+
+
+class DiagnosticsOptionsEcho(_Strict):
+    per_token: bool
+    logit_lens: int
+    gradients: bool
+    ablation: bool
+    intervention: InterventionSpec | None
+
+
+class DiagnosticsModel(_Strict):
+    name: str
+    n_layer: int
+    d_model: int
+    residual: bool
+    checkpoint_sha256: str
+
+
+class DiagnosticsResponse(_Strict):
+    """Body of a JSON /diagnostics answer."""
+
+    tokens: DiagnosticsTokens
+    n_tokens: int
+    loss: Stat = Field(..., description="mean next-token loss over the prompt, nats (None under 2 tokens)")
+    options: DiagnosticsOptionsEcho
+    layers: list[LayerDiagnostics]
+    summary: DiagnosticsSummary
+    notes: list[str]
+    model: DiagnosticsModel

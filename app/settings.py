@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +43,9 @@ class Settings(BaseSettings):
     max_stop_length: int = Field(64, ge=1)
     max_logprobs: int = Field(20, ge=0, le=256)
     default_max_new_tokens: int = Field(64, ge=1)
+    chat_template: str = Field("{name}:\n{content}\n\n", description="one chat turn; see README, OpenAI section")
+    max_n: int = Field(8, ge=1, le=1024, description="most choices per prompt on /v1 (`n`)")
+    max_prompts: int = Field(16, ge=1, le=1024, description="most prompts in one /v1/completions request")
     request_timeout_s: float = Field(120.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
     warmup: bool = True
@@ -53,6 +57,19 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _turn_template(cls, value: str) -> str:
+        try:
+            parts = list(string.Formatter().parse(value))
+        except ValueError as e:
+            raise ValueError(f"SHORTCUT_CHAT_TEMPLATE: {e}") from None
+        fields = [(f, spec, conv) for _, f, spec, conv in parts if f is not None]
+        if fields != [("name", "", None), ("content", "", None)] or not parts[-1][0] or parts[-1][1] is not None:
+            raise ValueError("SHORTCUT_CHAT_TEMPLATE needs {name}, then {content}, each once, then the text that "
+                             "ends a turn (the stop string), e.g. '{name}:\\n{content}\\n\\n'")
+        return value
 
     @field_validator("api_key")
     @classmethod

@@ -147,7 +147,7 @@ def profile_decode(model: Transformer, prompt: list[int], steps: int, batch: int
                 if generic:
                     logits = model(tok, cache=cache, pos=pos, last_only=True).logits[:, -1]  # (B, V)
                 else:
-                    logits = fast(tok[:, 0], cache, pos)  # (B, V)
+                    logits = fast(tok[:, 0], cache, pos).logits  # (B, V)
                 tok, pos = logits.argmax(-1, keepdim=True), pos + 1
             return time.perf_counter() - t0, time.process_time() - c0
 

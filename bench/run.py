@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from app.settings import Settings
-from bench import inproc, load, servers
+from bench import inproc, interventions, load, servers
 from bench.stats import median, meets, ratio
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
@@ -34,7 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MAX_BATCH: int = Settings.model_fields["max_batch_size"].default
 SHIPPED = Path(__file__).resolve().parent.parent / "model" / "checkpoints" / "shakespeare.safetensors"
 SHIPPED_CONFIG = ModelConfig(n_layer=16, n_head=4, d_model=128, d_ff=512, block_size=256)
-SECTIONS = ("engine", "profile", "gil", "hf", "diagnostics", "http", "resid", "naive")
+SECTIONS = ("engine", "profile", "gil", "hf", "diagnostics", "http", "resid", "naive", "interventions")
 TEXT = (  # public-domain source of the prompts (ASCII: one byte per character)
     "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer the slings and arrows "
     "of outrageous fortune, or to take arms against a sea of troubles and by opposing end them. To die, to sleep; "
@@ -220,6 +220,17 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     if "naive" in a.sections:
         d["naive"] = _timed(f"naive FastAPI + HF server, {B} clients", lambda: naive_section(ckpt_path, prompts, a))
         m[f"naive_http_c{B}_tok_s"] = d["naive"]["tok_s"]
+    if "interventions" in a.sections:
+        iv = d["interventions"] = {}
+        iv["step"] = _timed("decode step with gates / trace on and off",
+                            lambda: interventions.step_costs(model, len(ids0), a.profile_steps, (1, B)))
+        iv["engine"] = _timed(f"engine, {B} rows, trace / intervention on every row",
+                              lambda: interventions.engine_throughput(
+                                  model, [list(p.encode()) for p in prompts[:B]], a.max_new_tokens, a.reps))
+        m["step_no_intervention_vs_before_bs1"] = iv["step"]["bs1_none_throughput_vs_baseline"]
+        m[f"step_no_intervention_vs_before_bs{B}"] = iv["step"][f"bs{B}_none_throughput_vs_baseline"]
+        m[f"engine_bs{B}_trace_vs_plain"] = iv["engine"]["trace_vs_plain"]
+        m[f"engine_bs{B}_intervention_vs_plain"] = iv["engine"]["intervention_vs_plain"]
     res["machine"]["loadavg_end"] = list(os.getloadavg())
     res["ratios"] = ratios(m, a)
     return res
@@ -331,10 +342,13 @@ def ratios(m: dict[str, Any], a: argparse.Namespace) -> dict[str, dict[str, Any]
         ("diagnostics_norms_ms/forward_ms", "diagnostics_norms_ms", "forward_ms", 1.5, False),
         ("same, by CPU time", "diagnostics_norms_cpu_ms", "forward_cpu_ms", 1.5, False),
         (f"resid_norm_on/off_c{M}", f"resid_norm_on_c{M}_tok_s", f"resid_norm_off_c{M}_tok_s", 0.95, True),
+        ("step, no intervention/before, bs1", "step_no_intervention_vs_before_bs1", None, 0.97, True),
+        (f"step, no intervention/before, bs{B}", f"step_no_intervention_vs_before_bs{B}", None, 0.97, True),
+        (f"engine bs{B}, trace/plain", f"engine_bs{B}_trace_vs_plain", None, 0.90, True),
     ]
     out = {}
     for name, num, den, target, up in spec:
-        r = ratio(m.get(num), m.get(den))
+        r = m.get(num) if den is None else ratio(m.get(num), m.get(den))  # den None: already a ratio
         out[name] = {"value": r, "target": target, "higher_is_better": up, "ok": meets(r, target, up)}
     rss = m.get("server_peak_rss_mb")
     out["server_peak_rss_mb"] = {"value": rss, "target": 400.0, "higher_is_better": False, "ok": meets(rss, 400, False)}

@@ -110,7 +110,8 @@ class FastDecoder:
 
     Same maths as `Transformer.forward(tokens[:, None], cache=..., pos=..., last_only=True, gates=...)` in
     far fewer tensor ops: contiguous (in, out) weight matrices for `addmm`, one flat `index_copy_` per cache
-    write and attention as two `bmm`s. The step body (`_decode_step`) is compiled with TorchScript, so a
+    write and attention as two `bmm`s. The step bodies (`_decode_step`, and `_gated_decode_step` for batches
+    with an intervened or traced row) are compiled with TorchScript, so a
     whole step runs in C++ without taking the GIL between ops: an eager step hands the GIL over ~1,500 times,
     and every handover waits for whatever Python the server's event loop is running
     (`python -m bench.run --sections gil` times both next to a busy thread). If scripting is unavailable the
@@ -134,10 +135,8 @@ class FastDecoder:
             raise ValueError("float16 decode weights need a CPU build of torch with FBGEMM (x86)")
         self.w = _pack(model, self.packed)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.scripted = False
-        self._step = _decode_step
-        if script:
-            self._step, self.scripted = _scripted_decode_step()
+        self._steps = _scripted_steps() if script else _Steps(_decode_step, _gated_decode_step, False)
+        self.scripted = self._steps.scripted
 
     @property
     def packed(self) -> bool:
@@ -169,9 +168,10 @@ class FastDecoder:
         n_keys = int(pos.max()) + 1
         if n_keys > cfg.block_size:
             raise ValueError(f"position {n_keys - 1} exceeds block_size {cfg.block_size}")
-        logits, stream = self._step(tokens, pos, n_keys, cache.k, cache.v, self.w, cfg.n_head, self.scale,
-                                    cfg.residual, self.packed, gates, trace_rows)
-        return StepOutput(logits, stream)
+        args = (tokens, pos, n_keys, cache.k, cache.v, self.w, cfg.n_head, self.scale, cfg.residual, self.packed)
+        if gates is None and trace_rows is None:  # no row pays for what none uses
+            return StepOutput(self._steps.plain(*args), None)
+        return StepOutput(*self._steps.gated(*args, gates, trace_rows))
 
 
 def _pack(model: "Transformer", packed: bool) -> DecodeWeights:
@@ -246,14 +246,10 @@ def _update(x: torch.Tensor, f: torch.Tensor, g: torch.Tensor | None, residual: 
     return torch.where(g == 0, x, g * f)
 
 
-def _decode_step(
-    tokens: torch.Tensor, pos: torch.Tensor, n_keys: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    w: DecodeWeights, n_head: int, scale: float, residual: bool, packed: bool,
-    gates: torch.Tensor | None, trace_rows: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The body of `FastDecoder.__call__` (checked input; n_keys = max(pos) + 1), in the TorchScript subset."""
-    B, C, S = tokens.shape[0], w.wte.shape[1], k_cache.shape[3]
-    nh, hd = n_head, C // n_head
+def _embed(tokens: torch.Tensor, pos: torch.Tensor, n_keys: int, S: int, w: DecodeWeights, nh: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x (B, C), the flat cache slot of each (row, head) (B*nh,), the additive attention mask) of a step."""
+    B = tokens.shape[0]
     rows = torch.arange(B, device=pos.device)
     slot = ((rows[:, None] * nh + torch.arange(nh, device=pos.device)) * S + pos[:, None]).view(-1)  # (B*nh,)
     if int(pos.min()) == n_keys - 1:  # every row at the same position (always at batch 1): nothing to mask
@@ -263,6 +259,54 @@ def _decode_step(
         mask = torch.zeros((B, nh, 1, n_keys), dtype=w.wte.dtype, device=pos.device)
         mask = mask.masked_fill_(~allowed[:, None, None, :], float("-inf")).view(B * nh, 1, n_keys)
     x = w.wte.index_select(0, tokens) + w.wpe.index_select(0, pos)  # (B, C)
+    return x, slot, mask
+
+
+def _attention(x: torch.Tensor, lw: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor,
+               mask: torch.Tensor, n_keys: int, nh: int, scale: float, packed: bool) -> torch.Tensor:
+    """The attention part's F(x) (B, C) for one new token per row; writes its keys/values into one layer's cache."""
+    B, C, S = x.shape[0], x.shape[1], k_cache.shape[2]
+    hd = C // nh
+    h = F.layer_norm(x, [C], lw.ln_1_w, lw.ln_1_b)  # (B, C)
+    qkv = _linear(h, lw.w_qkv, lw.b_qkv, packed).view(B, 3, nh, hd)  # (B, 3, nh, hd)
+    k_flat, v_flat = k_cache.view(-1, hd), v_cache.view(-1, hd)  # (B*nh*S, hd)
+    k_flat.index_copy_(0, slot, qkv[:, 1].reshape(B * nh, hd))  # cache[b, h, pos[b]] = k[b, h]
+    v_flat.index_copy_(0, slot, qkv[:, 2].reshape(B * nh, hd))
+    keys = k_flat.view(B * nh, S, hd)[:, :n_keys]  # (B*nh, S', hd)
+    values = v_flat.view(B * nh, S, hd)[:, :n_keys]
+    q = qkv[:, 0].reshape(B * nh, 1, hd)
+    att = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=scale).softmax(-1)  # (B*nh, 1, S')
+    y = torch.bmm(att, values).view(B, C)  # (B, C)
+    return _linear(y, lw.w_o, lw.b_o, packed)  # (B, C)
+
+
+def _mlp(x: torch.Tensor, lw: LayerWeights, packed: bool) -> torch.Tensor:
+    """The MLP part's F(x) (B, C)."""
+    h = F.layer_norm(x, [x.shape[1]], lw.ln_2_w, lw.ln_2_b)  # (B, C)
+    return _linear(F.gelu(_linear(h, lw.w_fc, lw.b_fc, packed), approximate="tanh"), lw.w_p, lw.b_p, packed)
+
+
+def _decode_step(
+    tokens: torch.Tensor, pos: torch.Tensor, n_keys: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    w: DecodeWeights, n_head: int, scale: float, residual: bool, packed: bool,
+) -> torch.Tensor:
+    """One step of every row, nothing changed or traced (the common case): logits (B, vocab)."""
+    x, slot, mask = _embed(tokens, pos, n_keys, k_cache.shape[3], w, n_head)
+    for layer, lw in enumerate(w.layers):
+        a = _attention(x, lw, k_cache[layer], v_cache[layer], slot, mask, n_keys, n_head, scale, packed)
+        x = x + a if residual else a
+        m = _mlp(x, lw, packed)
+        x = x + m if residual else m
+    return torch.mm(F.layer_norm(x, [x.shape[1]], w.ln_f_w, w.ln_f_b), w.unembed_t)  # (B, vocab)
+
+
+def _gated_decode_step(
+    tokens: torch.Tensor, pos: torch.Tensor, n_keys: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    w: DecodeWeights, n_head: int, scale: float, residual: bool, packed: bool,
+    gates: torch.Tensor | None, trace_rows: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_decode_step` with per-row gates (B, L, 2) on each part's F(x) and the stream of the `trace_rows`."""
+    x, slot, mask = _embed(tokens, pos, n_keys, k_cache.shape[3], w, n_head)
     stream: list[torch.Tensor] = []
     if trace_rows is not None:
         stream.append(x.index_select(0, trace_rows))  # (R, C)
@@ -271,35 +315,30 @@ def _decode_step(
         g_mlp: torch.Tensor | None = None
         if gates is not None:
             g_attn, g_mlp = gates[:, layer, 0:1], gates[:, layer, 1:2]  # (B, 1) each
-        h = F.layer_norm(x, [C], lw.ln_1_w, lw.ln_1_b)  # (B, C)
-        qkv = _linear(h, lw.w_qkv, lw.b_qkv, packed).view(B, 3, nh, hd)  # (B, 3, nh, hd)
-        k_flat, v_flat = k_cache[layer].view(-1, hd), v_cache[layer].view(-1, hd)  # (B*nh*S, hd)
-        k_flat.index_copy_(0, slot, qkv[:, 1].reshape(B * nh, hd))  # cache[b, h, pos[b]] = k[b, h]
-        v_flat.index_copy_(0, slot, qkv[:, 2].reshape(B * nh, hd))
-        keys = k_flat.view(B * nh, S, hd)[:, :n_keys]  # (B*nh, S', hd)
-        values = v_flat.view(B * nh, S, hd)[:, :n_keys]
-        q = qkv[:, 0].reshape(B * nh, 1, hd)
-        att = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=scale).softmax(-1)  # (B*nh, 1, S')
-        y = torch.bmm(att, values).view(B, C)  # (B, C)
-        x = _update(x, _linear(y, lw.w_o, lw.b_o, packed), g_attn, residual)  # (B, C)
-        h = F.layer_norm(x, [C], lw.ln_2_w, lw.ln_2_b)
-        m = _linear(F.gelu(_linear(h, lw.w_fc, lw.b_fc, packed), approximate="tanh"), lw.w_p, lw.b_p, packed)
-        x = _update(x, m, g_mlp, residual)  # (B, C)
+        a = _attention(x, lw, k_cache[layer], v_cache[layer], slot, mask, n_keys, n_head, scale, packed)
+        x = _update(x, a, g_attn, residual)  # (B, C)
+        x = _update(x, _mlp(x, lw, packed), g_mlp, residual)
         if trace_rows is not None:
             stream.append(x.index_select(0, trace_rows))  # (R, C)
-    logits = torch.mm(F.layer_norm(x, [C], w.ln_f_w, w.ln_f_b), w.unembed_t)  # (B, vocab)
+    logits = torch.mm(F.layer_norm(x, [x.shape[1]], w.ln_f_w, w.ln_f_b), w.unembed_t)  # (B, vocab)
     if trace_rows is None:
         return logits, None
     return logits, torch.stack(stream)  # (L + 1, R, C)
 
 
+class _Steps(NamedTuple):
+    plain: Callable[..., torch.Tensor]
+    gated: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+    scripted: bool
+
+
 @functools.cache
-def _scripted_decode_step() -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor | None]], bool]:
-    """`_decode_step` compiled by TorchScript (once per process), or the plain function if that fails."""
+def _scripted_steps() -> _Steps:
+    """Both step bodies compiled by TorchScript (once per process), or the plain functions if that fails."""
     try:
         with warnings.catch_warnings():  # deprecated, but the only GIL-free step that needs no C++ compiler
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.script(_decode_step), True
+            return _Steps(torch.jit.script(_decode_step), torch.jit.script(_gated_decode_step), True)
     except Exception as e:  # noqa: BLE001 - e.g. no source files, or a torch without TorchScript
         log.warning("TorchScript unavailable (%s: %s); the decode step runs eagerly", type(e).__name__, e)
-        return _decode_step, False
+        return _Steps(_decode_step, _gated_decode_step, False)

@@ -27,7 +27,7 @@ import torch
 from model import tokenizer
 from model.decode import FastDecoder, KVCache, auto_decode_weights
 from model.diagnostics import residual_norms_last, stream_trace
-from model.sampling import sample_rows, top_logprobs
+from model.sampling import LogitControls, adjust_logits, control_problem, record_tokens, sample_rows, top_logprobs
 from model.textstream import TextStream
 from model.transformer import Intervention, Transformer
 
@@ -82,6 +82,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int = 0
+    presence_penalty: float = 0.0  # OpenAI's, over generated tokens; 0 = off
+    frequency_penalty: float = 0.0  # OpenAI's, over generated tokens; 0 = off
+    repetition_penalty: float = 1.0  # CTRL / HF, over prompt and generated tokens; 1 = off
+    min_p: float = 0.0  # 0 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; biases clamped to +-100
     intervention: Intervention | None = None  # applied to this request's prefill and every decode step
     trace: bool = False  # per token: resid_post norm and block update ratio of every layer
     logit_lens_top: int = 0  # per token and layer: the logit lens's top-K tokens (implies trace)
@@ -159,6 +164,7 @@ class _Request:
     generator: torch.Generator
     gates: torch.Tensor | None  # (n_layer, 2) factors on each block's attention and MLP update, None = all 1
     text: TextStream
+    controls: LogitControls | None  # logit bias / penalty state; None when the request uses none
     n_generated: int = 0
     pos: int = 0  # position of the next token to feed
     last_token: int = 0
@@ -314,6 +320,8 @@ class Engine:
             raise InvalidRequestError(f"stop strings must be 1..{self.max_stop_length} characters", "stop")
         if params.seed is not None and not 0 <= params.seed <= MAX_SEED:
             raise InvalidRequestError(f"seed must be in 0..{MAX_SEED}", "seed")
+        if (problem := control_problem(params, self.config.vocab_size)) is not None:
+            raise InvalidRequestError(*problem)
         if not 0 <= params.logit_lens_top <= MAX_LENS_TOP:
             raise InvalidRequestError(f"logit_lens_top must be in 0..{MAX_LENS_TOP}", "logit_lens_top")
         problem = params.intervention.problem(self.config.n_layer) if params.intervention else None
@@ -335,6 +343,7 @@ class Engine:
             deadline=now + self.request_timeout_s if self.request_timeout_s else None,
             generator=torch.Generator().manual_seed(seed), text=TextStream(params.stop),
             gates=params.intervention.gates(self.config.n_layer).to(self.device) if params.intervention else None,
+            controls=LogitControls.create(list(prompt), params, self.config.vocab_size, self.device),
         )
         with self._cv:
             if not self._accepting:
@@ -531,16 +540,21 @@ class Engine:
     def _sample_and_emit(self, batch: list[_Request], logits: torch.Tensor,
                          traces: list[dict[str, Any] | None] | None = None) -> None:
         now = time.perf_counter()
+        controls = [r.controls for r in batch]
+        adjusted = adjust_logits(logits, controls)  # logit bias and penalties; logprobs stay the model's (raw)
         if all(r.params.temperature == 0 for r in batch):
-            chosen = logits.argmax(dim=-1)  # (B,) all greedy: nothing to draw
+            chosen = adjusted.argmax(dim=-1)  # (B,) all greedy: nothing to draw
         else:
             temp = torch.tensor([r.params.temperature for r in batch], device=self.device)
             top_k = torch.tensor([r.params.top_k for r in batch], device=self.device)
             top_p = torch.tensor([r.params.top_p for r in batch], device=self.device)
-            chosen = sample_rows(logits, temp, top_k, top_p, [r.generator for r in batch])  # (B,)
+            min_p = (torch.tensor([r.params.min_p for r in batch], device=self.device)
+                     if any(r.params.min_p > 0 for r in batch) else None)
+            chosen = sample_rows(adjusted, temp, top_k, top_p, [r.generator for r in batch], min_p)  # (B,)
         n_lp = max(r.params.logprobs for r in batch)
         lp = top_logprobs(logits, chosen, n_lp) if n_lp > 0 else None
         chosen_list = chosen.tolist()
+        record_tokens(controls, chosen_list)
         lp_lists = [t.tolist() for t in lp] if lp is not None else None
         gaps = []
         for i, (r, tok) in enumerate(zip(batch, chosen_list, strict=True)):

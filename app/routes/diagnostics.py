@@ -11,7 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.deps import get_served
 from app.errors import APIError
-from app.schemas import ErrorResponse, InterventionSpec, ModelName, not_a_bool, not_a_number
+from app.schemas import DiagnosticsResponse, ErrorResponse, InterventionSpec, ModelName, not_a_bool, not_a_number
 from app.service import ServedModel
 from model import tokenizer
 from model.diagnostics import DiagnosticsOptions, iter_diagnostics, render_text
@@ -81,7 +81,7 @@ async def _diagnose(req: DiagnosticsRequest, request: Request, intervention: Int
     return JSONResponse(result)
 
 
-TEXT_OR_JSON = {200: {"content": {"application/json": {}, "text/plain": {}},
+TEXT_OR_JSON = {200: {"model": DiagnosticsResponse, "content": {"text/plain": {}},
                       "description": "diagnostics as JSON, or a plain-text report with format=text"}}
 
 

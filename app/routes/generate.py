@@ -71,6 +71,9 @@ async def generate(body: GenerateRequest, request: Request):
     max_new = body.max_new_tokens or default_max_new(served, n_prompt, settings.default_max_new_tokens)
     params = SamplingParams(max_new_tokens=max_new, temperature=body.temperature, top_k=body.top_k,
                             top_p=body.top_p, stop=stop_tuple(body.stop), seed=body.seed, logprobs=body.logprobs,
+                            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                            repetition_penalty=body.repetition_penalty, min_p=body.min_p,
+                            logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
                             intervention=body.intervention.to_engine() if body.intervention else None,
                             trace=body.trace, logit_lens_top=body.logit_lens_top)
     handle, _ = submit(served, body.prompt, params)

@@ -71,3 +71,23 @@ def test_errors_have_the_standard_shape(client: TestClient) -> None:
     assert "65 tokens" in over.json()["error"]["message"] and "64 tokens" in over.json()["error"]["message"]
     assert_error(client.get("/diagnostics", params={"prompt": PROMPT, "model": "nope"}), 404)
     assert_error(client.get("/diagnostics", params={"prompt": PROMPT, "logit_lens": -1}), 422)
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"per_token": True, "logit_lens": 3, "gradients": True, "ablation": True},
+    {"ablation": True, "intervention": {"skip": [{"layer": 1, "part": "attn"}],
+                                        "scale": [{"layer": 0, "part": "mlp", "factor": 2.0}]}},
+])
+def test_json_follows_the_documented_schema(client: TestClient, options: dict) -> None:
+    """Every key the route returns is in DiagnosticsResponse (extra keys are refused), so /openapi.json is true."""
+    from app.schemas import DiagnosticsResponse
+
+    r = client.post("/diagnostics", json={"prompt": PROMPT, **options})
+    assert r.status_code == 200, r.text
+    parsed = DiagnosticsResponse.model_validate(r.json())
+    assert parsed.model_dump(exclude_unset=True) == r.json()
+    one = client.post("/diagnostics", json={"prompt": "x", "ablation": True}).json()  # notes, loss None
+    assert DiagnosticsResponse.model_validate(one).loss is None and one["notes"]
+    ref = client.get("/openapi.json").json()["paths"]["/diagnostics"]["post"]["responses"]["200"]["content"]
+    assert ref["application/json"]["schema"] == {"$ref": "#/components/schemas/DiagnosticsResponse"}

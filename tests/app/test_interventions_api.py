@@ -114,3 +114,28 @@ def test_interventions_are_counted_by_part(client: TestClient) -> None:
     generate(client)
     after = counts()
     assert {p: after[p] - before[p] for p in after} == {"block": 1, "attn": 1, "mlp": 1}
+
+
+def test_v1_completions_take_the_extensions(client: TestClient) -> None:
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 5, "temperature": 0}
+    plain = client.post("/v1/completions", json=body).json()
+    assert "intervention" not in plain and "trace" not in plain["choices"][0]
+    out = client.post("/v1/completions", json={**body, "intervention": SKIP, "trace": True}).json()
+    assert out["intervention"] == {"skip": SKIP["skip"], "scale": []}
+    assert out["choices"][0]["text"] != plain["choices"][0]["text"]
+    trace = out["choices"][0]["trace"]
+    assert [t["position"] for t in trace] == list(range(len(PROMPT.encode()) - 1, len(PROMPT.encode()) + 4))
+    assert out["choices"][0]["text"] == generate(client, max_new_tokens=5, temperature=0, intervention=SKIP)["text"]
+    events = parse_sse(client.post("/v1/completions", json={**body, "stream": True, "trace": True}).text)
+    chunks = [d for _, d in events if d != "[DONE]"]
+    assert sum(len(c["choices"][0]["trace"]) for c in chunks) == 5  # each chunk: the traces of its tokens
+    bad = client.post("/v1/completions", json={**body, "intervention": {"skip": [{"layer": 9, "part": "mlp"}]}})
+    assert_error(bad, 400, code="invalid_value")
+    assert bad.json()["error"]["param"] == "intervention.skip[0].layer"
+
+
+def test_v1_chat_takes_the_extensions(client: TestClient) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0,
+            "trace": True, "intervention": MIXED}
+    out = client.post("/v1/chat/completions", json=body).json()
+    assert out["intervention"] == MIXED and len(out["choices"][0]["trace"]) == out["usage"]["completion_tokens"]

@@ -22,10 +22,12 @@ WRONG = "rel-key_0123456789abcdeX"  # same length, differs in the last character
 OPEN = {("GET", "/health"), ("GET", "/ready"), ("GET", "/info"), ("GET", "/metrics"), ("GET", "/openapi.json"),
         ("GET", "/docs"), ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc")}
 PROTECTED = {("POST", "/generate"), ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/diagnostics"),
-             ("POST", "/diagnostics"), ("POST", "/v1/completions"), ("GET", "/v1/models")}
+             ("POST", "/diagnostics"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
+             ("POST", "/v1/chat/completions"), ("GET", "/v1/models/{model_id}")}
 VALID = {"/generate": {"prompt": "hi", "max_new_tokens": 2}, "/tokenize": {"text": "hi"},
          "/detokenize": {"tokens": [104]}, "/diagnostics": {"prompt": "hi"}, "/v1/completions": {"prompt": "hi",
-                                                                                               "max_tokens": 2}}
+                                                                                               "max_tokens": 2},
+         "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}
 
 
 def app_routes(client: TestClient) -> set[tuple[str, str]]:
@@ -39,7 +41,7 @@ def call(client: TestClient, method: str, path: str, token: str | None):
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     body = VALID.get(path) if method == "POST" else None
     params = {"prompt": "hi"} if (method, path) == ("GET", "/diagnostics") else None
-    return client.request(method, path, json=body, params=params, headers=headers)
+    return client.request(method, path.replace("{model_id}", "tiny"), json=body, params=params, headers=headers)
 
 
 @pytest.fixture

@@ -131,10 +131,11 @@ CASES = [
                                                              + b'{"a": ' * DEPTH + b"1" + b"}" * DEPTH + b"}"), 400,
          "invalid_body"),
     # OpenAI route
-    Case("completions-n-2", "POST", "/v1/completions", {"json": {"prompt": "hi", "n": 2}}, 422, "literal_error", "n"),
-    Case("completions-two-prompts", "POST", "/v1/completions", {"json": {"prompt": ["a", "b"]}}, 422),
-    Case("completions-echo", "POST", "/v1/completions", {"json": {"prompt": "hi", "echo": True}}, 422,
-         "literal_error", "echo"),
+    Case("completions-n-9", "POST", "/v1/completions", {"json": {"prompt": "hi", "n": 9}}, 400, "invalid_value", "n"),
+    Case("completions-17-prompts", "POST", "/v1/completions", {"json": {"prompt": ["a"] * 17}}, 400, "invalid_value",
+         "prompt"),
+    Case("completions-unknown-field", "POST", "/v1/completions", {"json": {"prompt": "hi", "foo": 1}}, 400,
+         "unsupported_parameter", "foo"),
     # tokenizer routes
     Case("detokenize-256", "POST", "/detokenize", {"json": {"tokens": [256]}}, 422, "less_than_equal", "tokens.0"),
     Case("detokenize-negative", "POST", "/detokenize", {"json": {"tokens": [-1]}}, 422, "greater_than_equal",
