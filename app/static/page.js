@@ -288,8 +288,9 @@
       for (const p of ["attn", "mlp"]) if (off[p]) skip.push({layer, part: p});
       const factor = Number(row.querySelector('[data-role="scale"]').value);
       const part = row.querySelector('[data-role="scale-part"]').value;
-      const skipped = part === "block" ? off.attn || off.mlp : off[part];
-      if (factor !== 1 && !skipped) scale.push({layer, part, factor});
+      // the API refuses a (layer, part) named twice; a block factor on a layer with a part skipped is fine (the
+      // factors multiply: 0 stays 0)
+      if (factor !== 1 && !(part !== "block" && off[part])) scale.push({layer, part, factor});
     }
     if (!skip.length && !scale.length) return null;
     const iv = {};

@@ -253,6 +253,25 @@ def test_switching_block_0_off_changes_the_text(visit: Callable[..., Visit], ser
     assert page.text_content("#diff-right") == before
 
 
+def test_layer_controls_make_the_intervention_the_api_takes(visit: Callable[..., Visit], server: Server) -> None:
+    page = visit().open()
+    fill_write(page, prompt="Scale ", max_new=4, seed=5, trace=False)
+    row0, row1 = (f"#layer-controls [data-layer='{i}']" for i in (0, 1))
+    page.uncheck(f"{row1} [data-part='attn']")
+    page.locator(f"{row1} [data-role='scale']").fill("0.5")
+    page.select_option(f"{row1} [data-role='scale-part']", "block")
+    page.locator(f"{row0} [data-role='scale']").fill("1.5")  # part: mlp (the default)
+    page.uncheck(f"{row0} [data-part='mlp']")  # ... which is now skipped: the scale would repeat (0, mlp)
+    sent = run_generation(page)
+    assert sent["intervention"] == {"skip": [{"layer": 0, "part": "mlp"}, {"layer": 1, "part": "attn"}],
+                                    "scale": [{"layer": 1, "part": "block", "factor": 0.5}]}
+    assert page.text_content("#output") == replay(server, "/generate", sent, stream=False)["text"]
+    page.check(f"{row0} [data-part='mlp']")
+    page.uncheck(f"{row0} [data-part='block']")  # block off: the layer's other entries are implied
+    assert "skip L0 block, L1 attn; scale L1 block ×0.5" in page.text_content("#intervention-summary")
+    assert page.is_disabled(f"{row0} [data-part='attn']")
+
+
 def test_inspect_draws_what_diagnostics_returns(visit: Callable[..., Visit], server: Server) -> None:
     v = visit()
     page = v.open()
