@@ -13,7 +13,7 @@ from app.auth import require_api_key
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware
-from app.routes import diagnostics, generate, health, openai
+from app.routes import diagnostics, generate, health, openai, page
 from app.service import ServedModel
 from app.settings import Settings
 
@@ -53,6 +53,8 @@ def create_app(settings: Settings | None = None, models: dict[str, ServedModel] 
         version="0.1.0",
         summary="Serve a deep residual Transformer and see inside its residual stream.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from app.routes.page, with their assets served locally
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -61,6 +63,8 @@ def create_app(settings: Settings | None = None, models: dict[str, ServedModel] 
     app.state.draining = False
     install_error_handlers(app)
     app.include_router(health.router)  # probes, /info and /metrics stay open
+    app.include_router(page.router)  # the page at /, /docs and /redoc: open, like the schema
+    app.mount("/static", page.static_files(), name="static")
     protected = [Depends(require_api_key(settings.api_key))] if settings.api_key is not None else []
     for router in (generate.router, openai.router, diagnostics.router):
         app.include_router(router, dependencies=protected)
