@@ -13,14 +13,14 @@
 # One PASS/FAIL line per step; exit 0 only if all pass. Logs go to $SMOKE_LOG_DIR (default: a temp folder).
 #
 # Knobs: SMOKE_PROJECT (shortcut-smoke), SMOKE_API_PORT (8000), SMOKE_PROM_PORT (9090), SMOKE_WHEELS (local wheel
-# folder; default pip's find-links, else /opt/wheels), SMOKE_SKIP_BUILD=1 (use the image already built),
+# folder; default pip's find-links, else /opt/wheels), SMOKE_SKIP_BUILD=1 (use the image already built), SMOKE_IMAGE,
 # SMOKE_KEEP=1 (leave the stack up), SMOKE_START_TIMEOUT (240 s), SMOKE_STOP_TIMEOUT (45 s, as stop_grace_period).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PROJECT=${SMOKE_PROJECT:-shortcut-smoke}
-IMAGE=localhost/shortcut-api:latest
+IMAGE=${SMOKE_IMAGE:-localhost/shortcut-api:latest}
 CHECKPOINT=model/checkpoints/shakespeare.safetensors
 START_TIMEOUT=${SMOKE_START_TIMEOUT:-240}
 LOG_DIR=${SMOKE_LOG_DIR:-$(mktemp -d /tmp/compose-smoke.XXXXXX)}

@@ -172,6 +172,9 @@ if [ "${RESULT[ready]:-}" = PASS ]; then
   else
     fail single
   fi
+  # HAProxy logs a retried request's retry count as "+N" (redispatched to another server) in its connection counters
+  redispatched=$(podman logs "$(container_of lb)" 2>&1 | grep -cE '/\+[0-9]+ [0-9]+/[0-9]+ "' || true)
+  log "HAProxy retried $redispatched requests on another replica (retry-on 503 / refused / empty response)"
 fi
 skip_rest "an earlier step failed"
 
