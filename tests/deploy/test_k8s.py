@@ -260,7 +260,8 @@ def test_grace_period_covers_prestop_and_drain(rendered: dict, overlay: str) -> 
     spec, c = pod_spec(docs), container(docs)
     pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pre_stop >= 5  # endpoints and proxies need a few seconds to drop the pod
-    assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain_timeout(docs) + 5
+    assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain_timeout(docs) + 5, (
+        "kubelet SIGKILLs after the grace period: it must cover the preStop sleep and the app's drain timeout")
 
 
 def test_pod_is_restricted_and_runs_as_the_image_user(rendered: dict) -> None:
@@ -314,9 +315,10 @@ def test_resources_are_guaranteed_and_sized_from_the_bench(rendered: dict) -> No
     assert c["resources"]["requests"] == c["resources"]["limits"]  # Guaranteed QoS
     limits = c["resources"]["limits"]
     torch_threads = bench["machine"]["torch_threads"]
-    assert quantity(limits["cpu"]) == torch_threads + 1  # the bench's setup: torch threads + the event loop
+    assert quantity(limits["cpu"]) == torch_threads + 1, (
+        "size the CPU as the bench ran: its torch threads + one core for the event loop")
     peak_rss = bench["metrics"]["server_peak_rss_mb"] * 2**20
-    assert 1.5 * peak_rss <= quantity(limits["memory"]) <= 3 * peak_rss
+    assert 1.5 * peak_rss <= quantity(limits["memory"]) <= 3 * peak_rss, "memory: 1.5-3x the bench's peak RSS"
 
 
 def test_selectors_ports_and_policies_line_up(rendered: dict) -> None:
