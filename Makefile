@@ -9,7 +9,7 @@ PORT   ?= 8000
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: run test install dev lint bench compose-smoke depth-study screenshots clean
+.PHONY: run test install dev lint bench compose-smoke scale-smoke depth-study screenshots clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ compose-smoke:
 # the README's pictures of the page at / (docs/page/*.png), taken in Chromium (apt-get install chromium)
 screenshots: $(VENV)/.dev
 	$(PY) -m tests.page_screenshots
+
+# three api replicas behind HAProxy, with podman: balancing, SSE, drain and kill -9 under load (deploy/compose.scale.yml)
+scale-smoke:
+	bash deploy/scale-smoke.sh
 
 # needs the corpus: DATA=path/to/tinyshakespeare.txt (default ../shared/data/tinyshakespeare.txt)
 DATA ?= ../shared/data/tinyshakespeare.txt

@@ -13,14 +13,14 @@
 # One PASS/FAIL line per step; exit 0 only if all pass. Logs go to $SMOKE_LOG_DIR (default: a temp folder).
 #
 # Knobs: SMOKE_PROJECT (shortcut-smoke), SMOKE_API_PORT (8000), SMOKE_PROM_PORT (9090), SMOKE_WHEELS (local wheel
-# folder; default pip's find-links, else /opt/wheels), SMOKE_SKIP_BUILD=1 (use the image already built),
+# folder; default pip's find-links, else /opt/wheels), SMOKE_SKIP_BUILD=1 (use the image already built), SMOKE_IMAGE,
 # SMOKE_KEEP=1 (leave the stack up), SMOKE_START_TIMEOUT (240 s), SMOKE_STOP_TIMEOUT (45 s, as stop_grace_period).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PROJECT=${SMOKE_PROJECT:-shortcut-smoke}
-IMAGE=localhost/shortcut-api:latest
+IMAGE=${SMOKE_IMAGE:-localhost/shortcut-api:latest}
 CHECKPOINT=model/checkpoints/shakespeare.safetensors
 START_TIMEOUT=${SMOKE_START_TIMEOUT:-240}
 LOG_DIR=${SMOKE_LOG_DIR:-$(mktemp -d /tmp/compose-smoke.XXXXXX)}
@@ -33,33 +33,8 @@ for v in $(compgen -e | grep -E '^(SHORTCUT_|PROMETHEUS_|GRAFANA_)' || true); do
 export SHORTCUT_IMAGE=$IMAGE
 
 STEPS=(images build up health generate diagnostics prometheus rules drain teardown)
-declare -A RESULT=()
-FAILED=0
-pass() { RESULT[$1]=PASS; echo "PASS $1${2:+ ($2)}"; }
-fail() { RESULT[$1]=FAIL; FAILED=1; echo "FAIL $1${2:+: $2}"; }
-skip_rest() {  # mark every step not yet run as failed (skipped), except teardown
-  for s in "${STEPS[@]}"; do
-    [ "$s" = teardown ] && continue
-    [ -n "${RESULT[$s]:-}" ] || fail "$s" "skipped: $1"
-  done
-}
-log() { echo "  $*"; }
-elapsed() { echo "$(( $(date +%s) - $1 ))s"; }
-
-free_port() {  # free_port PREFERRED -> PREFERRED if free on the host, else some free port
-  "$PY" - "$1" <<'EOF'
-import socket, sys
-want = int(sys.argv[1])
-for port in (want, 0):
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", port)); print(s.getsockname()[1]); break
-    except OSError:
-        pass
-    finally:
-        s.close()
-EOF
-}
+# pass/fail/skip_rest/log/elapsed/free_port and the images and build steps
+source "$ROOT/deploy/smoke-lib.sh"
 
 compose() { podman-compose -p "$PROJECT" -f "$ROOT/docker-compose.yml" "$@"; }
 api_container() { podman ps -a -q --filter "label=io.podman.compose.project=$PROJECT" --filter "label=com.docker.compose.service=api" | head -n1; }
@@ -82,57 +57,10 @@ summary() {
 }
 
 # ---- images -----------------------------------------------------------------------------------------------------
-t0=$(date +%s)
-STANDINS="$ROOT/../shared/tools/container-images.sh"
-if [ -f "$STANDINS" ]; then
-  if bash "$STANDINS" >"$LOG_DIR/images.log" 2>&1; then :; else
-    fail images "container-images.sh failed (see $LOG_DIR/images.log)"; skip_rest "no container images"; summary
-  fi
-fi
-if ! command -v podman >/dev/null || ! command -v podman-compose >/dev/null; then
-  fail images "podman or podman-compose missing"; skip_rest "no podman"; summary
-elif ! podman run --rm docker.io/prom/prometheus:latest --version >"$LOG_DIR/prometheus-version.log" 2>&1; then
-  # (a stand-in built with `ln -sf` over Debian's merged /bin -> usr/bin replaces the binary by a self-link)
-  fail images "the prom/prometheus image does not run: $(tail -n1 "$LOG_DIR/prometheus-version.log")"
-  skip_rest "no prometheus image"; summary
-else
-  pass images "$(podman --version | awk '{print $NF}'), podman-compose $(podman-compose version 2>/dev/null | awk '/podman-compose/ {print $NF}'), $(elapsed "$t0")"
-fi
+smoke_images "docker.io/prom/prometheus:latest --version"
 
 # ---- build ------------------------------------------------------------------------------------------------------
-t0=$(date +%s)
-if [ "${SMOKE_SKIP_BUILD:-0}" = 1 ] && podman image exists "$IMAGE"; then
-  pass build "SMOKE_SKIP_BUILD=1: using the existing $IMAGE"
-elif [ ! -f "$CHECKPOINT" ]; then
-  fail build "$CHECKPOINT missing: the image bakes it in (train it first)"; skip_rest "no image"; summary
-else
-  build_args=()
-  wheels=${SMOKE_WHEELS:-$("$PY" -m pip config get global.find-links 2>/dev/null | head -n1 | awk '{print $1}')}
-  [ -n "$wheels" ] || wheels=/opt/wheels
-  if [ -d "$wheels" ] && compgen -G "$wheels/torch-*.whl" >/dev/null; then
-    build_args=(-v "$wheels:/wheels:ro" --build-arg PIP_FIND_LINKS=/wheels)
-    log "torch from the local wheel folder $wheels"
-  else
-    log "no local torch wheel; torch from the Dockerfile's TORCH_INDEX_URL"
-  fi
-  # --format docker keeps HEALTHCHECK (the OCI format drops it)
-  if podman build --format docker -f Dockerfile -t "$IMAGE" "${build_args[@]}" . >"$LOG_DIR/build.log" 2>&1; then
-    user=$(podman image inspect --format '{{.Config.User}}' "$IMAGE")
-    health=$(podman image inspect --format '{{if .Config.Healthcheck}}{{.Config.Healthcheck.Test}}{{end}}' "$IMAGE" 2>/dev/null \
-             || podman image inspect --format '{{.Healthcheck}}' "$IMAGE")
-    torch=$(podman run --rm --entrypoint python "$IMAGE" -c "import torch; print(torch.__version__)" 2>&1 | tail -n1)
-    if [ -z "$user" ] || [ "${user%%:*}" = root ] || [ "${user%%:*}" = 0 ]; then
-      fail build "image runs as root"
-    elif [[ "$health" != *"/health"* ]]; then
-      fail build "image has no HEALTHCHECK on /health ($health)"
-    else
-      pass build "$(podman image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}'), user $user, torch $torch, $(elapsed "$t0")"
-    fi
-  else
-    tail -n 25 "$LOG_DIR/build.log" | sed 's/^/  | /'
-    fail build "podman build failed (see $LOG_DIR/build.log)"
-  fi
-fi
+smoke_build "$IMAGE" "$CHECKPOINT"
 if [ "${RESULT[build]}" != PASS ]; then skip_rest "no image"; summary; fi
 
 # ---- up ---------------------------------------------------------------------------------------------------------
