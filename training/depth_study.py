@@ -1,10 +1,10 @@
 """Depth study: why residual connections matter.
 
-python -m model.depth_study [--data PATH] [--out-dir docs] [--depths 2 8 32] [--steps N] [--d-model 64]
+python -m training.depth_study [--data PATH] [--out-dir docs] [--depths 2 8 32] [--steps N] [--d-model 64]
                             [--quick] [--ckpt-dir model/checkpoints]
 
 Trains the same narrow model with (residual) and without (plain) the shortcut at several depths, with
-the same data, optimiser (model.train's AdamW, warmup + cosine schedule, gradient clipping), steps,
+the same data, optimiser (training.train's AdamW, train step, warmup + cosine schedule, gradient clipping), steps,
 learning rate and seed; plain and residual runs of one depth even start from identical weights.
 At initialisation and after training it records the gradient norm reaching every layer's input
 ||dL/d resid_pre_l|| on one fixed batch. Writes <out-dir>/depth_study.{md,json}, two PNG plots, and
@@ -28,10 +28,20 @@ import torch.nn.functional as F
 
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
-from model.train import TrainConfig, estimate_loss, get_batch, load_splits, lr_at, make_optimizer
 from model.transformer import Transformer
+from training.plotting import figure
+from training.train import (
+    TrainConfig,
+    batch_at,
+    estimate_loss,
+    get_batch,
+    load_splits,
+    lr_at,
+    make_optimizer,
+    train_step,
+)
 
-log = logging.getLogger("model.depth_study")
+log = logging.getLogger("training.depth_study")
 
 DEFAULT_DATA = "../shared/data/tinyshakespeare.txt"
 SAME_TOL = 0.02  # nats/byte: two losses closer than this count as equal in the generated text
@@ -66,7 +76,7 @@ class StudyConfig:
         )
 
     def train_config(self) -> TrainConfig:
-        """model.train's optimiser settings for this study (same for every run)."""
+        """training.train's optimiser settings for this study (same for every run)."""
         return TrainConfig(
             batch_size=self.batch_size,
             lr=self.lr,
@@ -127,18 +137,10 @@ def train_run(
     norm_window: list[float] = []
     t0 = time.monotonic()
     for step in range(tc.max_steps):
-        gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)  # same batches for every run
-        x, y = get_batch(train_split, mc.block_size, tc.batch_size, gen)  # (B, T) each
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
-        logits = model(x).logits  # (B, T, vocab)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        window.append(loss.item())
-        norm_window.append(norm.item())
+        x, y = batch_at(train_split, mc.block_size, tc, step)  # same batches for every run
+        loss, norm = train_step(model, opt, x, y, lr_at(step, tc), tc.grad_clip)
+        window.append(loss)
+        norm_window.append(norm)
         done = step + 1 == tc.max_steps
         if (step + 1) % sc.log_every == 0 or done:
             curve.append(
@@ -158,7 +160,7 @@ def train_run(
                 depth,
                 step + 1,
                 tc.max_steps,
-                loss.item(),
+                loss,
                 val,
                 time.monotonic() - t0,
             )
@@ -285,7 +287,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Data: `{result['data']}` (sha256 `{result['data_sha256'][:12]}`), train split. "
         f"Model: d_model={c['d_model']}, n_head={c['n_head']}, d_ff={4 * c['d_model']}, "
         f"block_size={c['block_size']}, batch {c['batch_size']}. "
-        f"Every run: {c['steps']} AdamW steps (model.train.make_optimizer), the same lr={c['lr']:g} for plain and "
+        f"Every run: {c['steps']} AdamW steps (training.train's optimiser and train step), "
+        f"the same lr={c['lr']:g} for plain and "
         f"residual (warmup {result['train_config']['warmup_steps']} steps, cosine to {c['lr'] / 10:g}), "
         f"gradient clipping at {result['train_config']['grad_clip']:g}, seed {c['seed']} (same initial weights and "
         f"batches for plain and residual of one depth). Total wall time {result['wall_s']:.0f} s.",
@@ -318,70 +321,54 @@ def _colors(depths: list[int]) -> dict[int, Any]:
 
 def plot_losses(result: dict[str, Any], path: Path) -> None:
     """Training-loss curves (solid residual, dashed plain) plus val points, one colour per depth."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     depths = sorted({r["depth"] for r in result["runs"]})
     col = _colors(depths)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in sorted(result["runs"], key=lambda r: (r["depth"], r["residual"])):
-        style = "-" if r["residual"] else "--"
-        pts = [(h["step"], h["train_loss"]) for h in r["curve"] if h["train_loss"] is not None]
-        ax.plot(
-            [s for s, _ in pts],
-            [v for _, v in pts],
-            style,
-            color=col[r["depth"]],
-            label=f"{r['kind']} depth {r['depth']}",
-        )
-        vals = [(h["step"], h["val_loss"]) for h in r["val_curve"] if h["val_loss"] is not None]
-        ax.plot([s for s, _ in vals], [v for _, v in vals], "o" if r["residual"] else "x", color=col[r["depth"]])
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/byte)")
-    ax.set_title("Training loss (lines) and val loss (markers)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, figsize=(8, 5)) as (_, ax):
+        for r in sorted(result["runs"], key=lambda r: (r["depth"], r["residual"])):
+            style = "-" if r["residual"] else "--"
+            pts = [(h["step"], h["train_loss"]) for h in r["curve"] if h["train_loss"] is not None]
+            ax.plot(
+                [s for s, _ in pts],
+                [v for _, v in pts],
+                style,
+                color=col[r["depth"]],
+                label=f"{r['kind']} depth {r['depth']}",
+            )
+            vals = [(h["step"], h["val_loss"]) for h in r["val_curve"] if h["val_loss"] is not None]
+            ax.plot([s for s, _ in vals], [v for _, v in vals], "o" if r["residual"] else "x", color=col[r["depth"]])
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/byte)")
+        ax.set_title("Training loss (lines) and val loss (markers)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
 
 
 def plot_grads(result: dict[str, Any], path: Path) -> None:
     """||dL/d resid_pre_l|| against layer l, at initialisation and after training (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     depths = sorted({r["depth"] for r in result["runs"]})
     col = _colors(depths)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for ax, key, title in (
-        (axes[0], "grad_norms_init", "at initialisation"),
-        (axes[1], "grad_norms_end", "after training"),
-    ):
-        for r in sorted(result["runs"], key=lambda r: (r["depth"], r["residual"])):
-            pts = [(i, g) for i, g in enumerate(r[key]) if g is not None and g > 0]
-            ax.plot(
-                [i for i, _ in pts],
-                [g for _, g in pts],
-                "-" if r["residual"] else "--",
-                marker=".",
-                color=col[r["depth"]],
-                label=f"{r['kind']} depth {r['depth']}",
-            )
-        ax.set_yscale("log")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_xlabel("layer l")
-        ax.set_title(f"||dL/d resid_pre_l|| {title}")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("gradient norm")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, ncols=2, figsize=(11, 4.5), sharey=True) as (_, axes):
+        for ax, key, title in (
+            (axes[0], "grad_norms_init", "at initialisation"),
+            (axes[1], "grad_norms_end", "after training"),
+        ):
+            for r in sorted(result["runs"], key=lambda r: (r["depth"], r["residual"])):
+                pts = [(i, g) for i, g in enumerate(r[key]) if g is not None and g > 0]
+                ax.plot(
+                    [i for i, _ in pts],
+                    [g for _, g in pts],
+                    "-" if r["residual"] else "--",
+                    marker=".",
+                    color=col[r["depth"]],
+                    label=f"{r['kind']} depth {r['depth']}",
+                )
+            ax.set_yscale("log")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_xlabel("layer l")
+            ax.set_title(f"||dL/d resid_pre_l|| {title}")
+            ax.grid(alpha=0.3, which="both")
+        axes[0].set_ylabel("gradient norm")
+        axes[1].legend(fontsize=8)
 
 
 def run_study(data: str | Path, out_dir: str | Path, ckpt_dir: str | Path, sc: StudyConfig) -> dict[str, Any]:

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import depth_study
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig
-from model.train import TrainConfig, estimate_loss, load_splits
 from model.transformer import Block, Transformer
+from training import depth_study
+from training.train import TrainConfig, estimate_loss, load_splits
 
 STEPS = 8
 WORDS = ["the", "king", "shall", "not", "speak", "of", "love", "and", "war", "my", "lord", "good", "night"]
@@ -224,7 +224,7 @@ def test_too_short_data_fails_clearly(tmp_path: Path) -> None:
 
 
 def test_flow_text_handles_a_gradient_that_underflows_to_zero() -> None:
-    from model.depth_study import _flow
+    from training.depth_study import _flow
 
     assert "vanishes" in _flow(0.0)
     assert "shrinks by 100x" in _flow(0.01)
