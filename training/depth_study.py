@@ -376,8 +376,9 @@ def findings(result: dict[str, Any]) -> list[str]:
         c = _compare(hi, lo)
         if c > 0:
             out.append(
-                f"With the shortcut the deepest model trains worse than the shallowest ({series}) after {steps} steps, "
-                "which does not match the textbook story (deeper residual better or equal)."
+                f"With the shortcut the deepest model trains worse than the shallowest by {hi - lo:.3f} nats/byte "
+                f"({series}) after {steps} steps, which does not match the textbook story (deeper residual better "
+                "or equal)."
             )
         else:
             out.append(f"With the shortcut depth does not hurt training: {series}.")
@@ -391,6 +392,19 @@ def findings(result: dict[str, Any]) -> list[str]:
             out.append(
                 f"Within {BASELINE_TOL} nats/byte of the byte-frequency baseline (val {base['val']:.4f}) or above it, "
                 f"i.e. learned byte frequencies at most: {', '.join(stuck)}."
+            )
+    if base is not None:
+        flat = [
+            f"{k} depth {d}"
+            for (d, k), r in sorted(runs.items())
+            if r.get("sweep")
+            and all(c["val_loss"] is None or c["val_loss"] > base["val"] - BASELINE_TOL for c in r["sweep"])
+        ]
+        if flat:
+            out.append(
+                f"No swept learning rate gets {', '.join(flat)} more than {BASELINE_TOL} nats/byte below the "
+                "byte-frequency baseline in the sweep, so their best learning rate is picked among runs that learned "
+                "nothing."
             )
     for d in depths:
         p, r = val(d, "plain"), val(d, "residual")

@@ -207,17 +207,21 @@ def test_findings_say_whether_degradation_was_reproduced() -> None:
         _fake_result({(2, "plain"): 2.5, (2, "residual"): 2.0, (32, "plain"): 2.1, (32, "residual"): 2.4}, lr=3e-3)
     )
     assert any(s.startswith("Degradation not reproduced") for s in broken)
-    assert any("deepest model trains worse than the shallowest" in s for s in broken)
+    assert any("deepest model trains worse than the shallowest by 0.400 nats/byte" in s for s in broken)
     assert any("the plain stack is better by 0.300" in s for s in broken)
     assert any("edge of the swept grid" in s and "plain depth 2 (0.003)" in s for s in broken)
 
 
 def test_findings_name_runs_stuck_at_the_baseline() -> None:
-    out = depth_study.findings(
-        _fake_result({(2, "plain"): 2.5, (2, "residual"): 2.0, (16, "plain"): 3.31, (16, "residual"): 1.9})
-    )
-    stuck = [s for s in out if "byte-frequency baseline" in s]
+    result = _fake_result({(2, "plain"): 2.5, (2, "residual"): 2.0, (16, "plain"): 3.31, (16, "residual"): 1.9})
+    for r in result["runs"]:
+        flat = r["depth"] == 16 and r["kind"] == "plain"
+        r["sweep"] = [{"lr": 1e-3, "val_loss": 3.34 if flat else 2.9}, {"lr": 3e-3, "val_loss": None}]
+    out = depth_study.findings(result)
+    stuck = [s for s in out if s.startswith("Within 0.05 nats/byte of the byte-frequency baseline")]
     assert len(stuck) == 1 and stuck[0].endswith("plain depth 16.")
+    swept = [s for s in out if s.startswith("No swept learning rate")]
+    assert len(swept) == 1 and "gets plain depth 16 more than" in swept[0]
 
 
 def _tiny(residual: bool, n_layer: int = 3) -> ModelConfig:
