@@ -493,6 +493,16 @@ def render_markdown(result: dict[str, Any]) -> str:
         "ordinary plain model). The residual stack keeps the usual initialisation: with this q/k init it "
         "trained slower (development check, depth 2, 300 steps at lr 3e-3: val 2.51 against 2.38).",
         "",
+        "Development checks of the deeper plain stacks (mimetic q/k as above; run by hand, not in the JSON): "
+        "lower learning rates do not help (depth 8, 300 steps: val 3.356 at lr 1e-3, 3.431 at 3e-4, 3.971 at "
+        "1e-4; depth 4, whose best swept rate is the grid's lowest, 150 steps: 3.191 at 1e-3, 3.573 at 3e-4), "
+        "and neither does dropping GPT-2's depth scaling of the output projections (std "
+        "0.02/sqrt(2 x depth), 0.0025 at depth 32): with every output projection at std 0.02 and this study's "
+        "400-step schedule, val is 3.338 / 3.344 at depth 8, 3.346 / 3.344 at depth 16 and 3.346 / 3.344 at "
+        "depth 32 (lr 1e-3 / 3e-3), although the gradient does not shrink towards the first layer at "
+        "initialisation (first/last 6.07, 18.6, 61.9). That depth scaling is why the 32-layer plain stack's "
+        "gradient ratio at initialisation below is 0.0152 with or without the q/k init.",
+        "",
         "Train and val loss: mean cross-entropy (nats/byte) of the final model on the same "
         f"{c['eval_batches']} fixed batches of each split. Grad ratio: ||dL/d resid_pre|| at the first layer divided "
         "by that at the last layer, on one fixed training batch.",
