@@ -64,6 +64,10 @@ sys.exit(0 if p.is_file() else f'{p} missing: model/checkpoints/{p.name} was not
         "$CHECKPOINT_NAME"; \
     fi
 
+# Serving code only: training/ (training, evaluation, the depth study; matplotlib via the `train` extra) stays out.
+RUN cd / && python -c "import importlib.util, sys; \
+sys.exit('training/ must not be in the server image' if importlib.util.find_spec('training') else 0)"
+
 # ---------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE} AS runtime
 

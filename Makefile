@@ -37,7 +37,7 @@ test: $(VENV)/.dev
 	$(PY) -m pytest
 
 lint: $(VENV)/.dev
-	$(PY) -m ruff check app model tests bench
+	$(PY) -m ruff check app model training tests bench
 
 bench: $(VENV)/.dev
 	$(PIP) install -q -e '.[bench]'
@@ -54,10 +54,10 @@ screenshots: $(VENV)/.dev
 scale-smoke:
 	bash deploy/scale-smoke.sh
 
-# needs the corpus: DATA=path/to/tinyshakespeare.txt (default ../shared/data/tinyshakespeare.txt)
+# needs the corpus: DATA=path/to/tinyshakespeare.txt (default ../shared/data/tinyshakespeare.txt); one core (wall time: docs/depth_study.md)
 DATA ?= ../shared/data/tinyshakespeare.txt
 depth-study: $(VENV)/.dev
-	$(PY) -m model.depth_study --data $(DATA)
+	$(PY) -m training.depth_study --data $(DATA) --threads 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

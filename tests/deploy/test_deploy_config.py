@@ -281,10 +281,12 @@ def test_dockerfile_contract() -> None:
     health = re.search(r"^HEALTHCHECK .*\n(?:.*\n)*?\s*CMD (\[.*\])$", final, re.M)
     assert health and "/health" in health.group(1) and json.loads(health.group(1))[0] == "python"
     assert re.search(r"pip install \.(?:\s|$)", text) and "pip install -e" not in text
+    copied = re.findall(r"^COPY (?!--from)(.*)$", text, re.M)
+    assert not any("training" in c for c in copied), "training/ is not serving code"
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
     lines = {ln.strip() for ln in DOCKERIGNORE.read_text().splitlines() if ln.strip() and not ln.startswith("#")}
-    for needed in (".git", ".venv", "tests", "bench/results", "**/*.resume.safetensors", "**/__pycache__"):
+    for needed in (".git", ".venv", "tests", "training", "bench/results", "**/*.resume.safetensors", "**/__pycache__"):
         assert needed in lines
     assert not {"model", "app", "pyproject.toml", "model/checkpoints"} & lines

@@ -19,9 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.config import ModelConfig
-from model.evaluate import evaluate, main, plan_windows, round_linear_weights_to_float16
-from model.train import load_splits
 from model.transformer import Transformer
+from training.evaluate import evaluate, main, plan_windows, round_linear_weights_to_float16
+from training.train import load_splits
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -159,7 +159,7 @@ def test_cli_float16_weights_score_the_rounded_model(
 
 def test_cli_module_entry_point(tiny_checkpoint: Path, text_file: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "model.evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(text_file),
+    cmd = [sys.executable, "-m", "training.evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(text_file),
            "--threads", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=True)
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""Training CLI: python -m model.train --data PATH --out PATH [options].
+"""Training CLI: python -m training.train --data PATH --out PATH [options].
 
 The first 90% of the file is the train split, the last 10% validation (as nanoGPT).
 Batches are drawn from a generator seeded by (seed, step), so a run is deterministic for a seed
@@ -19,13 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.transformer import Transformer
+from training.plotting import figure
 
-log = logging.getLogger("model.train")
+log = logging.getLogger("training.train")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,31 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (tc.lr - tc.min_lr)
 
 
+def batch_at(split: torch.Tensor, block_size: int, tc: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training batch of `step`: drawn from a generator seeded by (seed, step), so every run sees the same."""
+    gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
+    return get_batch(split, block_size, tc.batch_size, gen)
+
+
+def train_step(
+    model: Transformer, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lr: float, grad_clip: float
+) -> tuple[float, float]:
+    """One optimiser step at learning rate `lr` on inputs x and targets y (B, T).
+
+    Mean cross-entropy, backward, gradient clipping at `grad_clip`, step. Returns (loss, gradient norm before
+    clipping) as floats.
+    """
+    for g in opt.param_groups:
+        g["lr"] = lr
+    logits = model(x).logits  # (B, T, vocab)
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.item(), norm.item()
+
+
 def make_optimizer(model: Transformer, tc: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -90,7 +117,7 @@ def estimate_loss(model: Transformer, split: torch.Tensor, tc: TrainConfig, seed
     for _ in range(tc.eval_batches):
         x, y = get_batch(split, model.config.block_size, tc.batch_size, gen)
         logits = model(x).logits
-        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
+        losses.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
     model.train()
     return sum(losses) / len(losses)
 
@@ -114,22 +141,14 @@ def _load_opt_tensors(opt: torch.optim.AdamW, extra: dict[str, torch.Tensor]) ->
 
 def plot_history(history: list[dict], path: Path) -> None:
     """Write a PNG of train/val loss against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([h["step"] for h in history], [h["train_loss"] for h in history], label="train (running)")
-    evals = [h for h in history if h.get("val_loss") is not None]
-    ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/byte)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path) as (_, ax):
+        ax.plot([h["step"] for h in history], [h["train_loss"] for h in history], label="train (running)")
+        evals = [h for h in history if h.get("val_loss") is not None]
+        ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", label="val")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/byte)")
+        ax.grid(alpha=0.3)
+        ax.legend()
 
 
 def train(
@@ -194,20 +213,12 @@ def train(
 
     t0 = time.monotonic()
     while step < tc.max_steps:
-        gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
         torch.manual_seed(tc.seed + step)  # dropout
-        x, y = get_batch(train_split, mc.block_size, tc.batch_size, gen)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
-        logits = model(x).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
+        x, y = batch_at(train_split, mc.block_size, tc, step)
+        loss, _ = train_step(model, opt, x, y, lr_at(step, tc), tc.grad_clip)
         step += 1
         tokens_seen += x.numel()
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        running = loss if running is None else 0.95 * running + 0.05 * loss
         now = time.monotonic()
         if now - t_last > 5:
             bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{(tokens_seen - tok_last) / (now - t_last):.0f}")

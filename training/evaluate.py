@@ -1,4 +1,4 @@
-"""Evaluation CLI: python -m model.evaluate --checkpoint PATH --data PATH [--split val|train|all].
+"""Evaluation CLI: python -m training.evaluate --checkpoint PATH --data PATH [--split val|train|all].
 
 Mean next-byte cross-entropy over a split, with every byte after the split's first scored exactly once.
 Sliding windows of `block_size` bytes move by `stride = block_size // 2`: the first window scores all its
@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint
-from model.train import load_splits
 from model.transformer import Transformer
+from training.train import load_splits
 
-log = logging.getLogger("model.evaluate")
+log = logging.getLogger("training.evaluate")
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse arguments, evaluate, and print one JSON line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint path (.safetensors)")
-    p.add_argument("--data", required=True, help="text file (UTF-8 bytes); split as in model.train")
+    p.add_argument("--data", required=True, help="text file (UTF-8 bytes); split as in training.train")
     p.add_argument("--split", choices=("val", "train", "all"), default="val")
     p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")

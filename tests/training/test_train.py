@@ -1,4 +1,4 @@
-"""Training: a smoke run that learns, determinism for a seed, and exact resume."""
+"""Training: the shared train step and plot helper, a smoke run that learns, determinism for a seed, exact resume."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig
-from model.evaluate import evaluate
-from model.train import TrainConfig, get_batch, load_splits, lr_at, train
 from model.transformer import Transformer
+from training.evaluate import evaluate
+from training.plotting import figure
+from training.train import TrainConfig, batch_at, get_batch, load_splits, lr_at, make_optimizer, train, train_step
 
 MC = ModelConfig(block_size=32, n_layer=2, n_head=4, d_model=32, d_ff=64)
 # lr == min_lr: the schedule after warmup is flat, so it does not depend on max_steps (needed to compare resumes).
@@ -48,6 +49,51 @@ def test_lr_schedule() -> None:
     assert lr_at(0, tc) == pytest.approx(0.1) and lr_at(9, tc) == pytest.approx(1.0)
     assert lr_at(60, tc) == pytest.approx(0.55) and lr_at(110, tc) == pytest.approx(0.1)
     assert lr_at(500, tc) == pytest.approx(0.1)
+
+
+def test_batch_at_is_seeded_by_seed_and_step() -> None:
+    split = torch.arange(200, dtype=torch.uint8)
+    tc = TrainConfig(batch_size=4, seed=5)
+    x, y = batch_at(split, 8, tc, 3)
+    x2, _ = batch_at(split, 8, tc, 3)
+    want, _ = get_batch(split, 8, 4, torch.Generator().manual_seed(5 * 1_000_003 + 3))
+    assert torch.equal(x, x2) and torch.equal(x, want) and torch.equal(y[:, :-1], x[:, 1:])
+    assert not torch.equal(batch_at(split, 8, tc, 4)[0], x)
+
+
+def test_train_step_is_one_clipped_adamw_step_at_the_given_lr() -> None:
+    torch.manual_seed(0)
+    model = Transformer(MC)
+    twin = Transformer(MC)
+    twin.load_state_dict(model.state_dict())
+    tc = TrainConfig(lr=1.0, grad_clip=0.5)
+    opt, opt_twin = make_optimizer(model, tc), make_optimizer(twin, tc)
+    x, y = get_batch(torch.randint(0, 256, (500,), dtype=torch.uint8), MC.block_size, 4, torch.Generator())
+    loss, norm = train_step(model, opt, x, y, lr=3e-3, grad_clip=0.5)
+    # the same step written out
+    for g in opt_twin.param_groups:
+        g["lr"] = 3e-3
+    ref = torch.nn.functional.cross_entropy(twin(x).logits.flatten(0, 1), y.flatten())
+    ref.backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+    opt_twin.step()
+    assert loss == pytest.approx(ref.item()) and norm == pytest.approx(ref_norm.item())
+    assert norm > 0.5  # the clip was active, so the comparison covers it
+    assert all(g["lr"] == 3e-3 for g in opt.param_groups)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_figure_writes_a_png_and_skips_it_on_error(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with figure(tmp_path / "a.png", ncols=2) as (fig, axes):
+        axes[0].plot([0, 1], [1, 0])
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(RuntimeError), figure(tmp_path / "b.png"):
+        raise RuntimeError("boom")
+    assert not (tmp_path / "b.png").exists()
+    assert not plt.get_fignums()  # both figures closed
 
 
 def test_smoke_run_learns_and_writes_artifacts(tmp_path: Path, text_file: Path) -> None:
