@@ -81,13 +81,13 @@ def checkpoint_paths(settings: Settings) -> dict[str, Path]:
 def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> dict[str, ServedModel]:
     """Load every checkpoint and start an engine for each (raises CheckpointError on a bad file)."""
     models: dict[str, ServedModel] = {}
-    for i, (name, path) in enumerate(checkpoint_paths(settings).items()):
+    for name, path in checkpoint_paths(settings).items():
         ck = load_checkpoint(path, device=device)
         engine = Engine(
             ck.model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
             prefill_tokens=settings.max_prefill_tokens, decode_weights=settings.decode_weights,
             request_timeout_s=settings.request_timeout_s,
-            observer=metrics if i == 0 else None,  # live metrics describe the main model
+            observer=metrics.observer(name),
             max_stop_strings=settings.max_stop_strings, max_stop_length=settings.max_stop_length,
             max_logprobs=settings.max_logprobs,
         )
