@@ -87,7 +87,7 @@ def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> d
             ck.model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
             prefill_tokens=settings.max_prefill_tokens, decode_weights=settings.decode_weights,
             request_timeout_s=settings.request_timeout_s,
-            observer=metrics.observer(name),
+            observer=metrics.observer(name), job_share=settings.diagnostics_share,
             max_stop_strings=settings.max_stop_strings, max_stop_length=settings.max_stop_length,
             max_logprobs=settings.max_logprobs,
         )
