@@ -13,7 +13,9 @@ import torch
 
 from app.metrics import Metrics
 from app.settings import Settings
+from model import tokenizer
 from model.checkpoint import Checkpoint, load_checkpoint
+from model.diagnostics import DiagnosticsOptions, run_diagnostics
 from model.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -101,4 +103,8 @@ def warm_up(served: ServedModel) -> float:
     """Warm the engine's forward and decode paths up before serving; return seconds."""
     t0 = time.perf_counter()
     served.engine.warm_up()
+    # the process's first backward pass pays a one-off setup (~1 s here); a /diagnostics job must not, as it would
+    # stall running streams for that long
+    model, cfg = served.checkpoint.model, served.checkpoint.config
+    run_diagnostics(model, tokenizer.encode("Warm up.")[: cfg.block_size], DiagnosticsOptions(gradients=True))
     return time.perf_counter() - t0
