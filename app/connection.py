@@ -65,10 +65,20 @@ class GuardedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        self._follow(receiving=True)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may start a pipelined request already received
+        self._follow(receiving=False)
+
+    def _follow(self, receiving: bool) -> None:
+        """Arm the deadline of what the client is sending now: headers, a body, or nothing."""
         state = self.conn.their_state
         if state is h11.IDLE:  # (part of) the next request's headers: they must all arrive in time
-            if self._phase is None:
+            if receiving and self._phase is None:
                 self._arm("headers", self.header_timeout_s)
+            elif not receiving:
+                self._disarm()  # idle between requests: uvicorn's keep-alive timeout applies
         elif state is h11.SEND_BODY:
             if self._phase != "body":
                 self._arm("body", self.body_timeout_s)
