@@ -105,9 +105,18 @@ def test_a_cancelled_job_is_dropped_and_the_worker_lives_on(model: Transformer) 
 
 def test_abort_all_ends_requests_and_fails_jobs(model: Transformer) -> None:
     async def body(engine: Engine) -> tuple[str, str, str]:
+        real = engine._decode
+
+        def slow_decode() -> None:  # 30 steps take 0.3 s at least: the abort comes while the first row runs
+            time.sleep(0.01)
+            real()
+
+        engine._decode = slow_decode  # type: ignore[method-assign]
         running = engine.submit([1], SamplingParams(max_new_tokens=TINY["block_size"] - 2, temperature=0))
         waiting = engine.submit([2], SamplingParams(max_new_tokens=TINY["block_size"] - 2, temperature=0))
         fut = engine.run_job(sleeping_job(1000, 0.002))
+        while not engine.n_running:
+            await asyncio.sleep(0.001)
         engine.abort_all()
         _, fin_running = await events_of(running)
         _, fin_waiting = await events_of(waiting)
