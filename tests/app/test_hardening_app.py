@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import struct
 import time
 from collections.abc import Callable, Generator
@@ -14,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import app.routes.diagnostics as diagnostics_route
+from app.connection import LoopErrorLog
 from app.middleware import default_allowed_hosts, escape_controls, host_name
 from model.checkpoint import CheckpointError, load_checkpoint
 from tests.helpers import assert_error
@@ -159,3 +161,23 @@ def test_deeply_nested_checkpoint_header_names_the_file(tmp_path: Path) -> None:
     path.write_bytes(struct.pack("<Q", len(header)) + header)
     with pytest.raises(CheckpointError, match="nested.safetensors.*nested too deeply"):
         load_checkpoint(path)
+
+
+def test_loop_errors_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """asyncio reports a failed accept() up to the listen backlog per loop tick when descriptors run out."""
+    loop = asyncio.new_event_loop()
+    try:
+        handler = LoopErrorLog(interval_s=60)
+        context = {"message": "socket.accept() out of system resource", "exception": OSError(24, "Too many open files")}
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            for _ in range(2048):
+                handler(loop, context)
+            handler(loop, {"message": "another kind of error"})
+        assert [r.getMessage() for r in caplog.records] == ["socket.accept() out of system resource",
+                                                            "another kind of error"]
+        handler._last[context["message"]] -= 61  # the interval passed: the next one says how many were skipped
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            handler(loop, context)
+        assert "2047 more since the last report" in caplog.records[-1].getMessage()
+    finally:
+        loop.close()
