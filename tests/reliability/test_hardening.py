@@ -159,22 +159,23 @@ def test_client_values_cannot_forge_log_lines(guarded: Server) -> None:
         assert "/x\\n2026-11-30" in line and "\\r\\n\\x1b[31m" in line, line
 
 
-def test_client_that_leaves_is_a_499_not_a_503(guarded: Server) -> None:
+@pytest.mark.parametrize(("path", "body"), [("/generate", {"prompt": "gone", "max_new_tokens": 240}),
+                                            ("/v1/completions", {"prompt": "gone", "max_tokens": 240})])
+def test_client_that_leaves_is_a_499_not_a_503(guarded: Server, path: str, body: dict) -> None:
     url = guarded.url
     before = wait_for(url, idle)
     aborted = value(before, "shortcut_request_success_total", finished_reason="abort")
-    body = json.dumps({"prompt": "gone", "max_new_tokens": 240}).encode()
+    raw = json.dumps(body).encode()
     with raw_connection(url) as sock:
-        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode()
-                     + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n".encode()
+                     + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(raw), raw))
         wait_for(url, lambda s: value(s, "shortcut_requests_running") == 1)
     after = wait_for(url, lambda s: idle(s) and value(s, "shortcut_request_success_total",
                                                       finished_reason="abort") == aborted + 1
-                     and value(s, "shortcut_http_request_duration_seconds_count", route="/generate", status="499")
-                     > value(before, "shortcut_http_request_duration_seconds_count", route="/generate",
-                             status="499"))
+                     and value(s, "shortcut_http_request_duration_seconds_count", route=path, status="499")
+                     > value(before, "shortcut_http_request_duration_seconds_count", route=path, status="499"))
     assert value(after, "shortcut_http_request_duration_seconds_count", status="503") == 0
-    assert " 499 " in guarded.log()
+    assert f"POST {path} 499 " in guarded.log()
 
 
 # ---------------------------------------------------------------- item 2: out of file descriptors
