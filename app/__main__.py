@@ -12,6 +12,7 @@ from types import FrameType
 import uvicorn
 
 from app import service
+from app.connection import LoopErrorLog, guarded_protocol
 from app.main import create_app
 from app.metrics import Metrics
 from app.middleware import setup_logging
@@ -19,6 +20,8 @@ from app.settings import Settings
 from model.checkpoint import CheckpointError
 
 log = logging.getLogger("app")
+ABORT_GRACE_S = 2.0  # past the drain deadline: time for the aborted requests' 503s / error events to go out
+SHUTDOWN_GRACE_S = 3  # then uvicorn's own graceful shutdown (connections closing), not another drain timeout
 
 
 class DrainingServer(uvicorn.Server):
@@ -28,6 +31,10 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.fastapi_app, self.drain_timeout_s = app, drain_timeout_s
         self._draining = False
+
+    async def startup(self, sockets: list | None = None) -> None:
+        asyncio.get_running_loop().set_exception_handler(LoopErrorLog(60.0))  # e.g. accept() failing on EMFILE
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or not self.started:
@@ -41,12 +48,23 @@ class DrainingServer(uvicorn.Server):
         state = self.fastapi_app.state
         state.draining = True
         engines = [m.engine for m in state.models.values()]
-        log.info("%s received: draining %d running / %d waiting requests (timeout %.0f s)", name,
-                 sum(e.n_running for e in engines), sum(e.n_waiting for e in engines), self.drain_timeout_s)
+        log.info("%s received: draining %d running / %d waiting requests and %d diagnostics jobs (timeout %.0f s)",
+                 name, sum(e.n_running for e in engines), sum(e.n_waiting for e in engines),
+                 sum(e.n_jobs for e in engines), self.drain_timeout_s)
         for e in engines:
             e.begin_drain()
-        ok = all([await e.wait_idle(self.drain_timeout_s) for e in engines])
-        log.info("drain %s; shutting down", "complete" if ok else "timed out")
+        deadline = asyncio.get_running_loop().time() + self.drain_timeout_s
+        ok = all([await e.wait_idle(max(0.0, deadline - asyncio.get_running_loop().time())) for e in engines])
+        if ok:
+            log.info("drain complete; shutting down")
+        else:
+            log.warning("drain timed out: ending %d running / %d waiting requests and %d diagnostics jobs with 503",
+                        sum(e.n_running for e in engines), sum(e.n_waiting for e in engines),
+                        sum(e.n_jobs for e in engines))
+            for e in engines:
+                e.abort_all()
+            for e in engines:
+                await e.wait_idle(ABORT_GRACE_S)
         await asyncio.sleep(0.05)  # let the last responses flush
         self.should_exit = True
 
@@ -58,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default=settings.host)
     p.add_argument("--port", type=int, default=settings.port)
     a = p.parse_args(argv)
+    settings = settings.model_copy(update={"host": a.host, "port": a.port})  # the Host check knows the bind address
     setup_logging(settings.log_level, settings.log_json)
     metrics = Metrics(resid_norms=settings.resid_norm_metrics)
     try:
@@ -67,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         log.error("cannot start: %s", e)
         sys.exit(2)
     app = create_app(settings, models=models, metrics=metrics)
-    config = uvicorn.Config(app, host=a.host, port=a.port, access_log=False, log_config=None,
-                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)))
+    protocol = guarded_protocol(settings.header_timeout_s, settings.body_timeout_s, settings.max_connections)
+    config = uvicorn.Config(app, host=a.host, port=a.port, access_log=False, log_config=None, http=protocol,
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     server = DrainingServer(config, app, settings.drain_timeout_s)
     server.run()
 

@@ -24,13 +24,27 @@ TYPES = {
     415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    499: "client_closed_request",
     500: "server_error",
     503: "service_unavailable",
     504: "timeout_error",
 }
 
 
-HTTP_CODES = {400: "invalid_body", 404: "route_not_found", 405: "method_not_allowed"}  # framework errors
+HTTP_CODES = {400: "invalid_body", 404: "route_not_found", 405: "method_not_allowed",
+              413: "body_too_large"}  # framework errors
+FASTAPI_BODY_ERROR = "There was an error parsing the body"  # FastAPI's 400; the cause says what went wrong
+
+
+def body_error_message(cause: BaseException | None) -> str:
+    """The 400 message for a JSON body that could not be parsed, from the parser's exception."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "request body is not valid UTF-8"
+    if isinstance(cause, RecursionError):
+        return "request body is nested too deeply to parse"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "request body has an integer literal over 4300 digits, the most the server reads"
+    return "request body could not be parsed as UTF-8 JSON"
 
 
 class APIError(Exception):
@@ -104,8 +118,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status, message = exc.status_code, str(exc.detail)
-        if status == 400:  # FastAPI's only 400: the body could not be decoded (not UTF-8, or nested too deep)
-            message = "request body could not be parsed as UTF-8 JSON"
+        if status == 400 and message == FASTAPI_BODY_ERROR:  # the body could not be decoded
+            message = body_error_message(exc.__cause__)
         elif status == 404:
             message = f"no route {request.url.path!r}; GET /docs lists the routes"
         elif status == 405:
@@ -115,5 +129,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
+        log.exception("unhandled error on %r", request.url.path)
         return error_response(500, "internal server error", code="internal_error")

@@ -50,8 +50,9 @@ async def collect(request: Request, handle: RequestHandle) -> tuple[list[TokenEv
     gone = asyncio.ensure_future(_wait_disconnect(request))
     try:
         await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not result.done():
+        if not result.done():  # the client left first: 499 in the log and metrics (nobody reads the answer)
             handle.cancel()
+            raise APIError(499, "client closed the request", code="client_closed_request")
         return await result
     finally:
         gone.cancel()
@@ -68,8 +69,8 @@ def finish_error(fin: FinishEvent) -> APIError | None:
         return APIError(504, fin.error or "request timed out", code="request_timeout")
     if fin.reason == "error":
         return APIError(500, fin.error or "generation failed", code="engine_error")
-    if fin.reason == "abort":
-        return APIError(503, fin.error or "request was aborted", code="aborted")
+    if fin.reason == "abort":  # a client's own cancel never reaches it: the server is shutting down
+        return APIError(503, fin.error or "server is shutting down", code="draining")
     return None
 
 

@@ -12,7 +12,7 @@ from app import service
 from app.auth import require_api_key
 from app.errors import install_error_handlers
 from app.metrics import Metrics
-from app.middleware import ServiceMiddleware
+from app.middleware import ServiceMiddleware, default_allowed_hosts
 from app.routes import diagnostics, generate, health, openai, page
 from app.service import ServedModel
 from app.settings import Settings
@@ -66,7 +66,11 @@ def create_app(settings: Settings | None = None, models: dict[str, ServedModel] 
     app.include_router(page.router)  # the page at /, /docs and /redoc: open, like the schema
     app.mount("/static", page.static_files(), name="static")
     protected = [Depends(require_api_key(settings.api_key))] if settings.api_key is not None else []
-    for router in (generate.router, openai.router, diagnostics.router):
+    protected_routers = (generate.router, openai.router, diagnostics.router)
+    for router in protected_routers:
         app.include_router(router, dependencies=protected)
-    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    hosts = settings.allowed_hosts if settings.allowed_hosts is not None else default_allowed_hosts(settings.host)
+    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, routes=app.routes,
+                       api_key=settings.api_key, protected={r.path for rt in protected_routers for r in rt.routes},
+                       allowed_hosts=hosts)
     return app

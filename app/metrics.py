@@ -13,46 +13,66 @@ TOKEN_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 NORM_BUCKETS = (0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 FINISH_REASONS = ("length", "stop", "abort", "timeout", "error")
+HTTP_METHODS = ("GET", "POST", "HEAD", "OPTIONS")  # any other method is labelled "other"
 
 
-class Metrics(EngineObserver):
-    """The service's metrics on their own registry; also the engine's observer."""
+def method_label(method: str) -> str:
+    """A fixed label for a client-chosen HTTP method: one of HTTP_METHODS, else "other"."""
+    return method if method in HTTP_METHODS else "other"
+
+
+class Metrics:
+    """The service's metrics on their own registry; `observer(model)` gives each engine its observer."""
 
     def __init__(self, registry: CollectorRegistry | None = None, resid_norms: bool = True) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.wants_resid_norms = resid_norms
+        m = ["model"]  # engine metrics: one series set per served model (a fixed set known at start)
         self.http_duration = Histogram(
             "shortcut_http_request_duration_seconds", "HTTP request duration by route template, method and status.",
             ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("shortcut_e2e_request_latency_seconds", "Generation request latency, submit to finish.",
+        self.e2e = Histogram("shortcut_e2e_request_latency_seconds", "Generation request latency, submit to finish.", m,
                              buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("shortcut_time_to_first_token_seconds", "Time from submit to the first token.",
+        self.ttft = Histogram("shortcut_time_to_first_token_seconds", "Time from submit to the first token.", m,
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("shortcut_inter_token_latency_seconds", "Time between consecutive tokens of a request.",
+        self.itl = Histogram("shortcut_inter_token_latency_seconds", "Time between consecutive tokens of a request.", m,
                              buckets=TOKEN_LATENCY_BUCKETS, registry=r)
-        self.queue_time = Histogram("shortcut_request_queue_time_seconds", "Time a request waited for a batch slot.",
+        self.queue_time = Histogram("shortcut_request_queue_time_seconds", "Time a request waited for a batch slot.", m,
                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("shortcut_prompt_tokens", "Prompt tokens prefilled.", registry=r)
-        self.generation_tokens = Counter("shortcut_generation_tokens", "Tokens generated.", registry=r)
+        self.prompt_tokens = Counter("shortcut_prompt_tokens", "Prompt tokens prefilled.", m, registry=r)
+        self.generation_tokens = Counter("shortcut_generation_tokens", "Tokens generated.", m, registry=r)
         self.success = Counter("shortcut_request_success", "Finished generation requests by finish reason.",
-                               ["finished_reason"], registry=r)
-        for reason in FINISH_REASONS:
-            self.success.labels(reason)
-        self.running = Gauge("shortcut_requests_running", "Sequences in the running batch.", registry=r)
-        self.waiting = Gauge("shortcut_requests_waiting", "Requests waiting for a batch slot.", registry=r)
-        self.batch_size = Histogram("shortcut_batch_size", "Sequences per batched decode step.",
+                               ["model", "finished_reason"], registry=r)
+        self.running = Gauge("shortcut_requests_running", "Sequences in the running batch.", m, registry=r)
+        self.waiting = Gauge("shortcut_requests_waiting", "Requests waiting for a batch slot.", m, registry=r)
+        self.batch_size = Histogram("shortcut_batch_size", "Sequences per batched decode step.", m,
                                     buckets=BATCH_BUCKETS, registry=r)
         self.model_info = Gauge("shortcut_model_info", "The served model (value is always 1).",
                                 ["model", "checkpoint_sha256", "n_layer", "d_model", "device"], registry=r)
         self.interventions = Counter("shortcut_interventions", "Requests served with an intervention, by part.",
-                                     ["part"], registry=r)
-        for part in PARTS:
-            self.interventions.labels(part)
+                                     ["model", "part"], registry=r)
         self.resid_norm = Histogram(
             "shortcut_resid_post_norm", "L2 norm of the last-position residual stream after each layer, "
-            "observed on served prefills.", ["layer"], buckets=NORM_BUCKETS, registry=r)
+            "observed on served prefills.", ["model", "layer"], buckets=NORM_BUCKETS, registry=r)
 
-    # ---- EngineObserver -------------------------------------------------------------------------
+    def observer(self, model: str) -> ModelObserver:
+        """The engine observer of the served model `model`; its series exist (at 0) from now on."""
+        return ModelObserver(self, model)
+
+
+class ModelObserver(EngineObserver):
+    """Feeds one model's engine measurements into the `model`-labelled metrics (runs on the engine's worker)."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.metrics, self.model = metrics, model
+        self.wants_resid_norms = metrics.wants_resid_norms
+        self.e2e, self.ttft, self.itl, self.queue_time, self.prompt_tokens, self.generation_tokens, self.running, \
+            self.waiting, self.batch_size = (h.labels(model) for h in (
+                metrics.e2e, metrics.ttft, metrics.itl, metrics.queue_time, metrics.prompt_tokens,
+                metrics.generation_tokens, metrics.running, metrics.waiting, metrics.batch_size))
+        self.success = {reason: metrics.success.labels(model, reason) for reason in FINISH_REASONS}
+        self.interventions = {part: metrics.interventions.labels(model, part) for part in PARTS}
+
     def on_prefill(self, prompt_tokens: int, queue_time_s: float) -> None:
         self.prompt_tokens.inc(prompt_tokens)
         self.queue_time.observe(queue_time_s)
@@ -70,7 +90,7 @@ class Metrics(EngineObserver):
         self.generation_tokens.inc(batch_size)
 
     def on_finish(self, reason: str, e2e_s: float, completion_tokens: int) -> None:
-        self.success.labels(reason).inc()
+        self.success[reason].inc()
         self.e2e.observe(e2e_s)
 
     def on_queue_change(self, running: int, waiting: int) -> None:
@@ -78,12 +98,12 @@ class Metrics(EngineObserver):
         self.waiting.set(waiting)
 
     def on_intervention(self, parts: set[str]) -> None:
-        for part in parts & set(PARTS):  # the engine validated them; the set keeps the label values fixed
-            self.interventions.labels(part).inc()
+        for part in parts & self.interventions.keys():  # the engine validated them; the label values stay fixed
+            self.interventions[part].inc()
 
     def on_resid_norms(self, norms: list[float]) -> None:
         for layer, value in enumerate(norms):
-            self.resid_norm.labels(str(layer)).observe(value)
+            self.metrics.resid_norm.labels(self.model, str(layer)).observe(value)
 
 
 def metric_names() -> set[str]:

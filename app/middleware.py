@@ -1,4 +1,4 @@
-"""ASGI middleware: request id, body-size limit, access log and the HTTP duration metric."""
+"""ASGI middleware: request id, Host check, API key from the headers, body limits, access log and HTTP metrics."""
 
 from __future__ import annotations
 
@@ -7,20 +7,62 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
+from pydantic import SecretStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
+
+from app.auth import check_authorization
 from app.errors import error_body
-from app.metrics import Metrics
+from app.metrics import Metrics, method_label
 
 access_log = logging.getLogger("shortcut.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# C0/C1 control characters and the Unicode line/paragraph separators: what could start a forged log line
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character written as a visible escape (\\n, \\x1b, \\u2028)."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def default_allowed_hosts(bind_host: str) -> tuple[str, ...] | None:
+    """Host names served when SHORTCUT_ALLOWED_HOSTS is unset: the localhost names and the bind address; None
+    (any) when bound to a wildcard address, where every name the machine has is an address it serves."""
+    if bind_host.strip("[]") in WILDCARD_BINDS:
+        return None
+    return (*LOCAL_HOSTS, bind_host.strip("[]").lower())
+
+
+def host_name(header: str) -> str:
+    """The name part of a Host header value, lower-cased: 'Example.com:8000' -> 'example.com', '[::1]:80' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
 
 
 class ServiceMiddleware:
-    """Wraps every HTTP request; pure ASGI so streaming responses pass straight through."""
+    """Wraps every HTTP request; pure ASGI so streaming responses pass straight through.
 
-    def __init__(self, app: Any, metrics: Metrics, max_body_bytes: int) -> None:
+    Before the app runs, from the headers alone: the Host check (400), a declared body over the limit (413) and, on
+    protected paths, the API key (401). None of these reads the body. The body is read only when the route asks for
+    it, counted as it arrives (413 past the limit) and refused if it is UTF-16/32 JSON (400). A response sent before
+    the body was read closes the connection, so a client cannot keep feeding an unread body."""
+
+    def __init__(self, app: Any, metrics: Metrics, max_body_bytes: int, routes: Iterable[BaseRoute] = (),
+                 api_key: SecretStr | None = None, protected: Iterable[str] = (),
+                 allowed_hosts: Iterable[str] | None = None) -> None:
         self.app, self.metrics, self.max_body = app, metrics, max_body_bytes
+        self.routes, self.api_key, self.protected = list(routes), api_key, frozenset(protected)
+        hosts = None if allowed_hosts is None or "*" in allowed_hosts else frozenset(h.lower() for h in allowed_hosts)
+        self.hosts = hosts
+        self.host_suffixes = tuple(h[1:] for h in hosts or () if h.startswith("*."))  # "*.example.com"
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -32,25 +74,45 @@ class ServiceMiddleware:
         request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         status = {"code": 500}
+        length = headers.get("content-length")
+        body = {"pending": "transfer-encoding" in headers or (length is not None and length != "0"), "size": 0,
+                "head": b""}
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+                extra = [(b"x-request-id", request_id.encode())]
+                if body["pending"]:  # answered before the body was read: do not wait for the rest of it
+                    extra.append((b"connection", b"close"))
+                message["headers"] = list(message.get("headers", [])) + extra
             await send(message)
 
+        async def counted_receive() -> dict:
+            message = await receive()
+            if message["type"] != "http.request":
+                body["pending"] = False
+                return message
+            chunk = message.get("body", b"")
+            body["size"] += len(chunk)
+            body["pending"] = message.get("more_body", False)
+            if body["size"] > self.max_body:
+                raise StarletteHTTPException(413, f"request body exceeds {self.max_body} bytes")
+            if len(body["head"]) < 4 and _is_json(headers):
+                body["head"] += chunk[: 4 - len(body["head"])]
+                if body["head"][:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in body["head"]:
+                    raise StarletteHTTPException(400, "request body is not UTF-8 (UTF-16 and UTF-32 are refused)")
+            return message
+
         try:
-            body_receive = await self._bounded_body(headers, receive)
-            if body_receive is None:
-                await self._reject(send_wrapper, 413, f"request body exceeds {self.max_body} bytes")
+            refusal = self._refuse(scope["path"], headers, scope["state"])
+            if refusal is not None:
+                await _send_error(send_wrapper, *refusal)
             else:
-                await self.app(scope, body_receive, send_wrapper)
+                await self.app(scope, counted_receive, send_wrapper)
         finally:
             elapsed = time.perf_counter() - t0
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            self.metrics.http_duration.labels(template, scope["method"], str(status["code"])).observe(elapsed)
+            method = method_label(scope["method"])
+            self.metrics.http_duration.labels(self._template(scope), method, str(status["code"])).observe(elapsed)
             access_log.info(
                 "%s %s %s %.1fms", scope["method"], scope["path"], status["code"], elapsed * 1000,
                 extra={"request_id": request_id, "method": scope["method"], "path": scope["path"],
@@ -58,43 +120,44 @@ class ServiceMiddleware:
                        "client": (scope.get("client") or ("-",))[0]},
             )
 
-    async def _bounded_body(self, headers: dict[str, str], receive: Any) -> Any | None:
-        """Read the whole body (bounded); return a receive that replays it, or None if it is too large."""
+    def _refuse(self, path: str, headers: dict[str, str],
+                state: dict) -> tuple[int, str, str, dict[str, str] | None] | None:
+        """(status, message, code, headers) for a request refused on its headers alone, else None."""
+        if self.hosts is not None:
+            name = host_name(headers.get("host", ""))
+            if name not in self.hosts and not (self.host_suffixes and name.endswith(self.host_suffixes)):
+                return 400, "Host header not allowed (the server's SHORTCUT_ALLOWED_HOSTS)", "host_not_allowed", None
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return None
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # client left before sending the whole body
-                return _replay_message(message)
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.max_body:
-                return None
-            chunks.append(body)
-            more = message.get("more_body", False)
-        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+            return 413, f"request body exceeds {self.max_body} bytes", "body_too_large", None
+        if self.api_key is not None and path in self.protected:
+            err = check_authorization(headers.get("authorization"), self.api_key)
+            if err is not None:
+                return err.status, err.message, err.code or "", err.headers
+            state["api_key_checked"] = True  # the route dependency need not compare again
+        return None
 
-        async def replay() -> dict:
-            return pending.pop() if pending else await receive()
-
-        return replay
-
-    @staticmethod
-    async def _reject(send: Any, status: int, message: str) -> None:
-        body = json.dumps(error_body(status, message, code="body_too_large")).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    def _template(self, scope: dict) -> str:
+        """The route template for the metric label (never the client's path): the route the app matched, else
+        the first route whose pattern matches (plain Starlette routes such as /docs set none), else 'unmatched'."""
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in self.routes if r.matches(scope)[0] != Match.NONE), None)
+        return getattr(route, "path", None) or "unmatched"
 
 
-def _replay_message(message: dict) -> Any:
-    async def receive() -> dict:
-        return message
+def _is_json(headers: dict[str, str]) -> bool:
+    content_type = headers.get("content-type", "").lower()
+    return not content_type or "json" in content_type
 
-    return receive
+
+async def _send_error(send: Any, status: int, message: str, code: str, headers: dict[str, str] | None) -> None:
+    body = json.dumps(error_body(status, message, code=code)).encode()
+    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *extra]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class JsonFormatter(logging.Formatter):
@@ -113,13 +176,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+class PlainFormatter(logging.Formatter):
+    """Plain-text lines; control characters in the message (client paths, methods, ...) are escaped, so a client
+    can never start a line of its own. Tracebacks keep their newlines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        safe = logging.makeLogRecord(record.__dict__)
+        safe.message = escape_controls(record.message)
+        return super().formatMessage(safe)
+
+
 def setup_logging(level: str = "INFO", json_logs: bool = False) -> None:
     """Configure the root logger (plain or JSON lines)."""
     handler = logging.StreamHandler()
     if json_logs:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -34,7 +34,22 @@ def not_a_number(value: object) -> object:
     return value
 
 
+def utf8_only(value: object) -> object:
+    """Refuse text with lone surrogates (it has no UTF-8 form), in a string or a list of strings. A plain `str` field
+    already does; inside a union (`str | list[str]`) pydantic lets them through."""
+    for item in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise PydanticCustomError(
+                    "string_unicode", "Input should be a valid string, unable to parse raw data as a unicode string"
+                ) from None
+    return value
+
+
 JsonNumber = BeforeValidator(json_number)
+Utf8Only = BeforeValidator(utf8_only)
 # constraints first: a validator placed before them would hide them from the JSON schema
 Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False, description="0 = greedy"), JsonNumber]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False), JsonNumber]
@@ -271,10 +286,10 @@ MAX_PROMPTS_SCHEMA = 1024  # the served limit is SHORTCUT_MAX_PROMPTS
 class CompletionRequest(OpenAIRequest):
     """Body of POST /v1/completions."""
 
-    prompt: (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS_SCHEMA)]
-             | Annotated[list[TokenId], Field(min_length=1)]
-             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]],
-                         Field(min_length=1, max_length=MAX_PROMPTS_SCHEMA)])
+    prompt: Annotated[(str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS_SCHEMA)]
+                       | Annotated[list[TokenId], Field(min_length=1)]
+                       | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]],
+                                   Field(min_length=1, max_length=MAX_PROMPTS_SCHEMA)]), Utf8Only]
     max_tokens: MaxTokens | None = Field(None, description="omitted or null: 16 (OpenAI's default), capped by "
                                                            "what the context window leaves")
     logprobs: Annotated[int, Field(ge=0, le=20), JsonNumber] | None = None
@@ -288,7 +303,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Annotated[str | list[dict[str, Any]] | None, Utf8Only] = None
     name: Annotated[str, Field(max_length=64)] | None = None
 
 

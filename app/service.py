@@ -13,7 +13,9 @@ import torch
 
 from app.metrics import Metrics
 from app.settings import Settings
+from model import tokenizer
 from model.checkpoint import Checkpoint, load_checkpoint
+from model.diagnostics import DiagnosticsOptions, run_diagnostics
 from model.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -81,13 +83,13 @@ def checkpoint_paths(settings: Settings) -> dict[str, Path]:
 def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> dict[str, ServedModel]:
     """Load every checkpoint and start an engine for each (raises CheckpointError on a bad file)."""
     models: dict[str, ServedModel] = {}
-    for i, (name, path) in enumerate(checkpoint_paths(settings).items()):
+    for name, path in checkpoint_paths(settings).items():
         ck = load_checkpoint(path, device=device)
         engine = Engine(
             ck.model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
             prefill_tokens=settings.max_prefill_tokens, decode_weights=settings.decode_weights,
             request_timeout_s=settings.request_timeout_s,
-            observer=metrics if i == 0 else None,  # live metrics describe the main model
+            observer=metrics.observer(name), job_share=settings.diagnostics_share,
             max_stop_strings=settings.max_stop_strings, max_stop_length=settings.max_stop_length,
             max_logprobs=settings.max_logprobs,
         )
@@ -101,4 +103,8 @@ def warm_up(served: ServedModel) -> float:
     """Warm the engine's forward and decode paths up before serving; return seconds."""
     t0 = time.perf_counter()
     served.engine.warm_up()
+    # the process's first backward pass pays a one-off setup (~1 s here); a /diagnostics job must not, as it would
+    # stall running streams for that long
+    model, cfg = served.checkpoint.model, served.checkpoint.config
+    run_diagnostics(model, tokenizer.encode("Warm up.")[: cfg.block_size], DiagnosticsOptions(gradients=True))
     return time.perf_counter() - t0

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import model
 
@@ -48,10 +48,25 @@ class Settings(BaseSettings):
     max_prompts: int = Field(16, ge=1, le=1024, description="most prompts in one /v1/completions request")
     request_timeout_s: float = Field(120.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this time")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this time")
+    max_connections: int = Field(512, ge=1, description="open connections; a request on one more gets 503")
+    allowed_hosts: Annotated[tuple[str, ...] | None, NoDecode] = Field(
+        None, description="Host header values served (comma-separated, '*' = any); default: localhost names and "
+        "the bind address (any when bound to 0.0.0.0 or ::)")
+    diagnostics_share: float = Field(
+        0.5, gt=0, le=1, description="most of the worker's time /diagnostics jobs may take while sequences decode")
     warmup: bool = True
     resid_norm_metrics: bool = Field(True, description="observe per-layer residual norms of served prefills")
     log_json: bool = False
     log_level: str = "INFO"
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(h.strip().lower() for h in value.split(",") if h.strip()) or None
+        return value
 
     @field_validator("extra_checkpoints_dir", "api_key", mode="before")
     @classmethod

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from app.settings import Settings
-from bench import inproc, interventions, load, servers
+from bench import contention, inproc, interventions, load, servers
 from bench.stats import median, meets, ratio
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
@@ -34,7 +34,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MAX_BATCH: int = Settings.model_fields["max_batch_size"].default
 SHIPPED = Path(__file__).resolve().parent.parent / "model" / "checkpoints" / "shakespeare.safetensors"
 SHIPPED_CONFIG = ModelConfig(n_layer=16, n_head=4, d_model=128, d_ff=512, block_size=256)
-SECTIONS = ("engine", "profile", "gil", "hf", "diagnostics", "http", "resid", "naive", "interventions")
+SECTIONS = ("engine", "profile", "gil", "hf", "diagnostics", "http", "resid", "naive", "interventions",
+            "contention")
 TEXT = (  # public-domain source of the prompts (ASCII: one byte per character)
     "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer the slings and arrows "
     "of outrageous fortune, or to take arms against a sea of troubles and by opposing end them. To die, to sleep; "
@@ -217,6 +218,13 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         m["diagnostics_norms_cpu_ms"], m["forward_cpu_ms"] = dg["diagnostics_norms_cpu_ms"], dg["forward_cpu_ms"]
     if "http" in a.sections or "resid" in a.sections:
         http_sections(ckpt_path, cfg, prompts, a, m, d)
+    if "contention" in a.sections:
+        d["contention"] = _timed("8 streams next to 16 heavy diagnostics requests",
+                                 lambda: contention_section(model, ckpt_path, prompts, a, m))
+        busy = d["contention"]["with_diagnostics"]
+        m["contention_itl_p50_ms"], m["contention_itl_p99_ms"] = busy["itl_p50_ms"], busy["itl_p99_ms"]
+        m["contention_itl_max_ms"] = busy["itl_max_ms"]
+        m["contention_diagnostics_p50_ms"] = d["contention"]["diagnostics_p50_ms"]
     if "naive" in a.sections:
         d["naive"] = _timed(f"naive FastAPI + HF server, {B} clients", lambda: naive_section(ckpt_path, prompts, a))
         m[f"naive_http_c{B}_tok_s"] = d["naive"]["tok_s"]
@@ -315,6 +323,25 @@ def http_sections(ckpt: Path, cfg: ModelConfig, prompts: list[str], a: argparse.
                            "note": "resident set of the `python -m app` process, sampled every 50 ms (USS every"
                                    " 0.5 s) from its start to the end of its load; the KV cache's pages"
                                    " become resident as sequences fill them"}
+
+
+def contention_section(model: Transformer, ckpt: Path, prompts: list[str], a: argparse.Namespace,
+                       m: dict[str, Any]) -> dict[str, Any]:
+    """8 streams alone, then next to 16 heavy /diagnostics requests (bench/contention.py), on a fresh server."""
+    diag_prompt = make_prompts(1, min(256, model.config.block_size))[0]
+    forward_ms = m.get("forward_ms")
+    if forward_ms is None:
+        forward_ms = inproc.diagnostics_vs_forward(model, list(diag_prompt.encode()), 3)["forward_ms"]
+    with servers.shortcut_server(ckpt, a.threads, a.server_max_batch, name="shortcut-contention") as srv:
+        load.run_load(srv.base_url, prompts, min(4, a.max_new_tokens), 1)  # warm-up
+        out = contention.run(srv.base_url, prompts, diag_prompt, a.max_new_tokens, forward_ms,
+                             streams=a.mid, diags=2 * a.mid)
+    print(f"    streams alone: ITL p50/p99/max {out['alone']['itl_p50_ms']:.1f}/{out['alone']['itl_p99_ms']:.1f}/"
+          f"{out['alone']['itl_max_ms']:.1f} ms; with diagnostics: {out['with_diagnostics']['itl_p50_ms']:.1f}/"
+          f"{out['with_diagnostics']['itl_p99_ms']:.1f}/{out['with_diagnostics']['itl_max_ms']:.1f} ms "
+          f"(bound 2 x p50 + forward = {out['gap_bound_ms'] or float('nan'):.1f} ms); diagnostics p50 "
+          f"{out['diagnostics_p50_ms'] or float('nan'):.0f} ms")
+    return out
 
 
 def naive_section(ckpt: Path, prompts: list[str], a: argparse.Namespace) -> dict[str, Any]:

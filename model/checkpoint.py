@@ -104,6 +104,8 @@ def _read_header(path: Path, data: bytes) -> dict[str, Any]:
         header = json.loads(data[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a safetensors file (header JSON is nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     meta = header.get("__metadata__", {})
@@ -150,7 +152,7 @@ def _load_raw(path: Path, data: bytes) -> tuple[dict[str, Any], ModelConfig, dic
         metadata = json.loads(meta_raw.get("metadata", "{}"))
         if not isinstance(metadata, dict):
             raise ValueError("metadata is not a JSON object")
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: bad config in header: {e}") from None
     return header, config, metadata
 

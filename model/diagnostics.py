@@ -95,7 +95,7 @@ def iter_diagnostics(
     gates = opts.intervention.gates(n_layer)[None].to(device) if opts.intervention else None  # (1, L, 2)
     grads: list[torch.Tensor] | None = None
     if opts.gradients and n_tokens >= 2:
-        resid, logits, grads = _forward_with_grads(model, ids, gates)
+        resid, logits, grads = yield from _forward_with_grads(model, ids, gates)
     else:
         with torch.inference_mode():
             idx = _as_batch(model, ids)  # (1, T)
@@ -315,8 +315,12 @@ def _prompt_loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def _forward_with_grads(
     model: Transformer, ids: list[int], gates: torch.Tensor | None
-) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, list[torch.Tensor]]:
-    """One forward with grad on, then dL/d resid_pre for every layer; parameters' .grad is never touched."""
+) -> Generator[None, None, tuple[list[dict[str, torch.Tensor]], torch.Tensor, list[torch.Tensor]]]:
+    """One forward with grad on, then dL/d resid_pre for every layer; parameters' .grad is never touched.
+
+    Yields after the forward and after each block's backward (the chain rule, one block at a time: the gradient at
+    a block's input is the gradient at its output pulled back through that block alone), so a server interleaving
+    it with decoding never waits for a whole backward pass."""
     with torch.inference_mode(False), torch.enable_grad():
         idx = _as_batch(model, ids)  # (1, T), a normal tensor even if the caller is in inference mode
         out = model(idx, return_resid=True, gates=gates)
@@ -324,8 +328,16 @@ def _forward_with_grads(
         if not pre[0].requires_grad:
             raise ValueError("gradients need the model's parameters to require grad (they only carry the graph)")
         loss = _prompt_loss(out.logits, idx)  # ()
-        grads = list(torch.autograd.grad(loss, pre))
-    return out.resid, out.logits.detach(), grads
+    yield
+    grads: list[torch.Tensor] = []
+    output, grad = loss, None  # start from dL/dL
+    for layer in reversed(range(len(pre))):
+        with torch.inference_mode(False):
+            (grad,) = torch.autograd.grad(output, pre[layer], grad_outputs=grad, retain_graph=layer > 0)
+        grads.append(grad)
+        output = pre[layer]
+        yield
+    return out.resid, out.logits.detach(), grads[::-1]
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor, na: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:

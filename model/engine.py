@@ -18,7 +18,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,6 +220,7 @@ class Engine:
         max_logprobs: int = 20,
         prefill_tokens: int = 512,
         decode_weights: str = "auto",
+        job_share: float = 1.0,
     ) -> None:
         self.model = model.eval()
         self.config = model.config
@@ -241,6 +242,9 @@ class Engine:
         self._ids = itertools.count(1)
         self._accepting = True
         self._stop = False
+        self._aborting = False  # drain deadline passed: end everything within one step
+        self.job_share = job_share  # most of the worker's time jobs take while sequences decode
+        self._job_debt = 0.0  # job seconds not yet matched by decode time (see _run_job_slice)
         self._thread: threading.Thread | None = None
         self.steps = 0
 
@@ -359,12 +363,15 @@ class Engine:
         """Run `job(model)` on the worker between decode steps.
 
         The job is a generator function: it should yield after each forward pass, so running
-        generation never stalls for more than one of its passes. Its return value resolves the future.
+        generation never stalls for more than one of its passes. Its return value resolves the future;
+        cancelling the future (caller timed out or left) drops the job before its next slice. While
+        sequences decode, jobs get at most `job_share` of the worker's time (one slice, then decode
+        steps until decoding has had its share).
         """
         fut: Future = Future()
         with self._cv:
-            if self._stop:
-                raise EngineDrainingError("engine is stopped")
+            if self._stop or not self._accepting:
+                raise EngineDrainingError("server is shutting down and accepts no new requests")
             self._jobs.append((job(self.model), fut))
             self._cv.notify_all()
         return fut
@@ -373,6 +380,13 @@ class Engine:
         """Stop accepting new requests; running and waiting ones finish."""
         with self._cv:
             self._accepting = False
+            self._cv.notify_all()
+
+    def abort_all(self) -> None:
+        """The drain deadline passed: within one step every running and waiting request finishes with reason
+        `abort` and every job fails with EngineDrainingError."""
+        with self._cv:
+            self._accepting, self._aborting = False, True
             self._cv.notify_all()
 
     async def wait_idle(self, timeout: float) -> bool:
@@ -417,9 +431,13 @@ class Engine:
             self._finish(req, "abort", error="engine stopped")
         self._running.clear()
         self._waiting.clear()
+        self._fail_jobs("engine stopped")
+
+    def _fail_jobs(self, message: str) -> None:
         while self._jobs:
-            _, fut = self._jobs.popleft()
-            fut.set_exception(EngineDrainingError("engine stopped"))
+            gen, fut = self._jobs.popleft()
+            gen.close()
+            _resolve(fut, error=EngineDrainingError(message))
 
     def _step(self) -> None:
         self._run_job_slice()
@@ -427,21 +445,35 @@ class Engine:
         self._admit()
         self._reap()  # a request can finish on its prefill token (max_new_tokens=1, stop): it must not decode again
         if self._running:
+            t0 = time.perf_counter()
             self._decode()
+            if self.job_share < 1:  # decode time pays off job time at share / (1 - share)
+                credit = (time.perf_counter() - t0) * self.job_share / (1 - self.job_share)
+                self._job_debt = max(0.0, self._job_debt - credit)
             self._reap()
 
     def _run_job_slice(self) -> None:
-        if not self._jobs:
+        """One slice (up to the job's next yield) of the oldest job; none while decoding is owed time."""
+        if self._aborting:
+            self._fail_jobs("server is shutting down: the drain timeout passed")
+        while self._jobs and self._jobs[0][1].done():  # cancelled by its caller (timeout, disconnect)
+            self._jobs.popleft()[0].close()
+        if not self._running:
+            self._job_debt = 0.0  # nothing decodes: jobs may use the whole worker
+        if not self._jobs or (self._running and self._job_debt > 0):
             return
         gen, fut = self._jobs[0]
+        t0 = time.perf_counter()
         try:
             next(gen)
         except StopIteration as stop:
             self._jobs.popleft()
-            fut.set_result(stop.value)
+            _resolve(fut, result=stop.value)
         except Exception as e:  # noqa: BLE001 - delivered to the caller
             self._jobs.popleft()
-            fut.set_exception(e)
+            _resolve(fut, error=e)
+        if self._running and self.job_share < 1:
+            self._job_debt += time.perf_counter() - t0
 
     def _admit(self) -> None:
         """Move waiting requests into free rows, prefilling them together up to `prefill_tokens` padded tokens."""
@@ -580,8 +612,12 @@ class Engine:
 
     def _reap(self) -> None:
         now = time.perf_counter()
-        done: list[tuple[_Request, str]] = []
+        if self._aborting:
+            with self._cv:
+                for r in itertools.chain(self._running, self._waiting):
+                    r.cancelled = True
         i = 0
+        done: list[tuple[_Request, str]] = []
         while i < len(self._running):
             r = self._running[i]
             reason = r.finish_reason
@@ -618,3 +654,14 @@ class Engine:
         self.observer.on_finish(reason, now - r.t_submit, r.n_generated)
         self._emit(r, FinishEvent(reason=reason, text=r.text.text, prompt_tokens=len(r.prompt),
                                   completion_tokens=r.n_generated, seed=r.seed, timings=timings, error=error))
+
+
+def _resolve(fut: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Settle a job's future, unless its caller already cancelled it (setting it then would raise in the worker)."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass

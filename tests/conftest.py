@@ -125,11 +125,12 @@ def slow_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def app_settings(checkpoint: Path, **overrides: object) -> Settings:
-    """Settings for an in-process app serving `checkpoint` as model "tiny": no warm-up, one thread, no extras."""
+    """Settings for an in-process app serving `checkpoint` as model "tiny": no warm-up, one thread, no extras, any
+    Host header (in-process clients send their own, e.g. TestClient's `testserver`; live servers keep the default)."""
     from app.settings import Settings
 
     base = {"checkpoint": checkpoint, "model_name": "tiny", "warmup": False, "threads": 1,
-            "extra_checkpoints_dir": None}
+            "extra_checkpoints_dir": None, "allowed_hosts": ("*",)}
     return Settings(**{**base, **overrides})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Future
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -17,7 +18,7 @@ from model import tokenizer
 from model.diagnostics import DiagnosticsOptions, iter_diagnostics, render_text
 from model.engine import EngineDrainingError
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 503)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 503, 504)}
 Flag = Annotated[bool, BeforeValidator(not_a_number)]  # "true" in a query string, true in JSON; never 0/1
 router = APIRouter(tags=["diagnostics"], responses=ERRORS)
 
@@ -71,7 +72,7 @@ async def _diagnose(req: DiagnosticsRequest, request: Request, intervention: Int
         raise APIError(429, "too many diagnostics requests queued", code="queue_full", headers={"Retry-After": "1"})
     try:
         fut = engine.run_job(lambda model: iter_diagnostics(model, ids, opts, info))
-        result = await asyncio.wrap_future(fut)
+        result = await _await_job(fut, request, request.app.state.settings.request_timeout_s)
     except EngineDrainingError as e:
         raise APIError(503, str(e), code="draining") from None
     except ValueError as e:
@@ -79,6 +80,29 @@ async def _diagnose(req: DiagnosticsRequest, request: Request, intervention: Int
     if _wants_text(req, request):
         return PlainTextResponse(render_text(result))
     return JSONResponse(result)
+
+
+async def _await_job(fut: Future, request: Request, timeout_s: float) -> dict:
+    """The job's result. Past `timeout_s` (504) or when the client disconnects (499), the job is cancelled: the
+    engine drops it before its next slice."""
+    result = asyncio.wrap_future(fut)
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({result, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if result in done:
+            return result.result()
+        if gone in done:
+            raise APIError(499, "client closed the request", code="client_closed_request")
+        raise APIError(504, f"diagnostics ran past the request timeout ({timeout_s:g} s)", code="request_timeout")
+    finally:
+        fut.cancel()
+        result.cancel()
+        gone.cancel()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 TEXT_OR_JSON = {200: {"model": DiagnosticsResponse, "content": {"text/plain": {}},

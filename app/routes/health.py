@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -14,12 +16,14 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/health")
+@router.head("/health", include_in_schema=False)  # load balancers probe with HEAD
 async def health() -> dict[str, str]:
     """Liveness: 200 while the process runs."""
     return {"status": "ok"}
 
 
 @router.get("/ready", responses={503: {"model": ErrorResponse, "description": "not loaded yet, or draining"}})
+@router.head("/ready", include_in_schema=False)
 async def ready(request: Request) -> Response:
     """Readiness: 200 once the model is loaded and warmed up; 503 before that and while draining."""
     state = request.app.state
@@ -61,4 +65,6 @@ async def info(request: Request) -> dict:
                              "description": "Prometheus text exposition format"}})
 async def metrics(request: Request) -> Response:
     """Prometheus exposition of every service metric."""
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # built in a worker thread: a large exposition must never hold up the event loop (and so the token streams)
+    body = await asyncio.to_thread(generate_latest, request.app.state.metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

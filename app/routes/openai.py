@@ -205,9 +205,10 @@ async def collect_all(request: Request, handles: list[RequestHandle]) -> list[tu
     gone = asyncio.ensure_future(_wait_disconnect(request))
     try:
         await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not results.done():
+        if not results.done():  # the client left first: 499 in the log and metrics (nobody reads the answer)
             for h in handles:
                 h.cancel()
+            raise APIError(499, "client closed the request", code="client_closed_request")
         out = await results
     finally:
         gone.cancel()

@@ -43,7 +43,7 @@ def post_many(url: str, bodies: list[dict], timeout: float = 60) -> list[httpx.R
 
 def test_not_ready_before_startup(app_checkpoint: Path) -> None:
     settings = Settings(checkpoint=app_checkpoint, model_name="tiny", warmup=False, threads=1,
-                        extra_checkpoints_dir=None)
+                        extra_checkpoints_dir=None, allowed_hosts="testserver")
     client = TestClient(create_app(settings))  # no `with`: the lifespan (model loading) has not run
     assert_error(client.get("/ready"), 503, code="not_ready")
     assert_error(client.post("/generate", json={"prompt": "hi"}), 503, code="not_ready")
@@ -109,7 +109,7 @@ def test_non_streaming_client_disconnect_frees_the_slot(limited: str) -> None:
     body = json.dumps({"prompt": "gone", "max_new_tokens": 240}).encode()
     host, port = limited.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         wait_for(limited, lambda s: value(s, "shortcut_requests_running") == 1)
     # the socket is closed while the answer is being generated

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,7 +59,8 @@ def test_every_issue_metric_is_exported(client: TestClient, app_checkpoint: Path
     assert "# TYPE shortcut_requests_running gauge" in text
     assert "# TYPE shortcut_prompt_tokens_total counter" in text
     for reason in ("length", "stop", "abort", "timeout", "error"):  # present from the start, at 0 or more
-        assert ("shortcut_request_success_total", frozenset({("finished_reason", reason)})) in samples
+        assert ("shortcut_request_success_total",
+                frozenset({("model", "tiny"), ("finished_reason", reason)})) in samples
     sha = hashlib.sha256(app_checkpoint.read_bytes()).hexdigest()
     info = {"model": "tiny", "checkpoint_sha256": sha, "n_layer": "2", "d_model": "16", "device": "cpu"}
     assert samples[("shortcut_model_info", frozenset(info.items()))] == 1
@@ -152,3 +155,64 @@ def test_concurrent_requests_are_batched(client: TestClient) -> None:
     # every token beyond each request's first came from a decode step: sum of batch sizes == those tokens
     assert value(samples, "shortcut_batch_size_sum") == sum(o["usage"]["completion_tokens"] - 1 for o in outs)
     assert value(samples, "shortcut_generation_tokens_total") == n * 40
+
+
+def test_method_label_is_a_fixed_set(client: TestClient) -> None:
+    """Client-chosen methods never become label values (each would add series to every scrape)."""
+    for method in ("M0001", "M0002", "X" * 1000, "PATCH", "DELETE"):
+        client.request(method, "/health")
+    client.head("/health")
+    client.options("/generate")
+    text = client.get("/metrics").text
+    assert "M0001" not in text and "XXXX" not in text
+    samples = parse_metrics(text)
+    methods = {dict(labels)["method"] for n, labels in samples if n.startswith("shortcut_http_request_duration")}
+    assert methods <= {"GET", "POST", "HEAD", "OPTIONS", "other"}
+    assert value(samples, "shortcut_http_request_duration_seconds_count", method="other", route="/health") == 5
+
+
+def test_schema_pages_have_their_own_route_label(client: TestClient) -> None:
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert client.get(path).status_code == 200
+    samples = scrape(client)
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert value(samples, "shortcut_http_request_duration_seconds_count", route=path, status="200") == 1, path
+    assert value(samples, "shortcut_http_request_duration_seconds_count", route="unmatched") == 0
+
+
+def test_metrics_body_is_built_off_the_event_loop(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large exposition takes time to build; built on the event loop it would stall every stream."""
+    import app.routes.health as health
+
+    on_loop: list[bool] = []
+    real = health.generate_latest
+
+    def recording(registry: object) -> bytes:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return real(registry)
+
+    monkeypatch.setattr(health, "generate_latest", recording)
+    assert client.get("/metrics").status_code == 200
+    assert on_loop == [False]
+
+
+def test_engine_metrics_are_labelled_by_model(make_client: Callable[..., TestClient], app_checkpoint: Path,
+                                             tmp_path: Path) -> None:
+    """Every served model's engine feeds the metrics, each under its own `model` label."""
+    shutil.copy(app_checkpoint, tmp_path / "second.safetensors")
+    client = make_client(extra_checkpoints_dir=tmp_path)
+    assert client.post("/generate", json={"prompt": "hi", "max_new_tokens": 3, "model": "second"}).status_code == 200
+    samples = scrape(client)
+    assert value(samples, "shortcut_generation_tokens_total", model="second") == 3
+    assert value(samples, "shortcut_generation_tokens_total", model="tiny") == 0
+    assert value(samples, "shortcut_request_success_total", model="second", finished_reason="length") == 1
+    assert value(samples, "shortcut_e2e_request_latency_seconds_count", model="second") == 1
+    assert value(samples, "shortcut_resid_post_norm_count", model="second", layer="0") == 1
+    for reason in ("length", "stop", "abort", "timeout", "error"):  # both models' series exist from the start
+        for model in ("tiny", "second"):
+            assert ("shortcut_request_success_total",
+                    frozenset({("model", model), ("finished_reason", reason)})) in samples
