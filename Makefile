@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
-# CPU build of torch. A local wheel (pip's find-links) is used when present; otherwise this index.
+# CPU build of torch: the +cpu wheel where pip finds one (e.g. its find-links), its dependencies from the usual
+# index; otherwise the CPU wheel index below.
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 
@@ -14,7 +15,7 @@ TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q --no-index torch==$(TORCH_VERSION) 2>/dev/null \
+	$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
 	  || $(PIP) install -q --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION)
 	touch $@
 
