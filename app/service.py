@@ -86,6 +86,7 @@ def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> d
         engine = Engine(
             ck.model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
             prefill_tokens=settings.max_prefill_tokens, decode_weights=settings.decode_weights,
+            decode_backend=settings.decode_backend,
             request_timeout_s=settings.request_timeout_s,
             observer=metrics if i == 0 else None,  # live metrics describe the main model
             max_stop_strings=settings.max_stop_strings, max_stop_length=settings.max_stop_length,

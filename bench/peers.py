@@ -19,6 +19,7 @@ import torch
 from bench.stats import median
 from model.decode import FastDecoder, KVCache, auto_decode_weights
 from model.engine import Engine, FinishEvent, SamplingParams
+from model.fast import FusedDecoder, make_decoder
 from model.transformer import Transformer
 
 VOCAB = [f"<0x{i:02X}>" for i in range(256)]  # CTranslate2 wants token strings; token id == byte value
@@ -130,7 +131,7 @@ def read_bandwidth(n_bytes: int, rounds: int = 7) -> dict[str, Any]:
     return {"buffer_bytes": x.numel() * 4, "gb_per_s": x.numel() * 4 / s / 1e9, "reps_s": per_round}
 
 
-def step_loop(decoder: FastDecoder | Callable[..., Any], cfg: Any, batch: int, start: int, steps: int,
+def step_loop(decoder: FastDecoder | FusedDecoder | Callable[..., Any], cfg: Any, batch: int, start: int, steps: int,
               cache: KVCache | None = None) -> float:
     """CPU seconds per step of `steps` greedy decode steps from position `start` (the argmax fed back)."""
     cache = cache or KVCache(cfg, batch)
@@ -169,15 +170,20 @@ def compare(model: Transformer, prompts: list[list[int]], max_new_tokens: int, c
 
     `e2e`: a whole request (prefill of the prompt + `max_new_tokens`) per generated token; `decode`: the decode part
     only (engine: first to last token; CTranslate2: the same run minus a 1-token run of the same prompts, per
-    further token). The bare step runs `FastDecoder` + argmax from the prompt's length, as the engine does.
+    further token). The bare step (`step`) runs the engine's decode step + argmax from the prompt's length, as the
+    engine does; when that is the fused C step, the TorchScript step is timed too (`step_torchscript`).
     """
     cfg = model.config
     n = max_new_tokens
     gens = {name: ct2_generator(path, ct) for name, (path, ct) in _ct2_targets(ct2_dirs).items()}
-    fast = FastDecoder(model, weights=auto_decode_weights())
+    weights = auto_decode_weights()
+    steps: dict[str, Any] = {"step": make_decoder(model, weights)}  # what the engine builds
+    if isinstance(steps["step"], FusedDecoder):
+        steps["step_torchscript"] = FastDecoder(model, weights=weights)
     start = len(prompts[0])
     out: dict[str, Any] = {"max_new_tokens": n, "prompt_tokens": start, "rounds": rounds, "batches": list(batches),
-                           "our_weights": fast.weights, "threads": torch.get_num_threads(),
+                           "our_weights": weights, "threads": torch.get_num_threads(),
+                           "engine_decode_step": type(steps["step"]).__name__,
                            "ct2_compute_types": {k: v[1] for k, v in _ct2_targets(ct2_dirs).items()}}
     times: dict[str, list[float]] = {}
 
@@ -193,14 +199,16 @@ def compare(model: Transformer, prompts: list[list[int]], max_new_tokens: int, c
                 await _engine_cpu(engine, prompts[:B], 8)  # warm-up
                 for g in gens.values():
                     ct2_greedy(g, prompts[:B], 8)
-                step_loop(fast, cfg, B, start, 3)
+                for dec in steps.values():
+                    step_loop(dec, cfg, B, start, 3)
             for _ in range(rounds):
                 for B in batches:
                     ps = prompts[:B]
                     e2e, dec, _ = await _engine_cpu(engine, ps, n)
                     add(f"engine_bs{B}_e2e", e2e, B * n)
                     add(f"engine_bs{B}_decode", dec, B * (n - 1))
-                    add(f"step_bs{B}_decode", step_loop(fast, cfg, B, start, n - 1), B)
+                    for name, dec in steps.items():
+                        add(f"{name}_bs{B}_decode", step_loop(dec, cfg, B, start, n - 1), B)
                     for name, g in gens.items():
                         c0 = time.process_time()
                         ct2_greedy(g, ps, n)
@@ -218,7 +226,7 @@ def compare(model: Transformer, prompts: list[list[int]], max_new_tokens: int, c
         out[f"{key}_reps_cpu_ms_per_token"] = t
     for B in batches:
         for name in gens:
-            for ours in ("engine", "step"):
+            for ours in ("engine", *steps):
                 for kind in ("e2e", "decode"):
                     mine = out.get(f"{ours}_bs{B}_{kind}_cpu_ms_per_token")
                     peer = out.get(f"{name}_bs{B}_{kind}_cpu_ms_per_token")

@@ -433,25 +433,32 @@ def render(res: dict[str, Any]) -> str:
     profiles = [v for k, v in res["details"].items() if k.startswith("profile_decode_bs")]
     for prof in profiles:
         b = prof["batch"]
-        lines += ["", f"batch-{b} decode step (FastDecoder + argmax): {prof['forward_step_ms']:.2f} ms wall, "
-                      f"{prof['forward_step_cpu_ms']:.2f} ms CPU, {prof['aten_calls_per_step']:.0f} aten calls "
-                      f"(generic forward: {prof['generic_forward_step_ms']:.2f} ms wall); "
-                      "self CPU time by kind (ms/step):"]
+        fused = prof.get("fused_step_cpu_ms")
+        lines += ["", f"batch-{b} decode step (TorchScript FastDecoder + argmax): "
+                      f"{prof['forward_step_ms']:.2f} ms wall, {prof['forward_step_cpu_ms']:.2f} ms CPU, "
+                      f"{prof['aten_calls_per_step']:.0f} aten calls "
+                      f"(generic forward: {prof['generic_forward_step_ms']:.2f} ms wall"
+                      + (f"; fused C step: {fused:.2f} ms CPU" if fused is not None else "")
+                      + "); self CPU time by kind (ms/step):"]
         lines += [f"  {k:<24} {v:8.3f}  {v / prof['profiled_step_ms']:6.1%}"
                   for k, v in prof["categories_ms_per_step"].items()]
     eng, prof = res["details"].get("engine_bs1"), res["details"].get("profile_decode_bs1")
     if eng and prof and eng.get("cpu_ms_per_token_decode"):
-        lines.append(f"engine decode per token (batch 1): {eng['ms_per_token_decode']:.2f} ms wall, "
-                     f"{eng['cpu_ms_per_token_decode']:.2f} ms CPU (engine overhead over the bare step: "
-                     f"{eng['cpu_ms_per_token_decode'] - prof['forward_step_cpu_ms']:+.2f} ms CPU)")
+        bare = prof.get("fused_step_cpu_ms") if eng.get("decode_step") == "fused" else prof["forward_step_cpu_ms"]
+        lines.append(f"engine decode per token (batch 1, {eng.get('decode_step')} step): "
+                     f"{eng['ms_per_token_decode']:.2f} ms wall, {eng['cpu_ms_per_token_decode']:.2f} ms CPU "
+                     "(engine overhead over the bare step: "
+                     f"{eng['cpu_ms_per_token_decode'] - (bare or 0):+.2f} ms CPU)")
     gil = res["details"].get("gil")
     if gil:
         lines += ["", f"decode step, ms (alone -> next to a Python thread busy {gil['busy_ms']} ms of every "
                       f"{gil['busy_ms'] + gil['idle_ms']} ms):"]
+        kinds = [(k, label) for k, label in (("eager", "eager"), ("scripted", "TorchScript"), ("fused", "fused C"))
+                 if any(key.startswith(k + "_bs") for key in gil)]
         for b in sorted({int(k.split("_bs")[1].split("_")[0]) for k in gil if "_bs" in k}):
-            eager, scripted = (f"{gil[f'{k}_bs{b}_alone_ms']:7.2f} -> {gil[f'{k}_bs{b}_with_python_thread_ms']:7.2f}"
-                               for k in ("eager", "scripted"))
-            lines.append(f"  batch {b:<3} eager {eager}   TorchScript {scripted}")
+            lines.append(f"  batch {b:<3}" + "   ".join(
+                f" {label} {gil[f'{k}_bs{b}_alone_ms']:7.2f} -> {gil[f'{k}_bs{b}_with_python_thread_ms']:7.2f}"
+                for k, label in kinds))
     lines += render_peers(res["details"])
     mach = res["machine"]
     if max(mach["loadavg_start"][0], mach["loadavg_end"][0]) > 0.5 * mach["cpus_available"]:
@@ -472,15 +479,18 @@ def render_peers(d: dict[str, Any]) -> list[str]:
                       "included, decode = decode only; ratio = peer / ours, > 1: we are faster)",
                   f"CTranslate2 float32 greedy tokens equal ours: {match['equal']}"
                   + ("" if match["equal"] else f" (first difference at token {match['first_difference']})")]
-        names = ("engine", "step", "ct2_float32", "ct2_int8")
-        lines.append(f"  {'':<14}" + "".join(f"{n:>13}" for n in names)
-                     + "".join(f"{'eng/' + n[4:]:>13}" for n in names[2:]))
+        names = ("engine", "step", "step_torchscript", "ct2_float32", "ct2_int8")
+        names = tuple(k for k in names if any(key.startswith(k + "_bs") for key in c))
+        peer_names = [n for n in names if n.startswith("ct2_")]
+        lines.append(f"engine's decode step: {c['engine_decode_step']} ({c['our_weights']} weights)")
+        lines.append(f"  {'':<14}" + "".join(f"{n:>17}" for n in names)
+                     + "".join(f"{'engine/' + n[4:]:>15}" for n in peer_names))
         for b in c["batches"]:
             for kind in ("e2e", "decode"):
                 vals = [c.get(f"{n}_bs{b}_{kind}_cpu_ms_per_token") for n in names]
-                rats = [c.get(f"engine_vs_{n}_bs{b}_{kind}") for n in names[2:]]
-                lines.append(f"  bs{b:<3} {kind:<8}" + "".join(f"{_fmt(v):>13}" for v in vals)
-                             + "".join(f"{_fmt(r):>13}" for r in rats))
+                rats = [c.get(f"engine_vs_{n}_bs{b}_{kind}") for n in peer_names]
+                lines.append(f"  bs{b:<3} {kind:<8}" + "".join(f"{_fmt(v):>17}" for v in vals)
+                             + "".join(f"{_fmt(r):>15}" for r in rats))
         fmt = lim["our_weights"]
         lines.append(f"machine limit at batch 1 ({fmt} weights, {lim[f'{fmt}_weight_bytes_per_token'] / 1e6:.1f} MB "
                      f"per token / {lim[f'{fmt}_read_gb_per_s']:.1f} GB/s read): "

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model.decode import KVCache, StepOutput
+from model.decode import FastDecoder, KVCache, StepOutput
 
 if TYPE_CHECKING:
     from model.transformer import Transformer
@@ -180,9 +180,27 @@ class FusedDecoder:
         return StepOutput(logits, stream)
 
 
+BACKENDS = ("auto", "fused", "torchscript")
+
+
+def make_decoder(model: Transformer, weights: str, backend: str = "auto", library: Path = LIBRARY
+                 ) -> FusedDecoder | FastDecoder:
+    """The engine's decode step: `fused` (this module; an error where it is not built or cannot run the model),
+    `torchscript` (`FastDecoder`), or `auto`: fused where it is built, runs on this CPU and handles the shape,
+    else TorchScript."""
+    if backend not in BACKENDS:
+        raise ValueError(f"decode backend must be one of {BACKENDS}, not {backend!r}")
+    on_cpu = model.wte.weight.device.type == "cpu"
+    if backend == "fused" or (backend == "auto" and on_cpu and supports(model.config)
+                              and fused_available(library)):
+        return FusedDecoder(model, weights=weights, library=library)
+    return FastDecoder(model, weights=weights)
+
+
 def weight_bytes(dec: FusedDecoder) -> int:
     """Bytes the decoder holds for its weights."""
     return sum(t.numel() * t.element_size() for t in (dec._mats, dec._vecs, dec._wte, dec._wpe, dec._unembed_t))
 
 
-__all__ = ["FusedDecoder", "build", "cpu_supported", "fused_available", "supports", "weight_bytes"]
+__all__ = ["BACKENDS", "FusedDecoder", "build", "cpu_supported", "fused_available", "make_decoder", "supports",
+           "weight_bytes"]

@@ -48,6 +48,28 @@ static inline float hsum8(__m256 v) {
 #define DEFINE_MM(NAME, WT, LOAD)                                                                              \
     static void NAME(int rows, int K, int N, const float *x, const WT *w, const float *bias, float *y) {     \
         int b = 0;                                                                                            \
+        for (; b + 6 <= rows; b += 6) { /* 6 rows x 16 outputs: 12 sums in registers, the weights read once */ \
+            const float *x0 = x + (size_t)b * K;                                                              \
+            for (int n = 0; n < N; n += 16) {                                                                 \
+                __m256 c[6][2];                                                                               \
+                for (int r = 0; r < 6; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();                          \
+                const WT *wp = w + n;                                                                         \
+                for (int k = 0; k < K; k++, wp += N) {                                                        \
+                    __m256 w0 = LOAD(wp), w1 = LOAD(wp + 8);                                                  \
+                    for (int r = 0; r < 6; r++) {                                                             \
+                        __m256 xb = _mm256_broadcast_ss(x0 + (size_t)r * K + k);                              \
+                        c[r][0] = _mm256_fmadd_ps(xb, w0, c[r][0]);                                           \
+                        c[r][1] = _mm256_fmadd_ps(xb, w1, c[r][1]);                                           \
+                    }                                                                                         \
+                }                                                                                             \
+                __m256 b0 = _mm256_loadu_ps(bias + n), b1 = _mm256_loadu_ps(bias + n + 8);                    \
+                for (int r = 0; r < 6; r++) {                                                                 \
+                    float *yr = y + (size_t)(b + r) * N + n;                                                  \
+                    _mm256_storeu_ps(yr, _mm256_add_ps(c[r][0], b0));                                         \
+                    _mm256_storeu_ps(yr + 8, _mm256_add_ps(c[r][1], b1));                                     \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
         for (; b + 4 <= rows; b += 4) { /* 4 rows x 16 outputs: the weights read once for 4 rows */          \
             const float *x0 = x + (size_t)b * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;                    \
             for (int n = 0; n < N; n += 16) {                                                                 \
