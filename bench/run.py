@@ -35,7 +35,7 @@ DEFAULT_MAX_BATCH: int = Settings.model_fields["max_batch_size"].default
 SHIPPED = Path(__file__).resolve().parent.parent / "model" / "checkpoints" / "shakespeare.safetensors"
 SHIPPED_CONFIG = ModelConfig(n_layer=16, n_head=4, d_model=128, d_ff=512, block_size=256)
 SECTIONS = ("engine", "profile", "gil", "hf", "diagnostics", "http", "resid", "naive", "interventions", "peers",
-            "memory")
+            "aoti", "memory")
 TEXT = (  # public-domain source of the prompts (ASCII: one byte per character)
     "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer the slings and arrows "
     "of outrageous fortune, or to take arms against a sea of troubles and by opposing end them. To die, to sleep; "
@@ -244,6 +244,14 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 m[f"{name}_bs{b}_decode_cpu_ms_per_token"] = p[f"{name}_bs{b}_decode_cpu_ms_per_token"]
         m["machine_limit_bs1_tok_s"] = d["peers"]["limit"][f"{d['peers']['limit']['our_weights']}_limit_tok_s"]
         m["step_bs1_fraction_of_limit"] = d["peers"]["limit"].get("ours_fraction_of_limit")
+    if "aoti" in a.sections:
+        from bench import aoti
+
+        d["aoti"] = _timed("AOTInductor-compiled decode step (compile, then interleaved with ours)",
+                           lambda: aoti.compare_steps(model, tmp, len(ids0), a.max_new_tokens - 1,
+                                                      tuple(sorted({1, B})), rounds=max(a.reps, 3)))
+        for b in sorted({1, B}):
+            m[f"aoti_step_bs{b}_cpu_ms_per_token"] = d["aoti"][f"aoti_float32_bs{b}_cpu_ms_per_token"]
     if "memory" in a.sections:
         d["memory"] = _timed("server memory split", lambda: memory_section(ckpt_path, a, m.get("server_peak_rss_mb")))
         m["server_rss_rest_mb"] = d["memory"].get("rest_mb")
@@ -497,6 +505,16 @@ def render_peers(d: dict[str, Any]) -> list[str]:
                      f"{lim[f'{fmt}_limit_tok_s']:,.0f} tok/s; our bare step: "
                      f"{_fmt(lim.get('ours_tok_per_cpu_s'))} tok/s = {_fmt(lim.get('ours_fraction_of_limit'))} of it "
                      f"(float32 {lim['float32_limit_tok_s']:,.0f}, int8 {lim['int8_limit_tok_s']:,.0f} tok/s)")
+    ao = d.get("aoti")
+    if ao:
+        names = [n for n in ("aoti_float32", "fused", "torchscript") if f"{n}_bs1_cpu_ms_per_token" in ao]
+        lines += ["", f"AOTInductor step (compiled in {ao['compile_s']:.0f} s, {ao['package_bytes'] / 1e6:.1f} MB; "
+                      f"greedy tokens equal ours: {ao['greedy_tokens_match_ours_float32']}), bare steps, CPU ms per "
+                      f"token, medians of {ao['rounds']} interleaved rounds:"]
+        for b in ao["batches"]:
+            lines.append(f"  bs{b:<3}" + "   ".join(f"{n} {_fmt(ao[f'{n}_bs{b}_cpu_ms_per_token'])}" for n in names)
+                         + "   (" + ", ".join(f"{n}/aoti {_fmt(ao.get(f'{n}_vs_aoti_bs{b}'))}x" for n in names[1:])
+                         + " faster)")
     mem = d.get("memory")
     if mem:
         parts = ("python_and_torch_import_mb", "app_import_mb", "weights_mb", "kv_cache_mb",
