@@ -301,7 +301,7 @@ def peers_section(model: Transformer, prompts: list[str], a: argparse.Namespace,
     if not match["equal"]:
         log.warning("CTranslate2 float32's greedy tokens differ from ours from token %s", match["first_difference"])
     cpu = peers.compare(model, ids, a.max_new_tokens, {f"ct2_{q}": path for q, path in dirs.items()},
-                        tuple(sorted({1, a.batch})), rounds=max(a.reps, 3))
+                        tuple(sorted({1, a.batch})), rounds=max(a.reps, 5))
     limit = peers.machine_limit(model, cpu["our_weights"], cpu.get("step_bs1_decode_cpu_ms_per_token"))
     return {"greedy_tokens_match_ours_float32": match, "cpu": cpu, "limit": limit,
             "model_bytes": {q: (path / "model.bin").stat().st_size for q, path in dirs.items()}}
