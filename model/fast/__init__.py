@@ -53,11 +53,15 @@ def build(out: Path = LIBRARY, compiler: str | None = None) -> Path | None:
         log.info("fused decode step not built (%s)", "no C compiler" if cc is None else "CPU lacks AVX2/FMA/F16C")
         return None
     tmp = out.with_suffix(".so.tmp")
-    proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        log.warning("fused decode step failed to build: %s", proc.stderr.strip()[-2000:])
+    try:
+        proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            log.warning("fused decode step failed to build: %s", proc.stderr.strip()[-2000:])
+            return None
+        tmp.replace(out)
+    except OSError as e:  # the compiler named by CC is missing, or the folder is read-only
+        log.warning("fused decode step not built: %s", e)
         return None
-    tmp.replace(out)
     return out
 
 

@@ -190,3 +190,9 @@ def test_engine_with_the_fused_step_generates_what_the_torchscript_one_does(libr
             if x.trace is not None:
                 torch.testing.assert_close(torch.tensor(x.trace["resid_norm"]), torch.tensor(y.trace["resid_norm"]),
                                            rtol=1e-4, atol=1e-4)
+
+
+def test_build_without_a_working_compiler_returns_none(tmp_path: Path) -> None:
+    assert build(tmp_path / "x.so", compiler=str(tmp_path / "no-such-cc")) is None
+    assert build(tmp_path / "x.so", compiler="false") is None  # a compiler that fails
+    assert not (tmp_path / "x.so").exists()
