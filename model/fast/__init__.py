@@ -135,16 +135,20 @@ class FusedDecoder:
         self._ln_f_w = vec(model.ln_f.weight, C).contiguous()
         self._ln_f_b = vec(model.ln_f.bias, C).contiguous()
         self.scripted = False  # same attribute as FastDecoder's: this step is not TorchScript (and holds no GIL)
+        self._shape = (cfg.d_model, cfg.n_head, cfg.n_layer, cfg.d_ff, cfg.vocab_size, cfg.block_size,
+                       int(half), int(cfg.residual))
+        self._weight_ptrs = tuple(t.data_ptr() for t in (self._wte, self._wpe, self._unembed_t, self._ln_f_w,
+                                                         self._ln_f_b, self._mats, self._vecs))
 
     @property
     def packed(self) -> bool:
         """Whether the block matrices are float16."""
         return self.weights == "float16"
 
-    @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor, gates: torch.Tensor | None = None,
                  trace_rows: torch.Tensor | None = None) -> StepOutput:
-        """Logits (B, vocab) for one new token per row (see `FastDecoder.__call__`)."""
+        """Logits (B, vocab) for one new token per row (see `FastDecoder.__call__`). Token ids, positions and traced
+        rows are range-checked in C before anything is read or written (ValueError)."""
         cfg = self.config
         B = tokens.shape[0]
         if tokens.shape != (B,) or pos.shape != (B,) or cache.n_rows != B:
@@ -157,31 +161,32 @@ class FusedDecoder:
         if (k.dtype != torch.float32 or k.stride() != v.stride() or k.stride()[2:] != want[1:]
                 or k.stride(1) != want[0] or k.device.type != "cpu"):
             raise ValueError("the fused step needs a float32 CPU cache with contiguous rows (KVCache or its rows)")
+        if tokens.device.type != "cpu" or pos.device.type != "cpu":
+            raise ValueError("the fused step runs on CPU tensors")
         tokens = tokens.to(torch.long).contiguous()
         pos = pos.to(torch.long).contiguous()
-        if B and (int(pos.max()) >= cfg.block_size or int(pos.min()) < 0):
-            raise ValueError(f"positions must be in [0, {cfg.block_size})")
-        if B and (int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0):
-            raise ValueError("token ids outside the vocabulary")
         g = gates.to(torch.float32).contiguous() if gates is not None else None
-        rows = trace_rows.to(torch.long).contiguous() if trace_rows is not None else None
+        rows = trace_rows.to(device="cpu", dtype=torch.long).contiguous() if trace_rows is not None else None
         R = rows.shape[0] if rows is not None else 0
-        if rows is not None and R and (int(rows.max()) >= B or int(rows.min()) < 0):
-            raise ValueError("trace_rows outside the batch")
         logits = torch.empty(B, cfg.vocab_size)
         stream = torch.empty(cfg.n_layer + 1, R, cfg.d_model) if rows is not None else None
         if B == 0:
             return StepOutput(logits, stream)
         rc = self._lib.shortcut_fused_step(
-            B, cfg.d_model, cfg.n_head, cfg.n_layer, cfg.d_ff, cfg.vocab_size, cfg.block_size, int(self.packed),
-            int(cfg.residual), tokens.data_ptr(), pos.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0),
-            k.stride(1), self._wte.data_ptr(), self._wpe.data_ptr(), self._unembed_t.data_ptr(),
-            self._ln_f_w.data_ptr(), self._ln_f_b.data_ptr(), self._mats.data_ptr(), self._vecs.data_ptr(),
-            g.data_ptr() if g is not None else None, rows.data_ptr() if rows is not None else None, R,
-            stream.data_ptr() if stream is not None else None, logits.data_ptr())
+            B, *self._shape, tokens.data_ptr(), pos.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+            *self._weight_ptrs, g.data_ptr() if g is not None else None,
+            rows.data_ptr() if rows is not None else None, R, stream.data_ptr() if stream is not None else None,
+            logits.data_ptr())
         if rc != 0:
-            raise MemoryError("fused decode step: out of memory")
+            raise _ERRORS.get(rc, MemoryError("fused decode step: out of memory"))
         return StepOutput(logits, stream)
+
+
+_ERRORS = {  # return codes of shortcut_fused_step
+    -2: ValueError("token ids outside the vocabulary"),
+    -3: ValueError("positions must be in [0, block_size)"),
+    -4: ValueError("trace_rows outside the batch"),
+}
 
 
 BACKENDS = ("auto", "fused", "torchscript")

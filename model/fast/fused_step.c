@@ -295,13 +295,20 @@ static void update(int C, float *x, const float *f, const float *g, int residual
  * `vecs` holds ln_1 w, b (C each), b_qkv (3C), b_o (C), ln_2 w, b (C each), b_fc (F), b_p (C), float32.
  * k_cache / v_cache: (n_layer, rows, n_head, S, hd) with the given layer and row strides (floats).
  * gates: (B, n_layer, 2) or NULL; trace_rows (R) with stream (n_layer + 1, R, C), or R = 0.
- * Returns 0, or -1 when scratch memory could not be allocated. */
+ * Returns 0; -1 when scratch memory could not be allocated; -2, -3, -4 for a token id outside [0, V), a position
+ * outside [0, S), a traced row outside [0, B): checked before anything is read or written. */
 int shortcut_fused_step(int B, int C, int nh, int L, int F, int V, int S, int half, int residual,
                         const int64_t *tokens, const int64_t *pos, float *k_cache, float *v_cache,
                         int64_t layer_stride, int64_t row_stride, const float *wte, const float *wpe,
                         const float *unembed_t, const float *ln_f_w, const float *ln_f_b, const void *mats,
                         const float *vecs, const float *gates, const int64_t *trace_rows, int R, float *stream,
                         float *logits) {
+    for (int b = 0; b < B; b++) {
+        if (tokens[b] < 0 || tokens[b] >= V) return -2;
+        if (pos[b] < 0 || pos[b] >= S) return -3;
+    }
+    for (int r = 0; r < R; r++)
+        if (trace_rows[r] < 0 || trace_rows[r] >= B) return -4;
     const int hd = C / nh, C3 = 3 * C;
     const float scale = 1.0f / sqrtf((float)hd);
     const size_t esz = half ? 2 : 4;

@@ -127,6 +127,12 @@ def test_fused_step_rejects_bad_input(library: Path) -> None:
         fused(tok, KVCache(cfg, 2), torch.zeros(2, dtype=torch.long), torch.ones(2, 1, 2))
     with pytest.raises(ValueError, match="cache"):
         fused(tok, KVCache(cfg, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
+    cache = KVCache(cfg, 2)
+    for bad in ({"pos": torch.tensor([-1, 0])}, {"tokens": torch.tensor([3, -5])}, {"trace_rows": torch.tensor([2])}):
+        args = {"tokens": torch.tensor([1, 2]), "pos": torch.tensor([0, 1]), **bad}
+        with pytest.raises(ValueError, match="positions|vocabulary|trace_rows"):
+            fused(args["tokens"], cache, args["pos"], trace_rows=args.get("trace_rows"))
+    assert not cache.k.any() and not cache.v.any()  # refused before anything was written
     view = KVCache(cfg, 4).rows(1, 3)  # rows of a larger cache: fine
     assert fused(tok, view, torch.zeros(2, dtype=torch.long)).logits.shape == (2, 256)
 
