@@ -47,6 +47,14 @@ COPY app ./app
 RUN test -f README.md || touch README.md; \
     pip install . && pip check
 
+# The fused C decode step (model/fast, README: Performance), compiled here with the builder's gcc into the installed
+# package, so it travels with the venv; the runtime stage has no compiler and needs none. -mavx2/-mfma/-mf16c, not
+# -march=native: it runs on any x86-64 CPU with those (checked at load; elsewhere the TorchScript step runs). Without
+# a compiler (apt unreachable) the image decodes with the TorchScript step.
+RUN cd / && { { apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev; } >/dev/null 2>&1 \
+        && python -m model.fast.build || echo "no C compiler: the image decodes with the TorchScript step"; } \
+    && rm -rf /var/lib/apt/lists/*
+
 # Fail the build here rather than at runtime if the default checkpoint did not get packaged
 # (REQUIRE_CHECKPOINT=0 for an image that will only ever get SHORTCUT_CHECKPOINT from a mount).
 ARG REQUIRE_CHECKPOINT=1

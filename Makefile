@@ -19,6 +19,11 @@ $(VENV)/.torch:
 	  || $(PIP) install -q --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION)
 	touch $@
 
+# the fused C decode step, when a C compiler is present (else the TorchScript step runs; never needed at run time)
+FUSED := model/fast/_fused_step.so
+$(FUSED): model/fast/fused_step.c | $(VENV)/.torch
+	$(PY) -m model.fast.build
+
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
@@ -27,20 +32,20 @@ $(VENV)/.dev: $(VENV)/.torch pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	touch $(VENV)/.installed $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(FUSED)
 
-dev: $(VENV)/.dev
+dev: $(VENV)/.dev $(FUSED)
 
-run: $(VENV)/.installed
+run: $(VENV)/.installed $(FUSED)
 	$(PY) -m app --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(FUSED)
 	$(PY) -m pytest
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check app model training tests bench
 
-bench: $(VENV)/.dev
+bench: $(VENV)/.dev $(FUSED)
 	$(PIP) install -q -e '.[bench]'
 	$(PY) -m bench.run
 

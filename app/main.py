@@ -33,8 +33,9 @@ def create_app(settings: Settings | None = None, models: dict[str, ServedModel] 
         served = models if models is not None else service.load_models(settings, metrics, device)
         app.state.models = served
         app.state.device = device
-        log.info("serving %s on %s with %d threads, %s decode weights", ", ".join(served), device, threads,
-                 "/".join(sorted({m.engine.decode_weights for m in served.values()})))
+        log.info("serving %s on %s with %d threads, %s decode weights, %s decode step", ", ".join(served), device,
+                 threads, "/".join(sorted({m.engine.decode_weights for m in served.values()})),
+                 "/".join(sorted({m.engine.decode_backend for m in served.values()})))
         for m in served.values():
             if settings.warmup:
                 log.info("warm-up of %s took %.3f s", m.name, service.warm_up(m))

@@ -88,6 +88,7 @@ def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> d
         engine = Engine(
             ck.model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
             prefill_tokens=settings.max_prefill_tokens, decode_weights=settings.decode_weights,
+            decode_backend=settings.decode_backend,
             request_timeout_s=settings.request_timeout_s,
             observer=metrics.observer(name), job_share=settings.diagnostics_share,
             max_stop_strings=settings.max_stop_strings, max_stop_length=settings.max_stop_length,

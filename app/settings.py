@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     decode_weights: Literal["auto", "float32", "float16"] = Field(
         "auto", description="weights of the decode step; auto = float16 where FBGEMM runs it (x86 CPU)"
     )
+    decode_backend: Literal["auto", "fused", "torchscript"] = Field(
+        "auto", description="decode step: the fused C step (built at install when a compiler is present) or "
+                            "TorchScript; auto = fused where it is built and runs"
+    )
     max_prefill_tokens: int = Field(
         512, ge=1, description="padded prompt tokens prefilled together in one forward (longer prompts go alone)"
     )

@@ -14,6 +14,7 @@ from bench.stats import median, rate
 from model.decode import FastDecoder, KVCache, auto_decode_weights
 from model.diagnostics import DiagnosticsOptions, run_diagnostics
 from model.engine import Engine, FinishEvent, SamplingParams
+from model.fast import FusedDecoder, fused_available, supports
 from model.transformer import Transformer
 
 
@@ -52,8 +53,11 @@ def engine_bs1(model: Transformer, prompt: list[int], max_new_tokens: int, reps:
                max_batch_size: int = 64) -> dict[str, Any]:
     """Greedy generation of one sequence at a time through a started Engine; medians over `reps` runs."""
 
+    backend: list[str] = []
+
     async def main() -> list[EngineRun]:
         engine = Engine(model, max_batch_size=max_batch_size)
+        backend.append(engine.decode_backend)
         engine.start()
         try:
             await _generate_once(engine, prompt, min(8, max_new_tokens))  # warm-up
@@ -75,6 +79,7 @@ def engine_bs1(model: Transformer, prompt: list[int], max_new_tokens: int, reps:
         "reps_tok_s": e2e,
         "reps_decode_only_tok_s": pure,
         "tokens": runs[-1].tokens,
+        "decode_step": backend[0],
     }
 
 
@@ -121,10 +126,11 @@ def _category(name: str) -> str:
 
 
 def profile_decode(model: Transformer, prompt: list[int], steps: int, batch: int = 1) -> dict[str, Any]:
-    """Time a cached decode step of `batch` rows as the engine runs it (FastDecoder + argmax), profile it by aten op.
+    """Time the TorchScript decode step of `batch` rows (FastDecoder + argmax), profile it by aten op.
 
     Every row holds the same prompt; as in the engine, the cache is a view of the first rows of a 64-row cache.
-    The generic path (`model(tok, cache=..., last_only=True)`) is timed too, for comparison.
+    The generic path (`model(tok, cache=..., last_only=True)`) and the fused C step (`model.fast`, the engine's
+    step where it is built) are timed too, for comparison.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -138,16 +144,18 @@ def profile_decode(model: Transformer, prompt: list[int], steps: int, batch: int
                   last_only=True)
         return torch.tensor([[prompt[-1]]] * batch), torch.full((batch,), len(prompt))  # (B, 1), (B,)
 
-    fast = FastDecoder(model, weights=auto_decode_weights())  # as the engine runs it
+    fast = FastDecoder(model, weights=auto_decode_weights())  # the TorchScript step
+    fused = FusedDecoder(model, weights=fast.weights) if fused_available() and supports(cfg) else None
 
-    def decode(tok: torch.Tensor, pos: torch.Tensor, n: int, generic: bool = False) -> tuple[float, float]:
+    def decode(tok: torch.Tensor, pos: torch.Tensor, n: int, generic: bool = False,
+               step: FastDecoder | FusedDecoder = fast) -> tuple[float, float]:
         with torch.inference_mode():
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(n):
                 if generic:
                     logits = model(tok, cache=cache, pos=pos, last_only=True).logits[:, -1]  # (B, V)
                 else:
-                    logits = fast(tok[:, 0], cache, pos).logits  # (B, V)
+                    logits = step(tok[:, 0], cache, pos).logits  # (B, V)
                 tok, pos = logits.argmax(-1, keepdim=True), pos + 1
             return time.perf_counter() - t0, time.process_time() - c0
 
@@ -155,6 +163,10 @@ def profile_decode(model: Transformer, prompt: list[int], steps: int, batch: int
     decode(*prefill(), 3, generic=True)
     generic_wall, generic_cpu = decode(*prefill(), steps, generic=True)
     wall, cpu = decode(*prefill(), steps)
+    fused_cpu = None
+    if fused is not None:  # the fused C step on the same prefilled cache (not profiled: it is one call)
+        decode(*prefill(), 3, step=fused)
+        fused_cpu = decode(*prefill(), steps, step=fused)[1]
     tok, pos = prefill()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         decode(tok, pos, steps)
@@ -178,6 +190,7 @@ def profile_decode(model: Transformer, prompt: list[int], steps: int, batch: int
         "forward_step_cpu_ms": 1e3 * cpu / steps,
         "generic_forward_step_ms": 1e3 * generic_wall / steps,
         "generic_forward_step_cpu_ms": 1e3 * generic_cpu / steps,
+        "fused_step_cpu_ms": 1e3 * fused_cpu / steps if fused_cpu is not None else None,
         "profiled_step_ms": total,
         "aten_calls_per_step": sum(o["calls_per_step"] for o in ops),
         "categories_ms_per_step": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
@@ -195,11 +208,13 @@ def gil_contention(model: Transformer, prompt: list[int], steps: int, batches: t
     """
     cfg = model.config
     weights = auto_decode_weights()  # as the engine runs it
-    decoders = {"eager": FastDecoder(model, script=False, weights=weights),
-                "scripted": FastDecoder(model, weights=weights)}
+    decoders: dict[str, FastDecoder | FusedDecoder] = {"eager": FastDecoder(model, script=False, weights=weights),
+                                                       "scripted": FastDecoder(model, weights=weights)}
+    if fused_available() and supports(cfg):  # the fused C step: one ctypes call, the GIL released throughout
+        decoders["fused"] = FusedDecoder(model, weights=weights)
     start = min(len(prompt), cfg.block_size - steps - 1)
 
-    def step_ms(dec: FastDecoder, batch: int) -> float:
+    def step_ms(dec: FastDecoder | FusedDecoder, batch: int) -> float:
         cache = KVCache(cfg, batch)
         tok, pos = torch.zeros(batch, dtype=torch.long), torch.full((batch,), start)
         dec(tok, cache, pos)  # warm-up (and TorchScript's profiling runs)

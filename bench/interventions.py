@@ -15,6 +15,7 @@ from bench.stats import median
 from model.decode import FastDecoder, KVCache, auto_decode_weights
 from model.diagnostics import stream_trace
 from model.engine import Engine, FinishEvent, SamplingParams
+from model.fast import FusedDecoder, fused_available, supports
 from model.transformer import Intervention, Transformer
 
 
@@ -27,7 +28,8 @@ def step_costs(model: Transformer, start: int, steps: int, batches: tuple[int, .
 
     baseline: the step before interventions existed; none: today's step, no row intervened or traced (the
     common case); gates: every row intervened (identity gates, same work as any intervention); trace: every
-    row traced, with the engine's per-token figures (`stream_trace`); trace_lens5: and logit_lens_top=5.
+    row traced, with the engine's per-token figures (`stream_trace`); trace_lens5: and logit_lens_top=5; and, where
+    the fused C step (`model.fast`) is built, fused_none / fused_gates / fused_trace: the same with it.
     """
     fast = FastDecoder(model, weights=auto_decode_weights())  # as the engine runs it
     out: dict[str, Any] = {"weights": fast.weights, "scripted": fast.scripted, "steps": steps, "rounds": rounds}
@@ -37,8 +39,9 @@ def step_costs(model: Transformer, start: int, steps: int, batches: tuple[int, .
             out[f"bs{B}_{name}_ms"] = median(t)
             out[f"bs{B}_{name}_reps_ms"] = t
         base = out[f"bs{B}_baseline_ms"]
-        for name in ("none", "gates", "trace", "trace_lens5"):
-            out[f"bs{B}_{name}_throughput_vs_baseline"] = base / out[f"bs{B}_{name}_ms"]
+        for name in ("none", "gates", "trace", "trace_lens5", "fused_none", "fused_gates", "fused_trace"):
+            if f"bs{B}_{name}_ms" in out:
+                out[f"bs{B}_{name}_throughput_vs_baseline"] = base / out[f"bs{B}_{name}_ms"]
     return out
 
 
@@ -59,8 +62,19 @@ def _step_variants(model: Transformer, fast: FastDecoder, B: int) -> dict[str, C
         if lens >= 0:
             stream_trace(model, res.stream, [lens] * B)
 
-    return {"baseline": run_old, "none": run_new, "gates": lambda p: run_new(p, gates),
-            "trace": lambda p: run_new(p, None, rows, 0), "trace_lens5": lambda p: run_new(p, None, rows, 5)}
+    variants = {"baseline": run_old, "none": run_new, "gates": lambda p: run_new(p, gates),
+                "trace": lambda p: run_new(p, None, rows, 0), "trace_lens5": lambda p: run_new(p, None, rows, 5)}
+    if fused_available() and supports(cfg):
+        fused = FusedDecoder(model, weights=fast.weights)
+
+        def run_fused(pos: torch.Tensor, g: torch.Tensor | None = None, r: torch.Tensor | None = None) -> None:
+            res = fused(tok, cache, pos, g, r)
+            if r is not None:
+                stream_trace(model, res.stream, [0] * B)
+
+        variants.update({"fused_none": run_fused, "fused_gates": lambda p: run_fused(p, gates),
+                         "fused_trace": lambda p: run_fused(p, None, rows)})
+    return variants
 
 
 def _interleaved(variants: dict[str, Callable[[torch.Tensor], None]], start: int, steps: int, rounds: int,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from app.settings import Settings
-from bench import contention, inproc, interventions, load, servers
+from bench import contention, inproc, interventions, load, memsplit, peers, servers
 from bench.stats import median, meets, ratio
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
@@ -35,7 +35,7 @@ DEFAULT_MAX_BATCH: int = Settings.model_fields["max_batch_size"].default
 SHIPPED = Path(__file__).resolve().parent.parent / "model" / "checkpoints" / "shakespeare.safetensors"
 SHIPPED_CONFIG = ModelConfig(n_layer=16, n_head=4, d_model=128, d_ff=512, block_size=256)
 SECTIONS = ("engine", "profile", "gil", "hf", "diagnostics", "http", "resid", "naive", "interventions",
-            "contention")
+            "contention", "peers", "aoti", "memory")
 TEXT = (  # public-domain source of the prompts (ASCII: one byte per character)
     "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer the slings and arrows "
     "of outrageous fortune, or to take arms against a sea of troubles and by opposing end them. To die, to sleep; "
@@ -239,6 +239,29 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         m[f"step_no_intervention_vs_before_bs{B}"] = iv["step"][f"bs{B}_none_throughput_vs_baseline"]
         m[f"engine_bs{B}_trace_vs_plain"] = iv["engine"]["trace_vs_plain"]
         m[f"engine_bs{B}_intervention_vs_plain"] = iv["engine"]["intervention_vs_plain"]
+    if "peers" in a.sections:
+        d["peers"] = _timed("peers: CTranslate2 float32 / int8 from our checkpoint, and the machine's limit",
+                            lambda: peers_section(model, prompts, a, tmp))
+        p = d["peers"]["cpu"]
+        for b in sorted({1, B}):
+            m[f"engine_bs{b}_cpu_ms_per_token"] = p[f"engine_bs{b}_e2e_cpu_ms_per_token"]
+            m[f"step_bs{b}_cpu_ms_per_token"] = p[f"step_bs{b}_decode_cpu_ms_per_token"]
+            for name in ("ct2_float32", "ct2_int8"):
+                m[f"{name}_bs{b}_cpu_ms_per_token"] = p[f"{name}_bs{b}_e2e_cpu_ms_per_token"]
+                m[f"{name}_bs{b}_decode_cpu_ms_per_token"] = p[f"{name}_bs{b}_decode_cpu_ms_per_token"]
+        m["machine_limit_bs1_tok_s"] = d["peers"]["limit"][f"{d['peers']['limit']['our_weights']}_limit_tok_s"]
+        m["step_bs1_fraction_of_limit"] = d["peers"]["limit"].get("ours_fraction_of_limit")
+    if "aoti" in a.sections:
+        from bench import aoti
+
+        d["aoti"] = _timed("AOTInductor-compiled decode step (compile, then interleaved with ours)",
+                           lambda: aoti.compare_steps(model, tmp, len(ids0), a.max_new_tokens - 1,
+                                                      tuple(sorted({1, B})), rounds=max(a.reps, 3)))
+        for b in sorted({1, B}):
+            m[f"aoti_step_bs{b}_cpu_ms_per_token"] = d["aoti"][f"aoti_float32_bs{b}_cpu_ms_per_token"]
+    if "memory" in a.sections:
+        d["memory"] = _timed("server memory split", lambda: memory_section(ckpt_path, a, m.get("server_peak_rss_mb")))
+        m["server_rss_rest_mb"] = d["memory"].get("rest_mb")
     res["machine"]["loadavg_end"] = list(os.getloadavg())
     res["ratios"] = ratios(m, a)
     return res
@@ -274,6 +297,31 @@ def hf_section(model: Transformer, prompts: list[str], ids0: list[int], a: argpa
     if engine_tokens is not None and new is not None:
         out["greedy_tokens_match_engine"] = engine_tokens == new[0].tolist()
     return out
+
+
+def peers_section(model: Transformer, prompts: list[str], a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """CTranslate2 float32 and int8 built from our checkpoint: greedy tokens checked against ours (float32), then CPU
+    time per token against our engine and bare step at batch 1 and `a.batch`, interleaved; the machine's limit."""
+    dirs = {q: peers.convert_ct2(model, tmp / f"ct2-{q}", q) for q in ("float32", "int8")}
+    ids = [list(p.encode()) for p in prompts[: a.batch]]
+    match = peers.tokens_match(model, dirs["float32"], ids[0], a.max_new_tokens)
+    if not match["equal"]:
+        log.warning("CTranslate2 float32's greedy tokens differ from ours from token %s", match["first_difference"])
+    cpu = peers.compare(model, ids, a.max_new_tokens, {f"ct2_{q}": path for q, path in dirs.items()},
+                        tuple(sorted({1, a.batch})), rounds=max(a.reps, 5))
+    limit = peers.machine_limit(model, cpu["our_weights"], cpu.get("step_bs1_decode_cpu_ms_per_token"))
+    return {"greedy_tokens_match_ours_float32": match, "cpu": cpu, "limit": limit,
+            "model_bytes": {q: (path / "model.bin").stat().st_size for q, path in dirs.items()}}
+
+
+def memory_section(ckpt: Path, a: argparse.Namespace, server_peak_mb: float | None) -> dict[str, Any]:
+    """RSS after each stage of a fresh process loading what the server loads (`bench.memsplit`), and the rest of the
+    server's peak RSS (when the http section ran in this run) beyond those parts."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "bench.memsplit", str(ckpt), str(a.server_max_batch)],
+                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    return memsplit.split(json.loads(proc.stdout.strip().splitlines()[-1]), server_peak_mb)
 
 
 def kv_cache_mb(cfg: ModelConfig, rows: int, bytes_per_value: int = 4) -> float:
@@ -377,6 +425,17 @@ def ratios(m: dict[str, Any], a: argparse.Namespace) -> dict[str, dict[str, Any]
     for name, num, den, target, up in spec:
         r = m.get(num) if den is None else ratio(m.get(num), m.get(den))  # den None: already a ratio
         out[name] = {"value": r, "target": target, "higher_is_better": up, "ok": meets(r, target, up)}
+    for b in sorted({1, B}):  # against the best peer of the run (CPU ms per token: lower is better)
+        target = 1.0 if b == 1 else 1.2
+        for ours, kind in (("engine", ""), ("step", "decode_")):  # engine: whole requests; step: decode only
+            best = min((m[k] for k in (f"ct2_float32_bs{b}_{kind}cpu_ms_per_token",
+                                       f"ct2_int8_bs{b}_{kind}cpu_ms_per_token") if m.get(k)), default=None)
+            r = ratio(best, m.get(f"{ours}_bs{b}_cpu_ms_per_token"))
+            out[f"{ours} bs{b} / best peer (CPU)"] = {"value": r, "target": target, "higher_is_better": True,
+                                                      "ok": meets(r, target, True)}
+    rest = m.get("server_rss_rest_mb")
+    out["server RSS rest (MB)"] = {"value": rest, "target": 60.0, "higher_is_better": False,
+                                   "ok": meets(rest, 60.0, False)}
     rss = m.get("server_peak_rss_mb")
     out["server_peak_rss_mb"] = {"value": rss, "target": 400.0, "higher_is_better": False, "ok": meets(rss, 400, False)}
     return out
@@ -408,31 +467,88 @@ def render(res: dict[str, Any]) -> str:
     profiles = [v for k, v in res["details"].items() if k.startswith("profile_decode_bs")]
     for prof in profiles:
         b = prof["batch"]
-        lines += ["", f"batch-{b} decode step (FastDecoder + argmax): {prof['forward_step_ms']:.2f} ms wall, "
-                      f"{prof['forward_step_cpu_ms']:.2f} ms CPU, {prof['aten_calls_per_step']:.0f} aten calls "
-                      f"(generic forward: {prof['generic_forward_step_ms']:.2f} ms wall); "
-                      "self CPU time by kind (ms/step):"]
+        fused = prof.get("fused_step_cpu_ms")
+        lines += ["", f"batch-{b} decode step (TorchScript FastDecoder + argmax): "
+                      f"{prof['forward_step_ms']:.2f} ms wall, {prof['forward_step_cpu_ms']:.2f} ms CPU, "
+                      f"{prof['aten_calls_per_step']:.0f} aten calls "
+                      f"(generic forward: {prof['generic_forward_step_ms']:.2f} ms wall"
+                      + (f"; fused C step: {fused:.2f} ms CPU" if fused is not None else "")
+                      + "); self CPU time by kind (ms/step):"]
         lines += [f"  {k:<24} {v:8.3f}  {v / prof['profiled_step_ms']:6.1%}"
                   for k, v in prof["categories_ms_per_step"].items()]
     eng, prof = res["details"].get("engine_bs1"), res["details"].get("profile_decode_bs1")
     if eng and prof and eng.get("cpu_ms_per_token_decode"):
-        lines.append(f"engine decode per token (batch 1): {eng['ms_per_token_decode']:.2f} ms wall, "
-                     f"{eng['cpu_ms_per_token_decode']:.2f} ms CPU (engine overhead over the bare step: "
-                     f"{eng['cpu_ms_per_token_decode'] - prof['forward_step_cpu_ms']:+.2f} ms CPU)")
+        bare = prof.get("fused_step_cpu_ms") if eng.get("decode_step") == "fused" else prof["forward_step_cpu_ms"]
+        lines.append(f"engine decode per token (batch 1, {eng.get('decode_step')} step): "
+                     f"{eng['ms_per_token_decode']:.2f} ms wall, {eng['cpu_ms_per_token_decode']:.2f} ms CPU "
+                     "(engine overhead over the bare step: "
+                     f"{eng['cpu_ms_per_token_decode'] - (bare or 0):+.2f} ms CPU)")
     gil = res["details"].get("gil")
     if gil:
         lines += ["", f"decode step, ms (alone -> next to a Python thread busy {gil['busy_ms']} ms of every "
                       f"{gil['busy_ms'] + gil['idle_ms']} ms):"]
+        kinds = [(k, label) for k, label in (("eager", "eager"), ("scripted", "TorchScript"), ("fused", "fused C"))
+                 if any(key.startswith(k + "_bs") for key in gil)]
         for b in sorted({int(k.split("_bs")[1].split("_")[0]) for k in gil if "_bs" in k}):
-            eager, scripted = (f"{gil[f'{k}_bs{b}_alone_ms']:7.2f} -> {gil[f'{k}_bs{b}_with_python_thread_ms']:7.2f}"
-                               for k in ("eager", "scripted"))
-            lines.append(f"  batch {b:<3} eager {eager}   TorchScript {scripted}")
+            lines.append(f"  batch {b:<3}" + "   ".join(
+                f" {label} {gil[f'{k}_bs{b}_alone_ms']:7.2f} -> {gil[f'{k}_bs{b}_with_python_thread_ms']:7.2f}"
+                for k, label in kinds))
+    lines += render_peers(res["details"])
     mach = res["machine"]
     if max(mach["loadavg_start"][0], mach["loadavg_end"][0]) > 0.5 * mach["cpus_available"]:
         lines += ["", f"WARNING: the machine was busy (load average {mach['loadavg_start'][0]:.1f} at start, "
                       f"{mach['loadavg_end'][0]:.1f} at end, {mach['cpus_available']} CPUs): wall-clock numbers "
                       "are unreliable; compare CPU-time figures"]
     return "\n".join(lines)
+
+
+def render_peers(d: dict[str, Any]) -> list[str]:
+    """The peers and memory sections as printed lines (empty when neither ran)."""
+    lines: list[str] = []
+    peer = d.get("peers")
+    if peer:
+        c, lim, match = peer["cpu"], peer["limit"], peer["greedy_tokens_match_ours_float32"]
+        lines += ["", f"CPU ms per generated token, {c['threads']} thread(s), medians of {c['rounds']} interleaved "
+                      f"rounds ({c['prompt_tokens']}-token prompts, {c['max_new_tokens']} new tokens; e2e = prefill "
+                      "included, decode = decode only; ratio = peer / ours, > 1: we are faster)",
+                  f"CTranslate2 float32 greedy tokens equal ours: {match['equal']}"
+                  + ("" if match["equal"] else f" (first difference at token {match['first_difference']})")]
+        names = ("engine", "step", "step_torchscript", "ct2_float32", "ct2_int8")
+        names = tuple(k for k in names if any(key.startswith(k + "_bs") for key in c))
+        peer_names = [n for n in names if n.startswith("ct2_")]
+        lines.append(f"engine's decode step: {c['engine_decode_step']} ({c['our_weights']} weights)")
+        lines.append(f"  {'':<14}" + "".join(f"{n:>17}" for n in names)
+                     + "".join(f"{'engine/' + n[4:]:>15}" for n in peer_names))
+        for b in c["batches"]:
+            for kind in ("e2e", "decode"):
+                vals = [c.get(f"{n}_bs{b}_{kind}_cpu_ms_per_token") for n in names]
+                rats = [c.get(f"engine_vs_{n}_bs{b}_{kind}") for n in peer_names]
+                lines.append(f"  bs{b:<3} {kind:<8}" + "".join(f"{_fmt(v):>17}" for v in vals)
+                             + "".join(f"{_fmt(r):>15}" for r in rats))
+        fmt = lim["our_weights"]
+        lines.append(f"machine limit at batch 1 ({fmt} weights, {lim[f'{fmt}_weight_bytes_per_token'] / 1e6:.1f} MB "
+                     f"per token / {lim[f'{fmt}_read_gb_per_s']:.1f} GB/s read): "
+                     f"{lim[f'{fmt}_limit_tok_s']:,.0f} tok/s; our bare step: "
+                     f"{_fmt(lim.get('ours_tok_per_cpu_s'))} tok/s = {_fmt(lim.get('ours_fraction_of_limit'))} of it "
+                     f"(float32 {lim['float32_limit_tok_s']:,.0f}, int8 {lim['int8_limit_tok_s']:,.0f} tok/s)")
+    ao = d.get("aoti")
+    if ao:
+        names = [n for n in ("aoti_float32", "fused", "torchscript") if f"{n}_bs1_cpu_ms_per_token" in ao]
+        lines += ["", f"AOTInductor step (compiled in {ao['compile_s']:.0f} s, {ao['package_bytes'] / 1e6:.1f} MB; "
+                      f"greedy tokens equal ours: {ao['greedy_tokens_match_ours_float32']}), bare steps, CPU ms per "
+                      f"token, medians of {ao['rounds']} interleaved rounds:"]
+        for b in ao["batches"]:
+            lines.append(f"  bs{b:<3}" + "   ".join(f"{n} {_fmt(ao[f'{n}_bs{b}_cpu_ms_per_token'])}" for n in names)
+                         + "   (" + ", ".join(f"{n}/aoti {_fmt(ao.get(f'{n}_vs_aoti_bs{b}'))}x" for n in names[1:])
+                         + " faster)")
+    mem = d.get("memory")
+    if mem:
+        parts = ("python_and_torch_import_mb", "app_import_mb", "weights_mb", "kv_cache_mb",
+                 "warm_up_and_compiled_steps_mb", "rest_mb")
+        lines += ["", "server RSS split (MB): " + ", ".join(f"{k[:-3]} {_fmt(mem.get(k))}" for k in parts)
+                  + (f" = peak {_fmt(mem['server_peak_mb'])}" if mem.get("server_peak_mb") else
+                     " (no server peak: run the http section for the rest)")]
+    return lines
 
 
 def plot(res: dict[str, Any], path: Path) -> bool:

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from model import tokenizer
-from model.decode import FastDecoder, KVCache, auto_decode_weights
+from model.decode import KVCache, auto_decode_weights
 from model.diagnostics import residual_norms_last, stream_trace
+from model.fast import FusedDecoder, make_decoder
 from model.sampling import LogitControls, adjust_logits, control_problem, record_tokens, sample_rows, top_logprobs
 from model.textstream import TextStream
 from model.transformer import Intervention, Transformer
@@ -221,6 +222,7 @@ class Engine:
         prefill_tokens: int = 512,
         decode_weights: str = "auto",
         job_share: float = 1.0,
+        decode_backend: str = "auto",
     ) -> None:
         self.model = model.eval()
         self.config = model.config
@@ -233,7 +235,9 @@ class Engine:
         self.observer = observer or EngineObserver()
         self.cache = KVCache(self.config, max_batch_size, device=self.device, dtype=self.dtype)
         self.decode_weights = auto_decode_weights(self.device) if decode_weights == "auto" else decode_weights
-        self.decode_step = FastDecoder(self.model, weights=self.decode_weights)  # the fast path; warm-up runs it too
+        # the fast path (warm-up runs it too): the fused C step where it is built, else TorchScript (model/fast)
+        self.decode_step = make_decoder(self.model, self.decode_weights, decode_backend)
+        self.decode_backend = "fused" if isinstance(self.decode_step, FusedDecoder) else "torchscript"
         self._running: list[_Request] = []  # row i of the cache belongs to _running[i]
         self._waiting: collections.deque[_Request] = collections.deque()
         self._jobs: collections.deque[tuple[Generator, Future]] = collections.deque()

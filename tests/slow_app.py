@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from app.__main__ import main
 from model.decode import FastDecoder
+from model.fast import FusedDecoder
 
 
 def hold_each_step(step: Callable, delay_s: float) -> Callable:
@@ -27,5 +28,6 @@ def hold_each_step(step: Callable, delay_s: float) -> Callable:
 
 
 if __name__ == "__main__":
-    FastDecoder.__call__ = hold_each_step(FastDecoder.__call__, float(os.environ["TEST_STEP_DELAY_S"]))
+    for step_class in (FastDecoder, FusedDecoder):  # whichever the engine picks (model.fast.make_decoder)
+        step_class.__call__ = hold_each_step(step_class.__call__, float(os.environ["TEST_STEP_DELAY_S"]))
     main()

@@ -93,8 +93,10 @@ def _generate(engine: Engine, prompt: list[int], **params) -> asyncio.Future:
     return asyncio.ensure_future(events_of(engine.submit(prompt, SamplingParams(**params))))
 
 
+@pytest.mark.parametrize("decode_backend", ["torchscript", "auto"])  # auto: the fused C step where it is built
 @pytest.mark.parametrize("decode_weights", ["float32", "auto"])
-def test_intervened_rows_do_not_change_their_neighbours(model: Transformer, decode_weights: str) -> None:
+def test_intervened_rows_do_not_change_their_neighbours(model: Transformer, decode_weights: str,
+                                                        decode_backend: str) -> None:
     base = dict(max_new_tokens=20, temperature=0.9, seed=7)
 
     async def alone(engine: Engine):
@@ -107,14 +109,14 @@ def test_intervened_rows_do_not_change_their_neighbours(model: Transformer, deco
                 _generate(engine, PROMPT, max_new_tokens=12, temperature=0, intervention=SKIP0, trace=True)]
         return await asyncio.gather(*futs)
 
-    (tokens_alone, fin_alone) = run_with_engine(model, alone, decode_weights=decode_weights)
-    results = run_with_engine(model, mixed, decode_weights=decode_weights)
+    kw = {"decode_weights": decode_weights, "decode_backend": decode_backend}
+    (tokens_alone, fin_alone) = run_with_engine(model, alone, **kw)
+    results = run_with_engine(model, mixed, **kw)
     plain, intervened = results[1], results[2]
     assert ids(plain[0]) == ids(tokens_alone) and plain[1].text == fin_alone.text
     assert ids(intervened[0]) != ids(plain[0])  # same seed, different model: different text
     # deterministic: the intervened request gives the same tokens again, here alone
-    again = run_with_engine(model, lambda e: _generate(e, PROMPT, **base, intervention=MIXED),
-                            decode_weights=decode_weights)
+    again = run_with_engine(model, lambda e: _generate(e, PROMPT, **base, intervention=MIXED), **kw)
     assert ids(again[0]) == ids(intervened[0])
 
 
@@ -131,8 +133,10 @@ def test_greedy_intervened_generation_equals_the_gated_reference(model: Transfor
     assert ids(tokens) == want
 
 
+@pytest.mark.parametrize("decode_backend", ["torchscript", "auto"])
 @pytest.mark.parametrize(("decode_weights", "tol"), [("float32", 1e-4), ("auto", 3e-3)])
-def test_trace_equals_diagnostics_per_token(model: Transformer, decode_weights: str, tol: float) -> None:
+def test_trace_equals_diagnostics_per_token(model: Transformer, decode_weights: str, tol: float,
+                                            decode_backend: str) -> None:
     """The trace of token i is the stream at the position that produced it: /diagnostics on prompt + text."""
     n_new = 12
 
@@ -144,7 +148,7 @@ def test_trace_equals_diagnostics_per_token(model: Transformer, decode_weights: 
                       intervention=MIXED),
         )
 
-    results = run_with_engine(model, body, decode_weights=decode_weights)
+    results = run_with_engine(model, body, decode_weights=decode_weights, decode_backend=decode_backend)
     assert all(t.trace is None for t in results[1][0])
     for (tokens, _), iv in ((results[0], None), (results[2], MIXED)):
         seq = PROMPT + ids(tokens)

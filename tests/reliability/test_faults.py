@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model.decode import FastDecoder
+from model.fast import FusedDecoder
 from tests.conftest import SLOW_STEP_S
 from tests.helpers import ERROR_FIELDS, idle, parse_metrics, value, wait_for
 from tests.reliability.conftest import Server
@@ -42,7 +43,8 @@ def test_request_timeout_is_504_and_frees_the_slot(
     make_client: Callable[..., TestClient], slow_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 200 steps of at least 1 ms each cannot beat a 50 ms deadline on any machine
-    monkeypatch.setattr(FastDecoder, "__call__", hold_each_step(FastDecoder.__call__, 0.001))
+    for step_class in (FastDecoder, FusedDecoder):  # whichever the engine picks
+        monkeypatch.setattr(step_class, "__call__", hold_each_step(step_class.__call__, 0.001))
     client = make_client(slow_checkpoint, request_timeout_s=0.05, max_batch_size=1)
     engine = client.app.state.models["tiny"].engine
     long = {"prompt": "a slow one", "max_new_tokens": 200}

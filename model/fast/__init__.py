@@ -1,0 +1,215 @@
+"""A fused decode step in C (`fused_step.c`): one call per step for every layer and every row, loaded with ctypes.
+
+Built at install time when a C compiler is present (`python -m model.fast.build`, run by `make install`/`make dev`);
+never needed at run time: without the built library, or on a CPU without AVX2/FMA/F16C, `fused_available()` is
+False and the TorchScript step (`model.decode.FastDecoder`) is what runs. ctypes releases the GIL for the whole
+call, as the TorchScript step does.
+
+`FusedDecoder` takes and returns what `FastDecoder` does (tokens, a `KVCache`, positions, per-row gates, traced
+rows -> `StepOutput`) and computes the same maths: see `fused_step.c`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from model.decode import FastDecoder, KVCache, StepOutput
+
+if TYPE_CHECKING:
+    from model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "fused_step.c"
+LIBRARY = HERE / "_fused_step.so"
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared")
+CPU_FLAGS = ("avx2", "fma", "f16c")
+
+
+def cpu_supported() -> bool:
+    """Whether this CPU runs the library (x86-64 with AVX2, FMA and F16C)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return all(f in flags for f in CPU_FLAGS)
+
+
+def build(out: Path = LIBRARY, compiler: str | None = None) -> Path | None:
+    """Compile the library with the system C compiler; None (and a log line) when there is none or it fails."""
+    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None or not cpu_supported():
+        log.info("fused decode step not built (%s)", "no C compiler" if cc is None else "CPU lacks AVX2/FMA/F16C")
+        return None
+    tmp = out.with_suffix(".so.tmp")
+    try:
+        proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            log.warning("fused decode step failed to build: %s", proc.stderr.strip()[-2000:])
+            return None
+        tmp.replace(out)
+    except OSError as e:  # the compiler named by CC is missing, or the folder is read-only
+        log.warning("fused decode step not built: %s", e)
+        return None
+    return out
+
+
+@functools.cache
+def _library(path: str) -> ctypes.CDLL | None:
+    """The loaded library (ctypes.CDLL: the GIL is released during calls), or None."""
+    if not Path(path).exists() or not cpu_supported():
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as e:
+        log.warning("fused decode step library not loadable: %s", e)
+        return None
+    fn = lib.shortcut_fused_step
+    i, p, i64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [i, i, i, i, i, i, i, i, i, p, p, p, p, i64, i64, p, p, p, p, p, p, p, p, p, i, p, p]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def fused_available(path: Path = LIBRARY) -> bool:
+    """Whether the built library is there and this CPU runs it."""
+    return _library(str(path)) is not None
+
+
+def supports(config: object) -> bool:
+    """Whether the kernels handle this shape (matrix widths multiples of 16, head width a multiple of 8)."""
+    c = config
+    return (c.d_model % 16 == 0 and c.d_ff % 16 == 0 and c.vocab_size % 16 == 0  # type: ignore[attr-defined]
+            and (c.d_model // c.n_head) % 8 == 0)  # type: ignore[attr-defined]
+
+
+class FusedDecoder:
+    """The decode step of `FastDecoder` as one C call. `weights`: float16 (block matrices rounded to float16,
+    float32 arithmetic, like FastDecoder's float16) or float32. Copies the weights (float16: 6.3 MB for the shipped
+    model; float32: 12.6 MB)."""
+
+    def __init__(self, model: Transformer, *, weights: str = "float16", library: Path = LIBRARY) -> None:
+        if weights not in ("float32", "float16"):
+            raise ValueError(f"weights must be 'float32' or 'float16', not {weights!r}")
+        self._lib = _library(str(library))
+        if self._lib is None:
+            raise RuntimeError(f"fused decode step unavailable ({library} missing or CPU lacks AVX2/FMA/F16C)")
+        self.config = cfg = model.config
+        if not supports(cfg):
+            raise ValueError("fused decode step: d_model, d_ff, vocab_size must be multiples of 16, head_dim of 8")
+        if model.wte.weight.device.type != "cpu":
+            raise ValueError("fused decode step runs on CPU only")
+        self.weights = weights
+        C, Fd = cfg.d_model, cfg.d_ff
+        half = weights == "float16"
+
+        def mat(lin: torch.nn.Linear) -> torch.Tensor:  # (in, out), flattened
+            w = lin.weight.detach().float().t().contiguous()
+            return (w.half() if half else w).reshape(-1)
+
+        def vec(t: torch.Tensor | None, n: int) -> torch.Tensor:
+            return t.detach().float().reshape(-1) if t is not None else torch.zeros(n)
+
+        mats, vecs = [], []
+        for b in model.blocks:
+            mats += [mat(b.attn.c_attn), mat(b.attn.c_proj), mat(b.mlp.c_fc), mat(b.mlp.c_proj)]
+            vecs += [vec(b.ln_1.weight, C), vec(b.ln_1.bias, C), vec(b.attn.c_attn.bias, 3 * C),
+                     vec(b.attn.c_proj.bias, C), vec(b.ln_2.weight, C), vec(b.ln_2.bias, C),
+                     vec(b.mlp.c_fc.bias, Fd), vec(b.mlp.c_proj.bias, C)]
+        self._mats = torch.cat(mats).contiguous()
+        self._vecs = torch.cat(vecs).contiguous()
+        self._wte = model.wte.weight.detach().float().contiguous()
+        self._wpe = model.wpe.weight.detach().float().contiguous()
+        self._unembed_t = self._wte.t().contiguous()  # (C, V)
+        self._ln_f_w = vec(model.ln_f.weight, C).contiguous()
+        self._ln_f_b = vec(model.ln_f.bias, C).contiguous()
+        self.scripted = False  # same attribute as FastDecoder's: this step is not TorchScript (and holds no GIL)
+        self._shape = (cfg.d_model, cfg.n_head, cfg.n_layer, cfg.d_ff, cfg.vocab_size, cfg.block_size,
+                       int(half), int(cfg.residual))
+        self._weight_ptrs = tuple(t.data_ptr() for t in (self._wte, self._wpe, self._unembed_t, self._ln_f_w,
+                                                         self._ln_f_b, self._mats, self._vecs))
+
+    @property
+    def packed(self) -> bool:
+        """Whether the block matrices are float16."""
+        return self.weights == "float16"
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor, gates: torch.Tensor | None = None,
+                 trace_rows: torch.Tensor | None = None) -> StepOutput:
+        """Logits (B, vocab) for one new token per row (see `FastDecoder.__call__`). Token ids, positions and traced
+        rows are range-checked in C before anything is read or written (ValueError)."""
+        cfg = self.config
+        B = tokens.shape[0]
+        if tokens.shape != (B,) or pos.shape != (B,) or cache.n_rows != B:
+            raise ValueError("a decode step needs tokens and pos of shape (B,) and a cache with B rows")
+        if gates is not None and gates.shape != (B, cfg.n_layer, 2):
+            raise ValueError(f"gates must have shape ({B}, {cfg.n_layer}, 2)")
+        k, v = cache.k, cache.v
+        hd = cfg.head_dim
+        want = (cfg.n_head * cfg.block_size * hd, cfg.block_size * hd, hd, 1)
+        if (k.dtype != torch.float32 or k.stride() != v.stride() or k.stride()[2:] != want[1:]
+                or k.stride(1) != want[0] or k.device.type != "cpu"):
+            raise ValueError("the fused step needs a float32 CPU cache with contiguous rows (KVCache or its rows)")
+        if tokens.device.type != "cpu" or pos.device.type != "cpu":
+            raise ValueError("the fused step runs on CPU tensors")
+        tokens = tokens.to(torch.long).contiguous()
+        pos = pos.to(torch.long).contiguous()
+        g = gates.to(torch.float32).contiguous() if gates is not None else None
+        rows = trace_rows.to(device="cpu", dtype=torch.long).contiguous() if trace_rows is not None else None
+        R = rows.shape[0] if rows is not None else 0
+        logits = torch.empty(B, cfg.vocab_size)
+        stream = torch.empty(cfg.n_layer + 1, R, cfg.d_model) if rows is not None else None
+        if B == 0:
+            return StepOutput(logits, stream)
+        rc = self._lib.shortcut_fused_step(
+            B, *self._shape, tokens.data_ptr(), pos.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+            *self._weight_ptrs, g.data_ptr() if g is not None else None,
+            rows.data_ptr() if rows is not None else None, R, stream.data_ptr() if stream is not None else None,
+            logits.data_ptr())
+        if rc != 0:
+            raise _ERRORS.get(rc, MemoryError("fused decode step: out of memory"))
+        return StepOutput(logits, stream)
+
+
+_ERRORS = {  # return codes of shortcut_fused_step
+    -2: ValueError("token ids outside the vocabulary"),
+    -3: ValueError("positions must be in [0, block_size)"),
+    -4: ValueError("trace_rows outside the batch"),
+}
+
+
+BACKENDS = ("auto", "fused", "torchscript")
+
+
+def make_decoder(model: Transformer, weights: str, backend: str = "auto", library: Path = LIBRARY
+                 ) -> FusedDecoder | FastDecoder:
+    """The engine's decode step: `fused` (this module; an error where it is not built or cannot run the model),
+    `torchscript` (`FastDecoder`), or `auto`: fused where it is built, runs on this CPU and handles the shape,
+    else TorchScript."""
+    if backend not in BACKENDS:
+        raise ValueError(f"decode backend must be one of {BACKENDS}, not {backend!r}")
+    on_cpu = model.wte.weight.device.type == "cpu"
+    if backend == "fused" or (backend == "auto" and on_cpu and supports(model.config)
+                              and fused_available(library)):
+        return FusedDecoder(model, weights=weights, library=library)
+    return FastDecoder(model, weights=weights)
+
+
+def weight_bytes(dec: FusedDecoder) -> int:
+    """Bytes the decoder holds for its weights."""
+    return sum(t.numel() * t.element_size() for t in (dec._mats, dec._vecs, dec._wte, dec._wpe, dec._unembed_t))
+
+
+__all__ = ["BACKENDS", "FusedDecoder", "build", "cpu_supported", "fused_available", "make_decoder", "supports",
+           "weight_bytes"]

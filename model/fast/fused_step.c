@@ -1,0 +1,370 @@
+/* A whole decode step of the Shortcut Transformer in one call: every layer of every row, no tensor library.
+ *
+ * Same maths as model/decode.py's steps (the reference is model/transformer.py): pre-LayerNorm blocks, fused
+ * q/k/v, causal attention over each row's own cache up to its position, GELU (tanh), per-row gates on each part's
+ * F(x), the residual stream of traced rows, a final LayerNorm and the tied unembedding. Block matrices are float16
+ * (arithmetic in float32, as FBGEMM's fp16-weight GEMM does) or float32; the unembedding is float32.
+ *
+ * Every row is computed alone and in the same order whatever the batch (the matrix kernels that take 4 rows at a
+ * time sum each output in the same order as the 1-row kernel), so a row's numbers do not depend on the others.
+ * x86-64 with AVX2, FMA and F16C; built with -ffp-contract=off so that only the explicit FMAs fuse.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LN_EPS 1e-5f
+
+/* ---- vector exp (Cephes' expf: range reduction by ln 2, degree-6 polynomial) ---- */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* ---- y (rows, N) = x (rows, K) @ W (K, N) + bias; N % 16 == 0. Each output: fma over k in order, then + bias ---- */
+#define LOAD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define LOAD_F32(p) _mm256_loadu_ps(p)
+
+#define DEFINE_MM(NAME, WT, LOAD)                                                                              \
+    static void NAME(int rows, int K, int N, const float *x, const WT *w, const float *bias, float *y) {     \
+        int b = 0;                                                                                            \
+        for (; b + 6 <= rows; b += 6) { /* 6 rows x 16 outputs: 12 sums in registers, the weights read once */ \
+            const float *x0 = x + (size_t)b * K;                                                              \
+            for (int n = 0; n < N; n += 16) {                                                                 \
+                __m256 c[6][2];                                                                               \
+                for (int r = 0; r < 6; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();                          \
+                const WT *wp = w + n;                                                                         \
+                for (int k = 0; k < K; k++, wp += N) {                                                        \
+                    __m256 w0 = LOAD(wp), w1 = LOAD(wp + 8);                                                  \
+                    for (int r = 0; r < 6; r++) {                                                             \
+                        __m256 xb = _mm256_broadcast_ss(x0 + (size_t)r * K + k);                              \
+                        c[r][0] = _mm256_fmadd_ps(xb, w0, c[r][0]);                                           \
+                        c[r][1] = _mm256_fmadd_ps(xb, w1, c[r][1]);                                           \
+                    }                                                                                         \
+                }                                                                                             \
+                __m256 b0 = _mm256_loadu_ps(bias + n), b1 = _mm256_loadu_ps(bias + n + 8);                    \
+                for (int r = 0; r < 6; r++) {                                                                 \
+                    float *yr = y + (size_t)(b + r) * N + n;                                                  \
+                    _mm256_storeu_ps(yr, _mm256_add_ps(c[r][0], b0));                                         \
+                    _mm256_storeu_ps(yr + 8, _mm256_add_ps(c[r][1], b1));                                     \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (; b + 4 <= rows; b += 4) { /* 4 rows x 16 outputs: the weights read once for 4 rows */          \
+            const float *x0 = x + (size_t)b * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;                    \
+            for (int n = 0; n < N; n += 16) {                                                                 \
+                __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;                            \
+                __m256 a20 = a00, a21 = a00, a30 = a00, a31 = a00;                                            \
+                const WT *wp = w + n;                                                                         \
+                for (int k = 0; k < K; k++, wp += N) {                                                        \
+                    __m256 w0 = LOAD(wp), w1 = LOAD(wp + 8), xb;                                              \
+                    xb = _mm256_broadcast_ss(x0 + k); a00 = _mm256_fmadd_ps(xb, w0, a00);                     \
+                    a01 = _mm256_fmadd_ps(xb, w1, a01);                                                       \
+                    xb = _mm256_broadcast_ss(x1 + k); a10 = _mm256_fmadd_ps(xb, w0, a10);                     \
+                    a11 = _mm256_fmadd_ps(xb, w1, a11);                                                       \
+                    xb = _mm256_broadcast_ss(x2 + k); a20 = _mm256_fmadd_ps(xb, w0, a20);                     \
+                    a21 = _mm256_fmadd_ps(xb, w1, a21);                                                       \
+                    xb = _mm256_broadcast_ss(x3 + k); a30 = _mm256_fmadd_ps(xb, w0, a30);                     \
+                    a31 = _mm256_fmadd_ps(xb, w1, a31);                                                       \
+                }                                                                                             \
+                __m256 b0 = _mm256_loadu_ps(bias + n), b1 = _mm256_loadu_ps(bias + n + 8);                    \
+                float *y0 = y + (size_t)b * N + n;                                                            \
+                _mm256_storeu_ps(y0, _mm256_add_ps(a00, b0)); _mm256_storeu_ps(y0 + 8, _mm256_add_ps(a01, b1)); \
+                y0 += N;                                                                                      \
+                _mm256_storeu_ps(y0, _mm256_add_ps(a10, b0)); _mm256_storeu_ps(y0 + 8, _mm256_add_ps(a11, b1)); \
+                y0 += N;                                                                                      \
+                _mm256_storeu_ps(y0, _mm256_add_ps(a20, b0)); _mm256_storeu_ps(y0 + 8, _mm256_add_ps(a21, b1)); \
+                y0 += N;                                                                                      \
+                _mm256_storeu_ps(y0, _mm256_add_ps(a30, b0)); _mm256_storeu_ps(y0 + 8, _mm256_add_ps(a31, b1)); \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (; b < rows; b++) { /* one row: 64 outputs at a time (8 independent sums), then 16 */            \
+            const float *xr = x + (size_t)b * K;                                                              \
+            float *yr = y + (size_t)b * N;                                                                    \
+            int n = 0;                                                                                        \
+            for (; n + 64 <= N; n += 64) {                                                                    \
+                __m256 a[8];                                                                                  \
+                for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();                                       \
+                const WT *wp = w + n;                                                                         \
+                for (int k = 0; k < K; k++, wp += N) {                                                        \
+                    __m256 xb = _mm256_broadcast_ss(xr + k);                                                  \
+                    for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(xb, LOAD(wp + 8 * j), a[j]);           \
+                }                                                                                             \
+                for (int j = 0; j < 8; j++)                                                                   \
+                    _mm256_storeu_ps(yr + n + 8 * j, _mm256_add_ps(a[j], _mm256_loadu_ps(bias + n + 8 * j))); \
+            }                                                                                                 \
+            for (; n < N; n += 16) {                                                                          \
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0;                                                     \
+                const WT *wp = w + n;                                                                         \
+                for (int k = 0; k < K; k++, wp += N) {                                                        \
+                    __m256 xb = _mm256_broadcast_ss(xr + k);                                                  \
+                    a0 = _mm256_fmadd_ps(xb, LOAD(wp), a0);                                                   \
+                    a1 = _mm256_fmadd_ps(xb, LOAD(wp + 8), a1);                                               \
+                }                                                                                             \
+                _mm256_storeu_ps(yr + n, _mm256_add_ps(a0, _mm256_loadu_ps(bias + n)));                       \
+                _mm256_storeu_ps(yr + n + 8, _mm256_add_ps(a1, _mm256_loadu_ps(bias + n + 8)));               \
+            }                                                                                                 \
+        }                                                                                                     \
+    }
+
+DEFINE_MM(mm_f16, uint16_t, LOAD_F16)
+DEFINE_MM(mm_f32, float, LOAD_F32)
+
+static void matmul(int half, int rows, int K, int N, const float *x, const void *w, const float *bias, float *y) {
+    if (half)
+        mm_f16(rows, K, N, x, (const uint16_t *)w, bias, y);
+    else
+        mm_f32(rows, K, N, x, (const float *)w, bias, y);
+}
+
+/* LayerNorm of one row of C (two passes, biased variance, as torch) */
+static void layer_norm(int C, const float *x, const float *g, const float *bta, float *y) {
+    float mean = 0.f, var = 0.f;
+    for (int i = 0; i < C; i++) mean += x[i];
+    mean /= (float)C;
+    for (int i = 0; i < C; i++) {
+        float d = x[i] - mean;
+        var += d * d;
+    }
+    float rstd = 1.0f / sqrtf(var / (float)C + LN_EPS);
+    for (int i = 0; i < C; i++) y[i] = (x[i] - mean) * rstd * g[i] + bta[i];
+}
+
+/* GELU (tanh) in place, n % 8 == 0: 0.5 x (1 + tanh(u)), tanh(u) = 1 - 2 / (exp(2u) + 1) */
+static void gelu_tanh(int n, float *x) {
+    const __m256 k0 = _mm256_set1_ps(0.7978845608028654f), k1 = _mm256_set1_ps(0.044715f);
+    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
+    for (int i = 0; i < n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        __m256 u = _mm256_mul_ps(k0, _mm256_add_ps(v, _mm256_mul_ps(k1, _mm256_mul_ps(v, _mm256_mul_ps(v, v)))));
+        __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp8(_mm256_mul_ps(two, u)), one)));
+        _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, t)));
+    }
+}
+
+/* Scores of 8 keys at once: s[0..8) = (q . K[j]) * scale for the 8 rows of K from kj; hd % 8 == 0 */
+static inline __m256 scores8(int hd, const float *q, const float *kj, __m256 scale) {
+    __m256 a[8];
+    for (int t = 0; t < 8; t++) a[t] = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(kj + (size_t)t * hd));
+    for (int d = 8; d < hd; d += 8) {
+        __m256 qd = _mm256_loadu_ps(q + d);
+        for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kj + (size_t)t * hd + d), a[t]);
+    }
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    return _mm256_mul_ps(sum, scale);
+}
+
+/* One head of one row: out (hd) = softmax(q . K[0..n) * scale) @ V[0..n); K, V (n, hd) contiguous; hd % 8 == 0.
+ * The keys' scores go 8 at a time, the tail (n % 8) one at a time with the same per-key sum order. */
+static void attend(int n, int hd, float scale, const float *q, const float *K, const float *V, float *s, float *out) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    __m256 mx8 = _mm256_set1_ps(-INFINITY);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        /* fetch these keys' values now, while the keys stream in: the value pass then reads from cache, and the
+           memory system has both streams in flight (batch 32 reads ~84 MB of cache per step from DRAM) */
+        for (const char *pv = (const char *)(V + (size_t)j * hd), *end = pv + 8 * hd * sizeof(float); pv < end;
+             pv += 64)
+            _mm_prefetch(pv, _MM_HINT_T0);
+        for (const char *pk = (const char *)(K + (size_t)(j + 16) * hd), *end = pk + 8 * hd * sizeof(float);
+             j + 24 <= n && pk < end; pk += 64)
+            _mm_prefetch(pk, _MM_HINT_T0);
+        __m256 v = scores8(hd, q, K + (size_t)j * hd, sc);
+        _mm256_storeu_ps(s + j, v);
+        mx8 = _mm256_max_ps(mx8, v);
+    }
+    if (j < n) { /* the last keys: pad with copies of the last key's row (their scores are dropped) */
+        float pad[8 * 128];
+        const float *src = K + (size_t)j * hd;
+        int m = n - j;
+        if (hd <= 128) {
+            for (int t = 0; t < 8; t++) memcpy(pad + (size_t)t * hd, src + (size_t)(t < m ? t : m - 1) * hd,
+                                               sizeof(float) * hd);
+            float t8[8];
+            _mm256_storeu_ps(t8, scores8(hd, q, pad, sc));
+            for (int t = 0; t < m; t++) s[j + t] = t8[t];
+        } else {
+            for (int t = 0; t < m; t++) {
+                const float *kj = src + (size_t)t * hd;
+                __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(kj));
+                for (int d = 8; d < hd; d += 8)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kj + d), acc);
+                s[j + t] = hsum8(acc) * scale;
+            }
+        }
+    }
+    float tmp[8];
+    _mm256_storeu_ps(tmp, mx8);
+    float mx = -INFINITY;
+    for (int t = 0; t < 8; t++) mx = tmp[t] > mx ? tmp[t] : mx;
+    for (int t = j; t < n; t++) mx = s[t] > mx ? s[t] : mx;
+    /* exponentials, 8 at a time, the tail through the same vector exp */
+    const __m256 m8 = _mm256_set1_ps(mx);
+    __m256 sum8 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), m8));
+        _mm256_storeu_ps(s + i, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    float sum = 0.f;
+    if (i < n) {
+        float t8[8] = {0};
+        for (int t = i; t < n; t++) t8[t - i] = s[t] - mx;
+        _mm256_storeu_ps(t8, exp8(_mm256_loadu_ps(t8)));
+        for (int t = i; t < n; t++) {
+            s[t] = t8[t - i];
+            sum += t8[t - i];
+        }
+    }
+    sum += hsum8(sum8);
+    const __m256 inv = _mm256_set1_ps(1.0f / sum);
+    if (hd == 32) { /* the shipped model: 4 accumulators per key, two keys interleaved */
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        int t = 0;
+        for (; t + 2 <= n; t += 2) {
+            const float *v0 = V + (size_t)t * 32, *v1 = v0 + 32;
+            __m256 p0 = _mm256_set1_ps(s[t]), p1 = _mm256_set1_ps(s[t + 1]);
+            a0 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0), a0);
+            a1 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8), a1);
+            a2 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 16), a2);
+            a3 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 24), a3);
+            b0 = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1), b0);
+            b1 = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + 8), b1);
+            b2 = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + 16), b2);
+            b3 = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + 24), b3);
+        }
+        if (t < n) {
+            const float *v0 = V + (size_t)t * 32;
+            __m256 p0 = _mm256_set1_ps(s[t]);
+            a0 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0), a0);
+            a1 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8), a1);
+            a2 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 16), a2);
+            a3 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 24), a3);
+        }
+        _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_add_ps(a0, b0), inv));
+        _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_add_ps(a1, b1), inv));
+        _mm256_storeu_ps(out + 16, _mm256_mul_ps(_mm256_add_ps(a2, b2), inv));
+        _mm256_storeu_ps(out + 24, _mm256_mul_ps(_mm256_add_ps(a3, b3), inv));
+        return;
+    }
+    for (int d = 0; d < hd; d += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int t = 0; t < n; t++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(s[t]), _mm256_loadu_ps(V + (size_t)t * hd + d), acc);
+        _mm256_storeu_ps(out + d, _mm256_mul_ps(acc, inv));
+    }
+}
+
+/* x + g f (residual), or where(g == 0, x, g f) (plain stack); g NULL: x + f / f */
+static void update(int C, float *x, const float *f, const float *g, int residual) {
+    if (g == NULL) {
+        for (int i = 0; i < C; i++) x[i] = residual ? x[i] + f[i] : f[i];
+    } else if (residual) {
+        float gv = *g;
+        for (int i = 0; i < C; i++) x[i] = x[i] + gv * f[i];
+    } else if (*g != 0.0f) {
+        float gv = *g;
+        for (int i = 0; i < C; i++) x[i] = gv * f[i];
+    }
+}
+
+/* Per layer, `mats` holds W_qkv (C, 3C), W_o (C, C), W_fc (C, F), W_p (F, C), each as (in, out) row-major, and
+ * `vecs` holds ln_1 w, b (C each), b_qkv (3C), b_o (C), ln_2 w, b (C each), b_fc (F), b_p (C), float32.
+ * k_cache / v_cache: (n_layer, rows, n_head, S, hd) with the given layer and row strides (floats).
+ * gates: (B, n_layer, 2) or NULL; trace_rows (R) with stream (n_layer + 1, R, C), or R = 0.
+ * Returns 0; -1 when scratch memory could not be allocated; -2, -3, -4 for a token id outside [0, V), a position
+ * outside [0, S), a traced row outside [0, B): checked before anything is read or written. */
+int shortcut_fused_step(int B, int C, int nh, int L, int F, int V, int S, int half, int residual,
+                        const int64_t *tokens, const int64_t *pos, float *k_cache, float *v_cache,
+                        int64_t layer_stride, int64_t row_stride, const float *wte, const float *wpe,
+                        const float *unembed_t, const float *ln_f_w, const float *ln_f_b, const void *mats,
+                        const float *vecs, const float *gates, const int64_t *trace_rows, int R, float *stream,
+                        float *logits) {
+    for (int b = 0; b < B; b++) {
+        if (tokens[b] < 0 || tokens[b] >= V) return -2;
+        if (pos[b] < 0 || pos[b] >= S) return -3;
+    }
+    for (int r = 0; r < R; r++)
+        if (trace_rows[r] < 0 || trace_rows[r] >= B) return -4;
+    const int hd = C / nh, C3 = 3 * C;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const size_t esz = half ? 2 : 4;
+    const size_t mat_n = (size_t)C * C3 + (size_t)C * C + (size_t)C * F + (size_t)F * C;
+    const size_t vec_n = 4 * (size_t)C + C3 + C + F + C;
+    float *buf = (float *)malloc(sizeof(float) * ((size_t)B * (3 * C + C3 + F) + S + V));
+    if (buf == NULL) return -1;
+    float *x = buf, *h = x + (size_t)B * C, *y = h + (size_t)B * C, *qkv = y + (size_t)B * C;
+    float *ff = qkv + (size_t)B * C3, *sc = ff + (size_t)B * F;
+
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < C; i++) x[(size_t)b * C + i] = wte[tokens[b] * C + i] + wpe[pos[b] * C + i];
+    for (int r = 0; r < R; r++) memcpy(stream + (size_t)r * C, x + (size_t)trace_rows[r] * C, sizeof(float) * C);
+
+    for (int l = 0; l < L; l++) {
+        const char *m = (const char *)mats + (size_t)l * mat_n * esz;
+        const void *w_qkv = m, *w_o = m + (size_t)C * C3 * esz, *w_fc = m + ((size_t)C * C3 + (size_t)C * C) * esz;
+        const void *w_p = m + ((size_t)C * C3 + (size_t)C * C + (size_t)C * F) * esz;
+        const float *vl = vecs + (size_t)l * vec_n;
+        const float *ln1_w = vl, *ln1_b = vl + C, *b_qkv = vl + 2 * C, *b_o = b_qkv + C3, *ln2_w = b_o + C;
+        const float *ln2_b = ln2_w + C, *b_fc = ln2_b + C, *b_p = b_fc + F;
+        float *kl = k_cache + (size_t)l * layer_stride, *vl_cache = v_cache + (size_t)l * layer_stride;
+
+        /* attention */
+        for (int b = 0; b < B; b++) layer_norm(C, x + (size_t)b * C, ln1_w, ln1_b, h + (size_t)b * C);
+        matmul(half, B, C, C3, h, w_qkv, b_qkv, qkv);
+        for (int b = 0; b < B; b++) {
+            const float *qr = qkv + (size_t)b * C3;
+            int64_t p = pos[b];
+            for (int hh = 0; hh < nh; hh++) {
+                float *K = kl + (size_t)b * row_stride + (size_t)hh * S * hd;
+                float *Vh = vl_cache + (size_t)b * row_stride + (size_t)hh * S * hd;
+                memcpy(K + (size_t)p * hd, qr + C + hh * hd, sizeof(float) * hd);
+                memcpy(Vh + (size_t)p * hd, qr + 2 * C + hh * hd, sizeof(float) * hd);
+                attend((int)p + 1, hd, scale, qr + hh * hd, K, Vh, sc, y + (size_t)b * C + hh * hd);
+            }
+        }
+        matmul(half, B, C, C, y, w_o, b_o, h); /* h = F(x) of the attention part */
+        for (int b = 0; b < B; b++)
+            update(C, x + (size_t)b * C, h + (size_t)b * C, gates ? gates + ((size_t)b * L + l) * 2 : NULL, residual);
+
+        /* MLP */
+        for (int b = 0; b < B; b++) layer_norm(C, x + (size_t)b * C, ln2_w, ln2_b, h + (size_t)b * C);
+        matmul(half, B, C, F, h, w_fc, b_fc, ff);
+        gelu_tanh(B * F, ff);
+        matmul(half, B, F, C, ff, w_p, b_p, y);
+        for (int b = 0; b < B; b++)
+            update(C, x + (size_t)b * C, y + (size_t)b * C, gates ? gates + ((size_t)b * L + l) * 2 + 1 : NULL,
+                   residual);
+        for (int r = 0; r < R; r++)
+            memcpy(stream + ((size_t)(l + 1) * R + r) * C, x + (size_t)trace_rows[r] * C, sizeof(float) * C);
+    }
+    for (int b = 0; b < B; b++) layer_norm(C, x + (size_t)b * C, ln_f_w, ln_f_b, h + (size_t)b * C);
+    float *zero = sc + S; /* the unembedding has no bias */
+    memset(zero, 0, sizeof(float) * V);
+    mm_f32(B, C, V, h, unembed_t, zero, logits);
+    free(buf);
+    return 0;
+}

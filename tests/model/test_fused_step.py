@@ -1,0 +1,204 @@
+"""The fused C decode step (model/fast): the reference forward's numbers with gates and the trace, rows independent
+of their batch, deterministic; and the fallback to the TorchScript step where it is not built."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.decode import FastDecoder, KVCache, float16_weights_available
+from model.fast import FusedDecoder, build, cpu_supported, fused_available, make_decoder, supports
+from model.transformer import Intervention, Transformer
+from tests.conftest import TINY, build_model
+
+SKIP0 = Intervention(skip=((0, "block"),))
+MIXED = Intervention(skip=((1, "mlp"),), scale=((0, "attn", 0.5), (2, "block", -1.5)))
+TOL = {"float32": 1e-4, "float16": 3e-2}  # float16: block matrices rounded, against the float32 reference
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The library built from source for this test module (skips where there is no compiler or CPU for it)."""
+    if not cpu_supported():
+        pytest.skip("CPU without AVX2/FMA/F16C")
+    out = build(tmp_path_factory.mktemp("fused") / "fused.so")
+    if out is None:
+        pytest.skip("no C compiler")
+    return out
+
+
+def _prefilled(model: Transformer, seqs: torch.Tensor, lengths: list[int], gates: torch.Tensor,
+               n_caches: int) -> list[KVCache]:
+    caches = [KVCache(model.config, len(lengths)) for _ in range(n_caches)]
+    with torch.no_grad():
+        for b, n in enumerate(lengths):
+            for c in caches:
+                model(seqs[b : b + 1, :n], cache=c.rows(b, b + 1), pos=torch.tensor([0]), gates=gates[b : b + 1])
+    return caches
+
+
+@pytest.mark.parametrize("weights", ["float32", "float16"])
+@pytest.mark.parametrize("variant", [{}, {"residual": False}, {"bias": False}, {"n_head": 1}])  # n_head 1: head_dim 32
+def test_fused_step_matches_the_gated_reference_forward(library: Path, weights: str, variant: dict) -> None:
+    """Five rows (the 4-row and the 1-row kernels) with different gates, decoded to the end of the window."""
+    model = build_model(dataclasses.replace(ModelConfig(**TINY), **variant), seed=3)
+    cfg = model.config
+    L = cfg.n_layer
+    gates = torch.stack([torch.ones(L, 2), SKIP0.gates(L), MIXED.gates(L), torch.ones(L, 2), MIXED.gates(L)])
+    fused = FusedDecoder(model, weights=weights, library=library)
+    seqs = torch.randint(0, 256, (5, cfg.block_size), generator=torch.Generator().manual_seed(4))
+    lengths = [1, 5, 9, 2, 17]  # tails of 1..7 keys and whole blocks of 8 in the attention
+    cache, fused_cache = _prefilled(model, seqs, lengths, gates, 2)
+    pos = torch.tensor(lengths)
+    traced = torch.tensor([0, 2, 4])
+    while int(pos.max()) < cfg.block_size:
+        tokens = seqs[torch.arange(5), pos]  # (5,)
+        with torch.no_grad():
+            ref = model(tokens[:, None], cache=cache, pos=pos, gates=gates, return_resid=True)
+        got = fused(tokens, fused_cache, pos, gates, traced)
+        torch.testing.assert_close(got.logits, ref.logits[:, -1], atol=TOL[weights], rtol=0)
+        want = torch.stack([ref.resid[0]["resid_pre"][:, 0]] + [r["resid_post"][:, 0] for r in ref.resid])  # (L+1,5,C)
+        torch.testing.assert_close(got.stream, want[:, traced], atol=TOL[weights], rtol=1e-3)
+        pos = pos + 1
+    torch.testing.assert_close(fused_cache.k, cache.k, atol=TOL[weights], rtol=0)  # the cache written alike
+    torch.testing.assert_close(fused_cache.v, cache.v, atol=TOL[weights], rtol=0)
+
+
+def test_float16_fused_step_equals_the_torchscript_float16_step(library: Path) -> None:
+    if not float16_weights_available():
+        pytest.skip("no FBGEMM")
+    model = build_model(seed=6)
+    cfg = model.config
+    ref, fused = FastDecoder(model, weights="float16"), FusedDecoder(model, weights="float16", library=library)
+    tokens = torch.tensor([3, 77, 250])
+    for p in (0, 7, 8, 20, cfg.block_size - 1):
+        pos = torch.full((3,), p)
+        c1, c2 = KVCache(cfg, 3), KVCache(cfg, 3)
+        for c in (c1, c2):
+            c.k.normal_(generator=torch.Generator().manual_seed(p))
+            c.v.normal_(generator=torch.Generator().manual_seed(p + 1))
+        torch.testing.assert_close(fused(tokens, c2, pos).logits, ref(tokens, c1, pos).logits, atol=1e-4, rtol=0)
+
+
+def test_a_rows_numbers_do_not_depend_on_its_batch_and_repeat(library: Path) -> None:
+    """Bitwise: a row alone, or at any place in batches of 3 and 6 next to other rows and positions, twice."""
+    model = build_model(seed=8)
+    cfg = model.config
+    fused = FusedDecoder(model, weights="float16", library=library)
+    gen = torch.Generator().manual_seed(1)
+    k = torch.randn(cfg.n_layer, 6, cfg.n_head, cfg.block_size, cfg.head_dim, generator=gen).unbind(1)
+    v = torch.randn(cfg.n_layer, 6, cfg.n_head, cfg.block_size, cfg.head_dim, generator=gen).unbind(1)
+    tokens, pos = torch.tensor([5, 9, 200, 31, 64, 128]), torch.tensor([3, 17, 30, 8, 0, 11])
+    gates = torch.rand(6, cfg.n_layer, 2, generator=gen)
+
+    def run(rows: list[int]) -> torch.Tensor:
+        cache = KVCache(cfg, len(rows))
+        for i, r in enumerate(rows):
+            cache.k[:, i], cache.v[:, i] = k[r], v[r]
+        idx = torch.tensor(rows)
+        out = fused(tokens[idx], cache, pos[idx], gates[idx], torch.arange(len(rows)))
+        return torch.cat([out.logits, out.stream.transpose(0, 1).flatten(1)], dim=1)  # (B, V + (L+1) C)
+
+    alone = torch.cat([run([r]) for r in range(6)])
+    assert torch.equal(run(list(range(6))), alone)  # and again: deterministic
+    assert torch.equal(run([5, 4, 3, 2, 1, 0]), alone.flip(0))
+    assert torch.equal(run([2, 0, 4]), alone[[2, 0, 4]])
+    cache = KVCache(cfg, 6)  # gates of 1 are no gates at all
+    ones = fused(tokens, cache, pos, torch.ones(6, cfg.n_layer, 2)).logits
+    assert torch.equal(fused(tokens, cache, pos).logits, ones)
+
+
+def test_fused_step_rejects_bad_input(library: Path) -> None:
+    model = build_model(seed=2)
+    cfg = model.config
+    fused = FusedDecoder(model, library=library)
+    tok = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="positions"):
+        fused(tok, KVCache(cfg, 2), torch.tensor([0, cfg.block_size]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        fused(torch.tensor([0, 256]), KVCache(cfg, 2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="shape"):
+        fused(tok, KVCache(cfg, 3), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="gates"):
+        fused(tok, KVCache(cfg, 2), torch.zeros(2, dtype=torch.long), torch.ones(2, 1, 2))
+    with pytest.raises(ValueError, match="cache"):
+        fused(tok, KVCache(cfg, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
+    cache = KVCache(cfg, 2)
+    for bad in ({"pos": torch.tensor([-1, 0])}, {"tokens": torch.tensor([3, -5])}, {"trace_rows": torch.tensor([2])}):
+        args = {"tokens": torch.tensor([1, 2]), "pos": torch.tensor([0, 1]), **bad}
+        with pytest.raises(ValueError, match="positions|vocabulary|trace_rows"):
+            fused(args["tokens"], cache, args["pos"], trace_rows=args.get("trace_rows"))
+    assert not cache.k.any() and not cache.v.any()  # refused before anything was written
+    view = KVCache(cfg, 4).rows(1, 3)  # rows of a larger cache: fine
+    assert fused(tok, view, torch.zeros(2, dtype=torch.long)).logits.shape == (2, 256)
+
+
+def test_unsupported_shapes_and_missing_library_fall_back_to_torchscript(tmp_path: Path) -> None:
+    odd = build_model(ModelConfig(n_layer=1, n_head=2, d_model=24, d_ff=48, block_size=8), seed=0)
+    assert not supports(odd.config)
+    assert isinstance(make_decoder(odd, "float32", "auto"), FastDecoder)
+    model = build_model(seed=0)
+    missing = tmp_path / "none.so"
+    assert not fused_available(missing)
+    dec = make_decoder(model, "float32", "auto", library=missing)
+    assert isinstance(dec, FastDecoder) and dec.scripted
+    with pytest.raises(RuntimeError, match="unavailable"):
+        make_decoder(model, "float32", "fused", library=missing)
+    assert isinstance(make_decoder(model, "float32", "torchscript"), FastDecoder)
+    with pytest.raises(ValueError, match="backend"):
+        make_decoder(model, "float32", "tvm")
+
+
+def test_auto_picks_the_fused_step_where_it_is_built(library: Path) -> None:
+    model = build_model(seed=0)
+    dec = make_decoder(model, "float16", "auto", library=library)
+    assert isinstance(dec, FusedDecoder) and dec.weights == "float16"
+
+
+def test_engine_with_the_fused_step_generates_what_the_torchscript_one_does(library: Path) -> None:
+    """Greedy tokens, logprobs and traces of a batch with a plain, an intervened and a traced row."""
+    import asyncio
+
+    from model import tokenizer
+    from model.engine import Engine, SamplingParams
+
+    model = build_model(seed=0)
+
+    def run(backend: str) -> list:
+        async def main() -> list:
+            engine = Engine(model, decode_weights="float32", decode_backend="torchscript")
+            assert engine.decode_backend == "torchscript" and isinstance(engine.decode_step, FastDecoder)
+            if backend == "fused":  # the test's library, not the installed one
+                engine.decode_step = FusedDecoder(model, weights="float32", library=library)
+            engine.start()
+            try:
+                params = [SamplingParams(max_new_tokens=20, temperature=0, logprobs=2),
+                          SamplingParams(max_new_tokens=20, temperature=0, intervention=MIXED),
+                          SamplingParams(max_new_tokens=20, temperature=0.9, seed=3, trace=True)]
+                hs = [engine.submit(tokenizer.encode(t), p) for t, p in zip(("Shortcut", "ab", "Residual"), params,
+                                                                           strict=True)]
+                return [await asyncio.wait_for(h.result(), 20) for h in hs]
+            finally:
+                engine.stop()
+
+        return asyncio.run(main())
+
+    ts, fused = run("torchscript"), run("fused")
+    for (a, _), (b, _) in zip(ts, fused, strict=True):
+        assert [t.token_id for t in a] == [t.token_id for t in b]
+        for x, y in zip(a, b, strict=True):
+            if x.logprob is not None:
+                assert abs(x.logprob - y.logprob) < 1e-4
+            if x.trace is not None:
+                torch.testing.assert_close(torch.tensor(x.trace["resid_norm"]), torch.tensor(y.trace["resid_norm"]),
+                                           rtol=1e-4, atol=1e-4)
+
+
+def test_build_without_a_working_compiler_returns_none(tmp_path: Path) -> None:
+    assert build(tmp_path / "x.so", compiler=str(tmp_path / "no-such-cc")) is None
+    assert build(tmp_path / "x.so", compiler="false") is None  # a compiler that fails
+    assert not (tmp_path / "x.so").exists()
