@@ -42,8 +42,10 @@ run: $(VENV)/.installed $(FUSED)
 test: $(VENV)/.dev $(FUSED)
 	$(PY) -m pytest
 
+# one formatter and one linter for all the Python in the repo
 lint: $(VENV)/.dev
-	$(PY) -m ruff check app model training tests bench
+	$(PY) -m ruff format --check app model training tests bench deploy
+	$(PY) -m ruff check app model training tests bench deploy
 
 bench: $(VENV)/.dev $(FUSED)
 	$(PIP) install -q -e '.[bench]'

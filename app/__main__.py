@@ -48,9 +48,14 @@ class DrainingServer(uvicorn.Server):
         state = self.fastapi_app.state
         state.draining = True
         engines = [m.engine for m in state.models.values()]
-        log.info("%s received: draining %d running / %d waiting requests and %d diagnostics jobs (timeout %.0f s)",
-                 name, sum(e.n_running for e in engines), sum(e.n_waiting for e in engines),
-                 sum(e.n_jobs for e in engines), self.drain_timeout_s)
+        log.info(
+            "%s received: draining %d running / %d waiting requests and %d diagnostics jobs (timeout %.0f s)",
+            name,
+            sum(e.n_running for e in engines),
+            sum(e.n_waiting for e in engines),
+            sum(e.n_jobs for e in engines),
+            self.drain_timeout_s,
+        )
         for e in engines:
             e.begin_drain()
         deadline = asyncio.get_running_loop().time() + self.drain_timeout_s
@@ -58,9 +63,12 @@ class DrainingServer(uvicorn.Server):
         if ok:
             log.info("drain complete; shutting down")
         else:
-            log.warning("drain timed out: ending %d running / %d waiting requests and %d diagnostics jobs with 503",
-                        sum(e.n_running for e in engines), sum(e.n_waiting for e in engines),
-                        sum(e.n_jobs for e in engines))
+            log.warning(
+                "drain timed out: ending %d running / %d waiting requests and %d diagnostics jobs with 503",
+                sum(e.n_running for e in engines),
+                sum(e.n_waiting for e in engines),
+                sum(e.n_jobs for e in engines),
+            )
             for e in engines:
                 e.abort_all()
             for e in engines:
@@ -87,8 +95,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     app = create_app(settings, models=models, metrics=metrics)
     protocol = guarded_protocol(settings.header_timeout_s, settings.body_timeout_s, settings.max_connections)
-    config = uvicorn.Config(app, host=a.host, port=a.port, access_log=False, log_config=None, http=protocol,
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    config = uvicorn.Config(
+        app,
+        host=a.host,
+        port=a.port,
+        access_log=False,
+        log_config=None,
+        http=protocol,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
     server = DrainingServer(config, app, settings.drain_timeout_s)
     server.run()
 

@@ -12,8 +12,11 @@ from pydantic import SecretStr
 from app.errors import APIError
 
 # auto_error=False: the check below words the 401 in the API's error shape
-bearer = HTTPBearer(auto_error=False, scheme_name="apiKey",
-                    description="`Authorization: Bearer <key>`, the key the server was given in SHORTCUT_API_KEY.")
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="apiKey",
+    description="`Authorization: Bearer <key>`, the key the server was given in SHORTCUT_API_KEY.",
+)
 
 
 def keys_match(given: str, expected: str) -> bool:
@@ -28,8 +31,12 @@ def check_authorization(header: str | None, key: SecretStr) -> APIError | None:
     scheme, _, credentials = (header or "").partition(" ")
     credentials = credentials.strip()
     if scheme.lower() != "bearer" or not credentials:
-        return APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key",
-                        headers={"WWW-Authenticate": "Bearer"})
+        return APIError(
+            401,
+            "missing API key: send 'Authorization: Bearer <key>'",
+            code="missing_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     if not keys_match(credentials, key.get_secret_value()):
         return APIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return None

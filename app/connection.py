@@ -19,8 +19,11 @@ log = logging.getLogger(__name__)
 
 def _json_error(status: int, message: str, code: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
     body = json.dumps(error_body(status, message, code=code)).encode()
-    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close")], body
+    return [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ], body
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -47,8 +50,9 @@ class GuardedH11Protocol(H11Protocol):
         async def capped(scope: dict, receive: Any, send: Any) -> None:
             if len(self.connections) > self.max_connections:
                 headers, body = _json_error(503, "too many open connections; retry shortly", "too_many_connections")
-                await send({"type": "http.response.start", "status": 503,
-                            "headers": [*headers, (b"retry-after", b"1")]})
+                await send(
+                    {"type": "http.response.start", "status": 503, "headers": [*headers, (b"retry-after", b"1")]}
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
             await app(scope, receive, send)
@@ -86,10 +90,14 @@ class GuardedH11Protocol(H11Protocol):
             self._disarm()
 
     def send_400_response(self, msg: str) -> None:
-        headers, body = _json_error(400, "invalid HTTP request: malformed, or headers over 16 KiB",
-                                    "invalid_http_request")
-        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
-                      h11.EndOfMessage()):
+        headers, body = _json_error(
+            400, "invalid HTTP request: malformed, or headers over 16 KiB", "invalid_http_request"
+        )
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
             self.transport.write(self.conn.send(event))
         self.transport.close()
 
@@ -110,8 +118,11 @@ class GuardedH11Protocol(H11Protocol):
 
 def guarded_protocol(header_timeout_s: float, body_timeout_s: float, max_connections: int) -> type[H11Protocol]:
     """A GuardedH11Protocol class with these limits, for uvicorn.Config(http=...)."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,), {
-        "header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s, "max_connections": max_connections})
+    return type(
+        "GuardedH11Protocol",
+        (GuardedH11Protocol,),
+        {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s, "max_connections": max_connections},
+    )
 
 
 class LoopErrorLog:

@@ -19,6 +19,10 @@ def get_served(request: Request, name: str | None) -> ServedModel:
         name = state.settings.model_name
     served = state.models.get(name)
     if served is None:
-        raise APIError(404, f"model '{name}' not found; GET /v1/models lists the served models", param="model",
-                       code="model_not_found")
+        raise APIError(
+            404,
+            f"model '{name}' not found; GET /v1/models lists the served models",
+            param="model",
+            code="model_not_found",
+        )
     return served

@@ -31,8 +31,12 @@ TYPES = {
 }
 
 
-HTTP_CODES = {400: "invalid_body", 404: "route_not_found", 405: "method_not_allowed",
-              413: "body_too_large"}  # framework errors
+HTTP_CODES = {
+    400: "invalid_body",
+    404: "route_not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}  # framework errors
 FASTAPI_BODY_ERROR = "There was an error parsing the body"  # FastAPI's 400; the cause says what went wrong
 
 
@@ -50,20 +54,29 @@ def body_error_message(cause: BaseException | None) -> str:
 class APIError(Exception):
     """An error with an HTTP status, rendered in the standard shape."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """The standard error object."""
-    return {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"), "param": param,
-                      "code": code}}
+    return {
+        "error": {"message": message, "type": TYPES.get(status, "invalid_request_error"), "param": param, "code": code}
+    }
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """A JSONResponse carrying the standard error object."""
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
@@ -74,8 +87,12 @@ def engine_error(e: EngineError, names: Mapping[str, str] | None = None) -> APIE
     if isinstance(e, InvalidRequestError):
         param = names.get(e.param, e.param) if e.param else None
         if isinstance(e, PromptTooLongError):
-            return APIError(400, e.describe(names.get("max_new_tokens", "max_new_tokens")), param=param,
-                            code="context_length_exceeded")
+            return APIError(
+                400,
+                e.describe(names.get("max_new_tokens", "max_new_tokens")),
+                param=param,
+                code="context_length_exceeded",
+            )
         return APIError(400, str(e), param=param, code="invalid_value")
     if isinstance(e, QueueFullError):
         return APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"})
@@ -124,8 +141,7 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no route {request.url.path!r}; GET /docs lists the routes"
         elif status == 405:
             message = f"method {request.method} is not allowed on {request.url.path!r}"
-        return error_response(status, message, code=HTTP_CODES.get(status),
-                              headers=getattr(exc, "headers", None))
+        return error_response(status, message, code=HTTP_CODES.get(status), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

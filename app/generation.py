@@ -26,8 +26,9 @@ def default_max_new(served: ServedModel, prompt_len: int, default: int) -> int:
     return max(1, min(default, served.checkpoint.config.block_size - prompt_len))
 
 
-def submit(served: ServedModel, prompt: str, params: SamplingParams,
-           names: Mapping[str, str] | None = None) -> tuple[RequestHandle, int]:
+def submit(
+    served: ServedModel, prompt: str, params: SamplingParams, names: Mapping[str, str] | None = None
+) -> tuple[RequestHandle, int]:
     """Tokenize and queue; map engine refusals to API errors (fields renamed by `names`). Returns the handle and
     the prompt length."""
     ids = tokenizer.encode(prompt)

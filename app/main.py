@@ -20,8 +20,9 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, models: dict[str, ServedModel] | None = None,
-               metrics: Metrics | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, models: dict[str, ServedModel] | None = None, metrics: Metrics | None = None
+) -> FastAPI:
     """Build the app. Models load in the lifespan unless preloaded ones (and their metrics) are passed."""
     settings = settings or Settings()
     metrics = metrics or Metrics(resid_norms=settings.resid_norm_metrics)
@@ -33,9 +34,14 @@ def create_app(settings: Settings | None = None, models: dict[str, ServedModel] 
         served = models if models is not None else service.load_models(settings, metrics, device)
         app.state.models = served
         app.state.device = device
-        log.info("serving %s on %s with %d threads, %s decode weights, %s decode step", ", ".join(served), device,
-                 threads, "/".join(sorted({m.engine.decode_weights for m in served.values()})),
-                 "/".join(sorted({m.engine.decode_backend for m in served.values()})))
+        log.info(
+            "serving %s on %s with %d threads, %s decode weights, %s decode step",
+            ", ".join(served),
+            device,
+            threads,
+            "/".join(sorted({m.engine.decode_weights for m in served.values()})),
+            "/".join(sorted({m.engine.decode_backend for m in served.values()})),
+        )
         for m in served.values():
             if settings.warmup:
                 log.info("warm-up of %s took %.3f s", m.name, service.warm_up(m))
@@ -71,7 +77,13 @@ def create_app(settings: Settings | None = None, models: dict[str, ServedModel] 
     for router in protected_routers:
         app.include_router(router, dependencies=protected)
     hosts = settings.allowed_hosts if settings.allowed_hosts is not None else default_allowed_hosts(settings.host)
-    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, routes=app.routes,
-                       api_key=settings.api_key, protected={r.path for rt in protected_routers for r in rt.routes},
-                       allowed_hosts=hosts)
+    app.add_middleware(
+        ServiceMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        routes=app.routes,
+        api_key=settings.api_key,
+        protected={r.path for rt in protected_routers for r in rt.routes},
+        allowed_hosts=hosts,
+    )
     return app

@@ -29,31 +29,69 @@ class Metrics:
         self.wants_resid_norms = resid_norms
         m = ["model"]  # engine metrics: one series set per served model (a fixed set known at start)
         self.http_duration = Histogram(
-            "shortcut_http_request_duration_seconds", "HTTP request duration by route template, method and status.",
-            ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("shortcut_e2e_request_latency_seconds", "Generation request latency, submit to finish.", m,
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("shortcut_time_to_first_token_seconds", "Time from submit to the first token.", m,
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("shortcut_inter_token_latency_seconds", "Time between consecutive tokens of a request.", m,
-                             buckets=TOKEN_LATENCY_BUCKETS, registry=r)
-        self.queue_time = Histogram("shortcut_request_queue_time_seconds", "Time a request waited for a batch slot.", m,
-                                    buckets=LATENCY_BUCKETS, registry=r)
+            "shortcut_http_request_duration_seconds",
+            "HTTP request duration by route template, method and status.",
+            ["route", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "shortcut_e2e_request_latency_seconds",
+            "Generation request latency, submit to finish.",
+            m,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "shortcut_time_to_first_token_seconds",
+            "Time from submit to the first token.",
+            m,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "shortcut_inter_token_latency_seconds",
+            "Time between consecutive tokens of a request.",
+            m,
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "shortcut_request_queue_time_seconds",
+            "Time a request waited for a batch slot.",
+            m,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("shortcut_prompt_tokens", "Prompt tokens prefilled.", m, registry=r)
         self.generation_tokens = Counter("shortcut_generation_tokens", "Tokens generated.", m, registry=r)
-        self.success = Counter("shortcut_request_success", "Finished generation requests by finish reason.",
-                               ["model", "finished_reason"], registry=r)
+        self.success = Counter(
+            "shortcut_request_success",
+            "Finished generation requests by finish reason.",
+            ["model", "finished_reason"],
+            registry=r,
+        )
         self.running = Gauge("shortcut_requests_running", "Sequences in the running batch.", m, registry=r)
         self.waiting = Gauge("shortcut_requests_waiting", "Requests waiting for a batch slot.", m, registry=r)
-        self.batch_size = Histogram("shortcut_batch_size", "Sequences per batched decode step.", m,
-                                    buckets=BATCH_BUCKETS, registry=r)
-        self.model_info = Gauge("shortcut_model_info", "The served model (value is always 1).",
-                                ["model", "checkpoint_sha256", "n_layer", "d_model", "device"], registry=r)
-        self.interventions = Counter("shortcut_interventions", "Requests served with an intervention, by part.",
-                                     ["model", "part"], registry=r)
+        self.batch_size = Histogram(
+            "shortcut_batch_size", "Sequences per batched decode step.", m, buckets=BATCH_BUCKETS, registry=r
+        )
+        self.model_info = Gauge(
+            "shortcut_model_info",
+            "The served model (value is always 1).",
+            ["model", "checkpoint_sha256", "n_layer", "d_model", "device"],
+            registry=r,
+        )
+        self.interventions = Counter(
+            "shortcut_interventions", "Requests served with an intervention, by part.", ["model", "part"], registry=r
+        )
         self.resid_norm = Histogram(
-            "shortcut_resid_post_norm", "L2 norm of the last-position residual stream after each layer, "
-            "observed on served prefills.", ["model", "layer"], buckets=NORM_BUCKETS, registry=r)
+            "shortcut_resid_post_norm",
+            "L2 norm of the last-position residual stream after each layer, observed on served prefills.",
+            ["model", "layer"],
+            buckets=NORM_BUCKETS,
+            registry=r,
+        )
 
     def observer(self, model: str) -> ModelObserver:
         """The engine observer of the served model `model`; its series exist (at 0) from now on."""
@@ -66,10 +104,30 @@ class ModelObserver(EngineObserver):
     def __init__(self, metrics: Metrics, model: str) -> None:
         self.metrics, self.model = metrics, model
         self.wants_resid_norms = metrics.wants_resid_norms
-        self.e2e, self.ttft, self.itl, self.queue_time, self.prompt_tokens, self.generation_tokens, self.running, \
-            self.waiting, self.batch_size = (h.labels(model) for h in (
-                metrics.e2e, metrics.ttft, metrics.itl, metrics.queue_time, metrics.prompt_tokens,
-                metrics.generation_tokens, metrics.running, metrics.waiting, metrics.batch_size))
+        (
+            self.e2e,
+            self.ttft,
+            self.itl,
+            self.queue_time,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.running,
+            self.waiting,
+            self.batch_size,
+        ) = (
+            h.labels(model)
+            for h in (
+                metrics.e2e,
+                metrics.ttft,
+                metrics.itl,
+                metrics.queue_time,
+                metrics.prompt_tokens,
+                metrics.generation_tokens,
+                metrics.running,
+                metrics.waiting,
+                metrics.batch_size,
+            )
+        )
         self.success = {reason: metrics.success.labels(model, reason) for reason in FINISH_REASONS}
         self.interventions = {part: metrics.interventions.labels(model, part) for part in PARTS}
 
@@ -109,8 +167,11 @@ class ModelObserver(EngineObserver):
 def metric_names() -> set[str]:
     """Every sample name the service can expose (histogram _bucket/_sum/_count, counter _total, ...)."""
     names: set[str] = set()
-    suffixes = {"histogram": ("_bucket", "_sum", "_count", "_created"), "counter": ("_total", "_created"),
-                "gauge": ("",)}
+    suffixes = {
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+    }
     for family in Metrics().registry.collect():
         for suffix in suffixes.get(family.type, ("",)):
             names.add(family.name + suffix)

@@ -55,9 +55,16 @@ class ServiceMiddleware:
     it, counted as it arrives (413 past the limit) and refused if it is UTF-16/32 JSON (400). A response sent before
     the body was read closes the connection, so a client cannot keep feeding an unread body."""
 
-    def __init__(self, app: Any, metrics: Metrics, max_body_bytes: int, routes: Iterable[BaseRoute] = (),
-                 api_key: SecretStr | None = None, protected: Iterable[str] = (),
-                 allowed_hosts: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        metrics: Metrics,
+        max_body_bytes: int,
+        routes: Iterable[BaseRoute] = (),
+        api_key: SecretStr | None = None,
+        protected: Iterable[str] = (),
+        allowed_hosts: Iterable[str] | None = None,
+    ) -> None:
         self.app, self.metrics, self.max_body = app, metrics, max_body_bytes
         self.routes, self.api_key, self.protected = list(routes), api_key, frozenset(protected)
         hosts = None if allowed_hosts is None or "*" in allowed_hosts else frozenset(h.lower() for h in allowed_hosts)
@@ -75,8 +82,11 @@ class ServiceMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         status = {"code": 500}
         length = headers.get("content-length")
-        body = {"pending": "transfer-encoding" in headers or (length is not None and length != "0"), "size": 0,
-                "head": b""}
+        body = {
+            "pending": "transfer-encoding" in headers or (length is not None and length != "0"),
+            "size": 0,
+            "head": b"",
+        }
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -114,14 +124,24 @@ class ServiceMiddleware:
             method = method_label(scope["method"])
             self.metrics.http_duration.labels(self._template(scope), method, str(status["code"])).observe(elapsed)
             access_log.info(
-                "%s %s %s %.1fms", scope["method"], scope["path"], status["code"], elapsed * 1000,
-                extra={"request_id": request_id, "method": scope["method"], "path": scope["path"],
-                       "status": status["code"], "duration_ms": round(elapsed * 1000, 2),
-                       "client": (scope.get("client") or ("-",))[0]},
+                "%s %s %s %.1fms",
+                scope["method"],
+                scope["path"],
+                status["code"],
+                elapsed * 1000,
+                extra={
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status["code"],
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "client": (scope.get("client") or ("-",))[0],
+                },
             )
 
-    def _refuse(self, path: str, headers: dict[str, str],
-                state: dict) -> tuple[int, str, str, dict[str, str] | None] | None:
+    def _refuse(
+        self, path: str, headers: dict[str, str], state: dict
+    ) -> tuple[int, str, str, dict[str, str] | None] | None:
         """(status, message, code, headers) for a request refused on its headers alone, else None."""
         if self.hosts is not None:
             name = host_name(headers.get("host", ""))
@@ -154,9 +174,13 @@ def _is_json(headers: dict[str, str]) -> bool:
 async def _send_error(send: Any, status: int, message: str, code: str, headers: dict[str, str] | None) -> None:
     body = json.dumps(error_body(status, message, code=code)).encode()
     extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *extra]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -166,8 +190,12 @@ class JsonFormatter(logging.Formatter):
     FIELDS = ("request_id", "method", "path", "status", "duration_ms", "client")
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname, "logger": record.name,
-               "message": record.getMessage()}
+        out = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         for f in self.FIELDS:
             if hasattr(record, f):
                 out[f] = getattr(record, f)

@@ -61,9 +61,14 @@ RepetitionPenalty = Annotated[float, Field(gt=0.0, allow_inf_nan=False, descript
 MinP = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, description="0 = off"), JsonNumber]
 TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,6}$")]
 BiasValue = Annotated[float, Field(allow_inf_nan=False, description="clamped to -100..100"), JsonNumber]
-LogitBias = Annotated[dict[TokenIdKey, BiasValue], Field(
-    max_length=1024, description="token id (as a string) -> bias added to its logit, clamped to -100..100",
-    json_schema_extra={"additionalProperties": False})]  # keys are only the pattern's
+LogitBias = Annotated[
+    dict[TokenIdKey, BiasValue],
+    Field(
+        max_length=1024,
+        description="token id (as a string) -> bias added to its logit, clamped to -100..100",
+        json_schema_extra={"additionalProperties": False},
+    ),
+]  # keys are only the pattern's
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 256, 1024  # schema caps; the engine's own limits (settings) are lower
 
 
@@ -77,14 +82,14 @@ def stop_shape(value: object) -> object:
     if len(items) > MAX_STOP_STRINGS:
         raise PydanticCustomError("too_long", "at most {max} stop strings", {"max": MAX_STOP_STRINGS})
     if not all(1 <= len(s) <= MAX_STOP_CHARS for s in items):
-        raise PydanticCustomError("string_length", "stop strings must be 1..{max} characters",
-                                  {"max": MAX_STOP_CHARS})
+        raise PydanticCustomError("string_length", "stop strings must be 1..{max} characters", {"max": MAX_STOP_CHARS})
     return value
 
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
-Stop = Annotated[StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None,
-                 BeforeValidator(stop_shape)]
+Stop = Annotated[
+    StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None, BeforeValidator(stop_shape)
+]
 ModelName = Annotated[str, Field(min_length=1, max_length=64)]
 
 
@@ -122,8 +127,10 @@ class InterventionSpec(BaseModel):
         """The engine's form (None when empty: nothing changes)."""
         if not self.skip and not self.scale:
             return None
-        return Intervention(skip=tuple((e.layer, e.part) for e in self.skip),
-                            scale=tuple((e.layer, e.part, e.factor) for e in self.scale))
+        return Intervention(
+            skip=tuple((e.layer, e.part) for e in self.skip),
+            scale=tuple((e.layer, e.part, e.factor) for e in self.scale),
+        )
 
 
 class LensToken(BaseModel):
@@ -168,7 +175,8 @@ class GenerateRequest(BaseModel):
     intervention: InterventionSpec | None = Field(None, description="skip or scale blocks' F(x) for this request")
     trace: StrictBool = Field(False, description="per token: resid_post norm and update ratio of every layer")
     logit_lens_top: Annotated[int, Field(ge=0, le=MAX_LENS_TOP), JsonNumber] = Field(
-        0, description="per token and layer: the logit lens's top-K tokens (implies trace)")
+        0, description="per token and layer: the logit lens's top-K tokens (implies trace)"
+    )
 
 
 class TopLogprob(BaseModel):
@@ -258,8 +266,10 @@ class OpenAIRequest(BaseModel):
     model: ModelName | None = None
     temperature: Temperature | None = 1.0
     top_p: TopP | None = 1.0
-    n: Annotated[int, Field(ge=1, le=1024, description="choices per prompt (at most SHORTCUT_MAX_N)"),
-                 JsonNumber] | None = 1
+    n: (
+        Annotated[int, Field(ge=1, le=1024, description="choices per prompt (at most SHORTCUT_MAX_N)"), JsonNumber]
+        | None
+    ) = 1
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
@@ -272,11 +282,13 @@ class OpenAIRequest(BaseModel):
     top_k: TopK | None = Field(None, description="extension; 0 = off")
     min_p: MinP | None = Field(None, description="extension; 0 = off")
     repetition_penalty: RepetitionPenalty | None = Field(None, description="extension; 1 = off")
-    intervention: InterventionSpec | None = Field(None, description="extension, as on /generate: skip or scale "
-                                                                    "blocks' F(x) for every choice")
+    intervention: InterventionSpec | None = Field(
+        None, description="extension, as on /generate: skip or scale blocks' F(x) for every choice"
+    )
     trace: StrictBool = Field(False, description="extension, as on /generate: each choice carries `trace`")
     logit_lens_top: Annotated[int, Field(ge=0, le=MAX_LENS_TOP), JsonNumber] = Field(
-        0, description="extension, as on /generate (implies trace)")
+        0, description="extension, as on /generate (implies trace)"
+    )
 
 
 TokenId = Annotated[int, Field(ge=0, le=2**31), JsonNumber]
@@ -286,12 +298,20 @@ MAX_PROMPTS_SCHEMA = 1024  # the served limit is SHORTCUT_MAX_PROMPTS
 class CompletionRequest(OpenAIRequest):
     """Body of POST /v1/completions."""
 
-    prompt: Annotated[(str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS_SCHEMA)]
-                       | Annotated[list[TokenId], Field(min_length=1)]
-                       | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]],
-                                   Field(min_length=1, max_length=MAX_PROMPTS_SCHEMA)]), Utf8Only]
-    max_tokens: MaxTokens | None = Field(None, description="omitted or null: 16 (OpenAI's default), capped by "
-                                                           "what the context window leaves")
+    prompt: Annotated[
+        (
+            str
+            | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS_SCHEMA)]
+            | Annotated[list[TokenId], Field(min_length=1)]
+            | Annotated[
+                list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS_SCHEMA)
+            ]
+        ),
+        Utf8Only,
+    ]
+    max_tokens: MaxTokens | None = Field(
+        None, description="omitted or null: 16 (OpenAI's default), capped by what the context window leaves"
+    )
     logprobs: Annotated[int, Field(ge=0, le=20), JsonNumber] | None = None
     echo: StrictBool | None = False
     best_of: Annotated[int, Field(ge=1), JsonNumber] | None = None
@@ -313,9 +333,12 @@ class ChatCompletionRequest(OpenAIRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
     safety_identifier: Annotated[str, Field(max_length=256)] | None = Field(None, description="logged only")
     max_completion_tokens: MaxTokens | None = None
-    max_tokens: MaxTokens | None = Field(None, description="deprecated alias of max_completion_tokens; omitted or "
-                                                           "null: SHORTCUT_DEFAULT_MAX_NEW_TOKENS, capped by the "
-                                                           "window")
+    max_tokens: MaxTokens | None = Field(
+        None,
+        description="deprecated alias of max_completion_tokens; omitted or "
+        "null: SHORTCUT_DEFAULT_MAX_NEW_TOKENS, capped by the "
+        "window",
+    )
     logprobs: StrictBool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20), JsonNumber] | None = None
 

@@ -86,12 +86,17 @@ def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> d
     for name, path in checkpoint_paths(settings).items():
         ck = load_checkpoint(path, device=device)
         engine = Engine(
-            ck.model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-            prefill_tokens=settings.max_prefill_tokens, decode_weights=settings.decode_weights,
+            ck.model,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            prefill_tokens=settings.max_prefill_tokens,
+            decode_weights=settings.decode_weights,
             decode_backend=settings.decode_backend,
             request_timeout_s=settings.request_timeout_s,
-            observer=metrics.observer(name), job_share=settings.diagnostics_share,
-            max_stop_strings=settings.max_stop_strings, max_stop_length=settings.max_stop_length,
+            observer=metrics.observer(name),
+            job_share=settings.diagnostics_share,
+            max_stop_strings=settings.max_stop_strings,
+            max_stop_length=settings.max_stop_length,
             max_logprobs=settings.max_logprobs,
         )
         models[name] = ServedModel(name=name, checkpoint=ck, engine=engine, created=int(time.time()))

@@ -36,8 +36,9 @@ class Settings(BaseSettings):
         "auto", description="weights of the decode step; auto = float16 where FBGEMM runs it (x86 CPU)"
     )
     decode_backend: Literal["auto", "fused", "torchscript"] = Field(
-        "auto", description="decode step: the fused C step (built at install when a compiler is present) or "
-                            "TorchScript; auto = fused where it is built and runs"
+        "auto",
+        description="decode step: the fused C step (built at install when a compiler is present) or "
+        "TorchScript; auto = fused where it is built and runs",
     )
     max_prefill_tokens: int = Field(
         512, ge=1, description="padded prompt tokens prefilled together in one forward (longer prompts go alone)"
@@ -56,10 +57,13 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this time")
     max_connections: int = Field(512, ge=1, description="open connections; a request on one more gets 503")
     allowed_hosts: Annotated[tuple[str, ...] | None, NoDecode] = Field(
-        None, description="Host header values served (comma-separated, '*' = any); default: localhost names and "
-        "the bind address (any when bound to 0.0.0.0 or ::)")
+        None,
+        description="Host header values served (comma-separated, '*' = any); default: localhost names and "
+        "the bind address (any when bound to 0.0.0.0 or ::)",
+    )
     diagnostics_share: float = Field(
-        0.5, gt=0, le=1, description="most of the worker's time /diagnostics jobs may take while sequences decode")
+        0.5, gt=0, le=1, description="most of the worker's time /diagnostics jobs may take while sequences decode"
+    )
     warmup: bool = True
     resid_norm_metrics: bool = Field(True, description="observe per-layer residual norms of served prefills")
     log_json: bool = False
@@ -86,8 +90,10 @@ class Settings(BaseSettings):
             raise ValueError(f"SHORTCUT_CHAT_TEMPLATE: {e}") from None
         fields = [(f, spec, conv) for _, f, spec, conv in parts if f is not None]
         if fields != [("name", "", None), ("content", "", None)] or not parts[-1][0] or parts[-1][1] is not None:
-            raise ValueError("SHORTCUT_CHAT_TEMPLATE needs {name}, then {content}, each once, then the text that "
-                             "ends a turn (the stop string), e.g. '{name}:\\n{content}\\n\\n'")
+            raise ValueError(
+                "SHORTCUT_CHAT_TEMPLATE needs {name}, then {content}, each once, then the text that "
+                "ends a turn (the stop string), e.g. '{name}:\\n{content}\\n\\n'"
+            )
         return value
 
     @field_validator("api_key")

@@ -51,8 +51,9 @@ class ExportStep(nn.Module):
             buf(f"ln2_w{i}", b.ln_2.weight)
             buf(f"ln2_b{i}", b.ln_2.bias, cfg.d_model)
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, tokens: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits (B, V), the new keys and values (L, B, nh, hd)); the caches are only read (positions < pos)."""
         B, C, nh = tokens.shape[0], self.C, self.nh
         hd, S = C // nh, k_cache.shape[3]
@@ -61,8 +62,23 @@ class ExportStep(nn.Module):
         bias = torch.zeros(B, S).masked_fill(~cached, float("-inf"))[:, None, None, :]  # (B, 1, 1, S)
         new_k, new_v = [], []
         for i in range(self.L):
-            g = {n: getattr(self, f"{n}{i}") for n in ("ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_o", "b_o", "ln2_w",
-                                                       "ln2_b", "w_fc", "b_fc", "w_p", "b_p")}
+            g = {
+                n: getattr(self, f"{n}{i}")
+                for n in (
+                    "ln1_w",
+                    "ln1_b",
+                    "w_qkv",
+                    "b_qkv",
+                    "w_o",
+                    "b_o",
+                    "ln2_w",
+                    "ln2_b",
+                    "w_fc",
+                    "b_fc",
+                    "w_p",
+                    "b_p",
+                )
+            }
             h = F.layer_norm(x, [C], g["ln1_w"], g["ln1_b"])
             qkv = torch.addmm(g["b_qkv"], h, g["w_qkv"]).view(B, 3, nh, hd)
             q, k, v = qkv[:, 0, :, None, :], qkv[:, 1, :, None, :], qkv[:, 2, :, None, :]  # (B, nh, 1, hd)
@@ -117,8 +133,9 @@ class _Out:
         self.logits = logits
 
 
-def compare_steps(model: Transformer, tmp: Path, start: int, steps: int, batches: tuple[int, ...] = (1, 32),
-                  rounds: int = 5) -> dict[str, Any]:
+def compare_steps(
+    model: Transformer, tmp: Path, start: int, steps: int, batches: tuple[int, ...] = (1, 32), rounds: int = 5
+) -> dict[str, Any]:
     """Compile the package, check its greedy steps against ours (float32), then CPU ms per token of the AOTInductor
     step, our fused C step (where built) and the TorchScript step, interleaved in rounds (medians), one thread.
     Every step runs from position `start` for `steps` steps with its argmax fed back."""
@@ -134,8 +151,15 @@ def compare_steps(model: Transformer, tmp: Path, start: int, steps: int, batches
     if fused_available() and supports(cfg):
         decs["fused"] = FusedDecoder(model, weights=weights)
     decs["torchscript"] = FastDecoder(model, weights=weights)
-    out: dict[str, Any] = {"compile_s": seconds, "package_bytes": path.stat().st_size, "our_weights": weights,
-                           "rounds": rounds, "steps": steps, "start": start, "batches": list(batches)}
+    out: dict[str, Any] = {
+        "compile_s": seconds,
+        "package_bytes": path.stat().st_size,
+        "our_weights": weights,
+        "rounds": rounds,
+        "steps": steps,
+        "start": start,
+        "batches": list(batches),
+    }
     tok = torch.tensor([ord("T")])
     a, b = KVCache(cfg, 1), KVCache(cfg, 1)
     f32 = FastDecoder(model, weights="float32")
@@ -162,6 +186,7 @@ def compare_steps(model: Transformer, tmp: Path, start: int, steps: int, batches
     for B in batches:
         for name in decs:
             if name != "aoti_float32":
-                out[f"{name}_vs_aoti_bs{B}"] = out[f"aoti_float32_bs{B}_cpu_ms_per_token"] / out[
-                    f"{name}_bs{B}_cpu_ms_per_token"]
+                out[f"{name}_vs_aoti_bs{B}"] = (
+                    out[f"aoti_float32_bs{B}_cpu_ms_per_token"] / out[f"{name}_bs{B}_cpu_ms_per_token"]
+                )
     return out

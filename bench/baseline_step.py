@@ -10,9 +10,20 @@ from model.decode import DecodeWeights, FastDecoder, KVCache, _linear
 
 
 def baseline_step(
-    tokens: torch.Tensor, pos: torch.Tensor, n_keys: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    wte: torch.Tensor, wpe: torch.Tensor, unembed_t: torch.Tensor, ln_f: list[torch.Tensor],
-    layers: list[list[torch.Tensor]], n_head: int, scale: float, residual: bool, packed: bool,
+    tokens: torch.Tensor,
+    pos: torch.Tensor,
+    n_keys: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    wte: torch.Tensor,
+    wpe: torch.Tensor,
+    unembed_t: torch.Tensor,
+    ln_f: list[torch.Tensor],
+    layers: list[list[torch.Tensor]],
+    n_head: int,
+    scale: float,
+    residual: bool,
+    packed: bool,
 ) -> torch.Tensor:
     """The old step body (checked input; n_keys = max(pos) + 1), in the TorchScript subset."""
     B, C, S = tokens.shape[0], wte.shape[1], k_cache.shape[3]
@@ -46,7 +57,6 @@ def baseline_step(
     return torch.mm(F.layer_norm(x, [C], ln_f[0], ln_f[1]), unembed_t)  # (B, vocab)
 
 
-
 def baseline_args(w: DecodeWeights) -> tuple:
     """Today's packed weights as the old step took them: (wte, wpe, unembed_t, ln_f, layers)."""
     return w.wte, w.wpe, w.unembed_t, [w.ln_f_w, w.ln_f_b], [list(lw) for lw in w.layers]
@@ -71,5 +81,6 @@ class BaselineDecoder:
         n_keys = int(pos.max()) + 1
         if n_keys > cfg.block_size:
             raise ValueError(f"position {n_keys - 1} exceeds block_size {cfg.block_size}")
-        return self._step(tokens, pos, n_keys, cache.k, cache.v, *self.args, cfg.n_head, self.scale, cfg.residual,
-                          self.packed)
+        return self._step(
+            tokens, pos, n_keys, cache.k, cache.v, *self.args, cfg.n_head, self.scale, cfg.residual, self.packed
+        )

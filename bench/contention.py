@@ -27,18 +27,19 @@ async def _diagnose(client: httpx.AsyncClient, url: str, prompt: str) -> tuple[f
     return time.perf_counter() - t0, resp.status_code
 
 
-async def _round(base_url: str, prompts: list[str], diag_prompt: str, streams: int, diags: int,
-                 max_new_tokens: int) -> tuple[list[RequestResult], list[tuple[float, int]], float]:
+async def _round(
+    base_url: str, prompts: list[str], diag_prompt: str, streams: int, diags: int, max_new_tokens: int
+) -> tuple[list[RequestResult], list[tuple[float, int]], float]:
     limits = httpx.Limits(max_connections=streams + diags + 2)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600), limits=limits, trust_env=False) as client:
-        jobs = [asyncio.ensure_future(_diagnose(client, base_url + "/diagnostics", diag_prompt))
-                for _ in range(diags)]
+        jobs = [asyncio.ensure_future(_diagnose(client, base_url + "/diagnostics", diag_prompt)) for _ in range(diags)]
         if jobs:
             await asyncio.sleep(0.5)  # the jobs are queued (and one runs) before the streams start
         t0 = time.perf_counter()
         payload = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
-        results = await asyncio.gather(*(_stream_one(client, base_url + "/generate", {"prompt": p, **payload})
-                                         for p in prompts[:streams]))
+        results = await asyncio.gather(
+            *(_stream_one(client, base_url + "/generate", {"prompt": p, **payload}) for p in prompts[:streams])
+        )
         wall = time.perf_counter() - t0
         diag = await asyncio.gather(*jobs)
     return list(results), list(diag), wall
@@ -47,22 +48,41 @@ async def _round(base_url: str, prompts: list[str], diag_prompt: str, streams: i
 def _summary(results: list[RequestResult], wall: float) -> dict[str, Any]:
     ok = [r for r in results if r.error is None]
     gaps = [1e3 * g for r in ok for g in r.gaps_s]
-    return {"errors": len(results) - len(ok), "tok_s": sum(r.tokens for r in ok) / wall if wall else None,
-            "itl_p50_ms": percentile(gaps, 50), "itl_p99_ms": percentile(gaps, 99),
-            "itl_max_ms": max(gaps) if gaps else None}
+    return {
+        "errors": len(results) - len(ok),
+        "tok_s": sum(r.tokens for r in ok) / wall if wall else None,
+        "itl_p50_ms": percentile(gaps, 50),
+        "itl_p99_ms": percentile(gaps, 99),
+        "itl_max_ms": max(gaps) if gaps else None,
+    }
 
 
-def run(base_url: str, prompts: list[str], diag_prompt: str, max_new_tokens: int, forward_ms: float | None,
-        streams: int = 8, diags: int = 16) -> dict[str, Any]:
+def run(
+    base_url: str,
+    prompts: list[str],
+    diag_prompt: str,
+    max_new_tokens: int,
+    forward_ms: float | None,
+    streams: int = 8,
+    diags: int = 16,
+) -> dict[str, Any]:
     """Both rounds against a running server; `forward_ms` (one forward of the diagnostics prompt) sets the bound."""
     alone = _summary(*asyncio.run(_round(base_url, prompts, diag_prompt, streams, 0, max_new_tokens))[::2])
     results, diag, wall = asyncio.run(_round(base_url, prompts, diag_prompt, streams, diags, max_new_tokens))
     busy = _summary(results, wall)
     latencies = [1e3 * s for s, status in diag if status == 200]
     bound = 2 * busy["itl_p50_ms"] + forward_ms if forward_ms and busy["itl_p50_ms"] else None
-    return {"streams": streams, "diagnostics": diags, "diagnostics_options": HEAVY,
-            "diagnostics_prompt_bytes": len(diag_prompt.encode()), "alone": alone, "with_diagnostics": busy,
-            "diagnostics_ok": len(latencies), "diagnostics_p50_ms": median(latencies),
-            "diagnostics_max_ms": max(latencies) if latencies else None,
-            "gap_bound_ms": bound, "forward_ms": forward_ms,
-            "p99_within_bound": None if bound is None else busy["itl_p99_ms"] <= bound}
+    return {
+        "streams": streams,
+        "diagnostics": diags,
+        "diagnostics_options": HEAVY,
+        "diagnostics_prompt_bytes": len(diag_prompt.encode()),
+        "alone": alone,
+        "with_diagnostics": busy,
+        "diagnostics_ok": len(latencies),
+        "diagnostics_p50_ms": median(latencies),
+        "diagnostics_max_ms": max(latencies) if latencies else None,
+        "gap_bound_ms": bound,
+        "forward_ms": forward_ms,
+        "p99_within_bound": None if bound is None else busy["itl_p99_ms"] <= bound,
+    }

@@ -18,10 +18,22 @@ def gpt2_config(config: ModelConfig):
     from transformers import GPT2Config
 
     return GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.d_model, n_layer=config.n_layer,
-        n_head=config.n_head, n_inner=config.d_ff, activation_function="gelu_new", layer_norm_epsilon=LN_EPS,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=0,
-        tie_word_embeddings=True, use_cache=True,
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        n_embd=config.d_model,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_inner=config.d_ff,
+        activation_function="gelu_new",
+        layer_norm_epsilon=LN_EPS,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+        use_cache=True,
     )
 
 
@@ -81,8 +93,15 @@ class Equivalence:
     rtol: float
 
 
-def check_equivalence(model: Transformer, hf, batch: int = 2, seq: int | None = None, seed: int = 0,
-                      atol: float = 1e-4, rtol: float = 1e-4) -> Equivalence:
+def check_equivalence(
+    model: Transformer,
+    hf,
+    batch: int = 2,
+    seq: int | None = None,
+    seed: int = 0,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+) -> Equivalence:
     """Compare the logits of both models on a random (batch, seq) input (default seq: the whole window)."""
     T = seq or model.config.block_size
     gen = torch.Generator().manual_seed(seed)
@@ -91,8 +110,13 @@ def check_equivalence(model: Transformer, hf, batch: int = 2, seq: int | None = 
         ours = model(idx).logits  # (B, T, V)
         theirs = hf(input_ids=idx, attention_mask=torch.ones_like(idx), use_cache=False).logits  # (B, T, V)
     diff = (ours - theirs).abs().max().item()
-    return Equivalence(max_abs_diff=diff, allclose=bool(torch.allclose(ours, theirs, atol=atol, rtol=rtol)),
-                       shape=(batch, T), atol=atol, rtol=rtol)
+    return Equivalence(
+        max_abs_diff=diff,
+        allclose=bool(torch.allclose(ours, theirs, atol=atol, rtol=rtol)),
+        shape=(batch, T),
+        atol=atol,
+        rtol=rtol,
+    )
 
 
 def hf_generate(hf, prompts: list[list[int]], max_new_tokens: int) -> tuple[torch.Tensor, float, float]:
@@ -103,11 +127,17 @@ def hf_generate(hf, prompts: list[list[int]], max_new_tokens: int) -> tuple[torc
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         out = hf.generate(
-            input_ids=idx, attention_mask=torch.ones_like(idx), max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens, do_sample=False, use_cache=True, pad_token_id=0, num_beams=1,
+            input_ids=idx,
+            attention_mask=torch.ones_like(idx),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+            num_beams=1,
         )  # (B, T + N)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    new = out[:, idx.shape[1]:]  # (B, N)
+    new = out[:, idx.shape[1] :]  # (B, N)
     if new.shape[1] != max_new_tokens:
         raise RuntimeError(f"generate stopped after {new.shape[1]} of {max_new_tokens} tokens")
     return new, seconds, cpu

@@ -41,16 +41,22 @@ async def _generate_once(engine: Engine, prompt: list[int], max_new_tokens: int)
         if isinstance(ev, FinishEvent):
             if ev.reason != "length":
                 raise RuntimeError(f"engine request finished with {ev.reason}: {ev.error}")
-            return EngineRun(tokens=tokens, e2e_s=now - t0, decode_s=arrivals[-1][0] - arrivals[0][0],
-                             ttft_s=arrivals[0][0] - t0, cpu_e2e_s=cpu - c0,
-                             cpu_decode_s=arrivals[-1][1] - arrivals[0][1])
+            return EngineRun(
+                tokens=tokens,
+                e2e_s=now - t0,
+                decode_s=arrivals[-1][0] - arrivals[0][0],
+                ttft_s=arrivals[0][0] - t0,
+                cpu_e2e_s=cpu - c0,
+                cpu_decode_s=arrivals[-1][1] - arrivals[0][1],
+            )
         tokens.append(ev.token_id)
         arrivals.append((now, cpu))
     raise RuntimeError("engine stream ended without a finish event")
 
 
-def engine_bs1(model: Transformer, prompt: list[int], max_new_tokens: int, reps: int,
-               max_batch_size: int = 64) -> dict[str, Any]:
+def engine_bs1(
+    model: Transformer, prompt: list[int], max_new_tokens: int, reps: int, max_batch_size: int = 64
+) -> dict[str, Any]:
     """Greedy generation of one sequence at a time through a started Engine; medians over `reps` runs."""
 
     backend: list[str] = []
@@ -101,9 +107,15 @@ def diagnostics_vs_forward(model: Transformer, ids: list[int], reps: int) -> dic
             fwd.append(1e3 * (t2 - t1))
             diag_cpu.append(1e3 * (c1 - c0))
             fwd_cpu.append(1e3 * (c2 - c1))
-    return {"prompt_tokens": len(ids), "diagnostics_norms_ms": median(diag), "forward_ms": median(fwd),
-            "diagnostics_norms_cpu_ms": median(diag_cpu), "forward_cpu_ms": median(fwd_cpu),
-            "reps_diagnostics_ms": diag, "reps_forward_ms": fwd}
+    return {
+        "prompt_tokens": len(ids),
+        "diagnostics_norms_ms": median(diag),
+        "forward_ms": median(fwd),
+        "diagnostics_norms_cpu_ms": median(diag_cpu),
+        "forward_cpu_ms": median(fwd_cpu),
+        "reps_diagnostics_ms": diag,
+        "reps_forward_ms": fwd,
+    }
 
 
 CATEGORIES = (  # (category, substrings of aten op names), first match wins
@@ -140,15 +152,15 @@ def profile_decode(model: Transformer, prompt: list[int], steps: int, batch: int
 
     def prefill() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
-            model(torch.tensor([prompt] * batch), cache=cache, pos=torch.zeros(batch, dtype=torch.long),
-                  last_only=True)
+            model(torch.tensor([prompt] * batch), cache=cache, pos=torch.zeros(batch, dtype=torch.long), last_only=True)
         return torch.tensor([[prompt[-1]]] * batch), torch.full((batch,), len(prompt))  # (B, 1), (B,)
 
     fast = FastDecoder(model, weights=auto_decode_weights())  # the TorchScript step
     fused = FusedDecoder(model, weights=fast.weights) if fused_available() and supports(cfg) else None
 
-    def decode(tok: torch.Tensor, pos: torch.Tensor, n: int, generic: bool = False,
-               step: FastDecoder | FusedDecoder = fast) -> tuple[float, float]:
+    def decode(
+        tok: torch.Tensor, pos: torch.Tensor, n: int, generic: bool = False, step: FastDecoder | FusedDecoder = fast
+    ) -> tuple[float, float]:
         with torch.inference_mode():
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(n):
@@ -198,8 +210,14 @@ def profile_decode(model: Transformer, prompt: list[int], steps: int, batch: int
     }
 
 
-def gil_contention(model: Transformer, prompt: list[int], steps: int, batches: tuple[int, ...] = (1, 32),
-                   busy_ms: float = 0.5, idle_ms: float = 1.0) -> dict[str, Any]:
+def gil_contention(
+    model: Transformer,
+    prompt: list[int],
+    steps: int,
+    batches: tuple[int, ...] = (1, 32),
+    busy_ms: float = 0.5,
+    idle_ms: float = 1.0,
+) -> dict[str, Any]:
     """Decode-step time alone and next to a Python thread that computes `busy_ms` then sleeps `idle_ms`.
 
     The thread stands in for the server's event loop. An eager step hands the GIL over at every aten op and
@@ -208,8 +226,10 @@ def gil_contention(model: Transformer, prompt: list[int], steps: int, batches: t
     """
     cfg = model.config
     weights = auto_decode_weights()  # as the engine runs it
-    decoders: dict[str, FastDecoder | FusedDecoder] = {"eager": FastDecoder(model, script=False, weights=weights),
-                                                       "scripted": FastDecoder(model, weights=weights)}
+    decoders: dict[str, FastDecoder | FusedDecoder] = {
+        "eager": FastDecoder(model, script=False, weights=weights),
+        "scripted": FastDecoder(model, weights=weights),
+    }
     if fused_available() and supports(cfg):  # the fused C step: one ctypes call, the GIL released throughout
         decoders["fused"] = FusedDecoder(model, weights=weights)
     start = min(len(prompt), cfg.block_size - steps - 1)
@@ -236,8 +256,13 @@ def gil_contention(model: Transformer, prompt: list[int], steps: int, batches: t
                 pass
             time.sleep(idle_ms / 1e3)
 
-    out: dict[str, Any] = {"busy_ms": busy_ms, "idle_ms": idle_ms, "steps": steps, "weights": weights,
-                           "scripted": decoders["scripted"].scripted}
+    out: dict[str, Any] = {
+        "busy_ms": busy_ms,
+        "idle_ms": idle_ms,
+        "steps": steps,
+        "weights": weights,
+        "scripted": decoders["scripted"].scripted,
+    }
     for b in batches:
         for name, dec in decoders.items():
             out[f"{name}_bs{b}_alone_ms"] = step_ms(dec, b)

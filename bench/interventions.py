@@ -19,8 +19,9 @@ from model.fast import FusedDecoder, fused_available, supports
 from model.transformer import Intervention, Transformer
 
 
-def step_costs(model: Transformer, start: int, steps: int, batches: tuple[int, ...] = (1, 32),
-               rounds: int = 9) -> dict[str, Any]:
+def step_costs(
+    model: Transformer, start: int, steps: int, batches: tuple[int, ...] = (1, 32), rounds: int = 9
+) -> dict[str, Any]:
     """CPU ms per decode step of each variant, medians over `rounds` interleaved runs of `steps` steps.
 
     CPU time of this process (the step runs on the calling thread with one torch thread), not wall time: other
@@ -56,14 +57,20 @@ def _step_variants(model: Transformer, fast: FastDecoder, B: int) -> dict[str, C
     def run_old(pos: torch.Tensor) -> None:
         old(tok, cache, pos)
 
-    def run_new(pos: torch.Tensor, g: torch.Tensor | None = None, r: torch.Tensor | None = None,
-                lens: int = -1) -> None:
+    def run_new(
+        pos: torch.Tensor, g: torch.Tensor | None = None, r: torch.Tensor | None = None, lens: int = -1
+    ) -> None:
         res = fast(tok, cache, pos, g, r)
         if lens >= 0:
             stream_trace(model, res.stream, [lens] * B)
 
-    variants = {"baseline": run_old, "none": run_new, "gates": lambda p: run_new(p, gates),
-                "trace": lambda p: run_new(p, None, rows, 0), "trace_lens5": lambda p: run_new(p, None, rows, 5)}
+    variants = {
+        "baseline": run_old,
+        "none": run_new,
+        "gates": lambda p: run_new(p, gates),
+        "trace": lambda p: run_new(p, None, rows, 0),
+        "trace_lens5": lambda p: run_new(p, None, rows, 5),
+    }
     if fused_available() and supports(cfg):
         fused = FusedDecoder(model, weights=fast.weights)
 
@@ -72,13 +79,19 @@ def _step_variants(model: Transformer, fast: FastDecoder, B: int) -> dict[str, C
             if r is not None:
                 stream_trace(model, res.stream, [0] * B)
 
-        variants.update({"fused_none": run_fused, "fused_gates": lambda p: run_fused(p, gates),
-                         "fused_trace": lambda p: run_fused(p, None, rows)})
+        variants.update(
+            {
+                "fused_none": run_fused,
+                "fused_gates": lambda p: run_fused(p, gates),
+                "fused_trace": lambda p: run_fused(p, None, rows),
+            }
+        )
     return variants
 
 
-def _interleaved(variants: dict[str, Callable[[torch.Tensor], None]], start: int, steps: int, rounds: int,
-                 B: int) -> dict[str, list[float]]:
+def _interleaved(
+    variants: dict[str, Callable[[torch.Tensor], None]], start: int, steps: int, rounds: int, B: int
+) -> dict[str, list[float]]:
     """CPU ms per step of each variant, one run of each per round, after a warm-up (TorchScript specialises)."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     with torch.inference_mode():
@@ -98,8 +111,9 @@ async def _batch_tok_s(engine: Engine, prompts: list[list[int]], max_new_tokens:
     """All prompts at once through a started engine (greedy); generated tokens per second of this process's CPU
     time (the worker thread and the event loop; other processes on the cores barely move it)."""
     t0 = time.process_time()
-    handles = [engine.submit(p, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, **params))
-               for p in prompts]
+    handles = [
+        engine.submit(p, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, **params)) for p in prompts
+    ]
     n = 0
     for h in handles:
         async for ev in h:
@@ -110,13 +124,17 @@ async def _batch_tok_s(engine: Engine, prompts: list[list[int]], max_new_tokens:
     return n / (time.process_time() - t0)
 
 
-def engine_throughput(model: Transformer, prompts: list[list[int]], max_new_tokens: int, reps: int = 5
-                      ) -> dict[str, Any]:
+def engine_throughput(
+    model: Transformer, prompts: list[list[int]], max_new_tokens: int, reps: int = 5
+) -> dict[str, Any]:
     """Engine tokens per CPU second with len(prompts) concurrent requests: plain, every row traced, every row
     intervened (interleaved, medians over `reps`)."""
     skip = Intervention(skip=((model.config.n_layer - 1, "mlp"),))
-    variants: dict[str, dict[str, Any]] = {"plain": {}, "trace": {"trace": True},
-                                           "intervention": {"intervention": skip}}
+    variants: dict[str, dict[str, Any]] = {
+        "plain": {},
+        "trace": {"trace": True},
+        "intervention": {"intervention": skip},
+    }
 
     async def main() -> dict[str, list[float]]:
         engine = Engine(model, max_batch_size=len(prompts))

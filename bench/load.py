@@ -72,8 +72,15 @@ async def _plain_one(client: httpx.AsyncClient, url: str, payload: dict) -> Requ
     return res
 
 
-async def _load(base_url: str, prompts: list[str], max_new_tokens: int, concurrency: int,
-                requests_per_client: int, stream: bool, timeout_s: float) -> tuple[list[RequestResult], float]:
+async def _load(
+    base_url: str,
+    prompts: list[str],
+    max_new_tokens: int,
+    concurrency: int,
+    requests_per_client: int,
+    stream: bool,
+    timeout_s: float,
+) -> tuple[list[RequestResult], float]:
     url = base_url + "/generate"
     limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits, trust_env=False) as client:
@@ -87,8 +94,11 @@ async def _load(base_url: str, prompts: list[str], max_new_tokens: int, concurre
                 try:
                     out.append(await one(client, url, payload))
                 except httpx.HTTPError as e:
-                    out.append(RequestResult(t_send=time.perf_counter(), t_done=time.perf_counter(),
-                                             error=f"{type(e).__name__}: {e}"))
+                    out.append(
+                        RequestResult(
+                            t_send=time.perf_counter(), t_done=time.perf_counter(), error=f"{type(e).__name__}: {e}"
+                        )
+                    )
             return out
 
         t0 = time.perf_counter()
@@ -97,11 +107,19 @@ async def _load(base_url: str, prompts: list[str], max_new_tokens: int, concurre
     return [r for rs in per_client for r in rs], wall
 
 
-def run_load(base_url: str, prompts: list[str], max_new_tokens: int, concurrency: int, requests_per_client: int = 1,
-             stream: bool = True, timeout_s: float = 3600.0) -> dict[str, Any]:
+def run_load(
+    base_url: str,
+    prompts: list[str],
+    max_new_tokens: int,
+    concurrency: int,
+    requests_per_client: int = 1,
+    stream: bool = True,
+    timeout_s: float = 3600.0,
+) -> dict[str, Any]:
     """Run the load and summarise it: aggregate tokens/s, TTFT and inter-token latency percentiles (ms)."""
     results, wall = asyncio.run(
-        _load(base_url, prompts, max_new_tokens, concurrency, requests_per_client, stream, timeout_s))
+        _load(base_url, prompts, max_new_tokens, concurrency, requests_per_client, stream, timeout_s)
+    )
     return summarize(results, wall, concurrency)
 
 

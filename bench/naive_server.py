@@ -41,9 +41,15 @@ def create_app(checkpoint: str) -> FastAPI:
     def generate(body: GenerateRequest) -> GenerateResponse:
         ids = torch.tensor([list(body.prompt.encode("utf-8"))])  # (1, T)
         with torch.inference_mode():
-            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=body.max_new_tokens,
-                              min_new_tokens=body.max_new_tokens, do_sample=False, pad_token_id=0)  # (1, T + N)
-        new = out[0, ids.shape[1]:].tolist()
+            out = hf.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=body.max_new_tokens,
+                min_new_tokens=body.max_new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )  # (1, T + N)
+        new = out[0, ids.shape[1] :].tolist()
         return GenerateResponse(text=bytes(new).decode("utf-8", errors="replace"), completion_tokens=len(new))
 
     return app

@@ -35,7 +35,8 @@ def ct2_spec(model: Transformer) -> Any:
     if cfg.vocab_size != len(VOCAB):
         raise ValueError(f"a byte vocabulary of {len(VOCAB)} is expected, not {cfg.vocab_size}")
     spec = transformer_spec.TransformerDecoderModelSpec.from_config(
-        cfg.n_layer, cfg.n_head, pre_norm=True, activation=common_spec.Activation.GELUTanh)
+        cfg.n_layer, cfg.n_head, pre_norm=True, activation=common_spec.Activation.GELUTanh
+    )
 
     def arr(t: torch.Tensor | None, n: int = 0) -> Any:
         return (t.detach().float() if t is not None else torch.zeros(n)).contiguous().numpy().copy()
@@ -81,14 +82,20 @@ def ct2_generator(path: Path, compute_type: str, threads: int = 1) -> Any:
     """A CPU `ctranslate2.Generator` with `threads` intra-op threads and one worker."""
     import ctranslate2
 
-    return ctranslate2.Generator(str(path), device="cpu", compute_type=compute_type, intra_threads=threads,
-                                 inter_threads=1)
+    return ctranslate2.Generator(
+        str(path), device="cpu", compute_type=compute_type, intra_threads=threads, inter_threads=1
+    )
 
 
 def ct2_greedy(gen: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuation of each prompt, exactly `max_new_tokens` tokens (no end token)."""
-    res = gen.generate_batch([[VOCAB[i] for i in p] for p in prompts], max_length=max_new_tokens, sampling_topk=1,
-                             include_prompt_in_result=False, end_token=[])
+    res = gen.generate_batch(
+        [[VOCAB[i] for i in p] for p in prompts],
+        max_length=max_new_tokens,
+        sampling_topk=1,
+        include_prompt_in_result=False,
+        end_token=[],
+    )
     return [r.sequences_ids[0] for r in res]
 
 
@@ -98,7 +105,7 @@ def our_greedy(model: Transformer, prompt: list[int], max_new_tokens: int) -> li
     out: list[int] = []
     with torch.inference_mode():
         for _ in range(max_new_tokens):
-            nxt = int(model(idx[:, -model.config.block_size:]).logits[0, -1].argmax())
+            nxt = int(model(idx[:, -model.config.block_size :]).logits[0, -1].argmax())
             out.append(nxt)
             idx = torch.cat([idx, torch.tensor([[nxt]])], dim=1)
     return out
@@ -131,8 +138,14 @@ def read_bandwidth(n_bytes: int, rounds: int = 7) -> dict[str, Any]:
     return {"buffer_bytes": x.numel() * 4, "gb_per_s": x.numel() * 4 / s / 1e9, "reps_s": per_round}
 
 
-def step_loop(decoder: FastDecoder | FusedDecoder | Callable[..., Any], cfg: Any, batch: int, start: int, steps: int,
-              cache: KVCache | None = None) -> float:
+def step_loop(
+    decoder: FastDecoder | FusedDecoder | Callable[..., Any],
+    cfg: Any,
+    batch: int,
+    start: int,
+    steps: int,
+    cache: KVCache | None = None,
+) -> float:
     """CPU seconds per step of `steps` greedy decode steps from position `start` (the argmax fed back)."""
     cache = cache or KVCache(cfg, batch)
     tok, pos = torch.zeros(batch, dtype=torch.long), torch.full((batch,), start)
@@ -163,8 +176,14 @@ async def _engine_cpu(engine: Engine, prompts: list[list[int]], n: int) -> tuple
     return end - c0, end - (first if first is not None else c0), tokens
 
 
-def compare(model: Transformer, prompts: list[list[int]], max_new_tokens: int, ct2_dirs: dict[str, Path],
-            batches: tuple[int, ...] = (1, 32), rounds: int = 5) -> dict[str, Any]:
+def compare(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    ct2_dirs: dict[str, Path],
+    batches: tuple[int, ...] = (1, 32),
+    rounds: int = 5,
+) -> dict[str, Any]:
     """CPU ms per generated token: our engine, our bare decode step and each CTranslate2 model, at each batch size,
     interleaved in `rounds` rounds (medians). One torch thread and one CTranslate2 intra-op thread.
 
@@ -181,10 +200,16 @@ def compare(model: Transformer, prompts: list[list[int]], max_new_tokens: int, c
     if isinstance(steps["step"], FusedDecoder):
         steps["step_torchscript"] = FastDecoder(model, weights=weights)
     start = len(prompts[0])
-    out: dict[str, Any] = {"max_new_tokens": n, "prompt_tokens": start, "rounds": rounds, "batches": list(batches),
-                           "our_weights": weights, "threads": torch.get_num_threads(),
-                           "engine_decode_step": type(steps["step"]).__name__,
-                           "ct2_compute_types": {k: v[1] for k, v in _ct2_targets(ct2_dirs).items()}}
+    out: dict[str, Any] = {
+        "max_new_tokens": n,
+        "prompt_tokens": start,
+        "rounds": rounds,
+        "batches": list(batches),
+        "our_weights": weights,
+        "threads": torch.get_num_threads(),
+        "engine_decode_step": type(steps["step"]).__name__,
+        "ct2_compute_types": {k: v[1] for k, v in _ct2_targets(ct2_dirs).items()},
+    }
     times: dict[str, list[float]] = {}
 
     def add(key: str, seconds: float, tokens: int) -> None:

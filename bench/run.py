@@ -34,8 +34,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MAX_BATCH: int = Settings.model_fields["max_batch_size"].default
 SHIPPED = Path(__file__).resolve().parent.parent / "model" / "checkpoints" / "shakespeare.safetensors"
 SHIPPED_CONFIG = ModelConfig(n_layer=16, n_head=4, d_model=128, d_ff=512, block_size=256)
-SECTIONS = ("engine", "profile", "gil", "hf", "diagnostics", "http", "resid", "naive", "interventions",
-            "contention", "peers", "aoti", "memory")
+SECTIONS = (
+    "engine",
+    "profile",
+    "gil",
+    "hf",
+    "diagnostics",
+    "http",
+    "resid",
+    "naive",
+    "interventions",
+    "contention",
+    "peers",
+    "aoti",
+    "memory",
+)
 TEXT = (  # public-domain source of the prompts (ASCII: one byte per character)
     "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer the slings and arrows "
     "of outrageous fortune, or to take arms against a sea of troubles and by opposing end them. To die, to sleep; "
@@ -49,7 +62,7 @@ TEXT = (  # public-domain source of the prompts (ASCII: one byte per character)
 def make_prompts(n: int, n_bytes: int) -> list[str]:
     """`n` ASCII prompts of exactly `n_bytes` bytes, cut from TEXT at offsets 37 bytes apart (cycling)."""
     text = TEXT * (2 + n_bytes // len(TEXT))
-    return [text[(i * 37) % len(TEXT):][:n_bytes] for i in range(n)]
+    return [text[(i * 37) % len(TEXT) :][:n_bytes] for i in range(n)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,17 +80,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mid", type=int, help="the middle concurrency, also used for the resid-norm check (8; quick 2)")
     p.add_argument("--diag-reps", type=int, help="repetitions of the diagnostics timing (default 7; quick 3)")
     p.add_argument("--profile-steps", type=int, help="decode steps profiled (default 64; quick 16)")
-    p.add_argument("--server-max-batch", type=int, default=DEFAULT_MAX_BATCH,
-                   help=f"SHORTCUT_MAX_BATCH_SIZE of the server (default {DEFAULT_MAX_BATCH}, the service default)")
+    p.add_argument(
+        "--server-max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help=f"SHORTCUT_MAX_BATCH_SIZE of the server (default {DEFAULT_MAX_BATCH}, the service default)",
+    )
     p.add_argument("--checkpoint", type=Path, default=SHIPPED)
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list out of {','.join(SECTIONS)}")
     p.add_argument("--out", type=Path, help="JSON path (default results/latest.json; quick: results/quick.json)")
     p.add_argument("--plot", type=Path, help="PNG path (default results/concurrency.png; quick: results/quick.png)")
     a = p.parse_args(argv)
     q = a.quick
-    defaults = dict(reps=(1, 3), http_reps=(1, 1), requests_per_client=(1, 2), max_new_tokens=(16, 192),
-                    concurrency=("1,2,4", "1,2,4,8,16,32,64"), batch=(4, 32), mid=(2, 8), diag_reps=(3, 7),
-                    profile_steps=(16, 64))
+    defaults = dict(
+        reps=(1, 3),
+        http_reps=(1, 1),
+        requests_per_client=(1, 2),
+        max_new_tokens=(16, 192),
+        concurrency=("1,2,4", "1,2,4,8,16,32,64"),
+        batch=(4, 32),
+        mid=(2, 8),
+        diag_reps=(3, 7),
+        profile_steps=(16, 64),
+    )
     for name, (quick_value, full_value) in defaults.items():
         if getattr(a, name) is None:
             setattr(a, name, quick_value if q else full_value)
@@ -105,11 +130,18 @@ def machine_info(threads: int) -> dict[str, Any]:
     except ImportError:
         tf_version = None
     return {
-        "cpu_model": cpu, "cpu_count": os.cpu_count(), "cpus_available": len(os.sched_getaffinity(0)),
-        "memory_gb": round(psutil.virtual_memory().total / 1e9, 1), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": tf_version,
-        "torch_threads": threads, "mkldnn": torch.backends.mkldnn.is_available(),
-        "loadavg_start": list(os.getloadavg()), "nice": os.nice(0),
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpus_available": len(os.sched_getaffinity(0)),
+        "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": tf_version,
+        "torch_threads": threads,
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "loadavg_start": list(os.getloadavg()),
+        "nice": os.nice(0),
     }
 
 
@@ -124,15 +156,25 @@ def load_model(path: Path, tmp: Path) -> tuple[Transformer, Path, dict[str, Any]
     """The checkpoint's model, or (file missing) a random-weight model of the shipped config, saved to `tmp`."""
     if path.exists():
         ck = load_checkpoint(path)
-        info = {"source": "checkpoint", "path": str(path), "sha256": ck.sha256, "config": ck.config.to_dict(),
-                "metadata": {k: v for k, v in ck.metadata.items() if isinstance(v, str | int | float | bool)}}
+        info = {
+            "source": "checkpoint",
+            "path": str(path),
+            "sha256": ck.sha256,
+            "config": ck.config.to_dict(),
+            "metadata": {k: v for k, v in ck.metadata.items() if isinstance(v, str | int | float | bool)},
+        }
         return ck.model.eval(), path, info
     torch.manual_seed(0)
     model = Transformer(SHIPPED_CONFIG).eval()
     rnd = tmp / "random.safetensors"
     sha = save_checkpoint(model, rnd, metadata={"note": "bench: random weights, shipped config"})
-    info = {"source": "random", "path": str(rnd), "sha256": sha, "config": SHIPPED_CONFIG.to_dict(),
-            "note": f"{path} is missing: random weights (seed 0) with the shipped config"}
+    info = {
+        "source": "random",
+        "path": str(rnd),
+        "sha256": sha,
+        "config": SHIPPED_CONFIG.to_dict(),
+        "note": f"{path} is missing: random weights (seed 0) with the shipped config",
+    }
     return model, rnd, info
 
 
@@ -144,15 +186,19 @@ def _timed(label: str, fn: Callable[[], Any]) -> Any:
     return out
 
 
-def http_level(base_url: str, prompts: list[str], a: argparse.Namespace, c: int, stream: bool = True,
-               reps: int | None = None) -> dict[str, Any]:
+def http_level(
+    base_url: str, prompts: list[str], a: argparse.Namespace, c: int, stream: bool = True, reps: int | None = None
+) -> dict[str, Any]:
     """Median over reps of one concurrency level (each rep: c clients x requests_per_client requests)."""
-    runs = [load.run_load(base_url, prompts, a.max_new_tokens, c, a.requests_per_client, stream=stream)
-            for _ in range(reps or a.http_reps)]
+    runs = [
+        load.run_load(base_url, prompts, a.max_new_tokens, c, a.requests_per_client, stream=stream)
+        for _ in range(reps or a.http_reps)
+    ]
     errors = sum(r["errors"] for r in runs)
     if errors:
-        log.warning("c=%d: %d failed requests, first: %s", c, errors, next(r["first_error"] for r in runs
-                                                                             if r["first_error"]))
+        log.warning(
+            "c=%d: %d failed requests, first: %s", c, errors, next(r["first_error"] for r in runs if r["first_error"])
+        )
     keys = ("tok_s", "e2e_p50_ms", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
     out: dict[str, Any] = {"concurrency": c, "errors": errors}
     for k in keys:
@@ -169,27 +215,47 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     model_info["params"] = model.num_params()
     cfg = model.config
     if a.prompt_bytes + a.max_new_tokens > cfg.block_size:
-        raise SystemExit(f"prompt {a.prompt_bytes} + max_new_tokens {a.max_new_tokens} exceeds the context window "
-                         f"of {cfg.block_size} tokens")
+        raise SystemExit(
+            f"prompt {a.prompt_bytes} + max_new_tokens {a.max_new_tokens} exceeds the context window "
+            f"of {cfg.block_size} tokens"
+        )
     prompts = make_prompts(max(a.batch, max(a.concurrency)) * a.requests_per_client, a.prompt_bytes)
     ids0 = list(prompts[0].encode())
     B = a.batch
     res: dict[str, Any] = {
-        "schema": 1, "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "quick": a.quick,
-        "machine": machine_info(a.threads), "model": model_info,
-        "settings": {"prompt_bytes": a.prompt_bytes, "max_new_tokens": a.max_new_tokens, "decoding": "greedy",
-                     "reps": a.reps, "http_reps": a.http_reps, "requests_per_client": a.requests_per_client,
-                     "concurrency": a.concurrency, "batch": B, "mid": a.mid, "threads": a.threads,
-                     "sections": a.sections, "server_max_batch_size": a.server_max_batch},
-        "metrics": {}, "details": {},
+        "schema": 1,
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "quick": a.quick,
+        "machine": machine_info(a.threads),
+        "model": model_info,
+        "settings": {
+            "prompt_bytes": a.prompt_bytes,
+            "max_new_tokens": a.max_new_tokens,
+            "decoding": "greedy",
+            "reps": a.reps,
+            "http_reps": a.http_reps,
+            "requests_per_client": a.requests_per_client,
+            "concurrency": a.concurrency,
+            "batch": B,
+            "mid": a.mid,
+            "threads": a.threads,
+            "sections": a.sections,
+            "server_max_batch_size": a.server_max_batch,
+        },
+        "metrics": {},
+        "details": {},
     }
     m, d = res["metrics"], res["details"]
-    print(f"model: {model_info['source']} ({model_info['path']}), {model_info['params']:,} params, "
-          f"n_layer={cfg.n_layer} d_model={cfg.d_model} block_size={cfg.block_size}")
+    print(
+        f"model: {model_info['source']} ({model_info['path']}), {model_info['params']:,} params, "
+        f"n_layer={cfg.n_layer} d_model={cfg.d_model} block_size={cfg.block_size}"
+    )
     if model_info["source"] == "random":
         print(f"NOTE: {model_info['note']}")
-    print(f"torch {torch.__version__}, {a.threads} threads; prompt {a.prompt_bytes} bytes + {a.max_new_tokens} new "
-          f"tokens (greedy), context window {cfg.block_size}")
+    print(
+        f"torch {torch.__version__}, {a.threads} threads; prompt {a.prompt_bytes} bytes + {a.max_new_tokens} new "
+        f"tokens (greedy), context window {cfg.block_size}"
+    )
 
     if "engine" in a.sections:
         eng = _timed("engine, batch 1", lambda: inproc.engine_bs1(model, ids0, a.max_new_tokens, a.reps))
@@ -198,13 +264,17 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         m["decode_bs1_decode_only_tok_s"] = eng["decode_only_tok_s"]
         m["decode_bs1_cpu_ms_per_token"] = eng["cpu_ms_per_token"]
     if "profile" in a.sections:
-        d["profile_decode_bs1"] = _timed("profile of a batch-1 decode step",
-                                         lambda: inproc.profile_decode(model, ids0, a.profile_steps))
-        d[f"profile_decode_bs{B}"] = _timed(f"profile of a batch-{B} decode step",
-                                            lambda: inproc.profile_decode(model, ids0, a.profile_steps, B))
+        d["profile_decode_bs1"] = _timed(
+            "profile of a batch-1 decode step", lambda: inproc.profile_decode(model, ids0, a.profile_steps)
+        )
+        d[f"profile_decode_bs{B}"] = _timed(
+            f"profile of a batch-{B} decode step", lambda: inproc.profile_decode(model, ids0, a.profile_steps, B)
+        )
     if "gil" in a.sections:
-        d["gil"] = _timed("decode step next to a busy Python thread",
-                          lambda: inproc.gil_contention(model, ids0, a.profile_steps, (1, B)))
+        d["gil"] = _timed(
+            "decode step next to a busy Python thread",
+            lambda: inproc.gil_contention(model, ids0, a.profile_steps, (1, B)),
+        )
     if "hf" in a.sections:
         d["hf"] = _timed("transformers GPT2LMHeadModel.generate", lambda: hf_section(model, prompts, ids0, a, d))
         m["hf_generate_bs1_tok_s"] = d["hf"]["bs1_tok_s"]
@@ -219,8 +289,10 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     if "http" in a.sections or "resid" in a.sections:
         http_sections(ckpt_path, cfg, prompts, a, m, d)
     if "contention" in a.sections:
-        d["contention"] = _timed("8 streams next to 16 heavy diagnostics requests",
-                                 lambda: contention_section(model, ckpt_path, prompts, a, m))
+        d["contention"] = _timed(
+            "8 streams next to 16 heavy diagnostics requests",
+            lambda: contention_section(model, ckpt_path, prompts, a, m),
+        )
         busy = d["contention"]["with_diagnostics"]
         m["contention_itl_p50_ms"], m["contention_itl_p99_ms"] = busy["itl_p50_ms"], busy["itl_p99_ms"]
         m["contention_itl_max_ms"] = busy["itl_max_ms"]
@@ -230,18 +302,25 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         m[f"naive_http_c{B}_tok_s"] = d["naive"]["tok_s"]
     if "interventions" in a.sections:
         iv = d["interventions"] = {}
-        iv["step"] = _timed("decode step with gates / trace on and off",
-                            lambda: interventions.step_costs(model, len(ids0), a.profile_steps, (1, B)))
-        iv["engine"] = _timed(f"engine, {B} rows, trace / intervention on every row",
-                              lambda: interventions.engine_throughput(
-                                  model, [list(p.encode()) for p in prompts[:B]], a.max_new_tokens, max(a.reps, 5)))
+        iv["step"] = _timed(
+            "decode step with gates / trace on and off",
+            lambda: interventions.step_costs(model, len(ids0), a.profile_steps, (1, B)),
+        )
+        iv["engine"] = _timed(
+            f"engine, {B} rows, trace / intervention on every row",
+            lambda: interventions.engine_throughput(
+                model, [list(p.encode()) for p in prompts[:B]], a.max_new_tokens, max(a.reps, 5)
+            ),
+        )
         m["step_no_intervention_vs_before_bs1"] = iv["step"]["bs1_none_throughput_vs_baseline"]
         m[f"step_no_intervention_vs_before_bs{B}"] = iv["step"][f"bs{B}_none_throughput_vs_baseline"]
         m[f"engine_bs{B}_trace_vs_plain"] = iv["engine"]["trace_vs_plain"]
         m[f"engine_bs{B}_intervention_vs_plain"] = iv["engine"]["intervention_vs_plain"]
     if "peers" in a.sections:
-        d["peers"] = _timed("peers: CTranslate2 float32 / int8 from our checkpoint, and the machine's limit",
-                            lambda: peers_section(model, prompts, a, tmp))
+        d["peers"] = _timed(
+            "peers: CTranslate2 float32 / int8 from our checkpoint, and the machine's limit",
+            lambda: peers_section(model, prompts, a, tmp),
+        )
         p = d["peers"]["cpu"]
         for b in sorted({1, B}):
             m[f"engine_bs{b}_cpu_ms_per_token"] = p[f"engine_bs{b}_e2e_cpu_ms_per_token"]
@@ -254,9 +333,12 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     if "aoti" in a.sections:
         from bench import aoti
 
-        d["aoti"] = _timed("AOTInductor-compiled decode step (compile, then interleaved with ours)",
-                           lambda: aoti.compare_steps(model, tmp, len(ids0), a.max_new_tokens - 1,
-                                                      tuple(sorted({1, B})), rounds=max(a.reps, 3)))
+        d["aoti"] = _timed(
+            "AOTInductor-compiled decode step (compile, then interleaved with ours)",
+            lambda: aoti.compare_steps(
+                model, tmp, len(ids0), a.max_new_tokens - 1, tuple(sorted({1, B})), rounds=max(a.reps, 3)
+            ),
+        )
         for b in sorted({1, B}):
             m[f"aoti_step_bs{b}_cpu_ms_per_token"] = d["aoti"][f"aoti_float32_bs{b}_cpu_ms_per_token"]
     if "memory" in a.sections:
@@ -267,18 +349,28 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return res
 
 
-def hf_section(model: Transformer, prompts: list[str], ids0: list[int], a: argparse.Namespace,
-               d: dict[str, Any]) -> dict[str, Any]:
+def hf_section(
+    model: Transformer, prompts: list[str], ids0: list[int], a: argparse.Namespace, d: dict[str, Any]
+) -> dict[str, Any]:
     """Weight copy + equivalence check + generate at batch 1 and batch `a.batch`."""
     from bench import hf as hfb
 
     hf = hfb.to_hf(model)
     eq = hfb.check_equivalence(model, hf)
-    out: dict[str, Any] = {"equivalence": {"max_abs_diff": eq.max_abs_diff, "allclose": eq.allclose,
-                                           "input_shape": list(eq.shape), "atol": eq.atol, "rtol": eq.rtol}}
+    out: dict[str, Any] = {
+        "equivalence": {
+            "max_abs_diff": eq.max_abs_diff,
+            "allclose": eq.allclose,
+            "input_shape": list(eq.shape),
+            "atol": eq.atol,
+            "rtol": eq.rtol,
+        }
+    }
     if not eq.allclose:
-        log.warning("HF copy does NOT match our model (max abs diff %.3g): the baseline computes another function",
-                    eq.max_abs_diff)
+        log.warning(
+            "HF copy does NOT match our model (max abs diff %.3g): the baseline computes another function",
+            eq.max_abs_diff,
+        )
     hfb.hf_generate(hf, [ids0], min(8, a.max_new_tokens))  # warm-up
     n = a.max_new_tokens
     bs1, bs1_cpu, new = [], [], None
@@ -291,8 +383,15 @@ def hf_section(model: Transformer, prompts: list[str], ids0: list[int], a: argpa
     for _ in range(a.reps):
         _, s, _ = hfb.hf_generate(hf, batch, n)
         bsb.append(a.batch * n / s)
-    out.update({"bs1_tok_s": median(bs1), "bs1_cpu_ms_per_token": median(bs1_cpu), f"bs{a.batch}_tok_s": median(bsb),
-                "reps_bs1_tok_s": bs1, f"reps_bs{a.batch}_tok_s": bsb})
+    out.update(
+        {
+            "bs1_tok_s": median(bs1),
+            "bs1_cpu_ms_per_token": median(bs1_cpu),
+            f"bs{a.batch}_tok_s": median(bsb),
+            "reps_bs1_tok_s": bs1,
+            f"reps_bs{a.batch}_tok_s": bsb,
+        }
+    )
     engine_tokens = d.get("engine_bs1", {}).get("tokens")
     if engine_tokens is not None and new is not None:
         out["greedy_tokens_match_engine"] = engine_tokens == new[0].tolist()
@@ -307,11 +406,21 @@ def peers_section(model: Transformer, prompts: list[str], a: argparse.Namespace,
     match = peers.tokens_match(model, dirs["float32"], ids[0], a.max_new_tokens)
     if not match["equal"]:
         log.warning("CTranslate2 float32's greedy tokens differ from ours from token %s", match["first_difference"])
-    cpu = peers.compare(model, ids, a.max_new_tokens, {f"ct2_{q}": path for q, path in dirs.items()},
-                        tuple(sorted({1, a.batch})), rounds=max(a.reps, 5))
+    cpu = peers.compare(
+        model,
+        ids,
+        a.max_new_tokens,
+        {f"ct2_{q}": path for q, path in dirs.items()},
+        tuple(sorted({1, a.batch})),
+        rounds=max(a.reps, 5),
+    )
     limit = peers.machine_limit(model, cpu["our_weights"], cpu.get("step_bs1_decode_cpu_ms_per_token"))
-    return {"greedy_tokens_match_ours_float32": match, "cpu": cpu, "limit": limit,
-            "model_bytes": {q: (path / "model.bin").stat().st_size for q, path in dirs.items()}}
+    return {
+        "greedy_tokens_match_ours_float32": match,
+        "cpu": cpu,
+        "limit": limit,
+        "model_bytes": {q: (path / "model.bin").stat().st_size for q, path in dirs.items()},
+    }
 
 
 def memory_section(ckpt: Path, a: argparse.Namespace, server_peak_mb: float | None) -> dict[str, Any]:
@@ -319,8 +428,13 @@ def memory_section(ckpt: Path, a: argparse.Namespace, server_peak_mb: float | No
     server's peak RSS (when the http section ran in this run) beyond those parts."""
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "bench.memsplit", str(ckpt), str(a.server_max_batch)],
-                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.memsplit", str(ckpt), str(a.server_max_batch)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     return memsplit.split(json.loads(proc.stdout.strip().splitlines()[-1]), server_peak_mb)
 
 
@@ -329,8 +443,9 @@ def kv_cache_mb(cfg: ModelConfig, rows: int, bytes_per_value: int = 4) -> float:
     return 2 * cfg.n_layer * rows * cfg.block_size * cfg.d_model * bytes_per_value / 2**20
 
 
-def http_sections(ckpt: Path, cfg: ModelConfig, prompts: list[str], a: argparse.Namespace, m: dict[str, Any],
-                  d: dict[str, Any]) -> None:
+def http_sections(
+    ckpt: Path, cfg: ModelConfig, prompts: list[str], a: argparse.Namespace, m: dict[str, Any], d: dict[str, Any]
+) -> None:
     """The Shortcut server: concurrency sweep, peak RSS, and resid-norm metrics on vs off."""
     with servers.shortcut_server(ckpt, a.threads, a.server_max_batch, resid_norm_metrics=True) as srv:
         print(f"    shortcut server ready in {srv.started_s:.1f} s at {srv.base_url}")
@@ -339,8 +454,10 @@ def http_sections(ckpt: Path, cfg: ModelConfig, prompts: list[str], a: argparse.
             sweep = []
             for c in a.concurrency:
                 lvl = _timed(f"HTTP streaming, {c} clients", lambda c=c: http_level(srv.base_url, prompts, a, c))
-                print(f"    {lvl['tok_s']:.1f} tok/s, TTFT p50 {lvl['ttft_p50_ms']:.1f} ms, "
-                      f"ITL p99 {lvl['itl_p99_ms'] or float('nan'):.1f} ms")
+                print(
+                    f"    {lvl['tok_s']:.1f} tok/s, TTFT p50 {lvl['ttft_p50_ms']:.1f} ms, "
+                    f"ITL p99 {lvl['itl_p99_ms'] or float('nan'):.1f} ms"
+                )
                 sweep.append(lvl)
             d["http_sweep"] = sweep
             by_c = {lvl["concurrency"]: lvl for lvl in sweep}
@@ -350,31 +467,42 @@ def http_sections(ckpt: Path, cfg: ModelConfig, prompts: list[str], a: argparse.
                 for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):
                     m[f"http_c{c}_{k}"] = by_c[c][k]
         if "resid" in a.sections:
-            with servers.shortcut_server(ckpt, a.threads, a.server_max_batch, resid_norm_metrics=False,
-                                         name="shortcut-no-norms") as off:
+            with servers.shortcut_server(
+                ckpt, a.threads, a.server_max_batch, resid_norm_metrics=False, name="shortcut-no-norms"
+            ) as off:
                 load.run_load(off.base_url, prompts, min(4, a.max_new_tokens), 1)  # warm-up
                 on_runs, off_runs = [], []
                 for _ in range(max(2, a.http_reps)):  # interleaved so that drift hits both alike
                     on_runs.append(http_level(srv.base_url, prompts, a, a.mid, reps=1)["tok_s"])
                     off_runs.append(http_level(off.base_url, prompts, a, a.mid, reps=1)["tok_s"])
-            d["resid_norm_metrics"] = {"concurrency": a.mid, "on_tok_s": on_runs, "off_tok_s": off_runs,
-                                       "on_median": median(on_runs), "off_median": median(off_runs)}
+            d["resid_norm_metrics"] = {
+                "concurrency": a.mid,
+                "on_tok_s": on_runs,
+                "off_tok_s": off_runs,
+                "on_median": median(on_runs),
+                "off_median": median(off_runs),
+            }
             m[f"resid_norm_on_c{a.mid}_tok_s"] = median(on_runs)
             m[f"resid_norm_off_c{a.mid}_tok_s"] = median(off_runs)
         peak = srv.rss.peak_bytes if srv.rss else 0
         uss = srv.rss.peak_uss_bytes if srv.rss else 0
         m["server_peak_rss_mb"] = peak / 2**20 if peak else None
         m["server_peak_uss_mb"] = uss / 2**20 if uss else None
-        d["server_rss"] = {"peak_mb": m["server_peak_rss_mb"], "peak_uss_mb": m["server_peak_uss_mb"],
-                           "samples": srv.rss.samples if srv.rss else 0, "max_batch_size": a.server_max_batch,
-                           "kv_cache_mb": kv_cache_mb(cfg, a.server_max_batch),
-                           "note": "resident set of the `python -m app` process, sampled every 50 ms (USS every"
-                                   " 0.5 s) from its start to the end of its load; the KV cache's pages"
-                                   " become resident as sequences fill them"}
+        d["server_rss"] = {
+            "peak_mb": m["server_peak_rss_mb"],
+            "peak_uss_mb": m["server_peak_uss_mb"],
+            "samples": srv.rss.samples if srv.rss else 0,
+            "max_batch_size": a.server_max_batch,
+            "kv_cache_mb": kv_cache_mb(cfg, a.server_max_batch),
+            "note": "resident set of the `python -m app` process, sampled every 50 ms (USS every"
+            " 0.5 s) from its start to the end of its load; the KV cache's pages"
+            " become resident as sequences fill them",
+        }
 
 
-def contention_section(model: Transformer, ckpt: Path, prompts: list[str], a: argparse.Namespace,
-                       m: dict[str, Any]) -> dict[str, Any]:
+def contention_section(
+    model: Transformer, ckpt: Path, prompts: list[str], a: argparse.Namespace, m: dict[str, Any]
+) -> dict[str, Any]:
     """8 streams alone, then next to 16 heavy /diagnostics requests (bench/contention.py), on a fresh server."""
     diag_prompt = make_prompts(1, min(256, model.config.block_size))[0]
     forward_ms = m.get("forward_ms")
@@ -382,13 +510,16 @@ def contention_section(model: Transformer, ckpt: Path, prompts: list[str], a: ar
         forward_ms = inproc.diagnostics_vs_forward(model, list(diag_prompt.encode()), 3)["forward_ms"]
     with servers.shortcut_server(ckpt, a.threads, a.server_max_batch, name="shortcut-contention") as srv:
         load.run_load(srv.base_url, prompts, min(4, a.max_new_tokens), 1)  # warm-up
-        out = contention.run(srv.base_url, prompts, diag_prompt, a.max_new_tokens, forward_ms,
-                             streams=a.mid, diags=2 * a.mid)
-    print(f"    streams alone: ITL p50/p99/max {out['alone']['itl_p50_ms']:.1f}/{out['alone']['itl_p99_ms']:.1f}/"
-          f"{out['alone']['itl_max_ms']:.1f} ms; with diagnostics: {out['with_diagnostics']['itl_p50_ms']:.1f}/"
-          f"{out['with_diagnostics']['itl_p99_ms']:.1f}/{out['with_diagnostics']['itl_max_ms']:.1f} ms "
-          f"(bound 2 x p50 + forward = {out['gap_bound_ms'] or float('nan'):.1f} ms); diagnostics p50 "
-          f"{out['diagnostics_p50_ms'] or float('nan'):.0f} ms")
+        out = contention.run(
+            srv.base_url, prompts, diag_prompt, a.max_new_tokens, forward_ms, streams=a.mid, diags=2 * a.mid
+        )
+    print(
+        f"    streams alone: ITL p50/p99/max {out['alone']['itl_p50_ms']:.1f}/{out['alone']['itl_p99_ms']:.1f}/"
+        f"{out['alone']['itl_max_ms']:.1f} ms; with diagnostics: {out['with_diagnostics']['itl_p50_ms']:.1f}/"
+        f"{out['with_diagnostics']['itl_p99_ms']:.1f}/{out['with_diagnostics']['itl_max_ms']:.1f} ms "
+        f"(bound 2 x p50 + forward = {out['gap_bound_ms'] or float('nan'):.1f} ms); diagnostics p50 "
+        f"{out['diagnostics_p50_ms'] or float('nan'):.0f} ms"
+    )
     return out
 
 
@@ -397,12 +528,19 @@ def naive_section(ckpt: Path, prompts: list[str], a: argparse.Namespace) -> dict
     with servers.naive_server(ckpt, a.threads) as srv:
         print(f"    naive server ready in {srv.started_s:.1f} s at {srv.base_url}")
         load.run_load(srv.base_url, prompts, min(4, a.max_new_tokens), 1, stream=False)  # warm-up
-        runs = [load.run_load(srv.base_url, prompts, a.max_new_tokens, a.batch, 1, stream=False)
-                for _ in range(a.http_reps)]
+        runs = [
+            load.run_load(srv.base_url, prompts, a.max_new_tokens, a.batch, 1, stream=False) for _ in range(a.http_reps)
+        ]
         peak = srv.rss.peak_bytes if srv.rss else 0
-    return {"concurrency": a.batch, "requests_per_client": 1, "tok_s": median([r["tok_s"] for r in runs]),
-            "e2e_p50_ms": median([r["e2e_p50_ms"] for r in runs]), "errors": sum(r["errors"] for r in runs),
-            "peak_rss_mb": peak / 2**20 if peak else None, "reps": runs}
+    return {
+        "concurrency": a.batch,
+        "requests_per_client": 1,
+        "tok_s": median([r["tok_s"] for r in runs]),
+        "e2e_p50_ms": median([r["e2e_p50_ms"] for r in runs]),
+        "errors": sum(r["errors"] for r in runs),
+        "peak_rss_mb": peak / 2**20 if peak else None,
+        "reps": runs,
+    }
 
 
 def ratios(m: dict[str, Any], a: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -428,14 +566,28 @@ def ratios(m: dict[str, Any], a: argparse.Namespace) -> dict[str, dict[str, Any]
     for b in sorted({1, B}):  # against the best peer of the run (CPU ms per token: lower is better)
         target = 1.0 if b == 1 else 1.2
         for ours, kind in (("engine", ""), ("step", "decode_")):  # engine: whole requests; step: decode only
-            best = min((m[k] for k in (f"ct2_float32_bs{b}_{kind}cpu_ms_per_token",
-                                       f"ct2_int8_bs{b}_{kind}cpu_ms_per_token") if m.get(k)), default=None)
+            best = min(
+                (
+                    m[k]
+                    for k in (f"ct2_float32_bs{b}_{kind}cpu_ms_per_token", f"ct2_int8_bs{b}_{kind}cpu_ms_per_token")
+                    if m.get(k)
+                ),
+                default=None,
+            )
             r = ratio(best, m.get(f"{ours}_bs{b}_cpu_ms_per_token"))
-            out[f"{ours} bs{b} / best peer (CPU)"] = {"value": r, "target": target, "higher_is_better": True,
-                                                      "ok": meets(r, target, True)}
+            out[f"{ours} bs{b} / best peer (CPU)"] = {
+                "value": r,
+                "target": target,
+                "higher_is_better": True,
+                "ok": meets(r, target, True),
+            }
     rest = m.get("server_rss_rest_mb")
-    out["server RSS rest (MB)"] = {"value": rest, "target": 60.0, "higher_is_better": False,
-                                   "ok": meets(rest, 60.0, False)}
+    out["server RSS rest (MB)"] = {
+        "value": rest,
+        "target": 60.0,
+        "higher_is_better": False,
+        "ok": meets(rest, 60.0, False),
+    }
     rss = m.get("server_peak_rss_mb")
     out["server_peak_rss_mb"] = {"value": rss, "target": 400.0, "higher_is_better": False, "ok": meets(rss, 400, False)}
     return out
@@ -456,9 +608,14 @@ def render(res: dict[str, Any]) -> str:
     hf = res["details"].get("hf")
     if hf:
         eq = hf["equivalence"]
-        lines.append(f"HF weight copy: logits allclose={eq['allclose']}, max abs diff {eq['max_abs_diff']:.3g}"
-                     + (f"; greedy tokens equal the engine's: {hf['greedy_tokens_match_engine']}"
-                        if "greedy_tokens_match_engine" in hf else ""))
+        lines.append(
+            f"HF weight copy: logits allclose={eq['allclose']}, max abs diff {eq['max_abs_diff']:.3g}"
+            + (
+                f"; greedy tokens equal the engine's: {hf['greedy_tokens_match_engine']}"
+                if "greedy_tokens_match_engine" in hf
+                else ""
+            )
+        )
     lines += ["", f"{'ratio':<34} {'value':>12} {'target':>10}  ok", "-" * 62]
     for name, r in res["ratios"].items():
         sign = ">=" if r["higher_is_better"] else "<="
@@ -468,37 +625,57 @@ def render(res: dict[str, Any]) -> str:
     for prof in profiles:
         b = prof["batch"]
         fused = prof.get("fused_step_cpu_ms")
-        lines += ["", f"batch-{b} decode step (TorchScript FastDecoder + argmax): "
-                      f"{prof['forward_step_ms']:.2f} ms wall, {prof['forward_step_cpu_ms']:.2f} ms CPU, "
-                      f"{prof['aten_calls_per_step']:.0f} aten calls "
-                      f"(generic forward: {prof['generic_forward_step_ms']:.2f} ms wall"
-                      + (f"; fused C step: {fused:.2f} ms CPU" if fused is not None else "")
-                      + "); self CPU time by kind (ms/step):"]
-        lines += [f"  {k:<24} {v:8.3f}  {v / prof['profiled_step_ms']:6.1%}"
-                  for k, v in prof["categories_ms_per_step"].items()]
+        lines += [
+            "",
+            f"batch-{b} decode step (TorchScript FastDecoder + argmax): "
+            f"{prof['forward_step_ms']:.2f} ms wall, {prof['forward_step_cpu_ms']:.2f} ms CPU, "
+            f"{prof['aten_calls_per_step']:.0f} aten calls "
+            f"(generic forward: {prof['generic_forward_step_ms']:.2f} ms wall"
+            + (f"; fused C step: {fused:.2f} ms CPU" if fused is not None else "")
+            + "); self CPU time by kind (ms/step):",
+        ]
+        lines += [
+            f"  {k:<24} {v:8.3f}  {v / prof['profiled_step_ms']:6.1%}"
+            for k, v in prof["categories_ms_per_step"].items()
+        ]
     eng, prof = res["details"].get("engine_bs1"), res["details"].get("profile_decode_bs1")
     if eng and prof and eng.get("cpu_ms_per_token_decode"):
         bare = prof.get("fused_step_cpu_ms") if eng.get("decode_step") == "fused" else prof["forward_step_cpu_ms"]
-        lines.append(f"engine decode per token (batch 1, {eng.get('decode_step')} step): "
-                     f"{eng['ms_per_token_decode']:.2f} ms wall, {eng['cpu_ms_per_token_decode']:.2f} ms CPU "
-                     "(engine overhead over the bare step: "
-                     f"{eng['cpu_ms_per_token_decode'] - (bare or 0):+.2f} ms CPU)")
+        lines.append(
+            f"engine decode per token (batch 1, {eng.get('decode_step')} step): "
+            f"{eng['ms_per_token_decode']:.2f} ms wall, {eng['cpu_ms_per_token_decode']:.2f} ms CPU "
+            "(engine overhead over the bare step: "
+            f"{eng['cpu_ms_per_token_decode'] - (bare or 0):+.2f} ms CPU)"
+        )
     gil = res["details"].get("gil")
     if gil:
-        lines += ["", f"decode step, ms (alone -> next to a Python thread busy {gil['busy_ms']} ms of every "
-                      f"{gil['busy_ms'] + gil['idle_ms']} ms):"]
-        kinds = [(k, label) for k, label in (("eager", "eager"), ("scripted", "TorchScript"), ("fused", "fused C"))
-                 if any(key.startswith(k + "_bs") for key in gil)]
+        lines += [
+            "",
+            f"decode step, ms (alone -> next to a Python thread busy {gil['busy_ms']} ms of every "
+            f"{gil['busy_ms'] + gil['idle_ms']} ms):",
+        ]
+        kinds = [
+            (k, label)
+            for k, label in (("eager", "eager"), ("scripted", "TorchScript"), ("fused", "fused C"))
+            if any(key.startswith(k + "_bs") for key in gil)
+        ]
         for b in sorted({int(k.split("_bs")[1].split("_")[0]) for k in gil if "_bs" in k}):
-            lines.append(f"  batch {b:<3}" + "   ".join(
-                f" {label} {gil[f'{k}_bs{b}_alone_ms']:7.2f} -> {gil[f'{k}_bs{b}_with_python_thread_ms']:7.2f}"
-                for k, label in kinds))
+            lines.append(
+                f"  batch {b:<3}"
+                + "   ".join(
+                    f" {label} {gil[f'{k}_bs{b}_alone_ms']:7.2f} -> {gil[f'{k}_bs{b}_with_python_thread_ms']:7.2f}"
+                    for k, label in kinds
+                )
+            )
     lines += render_peers(res["details"])
     mach = res["machine"]
     if max(mach["loadavg_start"][0], mach["loadavg_end"][0]) > 0.5 * mach["cpus_available"]:
-        lines += ["", f"WARNING: the machine was busy (load average {mach['loadavg_start'][0]:.1f} at start, "
-                      f"{mach['loadavg_end'][0]:.1f} at end, {mach['cpus_available']} CPUs): wall-clock numbers "
-                      "are unreliable; compare CPU-time figures"]
+        lines += [
+            "",
+            f"WARNING: the machine was busy (load average {mach['loadavg_start'][0]:.1f} at start, "
+            f"{mach['loadavg_end'][0]:.1f} at end, {mach['cpus_available']} CPUs): wall-clock numbers "
+            "are unreliable; compare CPU-time figures",
+        ]
     return "\n".join(lines)
 
 
@@ -508,46 +685,75 @@ def render_peers(d: dict[str, Any]) -> list[str]:
     peer = d.get("peers")
     if peer:
         c, lim, match = peer["cpu"], peer["limit"], peer["greedy_tokens_match_ours_float32"]
-        lines += ["", f"CPU ms per generated token, {c['threads']} thread(s), medians of {c['rounds']} interleaved "
-                      f"rounds ({c['prompt_tokens']}-token prompts, {c['max_new_tokens']} new tokens; e2e = prefill "
-                      "included, decode = decode only; ratio = peer / ours, > 1: we are faster)",
-                  f"CTranslate2 float32 greedy tokens equal ours: {match['equal']}"
-                  + ("" if match["equal"] else f" (first difference at token {match['first_difference']})")]
+        lines += [
+            "",
+            f"CPU ms per generated token, {c['threads']} thread(s), medians of {c['rounds']} interleaved "
+            f"rounds ({c['prompt_tokens']}-token prompts, {c['max_new_tokens']} new tokens; e2e = prefill "
+            "included, decode = decode only; ratio = peer / ours, > 1: we are faster)",
+            f"CTranslate2 float32 greedy tokens equal ours: {match['equal']}"
+            + ("" if match["equal"] else f" (first difference at token {match['first_difference']})"),
+        ]
         names = ("engine", "step", "step_torchscript", "ct2_float32", "ct2_int8")
         names = tuple(k for k in names if any(key.startswith(k + "_bs") for key in c))
         peer_names = [n for n in names if n.startswith("ct2_")]
         lines.append(f"engine's decode step: {c['engine_decode_step']} ({c['our_weights']} weights)")
-        lines.append(f"  {'':<14}" + "".join(f"{n:>17}" for n in names)
-                     + "".join(f"{'engine/' + n[4:]:>15}" for n in peer_names))
+        lines.append(
+            f"  {'':<14}" + "".join(f"{n:>17}" for n in names) + "".join(f"{'engine/' + n[4:]:>15}" for n in peer_names)
+        )
         for b in c["batches"]:
             for kind in ("e2e", "decode"):
                 vals = [c.get(f"{n}_bs{b}_{kind}_cpu_ms_per_token") for n in names]
                 rats = [c.get(f"engine_vs_{n}_bs{b}_{kind}") for n in peer_names]
-                lines.append(f"  bs{b:<3} {kind:<8}" + "".join(f"{_fmt(v):>17}" for v in vals)
-                             + "".join(f"{_fmt(r):>15}" for r in rats))
+                lines.append(
+                    f"  bs{b:<3} {kind:<8}"
+                    + "".join(f"{_fmt(v):>17}" for v in vals)
+                    + "".join(f"{_fmt(r):>15}" for r in rats)
+                )
         fmt = lim["our_weights"]
-        lines.append(f"machine limit at batch 1 ({fmt} weights, {lim[f'{fmt}_weight_bytes_per_token'] / 1e6:.1f} MB "
-                     f"per token / {lim[f'{fmt}_read_gb_per_s']:.1f} GB/s read): "
-                     f"{lim[f'{fmt}_limit_tok_s']:,.0f} tok/s; our bare step: "
-                     f"{_fmt(lim.get('ours_tok_per_cpu_s'))} tok/s = {_fmt(lim.get('ours_fraction_of_limit'))} of it "
-                     f"(float32 {lim['float32_limit_tok_s']:,.0f}, int8 {lim['int8_limit_tok_s']:,.0f} tok/s)")
+        lines.append(
+            f"machine limit at batch 1 ({fmt} weights, {lim[f'{fmt}_weight_bytes_per_token'] / 1e6:.1f} MB "
+            f"per token / {lim[f'{fmt}_read_gb_per_s']:.1f} GB/s read): "
+            f"{lim[f'{fmt}_limit_tok_s']:,.0f} tok/s; our bare step: "
+            f"{_fmt(lim.get('ours_tok_per_cpu_s'))} tok/s = {_fmt(lim.get('ours_fraction_of_limit'))} of it "
+            f"(float32 {lim['float32_limit_tok_s']:,.0f}, int8 {lim['int8_limit_tok_s']:,.0f} tok/s)"
+        )
     ao = d.get("aoti")
     if ao:
         names = [n for n in ("aoti_float32", "fused", "torchscript") if f"{n}_bs1_cpu_ms_per_token" in ao]
-        lines += ["", f"AOTInductor step (compiled in {ao['compile_s']:.0f} s, {ao['package_bytes'] / 1e6:.1f} MB; "
-                      f"greedy tokens equal ours: {ao['greedy_tokens_match_ours_float32']}), bare steps, CPU ms per "
-                      f"token, medians of {ao['rounds']} interleaved rounds:"]
+        lines += [
+            "",
+            f"AOTInductor step (compiled in {ao['compile_s']:.0f} s, {ao['package_bytes'] / 1e6:.1f} MB; "
+            f"greedy tokens equal ours: {ao['greedy_tokens_match_ours_float32']}), bare steps, CPU ms per "
+            f"token, medians of {ao['rounds']} interleaved rounds:",
+        ]
         for b in ao["batches"]:
-            lines.append(f"  bs{b:<3}" + "   ".join(f"{n} {_fmt(ao[f'{n}_bs{b}_cpu_ms_per_token'])}" for n in names)
-                         + "   (" + ", ".join(f"{n}/aoti {_fmt(ao.get(f'{n}_vs_aoti_bs{b}'))}x" for n in names[1:])
-                         + " faster)")
+            lines.append(
+                f"  bs{b:<3}"
+                + "   ".join(f"{n} {_fmt(ao[f'{n}_bs{b}_cpu_ms_per_token'])}" for n in names)
+                + "   ("
+                + ", ".join(f"{n}/aoti {_fmt(ao.get(f'{n}_vs_aoti_bs{b}'))}x" for n in names[1:])
+                + " faster)"
+            )
     mem = d.get("memory")
     if mem:
-        parts = ("python_and_torch_import_mb", "app_import_mb", "weights_mb", "kv_cache_mb",
-                 "warm_up_and_compiled_steps_mb", "rest_mb")
-        lines += ["", "server RSS split (MB): " + ", ".join(f"{k[:-3]} {_fmt(mem.get(k))}" for k in parts)
-                  + (f" = peak {_fmt(mem['server_peak_mb'])}" if mem.get("server_peak_mb") else
-                     " (no server peak: run the http section for the rest)")]
+        parts = (
+            "python_and_torch_import_mb",
+            "app_import_mb",
+            "weights_mb",
+            "kv_cache_mb",
+            "warm_up_and_compiled_steps_mb",
+            "rest_mb",
+        )
+        lines += [
+            "",
+            "server RSS split (MB): "
+            + ", ".join(f"{k[:-3]} {_fmt(mem.get(k))}" for k in parts)
+            + (
+                f" = peak {_fmt(mem['server_peak_mb'])}"
+                if mem.get("server_peak_mb")
+                else " (no server peak: run the http section for the rest)"
+            ),
+        ]
     return lines
 
 
@@ -581,8 +787,11 @@ def plot(res: dict[str, Any], path: Path) -> bool:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     mi, st = res["model"], res["settings"]
-    fig.suptitle(f"{mi['source']} weights, {st['prompt_bytes']}+{st['max_new_tokens']} tokens, "
-                 f"{st['threads']} threads, {res['machine']['cpu_model']}", fontsize=9)
+    fig.suptitle(
+        f"{mi['source']} weights, {st['prompt_bytes']}+{st['max_new_tokens']} tokens, "
+        f"{st['threads']} threads, {res['machine']['cpu_model']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

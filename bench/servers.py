@@ -104,16 +104,23 @@ def _wait_ready(server: Server, path: str, timeout_s: float) -> None:
 
 
 @contextlib.contextmanager
-def serve(name: str, args: list[str], env: dict[str, str], port: int, ready_path: str,
-          timeout_s: float = 180.0) -> Iterator[Server]:
+def serve(
+    name: str, args: list[str], env: dict[str, str], port: int, ready_path: str, timeout_s: float = 180.0
+) -> Iterator[Server]:
     """Run `python ARGS` from the repository root until the block ends; yields once `ready_path` answers 200."""
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("SHORTCUT_")}  # reproducible settings
     full_env = {**inherited, **env}
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     log_file = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=full_env, stdout=log_file,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=full_env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     server = Server(name=name, proc=proc, base_url=f"http://127.0.0.1:{port}", log_path=Path(log_file.name))
     try:
         server.rss = RssSampler(proc.pid).start()
@@ -135,15 +142,22 @@ def serve(name: str, args: list[str], env: dict[str, str], port: int, ready_path
             os.unlink(log_file.name)
 
 
-def shortcut_server(checkpoint: Path, threads: int, max_batch_size: int, resid_norm_metrics: bool = True,
-                    name: str = "shortcut") -> contextlib.AbstractContextManager[Server]:
+def shortcut_server(
+    checkpoint: Path, threads: int, max_batch_size: int, resid_norm_metrics: bool = True, name: str = "shortcut"
+) -> contextlib.AbstractContextManager[Server]:
     """`python -m app` serving `checkpoint` alone on a free port."""
     port = free_port()
     env = {
-        "SHORTCUT_CHECKPOINT": str(checkpoint), "SHORTCUT_PORT": str(port), "SHORTCUT_HOST": "127.0.0.1",
-        "SHORTCUT_EXTRA_CHECKPOINTS_DIR": "", "SHORTCUT_MAX_BATCH_SIZE": str(max_batch_size),
-        "SHORTCUT_THREADS": str(threads), "SHORTCUT_LOG_LEVEL": "WARNING", "SHORTCUT_REQUEST_TIMEOUT_S": "3600",
-        "SHORTCUT_MAX_QUEUE": "1024", "SHORTCUT_RESID_NORM_METRICS": "true" if resid_norm_metrics else "false",
+        "SHORTCUT_CHECKPOINT": str(checkpoint),
+        "SHORTCUT_PORT": str(port),
+        "SHORTCUT_HOST": "127.0.0.1",
+        "SHORTCUT_EXTRA_CHECKPOINTS_DIR": "",
+        "SHORTCUT_MAX_BATCH_SIZE": str(max_batch_size),
+        "SHORTCUT_THREADS": str(threads),
+        "SHORTCUT_LOG_LEVEL": "WARNING",
+        "SHORTCUT_REQUEST_TIMEOUT_S": "3600",
+        "SHORTCUT_MAX_QUEUE": "1024",
+        "SHORTCUT_RESID_NORM_METRICS": "true" if resid_norm_metrics else "false",
     }
     return serve(name, ["-m", "app", "--host", "127.0.0.1", "--port", str(port)], env, port, "/ready")
 
@@ -151,6 +165,5 @@ def shortcut_server(checkpoint: Path, threads: int, max_batch_size: int, resid_n
 def naive_server(checkpoint: Path, threads: int) -> contextlib.AbstractContextManager[Server]:
     """`python -m bench.naive_server`: HF generate per request, on a free port."""
     port = free_port()
-    args = ["-m", "bench.naive_server", "--checkpoint", str(checkpoint), "--port", str(port),
-            "--threads", str(threads)]
+    args = ["-m", "bench.naive_server", "--checkpoint", str(checkpoint), "--port", str(port), "--threads", str(threads)]
     return serve("naive", args, {}, port, "/health")

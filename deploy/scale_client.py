@@ -59,8 +59,9 @@ class Result:
 def stream(base: str, tokens: int, seed: int, timeout: float = 180) -> Result:
     """POST /generate with stream=true; read the events as they come."""
     url = urllib.parse.urlsplit(base)
-    body = json.dumps({"prompt": PROMPT, "max_new_tokens": tokens, "temperature": 0.8, "seed": seed,
-                       "stream": True}).encode()
+    body = json.dumps(
+        {"prompt": PROMPT, "max_new_tokens": tokens, "temperature": 0.8, "seed": seed, "stream": True}
+    ).encode()
     r = Result(start=time.monotonic())
     conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout)
     try:
@@ -154,8 +155,9 @@ def describe_failures(results: list[Result], limit: int = 3) -> str:
 
 
 # ---- balanced -------------------------------------------------------------------------------------------------
-def cmd_balanced(base: str, replicas: dict[str, str], clients: int, seconds: float, tokens: int,
-                 out: str | None) -> int:
+def cmd_balanced(
+    base: str, replicas: dict[str, str], clients: int, seconds: float, tokens: int, out: str | None
+) -> int:
     before = {name: replica_counters(url) for name, url in replicas.items()}
     load = Load(base, clients, tokens).start()
     t0 = time.monotonic()
@@ -173,19 +175,37 @@ def cmd_balanced(base: str, replicas: dict[str, str], clients: int, seconds: flo
     tok_s = total_tokens / wall
     ttft = sorted(r.token_times[0] - r.start for r in ok if r.token_times)
     p50 = ttft[len(ttft) // 2] if ttft else float("nan")
-    print(f"  {clients} streaming clients for {wall:.1f}s, max_new_tokens={tokens}: {len(results)} requests, "
-          f"{len(results) - len(ok)} failed; {total_tokens} tokens = {tok_s:.0f} tokens/s aggregate, "
-          f"TTFT p50 {p50 * 1000:.0f} ms")
+    print(
+        f"  {clients} streaming clients for {wall:.1f}s, max_new_tokens={tokens}: {len(results)} requests, "
+        f"{len(results) - len(ok)} failed; {total_tokens} tokens = {tok_s:.0f} tokens/s aggregate, "
+        f"TTFT p50 {p50 * 1000:.0f} ms"
+    )
     for name in replicas:
         share = 100 * generated[name] / max(1.0, sum(generated.values()))
-        print(f"  {name}: /metrics counted {served[name]:.0f} finished requests, {generated[name]:.0f} tokens "
-              f"({share:.0f}%); the balancer's header named it on {by_header[name]}")
+        print(
+            f"  {name}: /metrics counted {served[name]:.0f} finished requests, {generated[name]:.0f} tokens "
+            f"({share:.0f}%); the balancer's header named it on {by_header[name]}"
+        )
     if out:
-        Path(out).write_text(json.dumps({
-            "replicas": list(replicas), "clients": clients, "max_new_tokens": tokens, "wall_s": wall,
-            "requests": len(results), "failed": len(results) - len(ok), "tokens": total_tokens,
-            "tokens_per_s": tok_s, "ttft_p50_s": p50, "per_replica_finished": served,
-            "per_replica_tokens": generated}, indent=2) + "\n")
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "replicas": list(replicas),
+                    "clients": clients,
+                    "max_new_tokens": tokens,
+                    "wall_s": wall,
+                    "requests": len(results),
+                    "failed": len(results) - len(ok),
+                    "tokens": total_tokens,
+                    "tokens_per_s": tok_s,
+                    "ttft_p50_s": p50,
+                    "per_replica_finished": served,
+                    "per_replica_tokens": generated,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     if len(ok) != len(results):
         return fail(f"{len(results) - len(ok)} requests failed: {describe_failures(results)}")
     if not results:
@@ -220,9 +240,11 @@ def cmd_sse(base: str, tokens: int, streams: int = 3, background: int = 6) -> in
         first, last = r.token_times[0] - r.start, r.token_times[-1] - r.start
         early = sum(t - r.start <= last / 2 for t in r.token_times) / r.tokens
         arrivals = len({round(t - r.start, 3) for t in r.token_times})
-        print(f"  {r.tokens} token events via {r.replica}: first after {first * 1000:.0f} ms, last after "
-              f"{last * 1000:.0f} ms, {100 * early:.0f}% of them in the first half, {arrivals} distinct arrival "
-              f"times (ms)")
+        print(
+            f"  {r.tokens} token events via {r.replica}: first after {first * 1000:.0f} ms, last after "
+            f"{last * 1000:.0f} ms, {100 * early:.0f}% of them in the first half, {arrivals} distinct arrival "
+            f"times (ms)"
+        )
         if not first < 0.5 * last:
             problems.append(f"{r.replica}: the first token did not arrive well before the last")
         elif arrivals < r.tokens / 4:
@@ -242,8 +264,9 @@ def wait_running(url: str, timeout: float = 60) -> bool:
     return False
 
 
-def run_during_load(base: str, victim_url: str, clients: int, tokens: int, command: list[str],
-                    after_s: float) -> tuple[list[Result], float, subprocess.CompletedProcess | None]:
+def run_during_load(
+    base: str, victim_url: str, clients: int, tokens: int, command: list[str], after_s: float
+) -> tuple[list[Result], float, subprocess.CompletedProcess | None]:
     """Start the load, wait until the victim runs requests, run `command`, keep the load `after_s` longer."""
     load = Load(base, clients, tokens).start()
     if not wait_running(victim_url):
@@ -268,10 +291,12 @@ def cmd_stop(base: str, victim: tuple[str, str], clients: int, tokens: int, comm
     # (a request sent just after the command but before the signal reached the app is still accepted
     # there, and drained like the others)
     late = sum(r.replica == name for r in after)
-    print(f"  `{' '.join(command)}` with {len(in_flight)} requests in flight on {name}; {len(results)} requests, "
-          f"{len(after)} started after the stop ({sum(r.ok for r in after)} ok; {late} still landed on {name} "
-          f"before the signal); {sum(r.ok for r in in_flight)}/{len(in_flight)} in flight on {name} finished "
-          f"with 200; requests after the stop were served by {sorted({r.replica for r in after})}")
+    print(
+        f"  `{' '.join(command)}` with {len(in_flight)} requests in flight on {name}; {len(results)} requests, "
+        f"{len(after)} started after the stop ({sum(r.ok for r in after)} ok; {late} still landed on {name} "
+        f"before the signal); {sum(r.ok for r in in_flight)}/{len(in_flight)} in flight on {name} finished "
+        f"with 200; requests after the stop were served by {sorted({r.replica for r in after})}"
+    )
     if failed:
         return fail(f"{len(failed)} requests failed: {describe_failures(failed)}")
     if not in_flight:
@@ -312,10 +337,12 @@ def cmd_kill(base: str, victim: tuple[str, str], stats: str, clients: int, token
     stray = [r for r in failed if r not in in_flight]
     after = [r for r in results if r.start >= t_kill]
     marked = f"{down:.1f} s" if down is not None else "never (within the step)"
-    print(f"  `{' '.join(command)}` with {len(in_flight)} requests in flight on {name}: "
-          f"{sum(not r.ok for r in in_flight)} of them failed; {len(after)} requests started after the kill, "
-          f"{sum(r.ok for r in after)} ok, served by {sorted({r.replica for r in after if r.ok})}; "
-          f"HAProxy marked {name} down after {marked}")
+    print(
+        f"  `{' '.join(command)}` with {len(in_flight)} requests in flight on {name}: "
+        f"{sum(not r.ok for r in in_flight)} of them failed; {len(after)} requests started after the kill, "
+        f"{sum(r.ok for r in after)} ok, served by {sorted({r.replica for r in after if r.ok})}; "
+        f"HAProxy marked {name} down after {marked}"
+    )
     if stray:
         return fail(f"{len(stray)} failures outside {name}'s in-flight requests: {describe_failures(stray)}")
     if not in_flight:
@@ -333,8 +360,11 @@ def cmd_prometheus(prom: str, replicas: int, timeout: float) -> int:
         up = prom_query(prom, 'up{job="shortcut-api"} == 1') or []
         tokens = prom_query(prom, 'sum by (instance) (shortcut_generation_tokens_total{job="shortcut-api"}) > 0') or []
         lb = prom_query(prom, 'up{job="haproxy"} == 1') or []
-        seen = {"up": sorted(r["metric"]["instance"] for r in up),
-                "with tokens": sorted(r["metric"]["instance"] for r in tokens), "haproxy up": len(lb)}
+        seen = {
+            "up": sorted(r["metric"]["instance"] for r in up),
+            "with tokens": sorted(r["metric"]["instance"] for r in tokens),
+            "haproxy up": len(lb),
+        }
         if len(seen["up"]) == len(seen["with tokens"]) == replicas and lb:
             print(f"  targets up: {seen['up']}; each has generated tokens; the balancer is scraped too")
             return 0
@@ -382,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("wanted", nargs="+")
     sv.add_argument("--timeout", type=float, default=60)
     argv = sys.argv[1:] if argv is None else argv
-    command = argv[argv.index("--") + 1:] if "--" in argv else []  # stop/kill: the command to run mid-load
-    a = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    command = argv[argv.index("--") + 1 :] if "--" in argv else []  # stop/kill: the command to run mid-load
+    a = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     try:
         if a.cmd == "prometheus":
             return cmd_prometheus(a.prom, a.replicas, a.timeout)

@@ -101,8 +101,10 @@ def cmd_generate(base: str) -> int:
     problem = check_generation(status, out)
     if problem:
         return fail(f"/generate: {problem}")
-    print(f"  /generate -> 200 in {elapsed:.2f}s, finish_reason={out['finish_reason']}, usage={out['usage']}, "
-          f"text={out['text'][:60]!r}")
+    print(
+        f"  /generate -> 200 in {elapsed:.2f}s, finish_reason={out['finish_reason']}, usage={out['usage']}, "
+        f"text={out['text'][:60]!r}"
+    )
     status2, out2, _ = generate(base, 24)
     if status2 == 200 and out2.get("text") != out["text"]:
         return fail("same prompt and seed gave different text")
@@ -166,8 +168,11 @@ def prom_rules(prom: str) -> list[dict] | None:
 
 def cmd_rules(prom: str, timeout: float) -> int:
     """Every rule loaded and healthy once evaluated; the latency quantile series exist (NaN while idle is fine)."""
-    names = ["job:shortcut_e2e_request_latency_seconds:p95_5m", "job:shortcut_time_to_first_token_seconds:p50_5m",
-             "job:shortcut_inter_token_latency_seconds:p99_5m"]
+    names = [
+        "job:shortcut_e2e_request_latency_seconds:p95_5m",
+        "job:shortcut_time_to_first_token_seconds:p50_5m",
+        "job:shortcut_inter_token_latency_seconds:p99_5m",
+    ]
     deadline, rules, results = time.monotonic() + timeout, None, {}
     while time.monotonic() < deadline:
         rules = prom_rules(prom)
@@ -275,8 +280,10 @@ def cmd_drain(base: str, stop: list[str], tokens: int | None, concurrency: int) 
     bad = [r for r in results if r[1] not in (200, 503, REFUSED) or (r[1] == 200 and check_generation(200, r[2]))]
     drained = [r for r in completed if t_503 is not None and r[0] > t_503]
     statuses = sorted({"refused" if r[1] == REFUSED else r[1] for r in results})
-    print(f"  /ready -> {'503 once the drain began' if t_503 else 'never 503'}; {len(results)} answers {statuses}; "
-          f"{len(drained)} requests finished with 200 after /ready turned 503")
+    print(
+        f"  /ready -> {'503 once the drain began' if t_503 else 'never 503'}; {len(results)} answers {statuses}; "
+        f"{len(drained)} requests finished with 200 after /ready turned 503"
+    )
     if bad:
         return fail("requests lost or failed: " + "; ".join(f"{r[1]} {json.dumps(r[2])[:150]}" for r in bad[:3]))
     if t_503 is None:

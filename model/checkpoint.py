@@ -173,8 +173,9 @@ def _check_header_shapes(path: Path, header: dict[str, Any], config: ModelConfig
         )
     for name, ref in expected.items():
         if list(ref) != declared[name]:
-            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(declared[name] or ())}, "
-                                  f"config implies {ref}")
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {tuple(declared[name] or ())}, config implies {ref}"
+            )
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:

@@ -191,16 +191,30 @@ def _pack(model: "Transformer", packed: bool) -> DecodeWeights:
 
     layers = [
         LayerWeights(
-            b.ln_1.weight.detach(), vec(b.ln_1.bias, C), mat(b.attn.c_attn), vec(b.attn.c_attn.bias, 3 * C),
-            mat(b.attn.c_proj), vec(b.attn.c_proj.bias, C),
-            b.ln_2.weight.detach(), vec(b.ln_2.bias, C), mat(b.mlp.c_fc), vec(b.mlp.c_fc.bias, cfg.d_ff),
-            mat(b.mlp.c_proj), vec(b.mlp.c_proj.bias, C),
+            b.ln_1.weight.detach(),
+            vec(b.ln_1.bias, C),
+            mat(b.attn.c_attn),
+            vec(b.attn.c_attn.bias, 3 * C),
+            mat(b.attn.c_proj),
+            vec(b.attn.c_proj.bias, C),
+            b.ln_2.weight.detach(),
+            vec(b.ln_2.bias, C),
+            mat(b.mlp.c_fc),
+            vec(b.mlp.c_fc.bias, cfg.d_ff),
+            mat(b.mlp.c_proj),
+            vec(b.mlp.c_proj.bias, C),
         )
         for b in model.blocks
     ]
     wte = model.wte.weight.detach()
-    return DecodeWeights(wte, model.wpe.weight.detach(), wte.t().contiguous(), model.ln_f.weight.detach(),
-                         vec(model.ln_f.bias, C), layers)
+    return DecodeWeights(
+        wte,
+        model.wpe.weight.detach(),
+        wte.t().contiguous(),
+        model.ln_f.weight.detach(),
+        vec(model.ln_f.bias, C),
+        layers,
+    )
 
 
 def float16_weights_available(device: torch.device | str = "cpu") -> bool:
@@ -246,8 +260,9 @@ def _update(x: torch.Tensor, f: torch.Tensor, g: torch.Tensor | None, residual: 
     return torch.where(g == 0, x, g * f)
 
 
-def _embed(tokens: torch.Tensor, pos: torch.Tensor, n_keys: int, S: int, w: DecodeWeights, nh: int
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _embed(
+    tokens: torch.Tensor, pos: torch.Tensor, n_keys: int, S: int, w: DecodeWeights, nh: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x (B, C), the flat cache slot of each (row, head) (B*nh,), the additive attention mask) of a step."""
     B = tokens.shape[0]
     rows = torch.arange(B, device=pos.device)
@@ -262,8 +277,18 @@ def _embed(tokens: torch.Tensor, pos: torch.Tensor, n_keys: int, S: int, w: Deco
     return x, slot, mask
 
 
-def _attention(x: torch.Tensor, lw: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor,
-               mask: torch.Tensor, n_keys: int, nh: int, scale: float, packed: bool) -> torch.Tensor:
+def _attention(
+    x: torch.Tensor,
+    lw: LayerWeights,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: torch.Tensor,
+    mask: torch.Tensor,
+    n_keys: int,
+    nh: int,
+    scale: float,
+    packed: bool,
+) -> torch.Tensor:
     """The attention part's F(x) (B, C) for one new token per row; writes its keys/values into one layer's cache."""
     B, C, S = x.shape[0], x.shape[1], k_cache.shape[2]
     hd = C // nh
@@ -287,8 +312,16 @@ def _mlp(x: torch.Tensor, lw: LayerWeights, packed: bool) -> torch.Tensor:
 
 
 def _decode_step(
-    tokens: torch.Tensor, pos: torch.Tensor, n_keys: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    w: DecodeWeights, n_head: int, scale: float, residual: bool, packed: bool,
+    tokens: torch.Tensor,
+    pos: torch.Tensor,
+    n_keys: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    w: DecodeWeights,
+    n_head: int,
+    scale: float,
+    residual: bool,
+    packed: bool,
 ) -> torch.Tensor:
     """One step of every row, nothing changed or traced (the common case): logits (B, vocab)."""
     x, slot, mask = _embed(tokens, pos, n_keys, k_cache.shape[3], w, n_head)
@@ -301,9 +334,18 @@ def _decode_step(
 
 
 def _gated_decode_step(
-    tokens: torch.Tensor, pos: torch.Tensor, n_keys: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    w: DecodeWeights, n_head: int, scale: float, residual: bool, packed: bool,
-    gates: torch.Tensor | None, trace_rows: torch.Tensor | None,
+    tokens: torch.Tensor,
+    pos: torch.Tensor,
+    n_keys: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    w: DecodeWeights,
+    n_head: int,
+    scale: float,
+    residual: bool,
+    packed: bool,
+    gates: torch.Tensor | None,
+    trace_rows: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`_decode_step` with per-row gates (B, L, 2) on each part's F(x) and the stream of the `trace_rows`."""
     x, slot, mask = _embed(tokens, pos, n_keys, k_cache.shape[3], w, n_head)

@@ -62,7 +62,6 @@ class DiagnosticsOptions:
             raise ValueError(problem[1])
 
 
-
 def run_diagnostics(
     model: Transformer, ids: list[int], opts: DiagnosticsOptions, model_info: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -188,8 +187,9 @@ def stream_trace(model: Transformer, stream: torch.Tensor, lens_top: list[int]) 
         s = stream.float()
         norms = torch.linalg.vector_norm(s, dim=-1)  # (L + 1, R)
         ratio = torch.linalg.vector_norm(s[1:] - s[:-1], dim=-1) / norms[:-1].clamp_min(EPS)  # (L, R)
-        rows = [{"resid_norm": n, "update_ratio": u} for n, u in zip(norms[1:].T.tolist(), ratio.T.tolist(),
-                                                                        strict=True)]
+        rows = [
+            {"resid_norm": n, "update_ratio": u} for n, u in zip(norms[1:].T.tolist(), ratio.T.tolist(), strict=True)
+        ]
         k = max(lens_top, default=0)
         if k > 0:
             probs = F.softmax(model.unembed(model.ln_f(s[1:])).float(), dim=-1)  # (L, R, V)
@@ -365,8 +365,11 @@ def _layer_stats(resid: list[dict[str, torch.Tensor]]) -> LayerStats:
     n_upd = torch.linalg.vector_norm(update, dim=-1)  # (L, T)
     return LayerStats(
         norms=dict(zip(RESID_NAMES, norms.unbind(0), strict=True)),
-        update_ratio={"attn": n_attn / n_pre.clamp_min(EPS), "mlp": n_mlp / n_mid.clamp_min(EPS),
-                      "block": n_upd / n_pre.clamp_min(EPS)},
+        update_ratio={
+            "attn": n_attn / n_pre.clamp_min(EPS),
+            "mlp": n_mlp / n_mid.clamp_min(EPS),
+            "block": n_upd / n_pre.clamp_min(EPS),
+        },
         cos_update=_cos(pre, update, n_pre, n_upd).mean(-1),
         block_influence=1.0 - _cos(pre, post, n_pre, n_post).mean(-1),
     )

@@ -60,8 +60,10 @@ class PromptTooLongError(InvalidRequestError):
 
     def describe(self, max_new_name: str = "max_new_tokens") -> str:
         """The message, naming the new-token limit as the caller's API does."""
-        return (f"prompt ({self.n_prompt} tokens) + {max_new_name} ({self.max_new_tokens}) = "
-                f"{self.n_prompt + self.max_new_tokens} exceeds the context window of {self.window} tokens")
+        return (
+            f"prompt ({self.n_prompt} tokens) + {max_new_name} ({self.max_new_tokens}) = "
+            f"{self.n_prompt + self.max_new_tokens} exceeds the context window of {self.window} tokens"
+        )
 
 
 class QueueFullError(EngineError):
@@ -346,10 +348,16 @@ class Engine:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         req = _Request(
-            id=next(self._ids), prompt=list(prompt), params=params, seed=seed, loop=loop,
-            queue=asyncio.Queue(), t_submit=now,
+            id=next(self._ids),
+            prompt=list(prompt),
+            params=params,
+            seed=seed,
+            loop=loop,
+            queue=asyncio.Queue(),
+            t_submit=now,
             deadline=now + self.request_timeout_s if self.request_timeout_s else None,
-            generator=torch.Generator().manual_seed(seed), text=TextStream(params.stop),
+            generator=torch.Generator().manual_seed(seed),
+            text=TextStream(params.stop),
             gates=params.intervention.gates(self.config.n_layer).to(self.device) if params.intervention else None,
             controls=LogitControls.create(list(prompt), params, self.config.vocab_size, self.device),
         )
@@ -518,8 +526,12 @@ class Engine:
         want_norms = self.observer.wants_resid_norms
         traced = [i for i, r in enumerate(batch) if r.params.traced]
         out = self.model(
-            idx, cache=self.cache.rows(row, row + n), pos=torch.zeros(n, dtype=torch.long, device=self.device),
-            return_resid=want_norms or bool(traced), at=last, gates=self._gates(batch),
+            idx,
+            cache=self.cache.rows(row, row + n),
+            pos=torch.zeros(n, dtype=torch.long, device=self.device),
+            return_resid=want_norms or bool(traced),
+            at=last,
+            gates=self._gates(batch),
         )
         if want_norms:
             for i in range(n):
@@ -545,8 +557,9 @@ class Engine:
         ones = torch.ones(self.config.n_layer, 2, device=self.device)
         return torch.stack([r.gates if r.gates is not None else ones for r in batch])
 
-    def _traces(self, batch: list[_Request], traced: list[int], stream: torch.Tensor,
-                positions: list[int]) -> list[dict[str, Any] | None]:
+    def _traces(
+        self, batch: list[_Request], traced: list[int], stream: torch.Tensor, positions: list[int]
+    ) -> list[dict[str, Any] | None]:
         """Per row of the batch, the trace of the position that produced its next token (None if not asked).
 
         `stream` (L + 1, R, C) holds the traced rows' embedding and resid_post of every layer at `positions`.
@@ -573,8 +586,9 @@ class Engine:
         traces = self._traces(batch, traced, stream, positions) if stream is not None else None
         self._sample_and_emit(batch, logits, traces)
 
-    def _sample_and_emit(self, batch: list[_Request], logits: torch.Tensor,
-                         traces: list[dict[str, Any] | None] | None = None) -> None:
+    def _sample_and_emit(
+        self, batch: list[_Request], logits: torch.Tensor, traces: list[dict[str, Any] | None] | None = None
+    ) -> None:
         now = time.perf_counter()
         controls = [r.controls for r in batch]
         adjusted = adjust_logits(logits, controls)  # logit bias and penalties; logprobs stay the model's (raw)
@@ -584,8 +598,11 @@ class Engine:
             temp = torch.tensor([r.params.temperature for r in batch], device=self.device)
             top_k = torch.tensor([r.params.top_k for r in batch], device=self.device)
             top_p = torch.tensor([r.params.top_p for r in batch], device=self.device)
-            min_p = (torch.tensor([r.params.min_p for r in batch], device=self.device)
-                     if any(r.params.min_p > 0 for r in batch) else None)
+            min_p = (
+                torch.tensor([r.params.min_p for r in batch], device=self.device)
+                if any(r.params.min_p > 0 for r in batch)
+                else None
+            )
             chosen = sample_rows(adjusted, temp, top_k, top_p, [r.generator for r in batch], min_p)  # (B,)
         n_lp = max(r.params.logprobs for r in batch)
         lp = top_logprobs(logits, chosen, n_lp) if n_lp > 0 else None
@@ -656,8 +673,18 @@ class Engine:
             "total_s": now - r.t_submit,
         }
         self.observer.on_finish(reason, now - r.t_submit, r.n_generated)
-        self._emit(r, FinishEvent(reason=reason, text=r.text.text, prompt_tokens=len(r.prompt),
-                                  completion_tokens=r.n_generated, seed=r.seed, timings=timings, error=error))
+        self._emit(
+            r,
+            FinishEvent(
+                reason=reason,
+                text=r.text.text,
+                prompt_tokens=len(r.prompt),
+                completion_tokens=r.n_generated,
+                seed=r.seed,
+                timings=timings,
+                error=error,
+            ),
+        )
 
 
 def _resolve(fut: Future, result: Any = None, error: BaseException | None = None) -> None:

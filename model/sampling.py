@@ -86,8 +86,13 @@ class LogitControls:
     bias: torch.Tensor | None
 
     @classmethod
-    def create(cls, prompt: list[int], params: Any, vocab_size: int, device: torch.device | str = "cpu",
-               ) -> LogitControls | None:
+    def create(
+        cls,
+        prompt: list[int],
+        params: Any,
+        vocab_size: int,
+        device: torch.device | str = "cpu",
+    ) -> LogitControls | None:
         """The state for a request with `params` (a SamplingParams), or None when it asks for no control."""
         pres, freq, rep = params.presence_penalty, params.frequency_penalty, params.repetition_penalty
         if pres == 0 and freq == 0 and rep == 1 and not params.logit_bias:
@@ -128,8 +133,14 @@ def apply_logit_bias(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return logits + bias
 
 
-def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor,
-                    repetition: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,
+    counts: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+    repetition: torch.Tensor,
+    seen: torch.Tensor,
+) -> torch.Tensor:
     """The penalties of logits (B, V), per row.
 
     counts (B, V): how often each token was generated so far; presence, frequency (B,): OpenAI's definition,
@@ -151,15 +162,18 @@ def adjust_logits(logits: torch.Tensor, controls: list[LogitControls | None]) ->
     zeros = torch.zeros(V, device=logits.device)
     bias = [c.bias for c in controls if c is not None and c.bias is not None]
     if bias:
-        logits = apply_logit_bias(logits, torch.stack([c.bias if c is not None and c.bias is not None else zeros
-                                                       for c in controls]))
+        logits = apply_logit_bias(
+            logits, torch.stack([c.bias if c is not None and c.bias is not None else zeros for c in controls])
+        )
     no_prompt = torch.zeros(V, dtype=torch.bool, device=logits.device)
     counts = torch.stack([c.counts if c is not None else zeros for c in controls])  # (B, V)
-    seen = torch.stack([c.in_prompt if c is not None and c.in_prompt is not None else no_prompt
-                        for c in controls]) | (counts > 0)
+    seen = torch.stack([c.in_prompt if c is not None and c.in_prompt is not None else no_prompt for c in controls]) | (
+        counts > 0
+    )
     presence, frequency, repetition = (
         torch.tensor([getattr(c, name) if c is not None else default for c in controls], device=logits.device)
-        for name, default in (("presence", 0.0), ("frequency", 0.0), ("repetition", 1.0)))
+        for name, default in (("presence", 0.0), ("frequency", 0.0), ("repetition", 1.0))
+    )
     return apply_penalties(logits, counts, presence, frequency, repetition, seen)
 
 

@@ -67,8 +67,10 @@ class Intervention:
 
     def to_dict(self) -> dict[str, list[dict[str, object]]]:
         """The JSON form the API takes and echoes."""
-        return {"skip": [{"layer": l, "part": p} for l, p in self.skip],
-                "scale": [{"layer": l, "part": p, "factor": f} for l, p, f in self.scale]}
+        return {
+            "skip": [{"layer": l, "part": p} for l, p in self.skip],
+            "scale": [{"layer": l, "part": p, "factor": f} for l, p, f in self.scale],
+        }
 
     def parts(self) -> set[str]:
         """The parts this intervention touches (for counting)."""

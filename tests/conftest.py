@@ -129,8 +129,14 @@ def app_settings(checkpoint: Path, **overrides: object) -> Settings:
     Host header (in-process clients send their own, e.g. TestClient's `testserver`; live servers keep the default)."""
     from app.settings import Settings
 
-    base = {"checkpoint": checkpoint, "model_name": "tiny", "warmup": False, "threads": 1,
-            "extra_checkpoints_dir": None, "allowed_hosts": ("*",)}
+    base = {
+        "checkpoint": checkpoint,
+        "model_name": "tiny",
+        "warmup": False,
+        "threads": 1,
+        "extra_checkpoints_dir": None,
+        "allowed_hosts": ("*",),
+    }
     return Settings(**{**base, **overrides})
 
 
@@ -144,8 +150,9 @@ def make_client(app_checkpoint: Path) -> Iterator[Callable[..., TestClient]]:
     clients: list[TestClient] = []
 
     def factory(checkpoint: Path | None = None, **overrides: object) -> TestClient:
-        client = TestClient(create_app(app_settings(checkpoint or app_checkpoint, **overrides)),
-                            raise_server_exceptions=False)
+        client = TestClient(
+            create_app(app_settings(checkpoint or app_checkpoint, **overrides)), raise_server_exceptions=False
+        )
         client.__enter__()
         clients.append(client)
         return client

@@ -49,10 +49,17 @@ def free_port() -> int:
 def server_env(checkpoint: Path, **settings: object) -> dict[str, str]:
     """The environment for `python -m app`: no inherited SHORTCUT_*, one thread, no extra checkpoints."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHORTCUT_")}
-    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
-               OMP_NUM_THREADS="1")
-    base = {"checkpoint": checkpoint, "model_name": "tiny", "warmup": False, "threads": 1,
-            "extra_checkpoints_dir": "", "log_level": "WARNING"}
+    env.update(
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p), OMP_NUM_THREADS="1"
+    )
+    base = {
+        "checkpoint": checkpoint,
+        "model_name": "tiny",
+        "warmup": False,
+        "threads": 1,
+        "extra_checkpoints_dir": "",
+        "log_level": "WARNING",
+    }
     for k, v in {**base, **settings}.items():
         env[f"SHORTCUT_{k.upper()}"] = str(v).lower() if isinstance(v, bool) else str(v)
     return env
@@ -70,8 +77,13 @@ def launch(checkpoint: Path, log_dir: Path, step_delay_s: float = 0.0, **setting
     if step_delay_s > 0:
         module, env["TEST_STEP_DELAY_S"] = "tests.slow_app", str(step_delay_s)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     server = Server(f"http://127.0.0.1:{port}", proc, log_path)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:

@@ -92,8 +92,9 @@ def main() -> None:
         raise SystemExit(MISSING)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as logs:
-        server = launch(DEFAULT_CHECKPOINT, Path(logs), model_name="shakespeare",
-                        extra_checkpoints_dir=CHECKPOINTS_DIR, warmup=True)
+        server = launch(
+            DEFAULT_CHECKPOINT, Path(logs), model_name="shakespeare", extra_checkpoints_dir=CHECKPOINTS_DIR, warmup=True
+        )
         try:
             take(server.url, args.out)
         finally:

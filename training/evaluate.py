@@ -129,9 +129,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", choices=("val", "train", "all"), default="val")
     p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--weights", choices=("float32", "float16"), default="float32",
-                   help="float16: round every Linear weight to float16 first, as SHORTCUT_DECODE_WEIGHTS=float16 "
-                        "stores them (the arithmetic stays float32)")
+    p.add_argument(
+        "--weights",
+        choices=("float32", "float16"),
+        default="float32",
+        help="float16: round every Linear weight to float16 first, as SHORTCUT_DECODE_WEIGHTS=float16 "
+        "stores them (the arithmetic stays float32)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.threads:

@@ -133,9 +133,7 @@ def _opt_tensors(opt: torch.optim.AdamW) -> dict[str, torch.Tensor]:
 def _load_opt_tensors(opt: torch.optim.AdamW, extra: dict[str, torch.Tensor]) -> None:
     sd = opt.state_dict()
     n_params = sum(len(g["params"]) for g in sd["param_groups"])
-    sd["state"] = {
-        i: {k: extra[f"opt.{i}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")} for i in range(n_params)
-    }
+    sd["state"] = {i: {k: extra[f"opt.{i}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")} for i in range(n_params)}
     opt.load_state_dict(sd)
 
 
@@ -207,8 +205,13 @@ def train(
         }
 
     def save_resume() -> None:
-        state = {"step": step, "tokens_seen": tokens_seen, "best_val": best_val, "history": history,
-                 "elapsed_s": elapsed + time.monotonic() - t0}
+        state = {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "best_val": best_val,
+            "history": history,
+            "elapsed_s": elapsed + time.monotonic() - t0,
+        }
         save_checkpoint(model, resume_path, {**meta(best_val), "train_state": state}, extra=_opt_tensors(opt))
 
     t0 = time.monotonic()
@@ -227,8 +230,16 @@ def train(
         done = step == tc.max_steps or (deadline is not None and now > deadline)
         if step % tc.eval_every == 0 or done:
             val = estimate_loss(model, val_split, tc, seed=tc.seed + 7)
-            history.append({"step": step, "train_loss": running, "val_loss": val, "tokens_seen": tokens_seen,
-                            "elapsed_s": round(elapsed + now - t0, 1), "lr": lr_at(step - 1, tc)})
+            history.append(
+                {
+                    "step": step,
+                    "train_loss": running,
+                    "val_loss": val,
+                    "tokens_seen": tokens_seen,
+                    "elapsed_s": round(elapsed + now - t0, 1),
+                    "lr": lr_at(step - 1, tc),
+                }
+            )
             log.info("step %d train %.4f val %.4f (%.0f s)", step, running, val, elapsed + now - t0)
             if val < best_val:
                 best_val = val
@@ -237,13 +248,26 @@ def train(
             (out.with_name(out.stem + ".history.json")).write_text(json.dumps(history, indent=1))
             plot_history(history, out.with_name(out.stem + ".loss.png"))
         elif step % 25 == 0:
-            history.append({"step": step, "train_loss": running, "val_loss": None, "tokens_seen": tokens_seen,
-                            "elapsed_s": round(elapsed + now - t0, 1), "lr": lr_at(step - 1, tc)})
+            history.append(
+                {
+                    "step": step,
+                    "train_loss": running,
+                    "val_loss": None,
+                    "tokens_seen": tokens_seen,
+                    "elapsed_s": round(elapsed + now - t0, 1),
+                    "lr": lr_at(step - 1, tc),
+                }
+            )
         if done:
             break
     bar.close()
-    return {"steps": step, "best_val_loss": best_val, "tokens_seen": tokens_seen,
-            "elapsed_s": round(elapsed + time.monotonic() - t0, 1), "params": model.num_params()}
+    return {
+        "steps": step,
+        "best_val_loss": best_val,
+        "tokens_seen": tokens_seen,
+        "elapsed_s": round(elapsed + time.monotonic() - t0, 1),
+        "params": model.num_params(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -257,8 +281,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d-model", type=int, default=d.d_model)
     p.add_argument("--d-ff", type=int, default=None, help="default 4 * d_model")
     p.add_argument("--block-size", type=int, default=d.block_size)
-    p.add_argument("--dropout", type=float, default=None,
-                   help=f"default {d.dropout}; with --resume, replaces the resumed run's dropout")
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        help=f"default {d.dropout}; with --resume, replaces the resumed run's dropout",
+    )
     p.add_argument("--attn-dropout", type=float, default=d.attn_dropout)
     p.add_argument("--no-residual", action="store_true", help="drop the shortcut (depth study only)")
     p.add_argument("--batch-size", type=int, default=t.batch_size)
@@ -277,14 +305,36 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
-    mc = ModelConfig(n_layer=a.n_layer, n_head=a.n_head, d_model=a.d_model, d_ff=a.d_ff or 4 * a.d_model,
-                     block_size=a.block_size, dropout=a.dropout if a.dropout is not None else d.dropout,
-                     attn_dropout=a.attn_dropout, residual=not a.no_residual)
-    tc = TrainConfig(batch_size=a.batch_size, lr=a.lr, min_lr=a.min_lr if a.min_lr is not None else a.lr / 10,
-                     warmup_steps=a.warmup_steps, max_steps=a.max_steps, eval_every=a.eval_every,
-                     weight_decay=a.weight_decay, seed=a.seed)
-    summary = train(a.data, a.out, mc, tc, resume=a.resume, resume_dropout=a.dropout, max_minutes=a.max_minutes,
-                    progress=not a.no_progress)
+    mc = ModelConfig(
+        n_layer=a.n_layer,
+        n_head=a.n_head,
+        d_model=a.d_model,
+        d_ff=a.d_ff or 4 * a.d_model,
+        block_size=a.block_size,
+        dropout=a.dropout if a.dropout is not None else d.dropout,
+        attn_dropout=a.attn_dropout,
+        residual=not a.no_residual,
+    )
+    tc = TrainConfig(
+        batch_size=a.batch_size,
+        lr=a.lr,
+        min_lr=a.min_lr if a.min_lr is not None else a.lr / 10,
+        warmup_steps=a.warmup_steps,
+        max_steps=a.max_steps,
+        eval_every=a.eval_every,
+        weight_decay=a.weight_decay,
+        seed=a.seed,
+    )
+    summary = train(
+        a.data,
+        a.out,
+        mc,
+        tc,
+        resume=a.resume,
+        resume_dropout=a.dropout,
+        max_minutes=a.max_minutes,
+        progress=not a.no_progress,
+    )
     print(json.dumps(summary))
 
 

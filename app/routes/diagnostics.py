@@ -32,7 +32,8 @@ class DiagnosticsRequest(BaseModel):
     model: ModelName | None = None
     per_token: Flag = Field(False, description="include per-position norms")
     logit_lens: Annotated[int, Field(ge=0, le=256), BeforeValidator(not_a_bool)] = Field(
-        0, description="top-K tokens per layer from the logit lens; 0 = off")
+        0, description="top-K tokens per layer from the logit lens; 0 = off"
+    )
     gradients: Flag = Field(False, description="gradient norm reaching each layer's input")
     ablation: Flag = Field(False, description="loss change when each block / attention / MLP is skipped")
     format: Literal["json", "text"] | None = Field(None, description="default json; text for a terminal report")
@@ -56,17 +57,31 @@ async def _diagnose(req: DiagnosticsRequest, request: Request, intervention: Int
     ids = tokenizer.encode(req.prompt)
     window = served.checkpoint.config.block_size
     if len(ids) > window:
-        raise APIError(400, f"prompt is {len(ids)} tokens; the context window is {window} tokens", param="prompt",
-                       code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"prompt is {len(ids)} tokens; the context window is {window} tokens",
+            param="prompt",
+            code="context_length_exceeded",
+        )
     c = served.checkpoint.config
     iv = intervention.to_engine() if intervention is not None else None
     problem = iv.problem(c.n_layer) if iv is not None else None
     if problem is not None:
         raise APIError(400, problem[1], param=problem[0], code="invalid_value")
-    opts = DiagnosticsOptions(per_token=req.per_token, logit_lens=req.logit_lens, gradients=req.gradients,
-                              ablation=req.ablation, intervention=iv)
-    info = {"name": served.name, "n_layer": c.n_layer, "d_model": c.d_model, "residual": c.residual,
-            "checkpoint_sha256": served.sha256}
+    opts = DiagnosticsOptions(
+        per_token=req.per_token,
+        logit_lens=req.logit_lens,
+        gradients=req.gradients,
+        ablation=req.ablation,
+        intervention=iv,
+    )
+    info = {
+        "name": served.name,
+        "n_layer": c.n_layer,
+        "d_model": c.d_model,
+        "residual": c.residual,
+        "checkpoint_sha256": served.sha256,
+    }
     engine = served.engine
     if engine.n_jobs >= max(1, request.app.state.settings.max_queue):
         raise APIError(429, "too many diagnostics requests queued", code="queue_full", headers={"Retry-After": "1"})
@@ -105,8 +120,13 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-TEXT_OR_JSON = {200: {"model": DiagnosticsResponse, "content": {"text/plain": {}},
-                      "description": "diagnostics as JSON, or a plain-text report with format=text"}}
+TEXT_OR_JSON = {
+    200: {
+        "model": DiagnosticsResponse,
+        "content": {"text/plain": {}},
+        "description": "diagnostics as JSON, or a plain-text report with format=text",
+    }
+}
 
 
 @router.get("/diagnostics", responses=TEXT_OR_JSON)

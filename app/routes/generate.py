@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator
 
@@ -25,6 +24,7 @@ from app.schemas import (
     Trace,
 )
 from app.service import ServedModel
+from app.sse import sse_event
 from model import tokenizer
 from model.engine import FinishEvent, SamplingParams, TokenEvent
 
@@ -40,16 +40,25 @@ def token_info(ev: TokenEvent) -> TokenInfo:
     return TokenInfo(id=ev.token_id, text=tokenizer.token_text(ev.token_id), logprob=ev.logprob, top_logprobs=tops)
 
 
-def build_response(rid: str, served: ServedModel, tokens: list[TokenEvent], fin: FinishEvent,
-                   params: SamplingParams) -> GenerateResponse:
+def build_response(
+    rid: str, served: ServedModel, tokens: list[TokenEvent], fin: FinishEvent, params: SamplingParams
+) -> GenerateResponse:
     """The /generate result object."""
     iv = params.intervention
     return GenerateResponse(
-        id=rid, model=served.name, text=fin.text, finish_reason=fin.reason,
-        usage={"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
-               "total_tokens": fin.prompt_tokens + fin.completion_tokens},
+        id=rid,
+        model=served.name,
+        text=fin.text,
+        finish_reason=fin.reason,
+        usage={
+            "prompt_tokens": fin.prompt_tokens,
+            "completion_tokens": fin.completion_tokens,
+            "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+        },
         tokens=[token_info(t) for t in tokens] if params.logprobs > 0 else None,
-        timings=fin.timings, seed=fin.seed, checkpoint_sha256=served.sha256,
+        timings=fin.timings,
+        seed=fin.seed,
+        checkpoint_sha256=served.sha256,
         intervention=InterventionSpec.model_validate(iv.to_dict()) if iv is not None else None,
         trace=Trace(tokens=[t.trace for t in tokens]) if params.traced else None,
     )
@@ -57,25 +66,39 @@ def build_response(rid: str, served: ServedModel, tokens: list[TokenEvent], fin:
 
 def sse(event: str, data: dict) -> str:
     """One Server-Sent Event."""
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return sse_event(data, event)
 
 
-@router.post("/generate", response_model=GenerateResponse,
-             responses={200: {"content": {"text/event-stream": {}},
-                              "description": "JSON, or Server-Sent Events when stream=true"}})
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "JSON, or Server-Sent Events when stream=true"}
+    },
+)
 async def generate(body: GenerateRequest, request: Request):
     """Continue `prompt`. With `stream: true`, Server-Sent Events: `token` per token, then `done` (or `error`)."""
     served = get_served(request, body.model)
     n_prompt = len(tokenizer.encode(body.prompt))
     settings = request.app.state.settings
     max_new = body.max_new_tokens or default_max_new(served, n_prompt, settings.default_max_new_tokens)
-    params = SamplingParams(max_new_tokens=max_new, temperature=body.temperature, top_k=body.top_k,
-                            top_p=body.top_p, stop=stop_tuple(body.stop), seed=body.seed, logprobs=body.logprobs,
-                            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                            repetition_penalty=body.repetition_penalty, min_p=body.min_p,
-                            logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
-                            intervention=body.intervention.to_engine() if body.intervention else None,
-                            trace=body.trace, logit_lens_top=body.logit_lens_top)
+    params = SamplingParams(
+        max_new_tokens=max_new,
+        temperature=body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        stop=stop_tuple(body.stop),
+        seed=body.seed,
+        logprobs=body.logprobs,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        min_p=body.min_p,
+        logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
+        intervention=body.intervention.to_engine() if body.intervention else None,
+        trace=body.trace,
+        logit_lens_top=body.logit_lens_top,
+    )
     handle, _ = submit(served, body.prompt, params)
     rid = f"gen-{uuid.uuid4().hex[:24]}"
     if not body.stream:
@@ -99,11 +122,13 @@ async def generate(body: GenerateRequest, request: Request):
             if err is not None:
                 yield sse("error", error_body(err.status, err.message, err.param, err.code))
             else:
-                yield sse("done", {"type": "done", **build_response(rid, served, tokens, ev, params)
-                                   .model_dump(mode="json")})
+                yield sse(
+                    "done", {"type": "done", **build_response(rid, served, tokens, ev, params).model_dump(mode="json")}
+                )
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)

@@ -60,9 +60,16 @@ async def info(request: Request) -> dict:
     }
 
 
-@router.get("/metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                             "description": "Prometheus text exposition format"}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus text exposition format",
+        }
+    },
+)
 async def metrics(request: Request) -> Response:
     """Prometheus exposition of every service metric."""
     # built in a worker thread: a large exposition must never hold up the event loop (and so the token streams)

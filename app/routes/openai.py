@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import time
 import uuid
@@ -43,6 +42,7 @@ from app.schemas import (
     OpenAIRequest,
 )
 from app.service import ServedModel
+from app.sse import sse_event
 from model import tokenizer
 from model.engine import MAX_SEED, EngineError, FinishEvent, RequestHandle, SamplingParams, TokenEvent
 from model.transformer import Transformer
@@ -102,15 +102,18 @@ def unsupported(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param=param, code="unsupported_parameter")
 
 
-def _refuse_extra(extra: dict[str, object] | None, table: dict[str, tuple[tuple[object, ...], str]],
-                  prefix: str = "") -> None:
+def _refuse_extra(
+    extra: dict[str, object] | None, table: dict[str, tuple[tuple[object, ...], str]], prefix: str = ""
+) -> None:
     for name, value in (extra or {}).items():
         allowed, message = table.get(name, (None, None))
         if allowed is not None and any(value == a and type(value) is type(a) for a in allowed):
             continue
         if message is None:
-            message = "unknown parameter: not an OpenAI field this server serves, nor one of its extensions " \
-                      "(README, OpenAI section, lists them all)"
+            message = (
+                "unknown parameter: not an OpenAI field this server serves, nor one of its extensions "
+                "(README, OpenAI section, lists them all)"
+            )
         raise unsupported(f"{prefix}{name}", message)
 
 
@@ -119,8 +122,9 @@ def check_common(body: OpenAIRequest, request: Request, rid: str) -> int:
     _refuse_extra(body.model_extra, NOT_SERVED)
     if body.stream_options is not None:
         if not body.stream:
-            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
-                           code="invalid_value")
+            raise APIError(
+                400, "stream_options is only allowed with stream: true", param="stream_options", code="invalid_value"
+            )
         _refuse_extra(body.stream_options.model_extra, {}, "stream_options.")
         if body.stream_options.include_obfuscation:
             raise unsupported("stream_options.include_obfuscation", "stream obfuscation is not served")
@@ -141,17 +145,25 @@ def choice_seed(seed: int | None, i: int) -> int | None:
     return (int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") >> 1) & MAX_SEED
 
 
-def sampling_params(body: OpenAIRequest, max_new: int, seed: int | None, logprobs: int,
-                    stop: tuple[str, ...]) -> SamplingParams:
+def sampling_params(
+    body: OpenAIRequest, max_new: int, seed: int | None, logprobs: int, stop: tuple[str, ...]
+) -> SamplingParams:
     """Engine parameters of one row (null fields take OpenAI's / the extension's neutral value)."""
     return SamplingParams(
-        max_new_tokens=max_new, temperature=1.0 if body.temperature is None else body.temperature,
-        top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=seed,
-        logprobs=logprobs, presence_penalty=body.presence_penalty or 0.0,
+        max_new_tokens=max_new,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_k=body.top_k or 0,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=stop,
+        seed=seed,
+        logprobs=logprobs,
+        presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-        min_p=body.min_p or 0.0, logit_bias=tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items()),
-        intervention=body.intervention.to_engine() if body.intervention else None, trace=body.trace,
+        min_p=body.min_p or 0.0,
+        logit_bias=tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items()),
+        intervention=body.intervention.to_engine() if body.intervention else None,
+        trace=body.trace,
         logit_lens_top=body.logit_lens_top,
     )
 
@@ -309,19 +321,28 @@ def completion_logprobs(tokens: list[Scored], k: int, offsets: Offsets) -> Compl
         d = {tokenizer.token_text(i): lp for i, lp in t.top[:k]}
         d.setdefault(tokenizer.token_text(t.token_id), t.logprob)
         tops.append(d)
-    return CompletionLogprobs(tokens=[tokenizer.token_text(t.token_id) for t in tokens],
-                              token_logprobs=[t.logprob for t in tokens], top_logprobs=tops,
-                              text_offset=[offsets.next(t.token_id) for t in tokens])
+    return CompletionLogprobs(
+        tokens=[tokenizer.token_text(t.token_id) for t in tokens],
+        token_logprobs=[t.logprob for t in tokens],
+        top_logprobs=tops,
+        text_offset=[offsets.next(t.token_id) for t in tokens],
+    )
 
 
 def chat_logprobs(tokens: list[Scored], k: int) -> ChatLogprobs:
     """OpenAI's chat logprobs: each token with its logprob, its bytes and the top k alternatives."""
+
     def top(i: int, lp: float) -> ChatTopLogprob:
         return ChatTopLogprob(token=tokenizer.token_text(i), logprob=lp, bytes=[i])
 
-    return ChatLogprobs(content=[ChatTokenLogprob(**top(t.token_id, t.logprob).model_dump(),
-                                                  top_logprobs=[top(i, lp) for i, lp in (t.top or [])[:k]])
-                                 for t in tokens])
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                **top(t.token_id, t.logprob).model_dump(), top_logprobs=[top(i, lp) for i, lp in (t.top or [])[:k]]
+            )
+            for t in tokens
+        ]
+    )
 
 
 # ---- responses ----------------------------------------------------------------------------------------------------
@@ -341,16 +362,21 @@ def fingerprint(served: ServedModel) -> str:
 def sse(data: dict | BaseModel) -> str:
     if isinstance(data, BaseModel):
         data = data.model_dump(mode="json")
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return sse_event(data)
 
 
 def include_usage(body: OpenAIRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-async def stream_rows(rows: list[Row], handles: list[RequestHandle], head: dict, want_usage: bool,
-                      opening: Callable[[Row], list[dict]],
-                      delta: Callable[[Row, str, list[Scored], str | None], dict]) -> AsyncIterator[str]:
+async def stream_rows(
+    rows: list[Row],
+    handles: list[RequestHandle],
+    head: dict,
+    want_usage: bool,
+    opening: Callable[[Row], list[dict]],
+    delta: Callable[[Row, str, list[Scored], str | None], dict],
+) -> AsyncIterator[str]:
     """SSE for all rows: each row's `opening` choices, then one chunk per released text (held-back tokens ride on
     the chunk that releases their text; no empty-text chunks), a finish chunk per row, and with `want_usage` a
     final chunk with `choices: []` and the usage (other chunks then carry `usage: null`)."""
@@ -388,8 +414,9 @@ async def stream_rows(rows: list[Row], handles: list[RequestHandle], head: dict,
 
 
 def streaming(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 # ---- /v1/completions ----------------------------------------------------------------------------------------------
@@ -405,22 +432,30 @@ def completion_prompts(body: CompletionRequest, limit: int) -> list[tuple[list[i
     else:
         prompts = list(p)
     if len(prompts) > limit:
-        raise APIError(400, f"at most {limit} prompts per request (SHORTCUT_MAX_PROMPTS)", param="prompt",
-                       code="invalid_value")
+        raise APIError(
+            400, f"at most {limit} prompts per request (SHORTCUT_MAX_PROMPTS)", param="prompt", code="invalid_value"
+        )
     out = []
     for q in prompts:
         if isinstance(q, str):
             out.append((tokenizer.encode(q), q))
         elif any(not 0 <= t < tokenizer.VOCAB_SIZE for t in q):
-            raise APIError(400, f"token ids must be in 0..{tokenizer.VOCAB_SIZE - 1} (one per byte)", param="prompt",
-                           code="invalid_value")
+            raise APIError(
+                400,
+                f"token ids must be in 0..{tokenizer.VOCAB_SIZE - 1} (one per byte)",
+                param="prompt",
+                code="invalid_value",
+            )
         else:
             out.append((list(q), tokenizer.decode(q)))
     return out
 
 
-@router.post("/completions", response_model=CompletionResponse,
-             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}})
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}},
+)
 async def completions(body: CompletionRequest, request: Request):
     """Text completions, compatible with the `openai` client: `n` choices per prompt, lists of prompts, echo."""
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -435,8 +470,9 @@ async def completions(body: CompletionRequest, request: Request):
         max_new = body.max_tokens or default_max_new(served, len(ids), COMPLETION_DEFAULT_MAX_TOKENS)
         for j in range(n):
             i = p_i * n + j  # OpenAI's order: the choices of prompt 0, then of prompt 1, ...
-            params = sampling_params(body, max_new, choice_seed(body.seed, i), 0 if k is None else max(k, 1),
-                                     stop_tuple(body.stop))
+            params = sampling_params(
+                body, max_new, choice_seed(body.seed, i), 0 if k is None else max(k, 1), stop_tuple(body.stop)
+            )
             rows.append(Row(i, p_i, ids, text, params))
     handles = submit_rows(served, rows)
     prompt_lp: dict[int, list[Scored]] = {}
@@ -458,15 +494,32 @@ async def completions(body: CompletionRequest, request: Request):
             if k is not None:
                 echoed = prompt_lp[row.prompt_index] if body.echo else []
                 lp = completion_logprobs(echoed + [scored(t) for t in tokens], k, Offsets())
-            choices.append(CompletionChoice(text=(row.text if body.echo else "") + fin.text, index=row.index,
-                                            finish_reason=fin.reason, logprobs=lp,
-                                            **extensions(row, [scored(t) for t in tokens])))
-        return CompletionResponse(id=cid, created=created, model=served.name, choices=choices,
-                                  usage=usage(rows, [f for _, f in results]), system_fingerprint=fingerprint(served),
-                                  **applied(body))
+            choices.append(
+                CompletionChoice(
+                    text=(row.text if body.echo else "") + fin.text,
+                    index=row.index,
+                    finish_reason=fin.reason,
+                    logprobs=lp,
+                    **extensions(row, [scored(t) for t in tokens]),
+                )
+            )
+        return CompletionResponse(
+            id=cid,
+            created=created,
+            model=served.name,
+            choices=choices,
+            usage=usage(rows, [f for _, f in results]),
+            system_fingerprint=fingerprint(served),
+            **applied(body),
+        )
 
-    head = {"id": cid, "object": "text_completion", "created": created, "model": served.name,
-            "system_fingerprint": fingerprint(served)}
+    head = {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": served.name,
+        "system_fingerprint": fingerprint(served),
+    }
     offsets = {r.index: Offsets() for r in rows}
 
     def lp_of(row: Row, tokens: list[Scored]) -> dict | None:
@@ -475,12 +528,23 @@ async def completions(body: CompletionRequest, request: Request):
     def opening(row: Row) -> list[dict]:
         if not body.echo:
             return []
-        return [{"text": row.text, "index": row.index, "finish_reason": None,
-                 "logprobs": lp_of(row, prompt_lp.get(row.prompt_index, []))}]
+        return [
+            {
+                "text": row.text,
+                "index": row.index,
+                "finish_reason": None,
+                "logprobs": lp_of(row, prompt_lp.get(row.prompt_index, [])),
+            }
+        ]
 
     def delta(row: Row, text: str, tokens: list[Scored], finish: str | None) -> dict:
-        return {"text": text, "index": row.index, "finish_reason": finish, "logprobs": lp_of(row, tokens),
-                **extensions(row, tokens)}
+        return {
+            "text": text,
+            "index": row.index,
+            "finish_reason": finish,
+            "logprobs": lp_of(row, tokens),
+            **extensions(row, tokens),
+        }
 
     return streaming(stream_rows(rows, handles, head, include_usage(body), opening, delta))
 
@@ -502,17 +566,21 @@ def render_chat(template: str, body: ChatCompletionRequest) -> tuple[str, str]:
             raise unsupported(f"messages.{i}.role", _NO_TOOLS)
         _refuse_extra(m.model_extra, MESSAGE_NOT_SERVED, f"messages.{i}.")
         if m.content is None:
-            raise APIError(400, f"messages.{i}.content: a message needs content", param=f"messages.{i}.content",
-                           code="invalid_value")
+            raise APIError(
+                400,
+                f"messages.{i}.content: a message needs content",
+                param=f"messages.{i}.content",
+                code="invalid_value",
+            )
         if isinstance(m.content, str):
             content = m.content
         else:
             texts = []
             for part in m.content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str) or set(part) != {"type",
-                                                                                                          "text"}:
-                    raise unsupported(f"messages.{i}.content", "only text parts ({'type': 'text', 'text': ...}) "
-                                                               "are served")
+                if part.get("type") != "text" or not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
+                    raise unsupported(
+                        f"messages.{i}.content", "only text parts ({'type': 'text', 'text': ...}) are served"
+                    )
                 texts.append(part["text"])
             content = "\n".join(texts)
         name = m.name or ROLE_NAMES[m.role]
@@ -523,8 +591,11 @@ def render_chat(template: str, body: ChatCompletionRequest) -> tuple[str, str]:
     return "".join(turns) + opened, end
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse,
-             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}})
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}},
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """Chat, rendered as a play script (SHORTCUT_CHAT_TEMPLATE); the reply ends at the next turn marker."""
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -532,42 +603,80 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     if None not in (body.max_tokens, body.max_completion_tokens) and body.max_tokens != body.max_completion_tokens:
-        raise APIError(400, "max_tokens is a deprecated alias of max_completion_tokens; give one of them",
-                       param="max_tokens", code="invalid_value")
+        raise APIError(
+            400,
+            "max_tokens is a deprecated alias of max_completion_tokens; give one of them",
+            param="max_tokens",
+            code="invalid_value",
+        )
     served = get_served(request, body.model)
     settings = request.app.state.settings
     prompt, turn_end = render_chat(settings.chat_template, body)
     ids = tokenizer.encode(prompt)
-    max_new = body.max_completion_tokens or body.max_tokens or default_max_new(served, len(ids),
-                                                                                 settings.default_max_new_tokens)
+    max_new = (
+        body.max_completion_tokens
+        or body.max_tokens
+        or default_max_new(served, len(ids), settings.default_max_new_tokens)
+    )
     k = (body.top_logprobs or 0) if body.logprobs else None
     stop = tuple(dict.fromkeys((turn_end, *stop_tuple(body.stop))))
-    rows = [Row(i, 0, ids, prompt, sampling_params(body, max_new, choice_seed(body.seed, i),
-                                                   0 if k is None else max(k, 1), stop)) for i in range(n)]
+    rows = [
+        Row(
+            i,
+            0,
+            ids,
+            prompt,
+            sampling_params(body, max_new, choice_seed(body.seed, i), 0 if k is None else max(k, 1), stop),
+        )
+        for i in range(n)
+    ]
     max_name = "max_tokens" if body.max_tokens else "max_completion_tokens"
     handles = submit_rows(served, rows, {"max_new_tokens": max_name, "logprobs": "top_logprobs"})
 
     if not body.stream:
         results = await collect_all(request, handles)
-        choices = [ChatChoice(index=row.index, message=ChatMessageOut(content=fin.text), finish_reason=fin.reason,
-                              logprobs=None if k is None else chat_logprobs([scored(t) for t in tokens], k),
-                              **extensions(row, [scored(t) for t in tokens]))
-                   for row, (tokens, fin) in zip(rows, results, strict=True)]
-        return ChatCompletionResponse(id=cid, created=created, model=served.name, choices=choices,
-                                      usage=usage(rows, [f for _, f in results]),
-                                      system_fingerprint=fingerprint(served), **applied(body))
+        choices = [
+            ChatChoice(
+                index=row.index,
+                message=ChatMessageOut(content=fin.text),
+                finish_reason=fin.reason,
+                logprobs=None if k is None else chat_logprobs([scored(t) for t in tokens], k),
+                **extensions(row, [scored(t) for t in tokens]),
+            )
+            for row, (tokens, fin) in zip(rows, results, strict=True)
+        ]
+        return ChatCompletionResponse(
+            id=cid,
+            created=created,
+            model=served.name,
+            choices=choices,
+            usage=usage(rows, [f for _, f in results]),
+            system_fingerprint=fingerprint(served),
+            **applied(body),
+        )
 
-    head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": served.name,
-            "system_fingerprint": fingerprint(served)}
+    head = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": served.name,
+        "system_fingerprint": fingerprint(served),
+    }
 
     def opening(row: Row) -> list[dict]:
-        return [{"index": row.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                 "finish_reason": None}]
+        return [
+            {"index": row.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        ]
 
     def delta(row: Row, text: str, tokens: list[Scored], finish: str | None) -> dict:
         lp = None if k is None else chat_logprobs(tokens, k).model_dump()
-        return {"index": row.index, "delta": {"content": text} if text else {}, "logprobs": lp,
-                "finish_reason": finish, **extensions(row, tokens)}
+        return {
+            "index": row.index,
+            "delta": {"content": text} if text else {},
+            "logprobs": lp,
+            "finish_reason": finish,
+            **extensions(row, tokens),
+        }
 
     return streaming(stream_rows(rows, handles, head, include_usage(body), opening, delta))
 
@@ -577,8 +686,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 def model_card(m: ServedModel) -> ModelCard:
     c = m.checkpoint.config
-    return ModelCard(id=m.name, created=m.created, n_layer=c.n_layer, d_model=c.d_model,
-                     context_window=c.block_size, residual=c.residual, checkpoint_sha256=m.sha256)
+    return ModelCard(
+        id=m.name,
+        created=m.created,
+        n_layer=c.n_layer,
+        d_model=c.d_model,
+        context_window=c.block_size,
+        residual=c.residual,
+        checkpoint_sha256=m.sha256,
+    )
 
 
 @router.get("/models", response_model=ModelList)
@@ -592,6 +708,10 @@ async def model(model_id: str, request: Request) -> ModelCard:
     """One served model, or a 404."""
     m = request.app.state.models.get(model_id)
     if m is None:
-        raise APIError(404, f"model '{model_id}' not found; GET /v1/models lists the served models", param="model",
-                       code="model_not_found")
+        raise APIError(
+            404,
+            f"model '{model_id}' not found; GET /v1/models lists the served models",
+            param="model",
+            code="model_not_found",
+        )
     return model_card(m)

@@ -20,10 +20,16 @@ OAUTH2_REDIRECT = "/docs/oauth2-redirect"
 # The page runs only its own scripts and talks only to this server (connect-src 'self'): no inline script, no
 # eval, nothing from another origin. Inline style *attributes* are not allowed either; the charting library sets
 # styles through the CSSOM, which CSP does not restrict.
-PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
-            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
-                "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+PAGE_HEADERS = {
+    "Content-Security-Policy": PAGE_CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 router = APIRouter(include_in_schema=False)
 
@@ -54,8 +60,10 @@ async def page() -> FileResponse:
 async def swagger_ui(request: Request) -> HTMLResponse:
     """Swagger UI with its script and styles from /static (FastAPI's default loads them from a CDN)."""
     return get_swagger_ui_html(
-        openapi_url=request.app.openapi_url, title=f"{request.app.title} - Swagger UI",
-        oauth2_redirect_url=OAUTH2_REDIRECT, swagger_js_url=f"{VENDOR}/swagger-ui/swagger-ui-bundle.js",
+        openapi_url=request.app.openapi_url,
+        title=f"{request.app.title} - Swagger UI",
+        oauth2_redirect_url=OAUTH2_REDIRECT,
+        swagger_js_url=f"{VENDOR}/swagger-ui/swagger-ui-bundle.js",
         swagger_css_url=f"{VENDOR}/swagger-ui/swagger-ui.css",
         swagger_favicon_url=f"{VENDOR}/swagger-ui/favicon-32x32.png",
         swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
@@ -71,6 +79,10 @@ async def swagger_ui_redirect() -> HTMLResponse:
 @router.get("/redoc")
 async def redoc(request: Request) -> HTMLResponse:
     """ReDoc with its script from /static and no web fonts (FastAPI's default loads both from CDNs)."""
-    return get_redoc_html(openapi_url=request.app.openapi_url, title=f"{request.app.title} - ReDoc",
-                          redoc_js_url=f"{VENDOR}/redoc/redoc.standalone.js",
-                          redoc_favicon_url=f"{VENDOR}/swagger-ui/favicon-32x32.png", with_google_fonts=False)
+    return get_redoc_html(
+        openapi_url=request.app.openapi_url,
+        title=f"{request.app.title} - ReDoc",
+        redoc_js_url=f"{VENDOR}/redoc/redoc.standalone.js",
+        redoc_favicon_url=f"{VENDOR}/swagger-ui/favicon-32x32.png",
+        with_google_fonts=False,
+    )

@@ -90,8 +90,12 @@ def fused_available(path: Path = LIBRARY) -> bool:
 def supports(config: object) -> bool:
     """Whether the kernels handle this shape (matrix widths multiples of 16, head width a multiple of 8)."""
     c = config
-    return (c.d_model % 16 == 0 and c.d_ff % 16 == 0 and c.vocab_size % 16 == 0  # type: ignore[attr-defined]
-            and (c.d_model // c.n_head) % 8 == 0)  # type: ignore[attr-defined]
+    return (
+        c.d_model % 16 == 0
+        and c.d_ff % 16 == 0
+        and c.vocab_size % 16 == 0  # type: ignore[attr-defined]
+        and (c.d_model // c.n_head) % 8 == 0
+    )  # type: ignore[attr-defined]
 
 
 class FusedDecoder:
@@ -124,9 +128,16 @@ class FusedDecoder:
         mats, vecs = [], []
         for b in model.blocks:
             mats += [mat(b.attn.c_attn), mat(b.attn.c_proj), mat(b.mlp.c_fc), mat(b.mlp.c_proj)]
-            vecs += [vec(b.ln_1.weight, C), vec(b.ln_1.bias, C), vec(b.attn.c_attn.bias, 3 * C),
-                     vec(b.attn.c_proj.bias, C), vec(b.ln_2.weight, C), vec(b.ln_2.bias, C),
-                     vec(b.mlp.c_fc.bias, Fd), vec(b.mlp.c_proj.bias, C)]
+            vecs += [
+                vec(b.ln_1.weight, C),
+                vec(b.ln_1.bias, C),
+                vec(b.attn.c_attn.bias, 3 * C),
+                vec(b.attn.c_proj.bias, C),
+                vec(b.ln_2.weight, C),
+                vec(b.ln_2.bias, C),
+                vec(b.mlp.c_fc.bias, Fd),
+                vec(b.mlp.c_proj.bias, C),
+            ]
         self._mats = torch.cat(mats).contiguous()
         self._vecs = torch.cat(vecs).contiguous()
         self._wte = model.wte.weight.detach().float().contiguous()
@@ -135,18 +146,34 @@ class FusedDecoder:
         self._ln_f_w = vec(model.ln_f.weight, C).contiguous()
         self._ln_f_b = vec(model.ln_f.bias, C).contiguous()
         self.scripted = False  # same attribute as FastDecoder's: this step is not TorchScript (and holds no GIL)
-        self._shape = (cfg.d_model, cfg.n_head, cfg.n_layer, cfg.d_ff, cfg.vocab_size, cfg.block_size,
-                       int(half), int(cfg.residual))
-        self._weight_ptrs = tuple(t.data_ptr() for t in (self._wte, self._wpe, self._unembed_t, self._ln_f_w,
-                                                         self._ln_f_b, self._mats, self._vecs))
+        self._shape = (
+            cfg.d_model,
+            cfg.n_head,
+            cfg.n_layer,
+            cfg.d_ff,
+            cfg.vocab_size,
+            cfg.block_size,
+            int(half),
+            int(cfg.residual),
+        )
+        self._weight_ptrs = tuple(
+            t.data_ptr()
+            for t in (self._wte, self._wpe, self._unembed_t, self._ln_f_w, self._ln_f_b, self._mats, self._vecs)
+        )
 
     @property
     def packed(self) -> bool:
         """Whether the block matrices are float16."""
         return self.weights == "float16"
 
-    def __call__(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor, gates: torch.Tensor | None = None,
-                 trace_rows: torch.Tensor | None = None) -> StepOutput:
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        pos: torch.Tensor,
+        gates: torch.Tensor | None = None,
+        trace_rows: torch.Tensor | None = None,
+    ) -> StepOutput:
         """Logits (B, vocab) for one new token per row (see `FastDecoder.__call__`). Token ids, positions and traced
         rows are range-checked in C before anything is read or written (ValueError)."""
         cfg = self.config
@@ -158,8 +185,13 @@ class FusedDecoder:
         k, v = cache.k, cache.v
         hd = cfg.head_dim
         want = (cfg.n_head * cfg.block_size * hd, cfg.block_size * hd, hd, 1)
-        if (k.dtype != torch.float32 or k.stride() != v.stride() or k.stride()[2:] != want[1:]
-                or k.stride(1) != want[0] or k.device.type != "cpu"):
+        if (
+            k.dtype != torch.float32
+            or k.stride() != v.stride()
+            or k.stride()[2:] != want[1:]
+            or k.stride(1) != want[0]
+            or k.device.type != "cpu"
+        ):
             raise ValueError("the fused step needs a float32 CPU cache with contiguous rows (KVCache or its rows)")
         if tokens.device.type != "cpu" or pos.device.type != "cpu":
             raise ValueError("the fused step runs on CPU tensors")
@@ -173,10 +205,21 @@ class FusedDecoder:
         if B == 0:
             return StepOutput(logits, stream)
         rc = self._lib.shortcut_fused_step(
-            B, *self._shape, tokens.data_ptr(), pos.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
-            *self._weight_ptrs, g.data_ptr() if g is not None else None,
-            rows.data_ptr() if rows is not None else None, R, stream.data_ptr() if stream is not None else None,
-            logits.data_ptr())
+            B,
+            *self._shape,
+            tokens.data_ptr(),
+            pos.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            k.stride(0),
+            k.stride(1),
+            *self._weight_ptrs,
+            g.data_ptr() if g is not None else None,
+            rows.data_ptr() if rows is not None else None,
+            R,
+            stream.data_ptr() if stream is not None else None,
+            logits.data_ptr(),
+        )
         if rc != 0:
             raise _ERRORS.get(rc, MemoryError("fused decode step: out of memory"))
         return StepOutput(logits, stream)
@@ -192,16 +235,16 @@ _ERRORS = {  # return codes of shortcut_fused_step
 BACKENDS = ("auto", "fused", "torchscript")
 
 
-def make_decoder(model: Transformer, weights: str, backend: str = "auto", library: Path = LIBRARY
-                 ) -> FusedDecoder | FastDecoder:
+def make_decoder(
+    model: Transformer, weights: str, backend: str = "auto", library: Path = LIBRARY
+) -> FusedDecoder | FastDecoder:
     """The engine's decode step: `fused` (this module; an error where it is not built or cannot run the model),
     `torchscript` (`FastDecoder`), or `auto`: fused where it is built, runs on this CPU and handles the shape,
     else TorchScript."""
     if backend not in BACKENDS:
         raise ValueError(f"decode backend must be one of {BACKENDS}, not {backend!r}")
     on_cpu = model.wte.weight.device.type == "cpu"
-    if backend == "fused" or (backend == "auto" and on_cpu and supports(model.config)
-                              and fused_available(library)):
+    if backend == "fused" or (backend == "auto" and on_cpu and supports(model.config) and fused_available(library)):
         return FusedDecoder(model, weights=weights, library=library)
     return FastDecoder(model, weights=weights)
 
@@ -211,5 +254,13 @@ def weight_bytes(dec: FusedDecoder) -> int:
     return sum(t.numel() * t.element_size() for t in (dec._mats, dec._vecs, dec._wte, dec._wpe, dec._unembed_t))
 
 
-__all__ = ["BACKENDS", "FusedDecoder", "build", "cpu_supported", "fused_available", "make_decoder", "supports",
-           "weight_bytes"]
+__all__ = [
+    "BACKENDS",
+    "FusedDecoder",
+    "build",
+    "cpu_supported",
+    "fused_available",
+    "make_decoder",
+    "supports",
+    "weight_bytes",
+]

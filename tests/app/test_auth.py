@@ -36,9 +36,14 @@ def call(client: TestClient, method: str, path: str, body: dict | None, auth: st
 
 @pytest.mark.parametrize(("method", "path", "body"), PROTECTED)
 def test_protected_routes(keyed: TestClient, method: str, path: str, body: dict | None) -> None:
-    for auth, code in [(None, "missing_api_key"), ("Bearer", "missing_api_key"), (f"Basic {KEY}", "missing_api_key"),
-                       ("Bearer wrong", "invalid_api_key"), (f"Bearer {KEY}x", "invalid_api_key"),
-                       (f"Bearer {KEY[:-1]}", "invalid_api_key")]:
+    for auth, code in [
+        (None, "missing_api_key"),
+        ("Bearer", "missing_api_key"),
+        (f"Basic {KEY}", "missing_api_key"),
+        ("Bearer wrong", "invalid_api_key"),
+        (f"Bearer {KEY}x", "invalid_api_key"),
+        (f"Bearer {KEY[:-1]}", "invalid_api_key"),
+    ]:
         resp = call(keyed, method, path, body, auth)
         err = assert_error(resp, 401, code=code)
         assert err["type"] == "authentication_error"
@@ -83,8 +88,10 @@ def test_keys_match() -> None:
 def test_openapi_declares_the_key_only_where_it_is_required(keyed: TestClient, client: TestClient) -> None:
     spec = keyed.get("/openapi.json").json()
     assert spec["components"]["securitySchemes"]["apiKey"] == {
-        "type": "http", "scheme": "bearer",
-        "description": "`Authorization: Bearer <key>`, the key the server was given in SHORTCUT_API_KEY."}
+        "type": "http",
+        "scheme": "bearer",
+        "description": "`Authorization: Bearer <key>`, the key the server was given in SHORTCUT_API_KEY.",
+    }
     for method, path, _ in PROTECTED:
         assert spec["paths"][path.split("?")[0]][method.lower()]["security"] == [{"apiKey": []}], (method, path)
     for path in ["/health", "/ready"]:

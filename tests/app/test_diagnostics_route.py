@@ -16,15 +16,22 @@ PROMPT = "To be, or not to be"
 
 
 def test_json_matches_the_library_computation(client: TestClient, app_checkpoint: Path) -> None:
-    r = client.get("/diagnostics", params={"prompt": PROMPT, "logit_lens": 3, "gradients": "true",
-                                            "ablation": "true", "per_token": "true"})
+    r = client.get(
+        "/diagnostics",
+        params={"prompt": PROMPT, "logit_lens": 3, "gradients": "true", "ablation": "true", "per_token": "true"},
+    )
     assert r.status_code == 200
     got = r.json()
     ck = load_checkpoint(app_checkpoint)
     opts = DiagnosticsOptions(per_token=True, logit_lens=3, gradients=True, ablation=True)
     want = run_diagnostics(ck.model, tokenizer.encode(PROMPT), opts)
-    assert got["model"] == {"name": "tiny", "n_layer": ck.config.n_layer, "d_model": ck.config.d_model,
-                            "residual": True, "checkpoint_sha256": ck.sha256}
+    assert got["model"] == {
+        "name": "tiny",
+        "n_layer": ck.config.n_layer,
+        "d_model": ck.config.d_model,
+        "residual": True,
+        "checkpoint_sha256": ck.sha256,
+    }
     assert got["tokens"] == want["tokens"]
     for key in ("loss", "layers", "summary"):
         _assert_close(got[key], want[key], key)
@@ -54,8 +61,9 @@ def test_post_equals_get(client: TestClient) -> None:
 
 def test_text_report_by_format_or_accept_header(client: TestClient) -> None:
     by_param = client.get("/diagnostics", params={"prompt": PROMPT, "format": "text", "ablation": "true"})
-    by_accept = client.get("/diagnostics", params={"prompt": PROMPT, "ablation": "true"},
-                           headers={"Accept": "text/plain"})
+    by_accept = client.get(
+        "/diagnostics", params={"prompt": PROMPT, "ablation": "true"}, headers={"Accept": "text/plain"}
+    )
     for r in (by_param, by_accept):
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/plain")
@@ -73,12 +81,20 @@ def test_errors_have_the_standard_shape(client: TestClient) -> None:
     assert_error(client.get("/diagnostics", params={"prompt": PROMPT, "logit_lens": -1}), 422)
 
 
-@pytest.mark.parametrize("options", [
-    {},
-    {"per_token": True, "logit_lens": 3, "gradients": True, "ablation": True},
-    {"ablation": True, "intervention": {"skip": [{"layer": 1, "part": "attn"}],
-                                        "scale": [{"layer": 0, "part": "mlp", "factor": 2.0}]}},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"per_token": True, "logit_lens": 3, "gradients": True, "ablation": True},
+        {
+            "ablation": True,
+            "intervention": {
+                "skip": [{"layer": 1, "part": "attn"}],
+                "scale": [{"layer": 0, "part": "mlp", "factor": 2.0}],
+            },
+        },
+    ],
+)
 def test_json_follows_the_documented_schema(client: TestClient, options: dict) -> None:
     """Every key the route returns is in DiagnosticsResponse (extra keys are refused), so /openapi.json is true."""
     from app.schemas import DiagnosticsResponse

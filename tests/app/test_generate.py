@@ -39,9 +39,12 @@ def stream(client: TestClient, **body: object) -> list[tuple[str, dict]]:
 
 def pick_stop(full: str, size: int) -> tuple[str, int]:
     """A stop string from the middle of `full` (no U+FFFD, first occurrence) and where it starts."""
-    i = next(i for i in range(4, len(full) - size) if "\ufffd" not in full[i:i + size]
-             and full.find(full[i:i + size]) == i)
-    return full[i:i + size], i
+    i = next(
+        i
+        for i in range(4, len(full) - size)
+        if "\ufffd" not in full[i : i + size] and full.find(full[i : i + size]) == i
+    )
+    return full[i : i + size], i
 
 
 # ---------------------------------------------------------------- non-streaming
@@ -53,8 +56,11 @@ def test_generate_fields(client: TestClient, app_checkpoint: Path) -> None:
     assert out["id"].startswith("gen-")
     assert isinstance(out["text"], str)
     assert out["finish_reason"] == "length"
-    assert out["usage"] == {"prompt_tokens": len(PROMPT.encode()), "completion_tokens": 12,
-                            "total_tokens": len(PROMPT.encode()) + 12}
+    assert out["usage"] == {
+        "prompt_tokens": len(PROMPT.encode()),
+        "completion_tokens": 12,
+        "total_tokens": len(PROMPT.encode()) + 12,
+    }
     t = out["timings"]
     assert set(t) == {"queue_s", "ttft_s", "total_s"}
     assert 0 <= t["queue_s"] <= t["ttft_s"] <= t["total_s"]
@@ -65,8 +71,9 @@ def test_generate_fields(client: TestClient, app_checkpoint: Path) -> None:
 
 @torch.no_grad()
 @pytest.mark.parametrize("decode_weights", ["float32", "auto"])
-def test_logprobs_match_a_full_forward(make_client: Callable[..., TestClient], served_model: Transformer,
-                                       decode_weights: str) -> None:
+def test_logprobs_match_a_full_forward(
+    make_client: Callable[..., TestClient], served_model: Transformer, decode_weights: str
+) -> None:
     """Exact with float32 decode weights; `auto` (float16 where FBGEMM runs) rounds the weights: within 2e-3."""
     tol = 1e-4 if decode_weights == "float32" else 2e-3
     out = generate(make_client(decode_weights=decode_weights), max_new_tokens=8, temperature=0, logprobs=3)
@@ -75,7 +82,7 @@ def test_logprobs_match_a_full_forward(make_client: Callable[..., TestClient], s
     ids = [t["id"] for t in tokens]
     assert out["text"] == tokenizer.decode(ids)
     seq = torch.tensor([tokenizer.encode(PROMPT) + ids])  # (1, P + 8)
-    logp = torch.log_softmax(served_model(seq).logits[0, len(PROMPT.encode()) - 1:-1], dim=-1)  # (8, V)
+    logp = torch.log_softmax(served_model(seq).logits[0, len(PROMPT.encode()) - 1 : -1], dim=-1)  # (8, V)
     for i, t in enumerate(tokens):
         assert t["text"] == tokenizer.token_text(t["id"])
         assert t["logprob"] == pytest.approx(float(logp[i, t["id"]]), abs=tol)
@@ -156,8 +163,9 @@ def test_prompt_too_long_names_the_numbers(client: TestClient) -> None:
     numbers = set(re.findall(r"\d+", err["message"]))
     assert {"60", "10", "64"} <= numbers
     # a prompt that alone fills the window fails too, even without max_new_tokens
-    err = assert_error(client.post("/generate", json={"prompt": "a" * 70}), 400, code="context_length_exceeded",
-                       param="prompt")
+    err = assert_error(
+        client.post("/generate", json={"prompt": "a" * 70}), 400, code="context_length_exceeded", param="prompt"
+    )
     assert "70" in err["message"] and "64" in err["message"]
 
 
@@ -191,10 +199,12 @@ def test_invalid_json_is_422(client: TestClient) -> None:
 
 def test_engine_limits_are_400(make_client: Callable[..., TestClient]) -> None:
     client = make_client(max_logprobs=2, max_stop_strings=1)
-    assert_error(client.post("/generate", json={"prompt": PROMPT, "logprobs": 3}), 400, code="invalid_value",
-                 param="logprobs")
-    assert_error(client.post("/generate", json={"prompt": PROMPT, "stop": ["a", "b"]}), 400, code="invalid_value",
-                 param="stop")
+    assert_error(
+        client.post("/generate", json={"prompt": PROMPT, "logprobs": 3}), 400, code="invalid_value", param="logprobs"
+    )
+    assert_error(
+        client.post("/generate", json={"prompt": PROMPT, "stop": ["a", "b"]}), 400, code="invalid_value", param="stop"
+    )
 
 
 def test_unknown_route_and_model_are_404(client: TestClient) -> None:
@@ -203,11 +213,15 @@ def test_unknown_route_and_model_are_404(client: TestClient) -> None:
     wrong = client.get("/generate")
     err = assert_error(wrong, 405, code="method_not_allowed")
     assert "GET" in err["message"] and wrong.headers["allow"] == "POST"
-    err = assert_error(client.post("/generate", content=b'{"prompt": "\xff"}',
-                                   headers={"content-type": "application/json"}), 400, code="invalid_body")
+    err = assert_error(
+        client.post("/generate", content=b'{"prompt": "\xff"}', headers={"content-type": "application/json"}),
+        400,
+        code="invalid_body",
+    )
     assert "UTF-8" in err["message"]
-    err = assert_error(client.post("/generate", json={"prompt": PROMPT, "model": "nope"}), 404,
-                       code="model_not_found", param="model")
+    err = assert_error(
+        client.post("/generate", json={"prompt": PROMPT, "model": "nope"}), 404, code="model_not_found", param="model"
+    )
     assert "nope" in err["message"]
     assert_error(client.post("/tokenize", json={"text": "x", "model": "nope"}), 404, code="model_not_found")
 
@@ -256,8 +270,9 @@ def test_tokenize_detokenize_round_trip(client: TestClient) -> None:
 
 def test_request_timeout_is_504_and_an_error_event(make_client: Callable[..., TestClient]) -> None:
     client = make_client(request_timeout_s=1e-6)  # expires before the worker can even pick the request up
-    err = assert_error(client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 5}), 504,
-                       code="request_timeout")
+    err = assert_error(
+        client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 5}), 504, code="request_timeout"
+    )
     assert err["type"] == "timeout_error"
     events = stream(client, max_new_tokens=5)
     assert [e for e, _ in events] == ["error"]

@@ -48,8 +48,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10) -> None:
         time.sleep(0.01)
 
 
-def test_diagnostics_honour_the_request_timeout(make_client: Callable[..., TestClient],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_diagnostics_honour_the_request_timeout(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
     job = SlowJob()  # 2 s of work against a 0.2 s timeout
     monkeypatch.setattr(diagnostics_route, "iter_diagnostics", job)
     client = make_client(request_timeout_s=0.2)
@@ -60,8 +61,9 @@ def test_diagnostics_honour_the_request_timeout(make_client: Callable[..., TestC
     assert job.closed and job.done < job.steps
 
 
-def test_diagnostics_job_is_cancelled_when_the_client_leaves(make_client: Callable[..., TestClient],
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_diagnostics_job_is_cancelled_when_the_client_leaves(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
     job = SlowJob()
     monkeypatch.setattr(diagnostics_route, "iter_diagnostics", job)
     client = make_client()
@@ -80,10 +82,20 @@ def test_diagnostics_job_is_cancelled_when_the_client_leaves(make_client: Callab
         async def send(message: dict) -> None:
             sent.append(message)
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-                 "scheme": "http", "path": "/diagnostics", "raw_path": b"/diagnostics", "root_path": "",
-                 "query_string": b"prompt=hello", "headers": [(b"host", b"testserver")],
-                 "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/diagnostics",
+            "raw_path": b"/diagnostics",
+            "root_path": "",
+            "query_string": b"prompt=hello",
+            "headers": [(b"host", b"testserver")],
+            "client": ("127.0.0.1", 1),
+            "server": ("testserver", 80),
+        }
         await client.app(scope, receive, send)
 
     asyncio.run(call())
@@ -98,26 +110,32 @@ def test_diagnostics_job_is_cancelled_when_the_client_leaves(make_client: Callab
 
 def test_int_literal_over_4300_digits_gets_the_right_message(client: TestClient) -> None:
     body = b'{"prompt": "hi", "max_new_tokens": ' + b"1" * 5000 + b"}"
-    err = assert_error(client.post("/generate", content=body, headers={"content-type": "application/json"}), 400,
-                       code="invalid_body")
+    err = assert_error(
+        client.post("/generate", content=body, headers={"content-type": "application/json"}), 400, code="invalid_body"
+    )
     assert "4300 digits" in err["message"] and "UTF-8" not in err["message"], err
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
 def test_utf16_and_utf32_bodies_are_400(client: TestClient, encoding: str) -> None:
     body = json.dumps({"prompt": "hi", "max_new_tokens": 1}).encode(encoding)
-    err = assert_error(client.post("/generate", content=body, headers={"content-type": "application/json"}), 400,
-                       code="invalid_body")
+    err = assert_error(
+        client.post("/generate", content=body, headers={"content-type": "application/json"}), 400, code="invalid_body"
+    )
     assert "UTF-8" in err["message"]
 
 
 def test_lone_surrogate_prompt_is_refused_on_completions_too(client: TestClient) -> None:
     for prompt in (b'"\\ud800"', b'["a\\udfff"]'):
-        resp = client.post("/v1/completions", content=b'{"prompt": ' + prompt + b"}",
-                           headers={"content-type": "application/json"})
+        resp = client.post(
+            "/v1/completions", content=b'{"prompt": ' + prompt + b"}", headers={"content-type": "application/json"}
+        )
         assert_error(resp, 422, code="string_unicode", param="prompt")
-    assert_error(client.post("/generate", content=b'{"prompt": "\\ud800"}',
-                             headers={"content-type": "application/json"}), 422, code="string_unicode")
+    assert_error(
+        client.post("/generate", content=b'{"prompt": "\\ud800"}', headers={"content-type": "application/json"}),
+        422,
+        code="string_unicode",
+    )
 
 
 def test_head_on_probes(client: TestClient) -> None:
@@ -173,8 +191,10 @@ def test_loop_errors_are_logged_once_per_interval(caplog: pytest.LogCaptureFixtu
             for _ in range(2048):
                 handler(loop, context)
             handler(loop, {"message": "another kind of error"})
-        assert [r.getMessage() for r in caplog.records] == ["socket.accept() out of system resource",
-                                                            "another kind of error"]
+        assert [r.getMessage() for r in caplog.records] == [
+            "socket.accept() out of system resource",
+            "another kind of error",
+        ]
         handler._last[context["message"]] -= 61  # the interval passed: the next one says how many were skipped
         with caplog.at_level(logging.ERROR, logger="asyncio"):
             handler(loop, context)

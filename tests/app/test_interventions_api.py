@@ -30,31 +30,52 @@ def test_intervention_changes_the_text_and_is_echoed(client: TestClient) -> None
     assert generate(client, seed=4, temperature=0.7, intervention={})["text"] == plain["text"]  # empty: no change
 
 
-@pytest.mark.parametrize(("intervention", "param"), [
-    ({"skip": [{"layer": 2, "part": "mlp"}]}, "intervention.skip[0].layer"),
-    ({"skip": [{"layer": 0, "part": "mlp"}, {"layer": 1, "part": "ffn"}]}, "intervention.skip[1].part"),
-    ({"scale": [{"layer": 0, "part": "mlp", "factor": 101}]}, "intervention.scale[0].factor"),
-    ({"skip": [{"layer": 0, "part": "mlp"}], "scale": [{"layer": 0, "part": "mlp", "factor": 2}]},
-     "intervention.scale[0]"),
-])
+@pytest.mark.parametrize(
+    ("intervention", "param"),
+    [
+        ({"skip": [{"layer": 2, "part": "mlp"}]}, "intervention.skip[0].layer"),
+        ({"skip": [{"layer": 0, "part": "mlp"}, {"layer": 1, "part": "ffn"}]}, "intervention.skip[1].part"),
+        ({"scale": [{"layer": 0, "part": "mlp", "factor": 101}]}, "intervention.scale[0].factor"),
+        (
+            {"skip": [{"layer": 0, "part": "mlp"}], "scale": [{"layer": 0, "part": "mlp", "factor": 2}]},
+            "intervention.scale[0]",
+        ),
+    ],
+)
 def test_bad_interventions_are_400s_naming_the_entry(client: TestClient, intervention: dict, param: str) -> None:
-    for path, body in (("/generate", {"prompt": PROMPT, "intervention": intervention}),
-                       ("/diagnostics", {"prompt": PROMPT, "intervention": intervention})):
+    for path, body in (
+        ("/generate", {"prompt": PROMPT, "intervention": intervention}),
+        ("/diagnostics", {"prompt": PROMPT, "intervention": intervention}),
+    ):
         resp = client.post(path, json=body)
         assert_error(resp, 400, code="invalid_value")
         assert resp.json()["error"]["param"] == param and param in resp.json()["error"]["message"]
 
 
 def test_malformed_interventions_are_422s(client: TestClient) -> None:
-    for bad in ({"skip": [{"layer": "0", "part": "mlp"}]}, {"skip": [{"layer": 0}]}, {"drop": []},
-                {"scale": [{"layer": 0, "part": "mlp", "factor": True}]}):
+    for bad in (
+        {"skip": [{"layer": "0", "part": "mlp"}]},
+        {"skip": [{"layer": 0}]},
+        {"drop": []},
+        {"scale": [{"layer": 0, "part": "mlp", "factor": True}]},
+    ):
         assert_error(client.post("/generate", json={"prompt": PROMPT, "intervention": bad}), 422)
     assert_error(client.post("/generate", json={"prompt": PROMPT, "logit_lens_top": 6}), 422)
 
 
 def test_stream_carries_a_trace_per_token(client: TestClient) -> None:
-    resp = client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 6, "temperature": 0, "stream": True,
-                                          "trace": True, "logit_lens_top": 2, "intervention": MIXED})
+    resp = client.post(
+        "/generate",
+        json={
+            "prompt": PROMPT,
+            "max_new_tokens": 6,
+            "temperature": 0,
+            "stream": True,
+            "trace": True,
+            "logit_lens_top": 2,
+            "intervention": MIXED,
+        },
+    )
     events = parse_sse(resp.text)
     tokens = [d for e, d in events if e == "token"]
     done = next(d for e, d in events if e == "done")
@@ -67,20 +88,22 @@ def test_stream_carries_a_trace_per_token(client: TestClient) -> None:
         assert [len(top) for top in t["logit_lens"]] == [2] * N_LAYER
         assert t == final
     assert done["intervention"] == {**MIXED, "skip": MIXED["skip"]}
-    untraced = parse_sse(client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 3,
-                                                        "stream": True}).text)
+    untraced = parse_sse(client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 3, "stream": True}).text)
     assert all("trace" not in d for e, d in untraced if e == "token")
 
 
 def test_trace_matches_diagnostics_through_the_api(client: TestClient) -> None:
     out = generate(client, temperature=0, trace=True, intervention=MIXED, max_new_tokens=8, logprobs=1)
-    diag = client.post("/diagnostics", json={"prompt": PROMPT + out["text"], "per_token": True,
-                                             "intervention": MIXED}).json()
+    diag = client.post(
+        "/diagnostics", json={"prompt": PROMPT + out["text"], "per_token": True, "intervention": MIXED}
+    ).json()
     assert [e["intervened"] for e in diag["layers"]] == [True, True]
     # the random model may write invalid UTF-8, which the text cannot carry back: compare where it round-trips
     ids = list(PROMPT.encode()) + [t["id"] for t in out["tokens"]]
-    same = next((i for i, (a, b) in enumerate(zip(ids, diag["tokens"]["ids"], strict=False)) if a != b),
-                min(len(ids), diag["n_tokens"]))
+    same = next(
+        (i for i, (a, b) in enumerate(zip(ids, diag["tokens"]["ids"], strict=False)) if a != b),
+        min(len(ids), diag["n_tokens"]),
+    )
     compared = [t for t in out["trace"]["tokens"] if t["position"] < same]
     assert compared and compared[0]["position"] == len(PROMPT.encode()) - 1
     for t in compared:
@@ -135,7 +158,13 @@ def test_v1_completions_take_the_extensions(client: TestClient) -> None:
 
 
 def test_v1_chat_takes_the_extensions(client: TestClient) -> None:
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0,
-            "trace": True, "intervention": MIXED}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4,
+        "temperature": 0,
+        "trace": True,
+        "intervention": MIXED,
+    }
     out = client.post("/v1/chat/completions", json=body).json()
     assert out["intervention"] == MIXED and len(out["choices"][0]["trace"]) == out["usage"]["completion_tokens"]

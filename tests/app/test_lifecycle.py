@@ -42,8 +42,14 @@ def post_many(url: str, bodies: list[dict], timeout: float = 60) -> list[httpx.R
 
 
 def test_not_ready_before_startup(app_checkpoint: Path) -> None:
-    settings = Settings(checkpoint=app_checkpoint, model_name="tiny", warmup=False, threads=1,
-                        extra_checkpoints_dir=None, allowed_hosts="testserver")
+    settings = Settings(
+        checkpoint=app_checkpoint,
+        model_name="tiny",
+        warmup=False,
+        threads=1,
+        extra_checkpoints_dir=None,
+        allowed_hosts="testserver",
+    )
     client = TestClient(create_app(settings))  # no `with`: the lifespan (model loading) has not run
     assert_error(client.get("/ready"), 503, code="not_ready")
     assert_error(client.post("/generate", json={"prompt": "hi"}), 503, code="not_ready")
@@ -95,8 +101,10 @@ def test_client_disconnect_frees_the_slot(limited: str) -> None:
         first = next(resp.iter_lines())
         assert first == "event: token"
     # the connection is closed: the sequence must leave the batch without running to 240 tokens
-    after = wait_for(limited, lambda s: idle(s) and value(s, "shortcut_request_success_total",
-                                                          finished_reason="abort") == aborted + 1)
+    after = wait_for(
+        limited,
+        lambda s: idle(s) and value(s, "shortcut_request_success_total", finished_reason="abort") == aborted + 1,
+    )
     assert value(after, "shortcut_generation_tokens_total") - generated < 240
     # the only row is free again
     ok = httpx.post(f"{limited}/generate", json={"prompt": "next", "max_new_tokens": 3}, timeout=30)
@@ -109,14 +117,19 @@ def test_non_streaming_client_disconnect_frees_the_slot(limited: str) -> None:
     body = json.dumps({"prompt": "gone", "max_new_tokens": 240}).encode()
     host, port = limited.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         wait_for(limited, lambda s: value(s, "shortcut_requests_running") == 1)
     # the socket is closed while the answer is being generated
-    after = wait_for(limited, lambda s: idle(s) and value(s, "shortcut_request_success_total",
-                                                          finished_reason="abort") == aborted + 1)
+    after = wait_for(
+        limited,
+        lambda s: idle(s) and value(s, "shortcut_request_success_total", finished_reason="abort") == aborted + 1,
+    )
     assert value(after, "shortcut_request_success_total", finished_reason="length") == value(
-        before, "shortcut_request_success_total", finished_reason="length")
+        before, "shortcut_request_success_total", finished_reason="length"
+    )
 
 
 # ---------------------------------------------------------------- live: SIGTERM drain
@@ -124,17 +137,24 @@ def test_non_streaming_client_disconnect_frees_the_slot(limited: str) -> None:
 
 def test_sigterm_drains_in_flight_requests(start_server: Callable[..., LiveServer], slow_checkpoint: Path) -> None:
     """SIGTERM: /ready turns 503, new work is refused, running and queued requests finish, then exit code 0."""
-    server = start_server(slow_checkpoint, max_batch_size=1, drain_timeout_s=60, log_level="INFO",
-                          step_delay_s=SLOW_STEP_S)
+    server = start_server(
+        slow_checkpoint, max_batch_size=1, drain_timeout_s=60, log_level="INFO", step_delay_s=SLOW_STEP_S
+    )
     url, n = server.url, 4
 
     def accepted_and_queued(s: Samples) -> bool:
-        return (value(s, "shortcut_request_success_total") + in_flight(s) == n
-                and value(s, "shortcut_requests_waiting") >= 1)
+        return (
+            value(s, "shortcut_request_success_total") + in_flight(s) == n
+            and value(s, "shortcut_requests_waiting") >= 1
+        )
 
     with ThreadPoolExecutor(n) as pool:
-        futures = [pool.submit(httpx.post, f"{url}/generate", json={"prompt": f"drain {i}", "max_new_tokens": 100},
-                               timeout=120) for i in range(n)]
+        futures = [
+            pool.submit(
+                httpx.post, f"{url}/generate", json={"prompt": f"drain {i}", "max_new_tokens": 100}, timeout=120
+            )
+            for i in range(n)
+        ]
         wait_for(url, accepted_and_queued)  # every request accepted; one running, at least one queued
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.2)

@@ -33,9 +33,15 @@ ISSUE_METRICS = [
     "shortcut_model_info",
     "shortcut_resid_post_norm",
 ]
-HISTOGRAMS = ["shortcut_http_request_duration_seconds", "shortcut_e2e_request_latency_seconds",
-              "shortcut_time_to_first_token_seconds", "shortcut_inter_token_latency_seconds",
-              "shortcut_request_queue_time_seconds", "shortcut_batch_size", "shortcut_resid_post_norm"]
+HISTOGRAMS = [
+    "shortcut_http_request_duration_seconds",
+    "shortcut_e2e_request_latency_seconds",
+    "shortcut_time_to_first_token_seconds",
+    "shortcut_inter_token_latency_seconds",
+    "shortcut_request_queue_time_seconds",
+    "shortcut_batch_size",
+    "shortcut_resid_post_norm",
+]
 
 
 def scrape(client: TestClient) -> Samples:
@@ -59,8 +65,10 @@ def test_every_issue_metric_is_exported(client: TestClient, app_checkpoint: Path
     assert "# TYPE shortcut_requests_running gauge" in text
     assert "# TYPE shortcut_prompt_tokens_total counter" in text
     for reason in ("length", "stop", "abort", "timeout", "error"):  # present from the start, at 0 or more
-        assert ("shortcut_request_success_total",
-                frozenset({("model", "tiny"), ("finished_reason", reason)})) in samples
+        assert (
+            "shortcut_request_success_total",
+            frozenset({("model", "tiny"), ("finished_reason", reason)}),
+        ) in samples
     sha = hashlib.sha256(app_checkpoint.read_bytes()).hexdigest()
     info = {"model": "tiny", "checkpoint_sha256": sha, "n_layer": "2", "d_model": "16", "device": "cpu"}
     assert samples[("shortcut_model_info", frozenset(info.items()))] == 1
@@ -75,9 +83,10 @@ def test_counters_move_by_the_right_amounts(client: TestClient) -> None:
         usages.append(out["usage"])
         reasons.append(out["finish_reason"])
     full = client.post("/generate", json={"prompt": "stop test", "max_new_tokens": 20, "temperature": 0}).json()
-    stop = next(full["text"][i:i + 1] for i in range(2, 20) if full["text"][i] not in full["text"][:i])
-    out = client.post("/generate", json={"prompt": "stop test", "max_new_tokens": 20, "temperature": 0,
-                                         "stop": stop}).json()
+    stop = next(full["text"][i : i + 1] for i in range(2, 20) if full["text"][i] not in full["text"][:i])
+    out = client.post(
+        "/generate", json={"prompt": "stop test", "max_new_tokens": 20, "temperature": 0, "stop": stop}
+    ).json()
     assert out["finish_reason"] == "stop"
     usages += [full["usage"], out["usage"]]
     after = scrape(client)
@@ -92,8 +101,11 @@ def test_counters_move_by_the_right_amounts(client: TestClient) -> None:
     assert delta("shortcut_request_success_total", finished_reason="length") == n - 1
     assert delta("shortcut_request_success_total", finished_reason="stop") == 1
     assert delta("shortcut_request_success_total", finished_reason="abort") == 0
-    for h in ("shortcut_e2e_request_latency_seconds", "shortcut_time_to_first_token_seconds",
-              "shortcut_request_queue_time_seconds"):
+    for h in (
+        "shortcut_e2e_request_latency_seconds",
+        "shortcut_time_to_first_token_seconds",
+        "shortcut_request_queue_time_seconds",
+    ):
         assert delta(f"{h}_count") == n, h
     # one inter-token gap per token after a request's first
     assert delta("shortcut_inter_token_latency_seconds_count") == sum(u["completion_tokens"] - 1 for u in usages)
@@ -200,8 +212,9 @@ def test_metrics_body_is_built_off_the_event_loop(client: TestClient, monkeypatc
     assert on_loop == [False]
 
 
-def test_engine_metrics_are_labelled_by_model(make_client: Callable[..., TestClient], app_checkpoint: Path,
-                                             tmp_path: Path) -> None:
+def test_engine_metrics_are_labelled_by_model(
+    make_client: Callable[..., TestClient], app_checkpoint: Path, tmp_path: Path
+) -> None:
     """Every served model's engine feeds the metrics, each under its own `model` label."""
     shutil.copy(app_checkpoint, tmp_path / "second.safetensors")
     client = make_client(extra_checkpoints_dir=tmp_path)
@@ -214,5 +227,7 @@ def test_engine_metrics_are_labelled_by_model(make_client: Callable[..., TestCli
     assert value(samples, "shortcut_resid_post_norm_count", model="second", layer="0") == 1
     for reason in ("length", "stop", "abort", "timeout", "error"):  # both models' series exist from the start
         for model in ("tiny", "second"):
-            assert ("shortcut_request_success_total",
-                    frozenset({("model", model), ("finished_reason", reason)})) in samples
+            assert (
+                "shortcut_request_success_total",
+                frozenset({("model", model), ("finished_reason", reason)}),
+            ) in samples

@@ -44,8 +44,9 @@ def raw(live_server: str, **body: object) -> dict:
 
 def raw_stream(live_server: str, **body: object) -> list[dict]:
     """The data of every SSE event of a streamed completion; checks it ends with [DONE]."""
-    resp = httpx.post(f"{live_server}/v1/completions",
-                      json={"model": "tiny", "prompt": PROMPT, "stream": True, **body}, timeout=30)
+    resp = httpx.post(
+        f"{live_server}/v1/completions", json={"model": "tiny", "prompt": PROMPT, "stream": True, **body}, timeout=30
+    )
     assert resp.status_code == 200, resp.text
     events = [data for _, data in parse_sse(resp.text)]
     assert events[-1] == "[DONE]"
@@ -117,8 +118,16 @@ def test_max_tokens_omitted_and_null_both_mean_16(oai: openai.OpenAI, live_serve
 
 
 def test_completion_stream(oai: openai.OpenAI, live_server: str) -> None:
-    chunks = list(oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
-                                         stream_options={"include_usage": True}))
+    chunks = list(
+        oai.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text_chunks, finish, usage = chunks[:-2], chunks[-2], chunks[-1]
     assert all(c.object == "text_completion" and c.model == "tiny" for c in chunks)
     assert all(c.choices[0].text and c.choices[0].finish_reason is None for c in text_chunks)
@@ -126,8 +135,9 @@ def test_completion_stream(oai: openai.OpenAI, live_server: str) -> None:
     assert finish.choices[0].finish_reason == "length" and finish.choices[0].text == ""
     assert usage.choices == [] and usage.usage.completion_tokens == 12  # the spec's final usage chunk
     assert usage.usage.prompt_tokens == len(PROMPT.encode())
-    assert "".join(c.choices[0].text for c in chunks[:-1]) == native(live_server, max_new_tokens=12,
-                                                                     temperature=0)["text"]
+    assert (
+        "".join(c.choices[0].text for c in chunks[:-1]) == native(live_server, max_new_tokens=12, temperature=0)["text"]
+    )
     plain = raw_stream(live_server, max_tokens=3, temperature=0)
     assert all("usage" not in c for c in plain)  # without include_usage: no usage field at all
 
@@ -193,8 +203,9 @@ def test_n_and_lists_of_prompts(oai: openai.OpenAI, live_server: str) -> None:
     expected = [native(live_server, prompt=p, max_new_tokens=5, temperature=0)["text"] for p in prompts]
     assert [c.text for c in many.choices] == [expected[0]] * 2 + [expected[1]] * 2
     assert many.usage.prompt_tokens == sum(len(p) for p in prompts)
-    tokens = oai.completions.create(model="tiny", prompt=[tokenizer.encode(p) for p in prompts], max_tokens=5,
-                                    temperature=0)
+    tokens = oai.completions.create(
+        model="tiny", prompt=[tokenizer.encode(p) for p in prompts], max_tokens=5, temperature=0
+    )
     assert [c.text for c in tokens.choices] == expected
     one = oai.completions.create(model="tiny", prompt=tokenizer.encode(prompts[0]), max_tokens=5, temperature=0)
     assert one.choices[0].text == expected[0]
@@ -238,8 +249,9 @@ def test_echo(oai: openai.OpenAI, live_server: str) -> None:
     plain = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0)
     echoed = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, echo=True)
     assert echoed.choices[0].text == PROMPT + plain.choices[0].text
-    chunks = list(oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, echo=True,
-                                         stream=True))
+    chunks = list(
+        oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, echo=True, stream=True)
+    )
     assert chunks[0].choices[0].text == PROMPT
     assert "".join(c.choices[0].text for c in chunks) == echoed.choices[0].text
 
@@ -267,10 +279,18 @@ def test_echo_with_logprobs_scores_the_prompt(oai: openai.OpenAI, live_server: s
     assert client_view.choices[0].logprobs.token_logprobs == lp["token_logprobs"]
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("suffix", "end"), ("foo", 1), ("typical_p", 0.5), ("stop_token_ids", [10]), ("ignore_eos", True),
-    ("min_tokens", 3), ("prompt_logprobs", 1),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("suffix", "end"),
+        ("foo", 1),
+        ("typical_p", 0.5),
+        ("stop_token_ids", [10]),
+        ("ignore_eos", True),
+        ("min_tokens", 3),
+        ("prompt_logprobs", 1),
+    ],
+)
 def test_unsupported_fields_are_400(oai: openai.OpenAI, live_server: str, field: str, value: object) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, extra_body={field: value})
@@ -283,31 +303,51 @@ def test_unsupported_fields_are_400(oai: openai.OpenAI, live_server: str, field:
 def test_extensions_through_the_openai_client(oai: openai.OpenAI) -> None:
     """intervention / trace / logit_lens_top go in extra_body; the client keeps the extension fields it returns."""
     skip = {"skip": [{"layer": 0, "part": "block"}], "scale": []}
-    resp = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0,
-                                  extra_body={"intervention": skip, "trace": True, "logit_lens_top": 1})
+    resp = oai.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=3,
+        temperature=0,
+        extra_body={"intervention": skip, "trace": True, "logit_lens_top": 1},
+    )
     assert resp.model_extra["intervention"] == skip
     trace = resp.choices[0].model_extra["trace"]
     assert len(trace) == 3 and all(len(t["logit_lens"][0]) == 1 for t in trace)
     with pytest.raises(openai.BadRequestError) as info:
-        oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=2,
-                               extra_body={"intervention": {"skip": [{"layer": 0, "part": "ffn"}]}})
+        oai.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=2,
+            extra_body={"intervention": {"skip": [{"layer": 0, "part": "ffn"}]}},
+        )
     assert info.value.param == "intervention.skip[0].part"
 
 
 def test_neutral_values_of_unserved_fields_are_accepted(oai: openai.OpenAI) -> None:
-    resp = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, suffix=None, best_of=1, user="u-1",
-                                  extra_body={"stop_token_ids": [], "ignore_eos": False})
+    resp = oai.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=2,
+        suffix=None,
+        best_of=1,
+        user="u-1",
+        extra_body={"stop_token_ids": [], "ignore_eos": False},
+    )
     assert len(resp.choices) == 1
 
 
 def test_stream_options_rules(live_server: str) -> None:
     r = httpx.post(f"{live_server}/v1/completions", json={"prompt": PROMPT, "stream_options": {"include_usage": True}})
     assert_error(r, 400, code="invalid_value", param="stream_options")
-    r = httpx.post(f"{live_server}/v1/completions",
-                   json={"prompt": PROMPT, "stream": True, "stream_options": {"continuous_usage_stats": True}})
+    r = httpx.post(
+        f"{live_server}/v1/completions",
+        json={"prompt": PROMPT, "stream": True, "stream_options": {"continuous_usage_stats": True}},
+    )
     assert_error(r, 400, code="unsupported_parameter", param="stream_options.continuous_usage_stats")
-    r = httpx.post(f"{live_server}/v1/completions",
-                   json={"prompt": PROMPT, "stream": True, "stream_options": {"include_obfuscation": True}})
+    r = httpx.post(
+        f"{live_server}/v1/completions",
+        json={"prompt": PROMPT, "stream": True, "stream_options": {"include_obfuscation": True}},
+    )
     assert_error(r, 400, code="unsupported_parameter", param="stream_options.include_obfuscation")
 
 
@@ -352,8 +392,7 @@ def test_logit_bias_forces_and_bans_tokens(oai: openai.OpenAI, live_server: str)
     assert clamped["choices"][0]["text"] == "A" * 6
     greedy = native(live_server, max_new_tokens=6, temperature=0)["text"]
     first = str(greedy.encode()[0])
-    banned = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0,
-                                    logit_bias={first: -100})
+    banned = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, logit_bias={first: -100})
     assert banned.choices[0].text.encode()[0] != int(first)
     r = httpx.post(f"{live_server}/v1/completions", json={"prompt": PROMPT, "logit_bias": {"300": 1}})
     assert_error(r, 400, code="invalid_value", param="logit_bias")
@@ -371,18 +410,18 @@ def test_seeded_controls_alone_equal_inside_a_mixed_batch(live_server: str) -> N
     bodies = [dict(max_tokens=16, seed=20 + i, **c) for i, c in enumerate(CONTROLS.values())]
     alone = [raw(live_server, **b)["choices"][0]["text"] for b in bodies]
     # all at once (plus others with n > 1 and other controls): they share decode steps in one batch
-    mixed = bodies + [dict(max_tokens=12, n=3, temperature=0.9, repetition_penalty=1.3, presence_penalty=0.5),
-                      dict(max_tokens=10, n=2, min_p=0.1, logit_bias={"10": 3})]
+    mixed = bodies + [
+        dict(max_tokens=12, n=3, temperature=0.9, repetition_penalty=1.3, presence_penalty=0.5),
+        dict(max_tokens=10, n=2, min_p=0.1, logit_bias={"10": 3}),
+    ]
     with ThreadPoolExecutor(len(mixed)) as pool:
         together = list(pool.map(lambda b: raw(live_server, **b), mixed))
-    assert [r["choices"][0]["text"] for r in together[:len(bodies)]] == alone
-    streamed = ["".join(e["choices"][0]["text"] for e in raw_stream(live_server, **b) if e["choices"])
-                for b in bodies]
+    assert [r["choices"][0]["text"] for r in together[: len(bodies)]] == alone
+    streamed = ["".join(e["choices"][0]["text"] for e in raw_stream(live_server, **b) if e["choices"]) for b in bodies]
     assert streamed == alone
 
 
-def test_disconnect_cancels_every_row_of_a_request(start_server: Callable[..., Server],
-                                                   slow_checkpoint: Path) -> None:
+def test_disconnect_cancels_every_row_of_a_request(start_server: Callable[..., Server], slow_checkpoint: Path) -> None:
     url = start_server(slow_checkpoint, step_delay_s=SLOW_STEP_S).url
     before = wait_for(url, idle)
     aborted = value(before, "shortcut_request_success_total", finished_reason="abort")
@@ -390,12 +429,14 @@ def test_disconnect_cancels_every_row_of_a_request(start_server: Callable[..., S
     with httpx.Client(timeout=30) as http, http.stream("POST", f"{url}/v1/completions", json=body) as resp:
         assert resp.status_code == 200
         next(line for line in resp.iter_lines() if line.startswith("data: "))
-    after = wait_for(url, lambda s: idle(s) and value(s, "shortcut_request_success_total",
-                                                      finished_reason="abort") == aborted + 4)
+    after = wait_for(
+        url, lambda s: idle(s) and value(s, "shortcut_request_success_total", finished_reason="abort") == aborted + 4
+    )
     assert value(after, "shortcut_generation_tokens_total") - value(before, "shortcut_generation_tokens_total") < 800
     with ThreadPoolExecutor(1) as pool:  # the same without streaming: the client gives up, all four rows leave
         gone = pool.submit(lambda: httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=0.5))
         with pytest.raises(httpx.ReadTimeout):
             gone.result()
-    wait_for(url, lambda s: idle(s) and value(s, "shortcut_request_success_total",
-                                              finished_reason="abort") == aborted + 8)
+    wait_for(
+        url, lambda s: idle(s) and value(s, "shortcut_request_success_total", finished_reason="abort") == aborted + 8
+    )

@@ -44,7 +44,7 @@ def turn_end_bias(url: str) -> tuple[int, str]:
     for seed in range(40):
         text = native(url, RENDERED, max_new_tokens=30, seed=seed, logit_bias={"10": 2.5})["text"]
         if text.find("\n\n") > 0:
-            return seed, text[:text.find("\n\n")]
+            return seed, text[: text.find("\n\n")]
     pytest.fail("no seed wrote a blank line")
 
 
@@ -64,17 +64,26 @@ def test_chat_completion(oai: openai.OpenAI, live_server: str) -> None:
 
 def test_chat_stops_at_the_next_turn_marker(oai: openai.OpenAI, live_server: str) -> None:
     seed, expected = turn_end_bias(live_server)
-    resp = oai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=30, seed=seed,
-                                       logit_bias={"10": 2.5})
+    resp = oai.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=30, seed=seed, logit_bias={"10": 2.5}
+    )
     assert resp.choices[0].message.content == expected
     assert resp.choices[0].finish_reason == "stop"
 
 
 def test_chat_stream(oai: openai.OpenAI, live_server: str) -> None:
     seed, expected = turn_end_bias(live_server)
-    chunks = list(oai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=30, seed=seed,
-                                              logit_bias={"10": 2.5}, stream=True,
-                                              stream_options={"include_usage": True}))
+    chunks = list(
+        oai.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            max_tokens=30,
+            seed=seed,
+            logit_bias={"10": 2.5},
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     first, *middle, finish, usage = chunks
     assert first.choices[0].delta.role == "assistant" and first.choices[0].delta.content == ""
@@ -83,15 +92,19 @@ def test_chat_stream(oai: openai.OpenAI, live_server: str) -> None:
     assert "".join(c.choices[0].delta.content for c in middle) == expected
     assert usage.choices == [] and usage.usage.prompt_tokens == len(RENDERED.encode())
     assert all(c.usage is None for c in chunks[:-1])
-    resp = httpx.post(f"{live_server}/v1/chat/completions", timeout=30,
-                      json={"messages": MESSAGES, "max_tokens": 4, "stream": True, "logprobs": True})
+    resp = httpx.post(
+        f"{live_server}/v1/chat/completions",
+        timeout=30,
+        json={"messages": MESSAGES, "max_tokens": 4, "stream": True, "logprobs": True},
+    )
     for _, data in parse_sse(resp.text)[:-1]:
         assert ChatCompletionChunk.model_validate(data).model_dump(mode="json", exclude_unset=True) == data
 
 
 def test_chat_logprobs(oai: openai.OpenAI, live_server: str) -> None:
-    resp = oai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.5, seed=2,
-                                       logprobs=True, top_logprobs=2)
+    resp = oai.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.5, seed=2, logprobs=True, top_logprobs=2
+    )
     ref = native(live_server, RENDERED, max_new_tokens=6, temperature=1.5, seed=2, stop="\n\n", logprobs=2)["tokens"]
     content = resp.choices[0].logprobs.content
     assert len(content) == len(ref)
@@ -101,8 +114,18 @@ def test_chat_logprobs(oai: openai.OpenAI, live_server: str) -> None:
         assert [(x.token, x.bytes) for x in entry.top_logprobs] == [(x["text"], [x["id"]]) for x in t["top_logprobs"]]
     plain = oai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, logprobs=True)
     assert all(e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
-    streamed = list(oai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.5,
-                                                seed=2, logprobs=True, top_logprobs=2, stream=True))
+    streamed = list(
+        oai.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            max_tokens=6,
+            temperature=1.5,
+            seed=2,
+            logprobs=True,
+            top_logprobs=2,
+            stream=True,
+        )
+    )
     tokens = [e.token for c in streamed if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert tokens == [e.token for e in content]
 
@@ -110,11 +133,11 @@ def test_chat_logprobs(oai: openai.OpenAI, live_server: str) -> None:
 def test_chat_n_and_seed(oai: openai.OpenAI, live_server: str) -> None:
     resp = oai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, n=3, seed=5)
     assert [c.index for c in resp.choices] == [0, 1, 2]
-    expected = [native(live_server, RENDERED, max_new_tokens=8, seed=choice_seed(5, i), stop="\n\n")["text"]
-                for i in range(3)]
+    expected = [
+        native(live_server, RENDERED, max_new_tokens=8, seed=choice_seed(5, i), stop="\n\n")["text"] for i in range(3)
+    ]
     assert [c.message.content for c in resp.choices] == expected
-    chunks = list(oai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, n=3, seed=5,
-                                              stream=True))
+    chunks = list(oai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, n=3, seed=5, stream=True))
     texts = {i: "" for i in range(3)}
     for c in chunks:
         texts[c.choices[0].index] += c.choices[0].delta.content or ""
@@ -122,15 +145,22 @@ def test_chat_n_and_seed(oai: openai.OpenAI, live_server: str) -> None:
 
 
 def test_speaker_names_and_content_parts(oai: openai.OpenAI, live_server: str) -> None:
-    messages = [{"role": "system", "content": "Night."},
-                {"role": "user", "name": "ROMEO", "content": [{"type": "text", "text": "Soft!"},
-                                                              {"type": "text", "text": "Hark"}]},
-                {"role": "assistant", "name": "JULIET", "content": "Ay."}]
+    messages = [
+        {"role": "system", "content": "Night."},
+        {
+            "role": "user",
+            "name": "ROMEO",
+            "content": [{"type": "text", "text": "Soft!"}, {"type": "text", "text": "Hark"}],
+        },
+        {"role": "assistant", "name": "JULIET", "content": "Ay."},
+    ]
     rendered = "SYSTEM:\nNight.\n\nROMEO:\nSoft!\nHark\n\nJULIET:\nAy.\n\nJULIET:\n"
     resp = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0)
     assert resp.usage.prompt_tokens == len(rendered.encode())
-    assert resp.choices[0].message.content == native(live_server, rendered, max_new_tokens=5, temperature=0,
-                                                     stop="\n\n")["text"]
+    assert (
+        resp.choices[0].message.content
+        == native(live_server, rendered, max_new_tokens=5, temperature=0, stop="\n\n")["text"]
+    )
 
 
 def test_max_tokens_defaults_and_aliases(oai: openai.OpenAI, live_server: str) -> None:
@@ -147,24 +177,30 @@ def test_max_tokens_defaults_and_aliases(oai: openai.OpenAI, live_server: str) -
     assert_error(r, 400, code="context_length_exceeded", param="max_completion_tokens")
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"store": True}, "store"),
-    ({"reasoning_effort": "low"}, "reasoning_effort"),
-    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages.0.role"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages.0.content"),
-    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages.0.tool_calls"),
-    ({"messages": [{"role": "user", "content": "x", "wat": 1}]}, "messages.0.wat"),
-    ({"echo": True}, "echo"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"store": True}, "store"),
+        ({"reasoning_effort": "low"}, "reasoning_effort"),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages.0.role"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages.0.content",
+        ),
+        ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages.0.tool_calls"),
+        ({"messages": [{"role": "user", "content": "x", "wat": 1}]}, "messages.0.wat"),
+        ({"echo": True}, "echo"),
+    ],
+)
 def test_unsupported_chat_fields_are_400(oai: openai.OpenAI, live_server: str, body: dict, param: str) -> None:
     fields = {k: v for k, v in body.items() if k != "messages"}
     with pytest.raises(openai.BadRequestError) as info:
-        oai.chat.completions.create(model="tiny", max_tokens=2, messages=body.get("messages", MESSAGES),
-                                    extra_body=fields)
+        oai.chat.completions.create(
+            model="tiny", max_tokens=2, messages=body.get("messages", MESSAGES), extra_body=fields
+        )
     assert info.value.code == "unsupported_parameter" and info.value.param == param
     assert_error(chat_raw(live_server, **body), 400, code="unsupported_parameter", param=param)
 
@@ -173,8 +209,18 @@ def test_chat_value_errors(live_server: str) -> None:
     assert_error(chat_raw(live_server, top_logprobs=2), 400, code="invalid_value", param="top_logprobs")
     r = chat_raw(live_server, messages=[{"role": "user", "content": None}])
     assert_error(r, 400, code="invalid_value", param="messages.0.content")
-    ok = chat_raw(live_server, max_tokens=2, tools=[], tool_choice="none", store=False, user="u", safety_identifier="s",
-                  response_format={"type": "text"}, parallel_tool_calls=False, modalities=["text"])
+    ok = chat_raw(
+        live_server,
+        max_tokens=2,
+        tools=[],
+        tool_choice="none",
+        store=False,
+        user="u",
+        safety_identifier="s",
+        response_format={"type": "text"},
+        parallel_tool_calls=False,
+        modalities=["text"],
+    )
     assert ok.status_code == 200, ok.text
 
 
@@ -184,14 +230,22 @@ def test_custom_template(start_server: Callable[..., Server]) -> None:
     rendered = "<USER> Who goes?\n<ASSISTANT> "
     resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0)
     assert resp.usage.prompt_tokens == len(rendered.encode())
-    assert resp.choices[0].message.content == native(url, rendered, max_new_tokens=6, temperature=0,
-                                                     stop="\n")["text"]
+    assert resp.choices[0].message.content == native(url, rendered, max_new_tokens=6, temperature=0, stop="\n")["text"]
     forced = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, logit_bias={"10": 100})
     assert forced.choices[0].message.content == "" and forced.choices[0].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("template", ["{name}: {content}", "{content}{name}\n", "{name}{content!r}\n",
-                                      "{name}{content}{name}\n", "{name}{other}{content}\n", "{name}{content"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{name}: {content}",
+        "{content}{name}\n",
+        "{name}{content!r}\n",
+        "{name}{content}{name}\n",
+        "{name}{other}{content}\n",
+        "{name}{content",
+    ],
+)
 def test_bad_templates_are_refused_at_start(template: str) -> None:
     with pytest.raises(ValidationError, match="SHORTCUT_CHAT_TEMPLATE"):
         Settings(chat_template=template)

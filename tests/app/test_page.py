@@ -44,9 +44,14 @@ def find_chromium() -> str | None:
 
 
 CHROMIUM = find_chromium()
-MISSING = ("Playwright is not installed: pip install -e '.[dev]'" if sync_api is None else
-           "no Chromium for the page's browser tests: install it with `apt-get install chromium` (Debian/Ubuntu) "
-           "or point TEST_CHROMIUM at a Chromium/Chrome binary" if CHROMIUM is None else None)
+MISSING = (
+    "Playwright is not installed: pip install -e '.[dev]'"
+    if sync_api is None
+    else "no Chromium for the page's browser tests: install it with `apt-get install chromium` (Debian/Ubuntu) "
+    "or point TEST_CHROMIUM at a Chromium/Chrome binary"
+    if CHROMIUM is None
+    else None
+)
 if MISSING and os.environ.get("TEST_REQUIRE_BROWSER") == "1":  # CI (.ci/run) must run these, never skip them
     pytest.fail(MISSING, pytrace=False)
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
@@ -140,8 +145,17 @@ def visit(browser: object, server: Server) -> Iterator[Callable[..., Visit]]:
         assert not v.console, v.console
 
 
-def fill_write(page: object, *, prompt: str = "ab", model: str = "tiny", max_new: int = 12, seed: int | str = 7,
-               temperature: float = 0.8, trace: bool = True, lens_top: int = 2) -> None:
+def fill_write(
+    page: object,
+    *,
+    prompt: str = "ab",
+    model: str = "tiny",
+    max_new: int = 12,
+    seed: int | str = 7,
+    temperature: float = 0.8,
+    trace: bool = True,
+    lens_top: int = 2,
+) -> None:
     page.fill("#prompt", prompt)
     page.select_option("#model", model)
     page.fill("#max-new-tokens", str(max_new))
@@ -203,8 +217,9 @@ def test_page_loads_its_models_and_one_control_row_per_layer(visit: Callable[...
     assert page.is_hidden("#error")
 
 
-def test_streamed_text_equals_generate_and_the_heatmap_grows_with_it(visit: Callable[..., Visit],
-                                                                     server: Server) -> None:
+def test_streamed_text_equals_generate_and_the_heatmap_grows_with_it(
+    visit: Callable[..., Visit], server: Server
+) -> None:
     page = visit().open()
     fill_write(page, prompt="The page ", max_new=14, seed=7)
     sent = run_generation(page)
@@ -263,8 +278,10 @@ def test_layer_controls_make_the_intervention_the_api_takes(visit: Callable[...,
     page.locator(f"{row0} [data-role='scale']").fill("1.5")  # part: mlp (the default)
     page.uncheck(f"{row0} [data-part='mlp']")  # ... which is now skipped: the scale would repeat (0, mlp)
     sent = run_generation(page)
-    assert sent["intervention"] == {"skip": [{"layer": 0, "part": "mlp"}, {"layer": 1, "part": "attn"}],
-                                    "scale": [{"layer": 1, "part": "block", "factor": 0.5}]}
+    assert sent["intervention"] == {
+        "skip": [{"layer": 0, "part": "mlp"}, {"layer": 1, "part": "attn"}],
+        "scale": [{"layer": 1, "part": "block", "factor": 0.5}],
+    }
     assert page.text_content("#output") == replay(server, "/generate", sent, stream=False)["text"]
     page.check(f"{row0} [data-part='mlp']")
     page.uncheck(f"{row0} [data-part='block']")  # block off: the layer's other entries are implied
@@ -321,8 +338,9 @@ def test_inspect_draws_what_diagnostics_returns(visit: Callable[..., Visit], ser
     assert [cells[(last, layer)] for layer in range(N_LAYER)] == [e["logit_lens"]["top"][0]["prob"] for e in layers]
 
 
-def test_compare_draws_plain_and_residual_gradients_on_one_log_chart(visit: Callable[..., Visit],
-                                                                      server: Server) -> None:
+def test_compare_draws_plain_and_residual_gradients_on_one_log_chart(
+    visit: Callable[..., Visit], server: Server
+) -> None:
     page = visit().open()
     page.fill("#prompt", "ROMEO: But soft")
     with page.expect_request(lambda r: r.url.endswith("/diagnostics")) as req:
@@ -336,8 +354,12 @@ def test_compare_draws_plain_and_residual_gradients_on_one_log_chart(visit: Call
         d = replay(server, "/diagnostics", body, model=name)
         assert data == positive_or_none([e["grad_norm"] for e in d["layers"]])
         assert len(data) == 32
-    assert page.evaluate("() => echarts.getInstanceByDom(document.getElementById('chart-compare'))"
-                         ".getOption().yAxis[0].type") == "log"
+    assert (
+        page.evaluate(
+            "() => echarts.getInstanceByDom(document.getElementById('chart-compare')).getOption().yAxis[0].type"
+        )
+        == "log"
+    )
 
 
 def test_api_errors_are_shown_as_the_api_words_them(visit: Callable[..., Visit], server: Server) -> None:
@@ -355,9 +377,12 @@ def test_an_error_event_in_the_stream_is_shown(visit: Callable[..., Visit]) -> N
     """The server reports a failure after the stream has begun (a timeout, say) as `event: error`; the page keeps
     the text so far and shows the message. The stream is canned here: the live server has no way to fail on cue."""
     message = "request exceeded the 120 s timeout"
-    body = ('event: token\ndata: {"type": "token", "text": "ab", "token": {"id": 98, "text": "b"}}\n\n'
-            'event: error\ndata: ' + json.dumps({"error": {"message": message, "type": "timeout_error", "param": None,
-                                                          "code": "request_timeout"}}) + "\n\n")
+    body = (
+        'event: token\ndata: {"type": "token", "text": "ab", "token": {"id": 98, "text": "b"}}\n\n'
+        "event: error\ndata: "
+        + json.dumps({"error": {"message": message, "type": "timeout_error", "param": None, "code": "request_timeout"}})
+        + "\n\n"
+    )
     page = visit().open()
     page.route("**/generate", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
     fill_write(page, trace=False)
@@ -385,8 +410,17 @@ def test_layout_fits_the_screen(visit: Callable[..., Visit], size: tuple[int, in
     width, height = size
     page = visit(width=width, height=height).open()
     assert page.evaluate("() => document.documentElement.scrollWidth") <= width
-    for hook in ("#prompt", "#model", "#generate", "#stop", "#output", "#trace-heatmap", "#layer-controls",
-                 "#inspect", "#compare"):
+    for hook in (
+        "#prompt",
+        "#model",
+        "#generate",
+        "#stop",
+        "#output",
+        "#trace-heatmap",
+        "#layer-controls",
+        "#inspect",
+        "#compare",
+    ):
         box = page.locator(hook).bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width + 0.5, hook
 
@@ -408,15 +442,20 @@ def test_docs_pages_render_offline(visit: Callable[..., Visit]) -> None:
     v.console.remove("Failed to load resource: net::ERR_FAILED")  # that aborted image
 
 
-def test_api_key_is_asked_once_and_kept_in_session_storage(browser: object, start_server: Callable[..., Server]
-                                                           ) -> None:
+def test_api_key_is_asked_once_and_kept_in_session_storage(
+    browser: object, start_server: Callable[..., Server]
+) -> None:
     key = "page-key-0123456789"
     keyed = start_server(api_key=key)
     v = Visit(browser, keyed.url)
     headers: list[str | None] = []
     try:
-        v.page.on("request", lambda r: headers.append(r.headers.get("authorization"))
-                  if r.url.endswith(("/v1/models", "/generate")) else None)
+        v.page.on(
+            "request",
+            lambda r: (
+                headers.append(r.headers.get("authorization")) if r.url.endswith(("/v1/models", "/generate")) else None
+            ),
+        )
         v.page.goto("/")
         v.page.wait_for_selector("#key-dialog[open]")
         v.page.fill("#key-input", key)

@@ -44,8 +44,18 @@ def test_page_is_served_with_a_csp_that_forbids_other_origins(client: TestClient
     assert csp["frame-ancestors"] == ["'none'"]
     assert resp.headers["x-content-type-options"] == "nosniff"
     assert client.head("/").status_code == 200
-    for hook in ("prompt", "model", "generate", "stop", "output", "trace-heatmap", "layer-controls", "inspect",
-                 "compare", "error"):
+    for hook in (
+        "prompt",
+        "model",
+        "generate",
+        "stop",
+        "output",
+        "trace-heatmap",
+        "layer-controls",
+        "inspect",
+        "compare",
+        "error",
+    ):
         assert f'id="{hook}"' in resp.text, hook
 
 

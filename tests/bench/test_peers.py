@@ -58,8 +58,15 @@ def test_read_bandwidth_is_positive() -> None:
 
 
 def test_memory_split_adds_up() -> None:
-    st = {"python": 10.0, "torch_import": 250.0, "app_import": 270.0, "engine": 300.0, "warm": 400.0,
-          "kv_full": 450.0, "kv_cache_bytes_mb": 128.0}
+    st = {
+        "python": 10.0,
+        "torch_import": 250.0,
+        "app_import": 270.0,
+        "engine": 300.0,
+        "warm": 400.0,
+        "kv_full": 450.0,
+        "kv_cache_bytes_mb": 128.0,
+    }
     s = memsplit.split(st, server_peak_mb=480.0)
     assert s["python_and_torch_import_mb"] == 250 and s["app_import_mb"] == 20 and s["weights_mb"] == 30
     assert s["kv_cache_mb"] == 128 and s["warm_up_and_compiled_steps_mb"] == 450 - 300 - 128

@@ -57,8 +57,12 @@ def structural_to_jsonschema(node: Any) -> Any:
         out["items"] = structural_to_jsonschema(out["items"])
     if "anyOf" in out:
         out["anyOf"] = [structural_to_jsonschema(s) for s in out["anyOf"]]
-    if (out.get("type") == "object" and "properties" in out and "additionalProperties" not in out
-            and not node.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        out.get("type") == "object"
+        and "properties" in out
+        and "additionalProperties" not in out
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     # the API server checks int32/int64 ranges; jsonschema ignores unknown formats
     if out.get("format") == "int32":
@@ -87,5 +91,7 @@ class CRDValidator:
         """Every schema violation of `resource`, as 'path: message' (empty when valid)."""
         schema = self.schemas[(resource["apiVersion"], resource["kind"])]
         validator = jsonschema.Draft202012Validator(schema)
-        return [f"{'/'.join(map(str, e.absolute_path)) or '.'}: {e.message}"
-                for e in sorted(validator.iter_errors(resource), key=lambda e: list(map(str, e.absolute_path)))]
+        return [
+            f"{'/'.join(map(str, e.absolute_path)) or '.'}: {e.message}"
+            for e in sorted(validator.iter_errors(resource), key=lambda e: list(map(str, e.absolute_path)))
+        ]

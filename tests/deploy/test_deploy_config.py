@@ -23,8 +23,22 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "shortcut.json"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
-PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
-                   "group_right", "inf", "nan", "atan2"}
+PROMQL_KEYWORDS = {
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "inf",
+    "nan",
+    "atan2",
+}
 
 
 def promql_metric_names(expr: str) -> set[str]:
@@ -35,7 +49,7 @@ def promql_metric_names(expr: str) -> set[str]:
     s = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)  # label lists
     names = set()
     for m in re.finditer(r"(?<![\w:.$])[A-Za-z_:][\w:]*", s):
-        if re.match(r"\s*\(", s[m.end():]) or m.group().lower() in PROMQL_KEYWORDS:
+        if re.match(r"\s*\(", s[m.end() :]) or m.group().lower() in PROMQL_KEYWORDS:
             continue  # function or aggregation call, or keyword
         names.add(m.group())
     return names
@@ -118,8 +132,10 @@ def mount_target(service: dict, source_suffix: str) -> str:
         ("up", {"up"}),
         ('up{job="shortcut-api"} == 1', {"up"}),
         ("histogram_quantile(0.95, sum by (le, layer) (rate(a_bucket[5m])))", {"a_bucket"}),
-        ("sum(rate(a_sum[$__rate_interval])) / sum without (instance) (rate(a_count[1m:10s] offset 5m))",
-         {"a_sum", "a_count"}),
+        (
+            "sum(rate(a_sum[$__rate_interval])) / sum without (instance) (rate(a_count[1m:10s] offset 5m))",
+            {"a_sum", "a_count"},
+        ),
         ('x{status=~"5.."} / on(job) group_left(model) job:y:rate5m and bool 1e3', {"x", "job:y:rate5m"}),
         ('label_replace(m, "dst", "$1", "src", "(.*)")', {"m"}),
         ("sum(rate(a_total[5m])) > 0.5 unless max(b)", {"a_total", "b"}),
@@ -223,9 +239,16 @@ def test_dashboard_panels(dashboard: dict) -> None:
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     titles = {p["title"] for p in dashboard["panels"]}
-    for needed in ("Request rate", "Time to first token", "Inter-token latency", "End-to-end latency",
-                   "Tokens per second", "Running / waiting requests", "Batch size per decode step",
-                   "Error rate by status"):
+    for needed in (
+        "Request rate",
+        "Time to first token",
+        "Inter-token latency",
+        "End-to-end latency",
+        "Tokens per second",
+        "Running / waiting requests",
+        "Batch size per decode step",
+        "Error rate by status",
+    ):
         assert needed in titles
     exprs = dashboard_exprs(dashboard)
     for metric in ("shortcut_time_to_first_token_seconds_bucket", "shortcut_inter_token_latency_seconds_bucket"):
@@ -271,7 +294,7 @@ def test_dockerfile_contract() -> None:
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.M)
     assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cpu$", text, re.M)
     assert re.search(r'^ARG PIP_FIND_LINKS=""$', text, re.M)
-    final = text[text.rindex("\nFROM "):]
+    final = text[text.rindex("\nFROM ") :]
     assert "COPY --from=builder /opt/venv /opt/venv" in final
     assert not re.search(r"apt-get|gcc|build-essential", final)
     assert re.search(r'^CMD \["python", "-m", "app"\]$', final, re.M)

@@ -25,8 +25,16 @@ ADAPTER_VALUES = K8S / "autoscaling" / "prometheus-adapter-values.yaml"
 BENCH = ROOT / "bench" / "results" / "latest.json"
 DOCKERFILE = ROOT / "Dockerfile"
 K8S_VERSION = "1.37"  # the newest kubernetes-validate 1.37 knows
-NAMESPACED = {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor",
-              "HorizontalPodAutoscaler", "ScaledObject"}
+NAMESPACED = {
+    "ConfigMap",
+    "Deployment",
+    "Service",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+    "ServiceMonitor",
+    "HorizontalPodAutoscaler",
+    "ScaledObject",
+}
 
 pytestmark = pytest.mark.skipif(kubectl() is None, reason="kubectl (kustomize) missing: install the dev extra")
 
@@ -60,8 +68,18 @@ def quantity(q: str | int | float) -> float:
     """A Kubernetes quantity ('2', '500m', '768Mi', '1G') as a number (bytes or cores)."""
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(m|Ki|Mi|Gi|Ti|k|M|G|T)?", str(q))
     assert m, f"bad quantity {q!r}"
-    scale = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[m.group(2)]
+    scale = {
+        None: 1,
+        "m": 1e-3,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+    }[m.group(2)]
     return float(m.group(1)) * scale
 
 
@@ -86,13 +104,22 @@ def app_metric_names() -> set[str]:
 
 
 # ---- rendering and schema validation ----------------------------------------------------------------------
-@pytest.mark.parametrize(("overlay", "autoscaler"), [("example", "HorizontalPodAutoscaler"),
-                                                     ("example-keda", "ScaledObject")])
+@pytest.mark.parametrize(
+    ("overlay", "autoscaler"), [("example", "HorizontalPodAutoscaler"), ("example-keda", "ScaledObject")]
+)
 def test_overlay_renders_one_stack_with_one_autoscaler(rendered: dict, overlay: str, autoscaler: str) -> None:
     docs = rendered[overlay]
     kinds = sorted(d["kind"] for d in docs)
-    expected = {"Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy",
-                "ServiceMonitor", autoscaler}
+    expected = {
+        "Namespace",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceMonitor",
+        autoscaler,
+    }
     assert kinds == sorted(expected), kinds  # one of each, and never both autoscalers on one Deployment
     ns = one(docs, "Namespace")["metadata"]["name"]
     for d in docs:
@@ -101,8 +128,12 @@ def test_overlay_renders_one_stack_with_one_autoscaler(rendered: dict, overlay: 
     kustomization = yaml.safe_load((OVERLAYS[overlay] / "kustomization.yaml").read_text())
     (image,) = kustomization["images"]
     assert container(docs)["image"] == f"{image['newName']}:{image['newTag']}"
-    assert image["name"] == yaml.safe_load((K8S / "base" / "deployment.yaml").read_text())[
-        "spec"]["template"]["spec"]["containers"][0]["image"]
+    assert (
+        image["name"]
+        == yaml.safe_load((K8S / "base" / "deployment.yaml").read_text())["spec"]["template"]["spec"]["containers"][0][
+            "image"
+        ]
+    )
 
 
 @pytest.mark.parametrize("overlay", list(OVERLAYS))
@@ -261,7 +292,8 @@ def test_grace_period_covers_prestop_and_drain(rendered: dict, overlay: str) -> 
     pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pre_stop >= 5  # endpoints and proxies need a few seconds to drop the pod
     assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain_timeout(docs) + 5, (
-        "kubelet SIGKILLs after the grace period: it must cover the preStop sleep and the app's drain timeout")
+        "kubelet SIGKILLs after the grace period: it must cover the preStop sleep and the app's drain timeout"
+    )
 
 
 def test_pod_is_restricted_and_runs_as_the_image_user(rendered: dict) -> None:
@@ -316,7 +348,8 @@ def test_resources_are_guaranteed_and_sized_from_the_bench(rendered: dict) -> No
     limits = c["resources"]["limits"]
     torch_threads = bench["machine"]["torch_threads"]
     assert quantity(limits["cpu"]) == torch_threads + 1, (
-        "size the CPU as the bench ran: its torch threads + one core for the event loop")
+        "size the CPU as the bench ran: its torch threads + one core for the event loop"
+    )
     peak_rss = bench["metrics"]["server_peak_rss_mb"] * 2**20
     assert 1.5 * peak_rss <= quantity(limits["memory"]) <= 3 * peak_rss, "memory: 1.5-3x the bench's peak RSS"
 
@@ -336,8 +369,11 @@ def test_selectors_ports_and_policies_line_up(rendered: dict) -> None:
     assert label_selector_matches(policy["podSelector"], pod_labels) and policy["policyTypes"] == ["Ingress"]
     assert [r["ports"] for r in policy["ingress"]] == [[{"port": "http", "protocol": "TCP"}]]  # the API port only
     hpa = one(docs, "HorizontalPodAutoscaler")["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                     "name": deployment["metadata"]["name"]}
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
     assert hpa["minReplicas"] >= 2  # with maxUnavailable 1, a node drain never takes the last pod
     assert "replicas" not in deployment["spec"]  # the autoscaler owns it; apply would reset it otherwise
     so = one(rendered["example-keda"], "ScaledObject")["spec"]

@@ -353,8 +353,13 @@ def test_result_is_rounded_json(diag_model: Transformer, ids: list[int]) -> None
     result = run_diagnostics(diag_model, ids, opts, model_info={"name": "tiny"})
     assert json.loads(json.dumps(result, allow_nan=False)) == result
     assert result["model"] == {"name": "tiny"}
-    assert result["options"] == {"per_token": True, "logit_lens": 3, "gradients": True, "ablation": True,
-                                 "intervention": None}
+    assert result["options"] == {
+        "per_token": True,
+        "logit_lens": 3,
+        "gradients": True,
+        "ablation": True,
+        "intervention": None,
+    }
     values = floats(result)
     assert len(values) > 100
     assert all(float(f"{v:.6g}") == v for v in values)

@@ -52,8 +52,9 @@ def greedy_reference(model: Transformer, prompt: list[int], n: int) -> list[int]
     return out
 
 
-def run_with_engine(model: Transformer, body: Callable[[Engine], Awaitable[Any]], start: bool = True,
-                    **engine_kw: Any) -> Any:
+def run_with_engine(
+    model: Transformer, body: Callable[[Engine], Awaitable[Any]], start: bool = True, **engine_kw: Any
+) -> Any:
     """Run `body(engine)` in a fresh event loop; the engine is always stopped afterwards."""
 
     async def main() -> Any:
@@ -116,8 +117,13 @@ def test_greedy_equals_full_forward_loop(model: Transformer) -> None:
 
 def test_greedy_in_a_batch_with_rows_leaving(model: Transformer) -> None:
     """Concurrent greedy requests of different lengths (rows finish and move) each equal their own reference."""
-    jobs = [(tokenizer.encode("abc"), 20), (tokenizer.encode("The cat sat"), 4), (tokenizer.encode("x"), 25),
-            (tokenizer.encode("0123456789ab"), 12), (tokenizer.encode("zz top"), 9)]
+    jobs = [
+        (tokenizer.encode("abc"), 20),
+        (tokenizer.encode("The cat sat"), 4),
+        (tokenizer.encode("x"), 25),
+        (tokenizer.encode("0123456789ab"), 12),
+        (tokenizer.encode("zz top"), 9),
+    ]
 
     async def body(engine: Engine) -> list[list[int]]:
         handles = [engine.submit(p, SamplingParams(max_new_tokens=n, temperature=0.0)) for p, n in jobs[:4]]
@@ -270,8 +276,8 @@ def _stream(model: Transformer, params: SamplingParams) -> tuple[list[TokenEvent
 
 
 def test_stop_string_ends_output_and_is_held_back(ascii_model: Transformer, greedy_text: str) -> None:
-    i = next(i for i in range(3, 12) if greedy_text.find(greedy_text[i:i + 3]) == i)
-    stop = greedy_text[i:i + 3]
+    i = next(i for i in range(3, 12) if greedy_text.find(greedy_text[i : i + 3]) == i)
+    stop = greedy_text[i : i + 3]
     tokens, fin = _stream(ascii_model, SamplingParams(max_new_tokens=24, temperature=0.0, stop=(stop,)))
     assert fin.reason == "stop"
     assert fin.text == greedy_text[:i]
@@ -285,12 +291,12 @@ def test_stop_string_ends_output_and_is_held_back(ascii_model: Transformer, gree
 
 
 def test_earliest_of_several_stop_strings_wins(ascii_model: Transformer, greedy_text: str) -> None:
-    i = next(i for i in range(2, 8) if greedy_text.find(greedy_text[i:i + 2]) == i)
-    later = greedy_text[i + 4:i + 6]
-    stops = (later, greedy_text[i:i + 2])
+    i = next(i for i in range(2, 8) if greedy_text.find(greedy_text[i : i + 2]) == i)
+    later = greedy_text[i + 4 : i + 6]
+    stops = (later, greedy_text[i : i + 2])
     _, fin = _stream(ascii_model, SamplingParams(max_new_tokens=24, temperature=0.0, stop=stops))
     assert fin.reason == "stop"
-    assert fin.text == greedy_text[:min(i, greedy_text.find(later))]
+    assert fin.text == greedy_text[: min(i, greedy_text.find(later))]
 
 
 def test_held_back_text_is_released_when_stop_never_completes(ascii_model: Transformer, greedy_text: str) -> None:
@@ -315,12 +321,14 @@ def test_continuous_batching_batches_concurrent_requests(model: Transformer) -> 
     rec = Recorder()
 
     async def body(engine: Engine) -> list[FinishEvent]:
-        handles = [engine.submit(tokenizer.encode(f"req {i}"), SamplingParams(max_new_tokens=15 + i, seed=i))
-                   for i in range(4)]
+        handles = [
+            engine.submit(tokenizer.encode(f"req {i}"), SamplingParams(max_new_tokens=15 + i, seed=i)) for i in range(4)
+        ]
         engine.start()
         await asyncio.sleep(0.003)
-        handles += [engine.submit(tokenizer.encode(f"late {i}"), SamplingParams(max_new_tokens=10, seed=i))
-                    for i in range(2)]
+        handles += [
+            engine.submit(tokenizer.encode(f"late {i}"), SamplingParams(max_new_tokens=10, seed=i)) for i in range(2)
+        ]
         return [fin for _, fin in await asyncio.gather(*(events_of(h) for h in handles))]
 
     fins = run_with_engine(model, body, start=False, observer=rec, max_batch_size=8)
@@ -521,8 +529,9 @@ def test_sample_rows_greedy_cases() -> None:
     B = logits.shape[0]
     greedy = logits.argmax(-1)
     zeros_k = torch.zeros(B, dtype=torch.long)
-    assert torch.equal(sample_rows(logits, _full(B, 2.0), torch.ones(B, dtype=torch.long), _full(B, 1.0), _gens(B)),
-                       greedy)
+    assert torch.equal(
+        sample_rows(logits, _full(B, 2.0), torch.ones(B, dtype=torch.long), _full(B, 1.0), _gens(B)), greedy
+    )
     assert torch.equal(sample_rows(logits, _full(B, 2.0), zeros_k, _full(B, 1e-6), _gens(B)), greedy)
     gens = _gens(B)
     states = [g.get_state() for g in gens]
@@ -562,6 +571,8 @@ def test_sample_rows_row_independent_of_batch() -> None:
     top_p = torch.tensor([1.0, 1.0, 0.9, 0.5, 1.0])
     batch = sample_rows(logits, temp, top_k, top_p, _gens(5, seed=100))
     gens = _gens(5, seed=100)
-    alone = [int(sample_rows(logits[i:i + 1], temp[i:i + 1], top_k[i:i + 1], top_p[i:i + 1], [gens[i]]))
-             for i in range(5)]
+    alone = [
+        int(sample_rows(logits[i : i + 1], temp[i : i + 1], top_k[i : i + 1], top_p[i : i + 1], [gens[i]]))
+        for i in range(5)
+    ]
     assert batch.tolist() == alone

@@ -64,7 +64,7 @@ def test_jobs_take_at_most_their_share_while_sequences_decode(model: Transformer
     last_decode = max(i for i, (kind, _, _) in enumerate(log) if kind == "decode")
     assert len(job_ends) == 4 and job_ends[-1] < last_decode  # the generation outlasted the job
     for a, b in zip(job_ends, job_ends[1:], strict=False):
-        decoded = sum(end - start for kind, start, end in log[a + 1:b] if kind == "decode")
+        decoded = sum(end - start for kind, start, end in log[a + 1 : b] if kind == "decode")
         _, s0, s1 = log[a]
         assert decoded >= (s1 - s0) * 0.999, (decoded, s1 - s0)  # share 0.5: decode time >= job time
 

@@ -31,8 +31,9 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _prefilled(model: Transformer, seqs: torch.Tensor, lengths: list[int], gates: torch.Tensor,
-               n_caches: int) -> list[KVCache]:
+def _prefilled(
+    model: Transformer, seqs: torch.Tensor, lengths: list[int], gates: torch.Tensor, n_caches: int
+) -> list[KVCache]:
     caches = [KVCache(model.config, len(lengths)) for _ in range(n_caches)]
     with torch.no_grad():
         for b, n in enumerate(lengths):
@@ -176,11 +177,15 @@ def test_engine_with_the_fused_step_generates_what_the_torchscript_one_does(libr
                 engine.decode_step = FusedDecoder(model, weights="float32", library=library)
             engine.start()
             try:
-                params = [SamplingParams(max_new_tokens=20, temperature=0, logprobs=2),
-                          SamplingParams(max_new_tokens=20, temperature=0, intervention=MIXED),
-                          SamplingParams(max_new_tokens=20, temperature=0.9, seed=3, trace=True)]
-                hs = [engine.submit(tokenizer.encode(t), p) for t, p in zip(("Shortcut", "ab", "Residual"), params,
-                                                                           strict=True)]
+                params = [
+                    SamplingParams(max_new_tokens=20, temperature=0, logprobs=2),
+                    SamplingParams(max_new_tokens=20, temperature=0, intervention=MIXED),
+                    SamplingParams(max_new_tokens=20, temperature=0.9, seed=3, trace=True),
+                ]
+                hs = [
+                    engine.submit(tokenizer.encode(t), p)
+                    for t, p in zip(("Shortcut", "ab", "Residual"), params, strict=True)
+                ]
                 return [await asyncio.wait_for(h.result(), 20) for h in hs]
             finally:
                 engine.stop()
@@ -194,8 +199,9 @@ def test_engine_with_the_fused_step_generates_what_the_torchscript_one_does(libr
             if x.logprob is not None:
                 assert abs(x.logprob - y.logprob) < 1e-4
             if x.trace is not None:
-                torch.testing.assert_close(torch.tensor(x.trace["resid_norm"]), torch.tensor(y.trace["resid_norm"]),
-                                           rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(
+                    torch.tensor(x.trace["resid_norm"]), torch.tensor(y.trace["resid_norm"]), rtol=1e-4, atol=1e-4
+                )
 
 
 def test_build_without_a_working_compiler_returns_none(tmp_path: Path) -> None:

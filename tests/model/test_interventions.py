@@ -35,16 +35,19 @@ def test_gates_follow_the_entries() -> None:
     assert MIXED.parts() == {"mlp", "attn", "block"} and MIXED.layers() == {0, 1, 2}
 
 
-@pytest.mark.parametrize(("iv", "field"), [
-    (Intervention(skip=((3, "block"),)), "intervention.skip[0].layer"),
-    (Intervention(skip=((-1, "block"),)), "intervention.skip[0].layer"),
-    (Intervention(skip=((0, "block"), (1, "ffn"))), "intervention.skip[1].part"),
-    (Intervention(scale=((0, "mlp", 100.5),)), "intervention.scale[0].factor"),
-    (Intervention(scale=((0, "mlp", float("nan")),)), "intervention.scale[0].factor"),
-    (Intervention(scale=((0, "mlp", float("inf")),)), "intervention.scale[0].factor"),
-    (Intervention(skip=((1, "mlp"),), scale=((1, "mlp", 2.0),)), "intervention.scale[0]"),
-    (Intervention(skip=((1, "mlp"), (1, "mlp"))), "intervention.skip[1]"),
-])
+@pytest.mark.parametrize(
+    ("iv", "field"),
+    [
+        (Intervention(skip=((3, "block"),)), "intervention.skip[0].layer"),
+        (Intervention(skip=((-1, "block"),)), "intervention.skip[0].layer"),
+        (Intervention(skip=((0, "block"), (1, "ffn"))), "intervention.skip[1].part"),
+        (Intervention(scale=((0, "mlp", 100.5),)), "intervention.scale[0].factor"),
+        (Intervention(scale=((0, "mlp", float("nan")),)), "intervention.scale[0].factor"),
+        (Intervention(scale=((0, "mlp", float("inf")),)), "intervention.scale[0].factor"),
+        (Intervention(skip=((1, "mlp"),), scale=((1, "mlp", 2.0),)), "intervention.scale[0]"),
+        (Intervention(skip=((1, "mlp"), (1, "mlp"))), "intervention.skip[1]"),
+    ],
+)
 def test_problems_name_the_entry(iv: Intervention, field: str) -> None:
     problem = iv.problem(3)
     assert problem is not None and problem[0] == field
@@ -95,18 +98,21 @@ def _generate(engine: Engine, prompt: list[int], **params) -> asyncio.Future:
 
 @pytest.mark.parametrize("decode_backend", ["torchscript", "auto"])  # auto: the fused C step where it is built
 @pytest.mark.parametrize("decode_weights", ["float32", "auto"])
-def test_intervened_rows_do_not_change_their_neighbours(model: Transformer, decode_weights: str,
-                                                        decode_backend: str) -> None:
+def test_intervened_rows_do_not_change_their_neighbours(
+    model: Transformer, decode_weights: str, decode_backend: str
+) -> None:
     base = dict(max_new_tokens=20, temperature=0.9, seed=7)
 
     async def alone(engine: Engine):
         return await _generate(engine, PROMPT, **base)
 
     async def mixed(engine: Engine):
-        futs = [_generate(engine, tokenizer.encode("Shortcut!"), max_new_tokens=18, intervention=SKIP0, seed=1),
-                _generate(engine, PROMPT, **base),
-                _generate(engine, PROMPT, **base, intervention=MIXED),
-                _generate(engine, PROMPT, max_new_tokens=12, temperature=0, intervention=SKIP0, trace=True)]
+        futs = [
+            _generate(engine, tokenizer.encode("Shortcut!"), max_new_tokens=18, intervention=SKIP0, seed=1),
+            _generate(engine, PROMPT, **base),
+            _generate(engine, PROMPT, **base, intervention=MIXED),
+            _generate(engine, PROMPT, max_new_tokens=12, temperature=0, intervention=SKIP0, trace=True),
+        ]
         return await asyncio.gather(*futs)
 
     kw = {"decode_weights": decode_weights, "decode_backend": decode_backend}
@@ -128,15 +134,17 @@ def test_greedy_intervened_generation_equals_the_gated_reference(model: Transfor
             tok = int(model(torch.tensor([idx]), gates=gates).logits[0, -1].argmax())
             want.append(tok)
             idx.append(tok)
-    tokens, _ = run_with_engine(model, lambda e: _generate(e, PROMPT, max_new_tokens=16, temperature=0,
-                                                           intervention=MIXED))
+    tokens, _ = run_with_engine(
+        model, lambda e: _generate(e, PROMPT, max_new_tokens=16, temperature=0, intervention=MIXED)
+    )
     assert ids(tokens) == want
 
 
 @pytest.mark.parametrize("decode_backend", ["torchscript", "auto"])
 @pytest.mark.parametrize(("decode_weights", "tol"), [("float32", 1e-4), ("auto", 3e-3)])
-def test_trace_equals_diagnostics_per_token(model: Transformer, decode_weights: str, tol: float,
-                                            decode_backend: str) -> None:
+def test_trace_equals_diagnostics_per_token(
+    model: Transformer, decode_weights: str, tol: float, decode_backend: str
+) -> None:
     """The trace of token i is the stream at the position that produced it: /diagnostics on prompt + text."""
     n_new = 12
 
@@ -144,8 +152,7 @@ def test_trace_equals_diagnostics_per_token(model: Transformer, decode_weights: 
         return await asyncio.gather(
             _generate(engine, PROMPT, max_new_tokens=n_new, temperature=0.8, seed=3, trace=True, logit_lens_top=2),
             _generate(engine, tokenizer.encode("plain row"), max_new_tokens=n_new, temperature=0.8, seed=4),
-            _generate(engine, PROMPT, max_new_tokens=n_new, temperature=0.8, seed=5, trace=True,
-                      intervention=MIXED),
+            _generate(engine, PROMPT, max_new_tokens=n_new, temperature=0.8, seed=5, trace=True, intervention=MIXED),
         )
 
     results = run_with_engine(model, body, decode_weights=decode_weights, decode_backend=decode_backend)
@@ -159,13 +166,13 @@ def test_trace_equals_diagnostics_per_token(model: Transformer, decode_weights: 
             norms = [layer["resid_post"]["per_token"][p] for layer in diag["layers"]]
             ratios = [layer["update_ratio"]["per_token"]["block"][p] for layer in diag["layers"]]
             torch.testing.assert_close(torch.tensor(t.trace["resid_norm"]), torch.tensor(norms), rtol=tol, atol=tol)
-            torch.testing.assert_close(torch.tensor(t.trace["update_ratio"]), torch.tensor(ratios), rtol=tol,
-                                       atol=tol)
+            torch.testing.assert_close(torch.tensor(t.trace["update_ratio"]), torch.tensor(ratios), rtol=tol, atol=tol)
             assert ("logit_lens" in t.trace) == (iv is None)
         # the logit lens at the last traced position equals /diagnostics' lens of that prefix (last position)
         if iv is None:
-            assert [[e["id"] for e in top] for top in tokens[-1].trace["logit_lens"]] == \
-                   [[e["id"] for e in layer["logit_lens"]["top"]] for layer in diag["layers"]]
+            assert [[e["id"] for e in top] for top in tokens[-1].trace["logit_lens"]] == [
+                [e["id"] for e in layer["logit_lens"]["top"]] for layer in diag["layers"]
+            ]
 
 
 def test_engine_rejects_what_it_cannot_apply(model: Transformer) -> None:

@@ -54,8 +54,9 @@ CONTROLS = {
     "repetition_below_1": SamplingParams(repetition_penalty=0.6),
     "logit_bias": SamplingParams(logit_bias=((101, 5.0), (32, -300.0), (7, 250.0))),
     "min_p": SamplingParams(min_p=0.2),
-    "all": SamplingParams(presence_penalty=-0.5, frequency_penalty=0.3, repetition_penalty=1.3, min_p=0.05,
-                          logit_bias=((65, 2.0),)),
+    "all": SamplingParams(
+        presence_penalty=-0.5, frequency_penalty=0.3, repetition_penalty=1.3, min_p=0.05, logit_bias=((65, 2.0),)
+    ),
 }
 
 
@@ -93,8 +94,9 @@ def test_penalties_are_batched_over_rows() -> None:
     logits = torch.tensor([[2.0, -2.0, 1.0], [2.0, -2.0, 1.0]])
     counts = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
     seen = torch.tensor([[True, True, False], [True, False, False]])
-    out = apply_penalties(logits, counts, torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.0]),
-                          torch.tensor([2.0, 4.0]), seen)
+    out = apply_penalties(
+        logits, counts, torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.0]), torch.tensor([2.0, 4.0]), seen
+    )
     torch.testing.assert_close(out, torch.tensor([[2 / 2 - 0.5 - 1, -2 * 2 - 1.0 - 1, 1.0], [0.5, -2.0, 1.0]]))
 
 
@@ -111,22 +113,26 @@ def test_min_p_in_sample_rows_never_picks_a_cut_token() -> None:
     base[[10, 20, 30]] = torch.tensor([2.0, 1.0, 0.0])  # probs about .67, .24, .09
     logits = base.expand(n, -1)
     gens = [torch.Generator().manual_seed(i) for i in range(n)]
-    out = sample_rows(logits, torch.ones(n), torch.zeros(n, dtype=torch.long), torch.ones(n), gens,
-                      torch.full((n,), 0.2))
+    out = sample_rows(
+        logits, torch.ones(n), torch.zeros(n, dtype=torch.long), torch.ones(n), gens, torch.full((n,), 0.2)
+    )
     assert set(out.tolist()) == {10, 20}
 
 
-@pytest.mark.parametrize(("params", "field"), [
-    (SamplingParams(presence_penalty=2.5), "presence_penalty"),
-    (SamplingParams(frequency_penalty=-2.1), "frequency_penalty"),
-    (SamplingParams(frequency_penalty=math.nan), "frequency_penalty"),
-    (SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
-    (SamplingParams(repetition_penalty=math.inf), "repetition_penalty"),
-    (SamplingParams(min_p=1.5), "min_p"),
-    (SamplingParams(logit_bias=((256, 1.0),)), "logit_bias"),
-    (SamplingParams(logit_bias=((-1, 1.0),)), "logit_bias"),
-    (SamplingParams(logit_bias=((3, math.nan),)), "logit_bias"),
-])
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        (SamplingParams(presence_penalty=2.5), "presence_penalty"),
+        (SamplingParams(frequency_penalty=-2.1), "frequency_penalty"),
+        (SamplingParams(frequency_penalty=math.nan), "frequency_penalty"),
+        (SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
+        (SamplingParams(repetition_penalty=math.inf), "repetition_penalty"),
+        (SamplingParams(min_p=1.5), "min_p"),
+        (SamplingParams(logit_bias=((256, 1.0),)), "logit_bias"),
+        (SamplingParams(logit_bias=((-1, 1.0),)), "logit_bias"),
+        (SamplingParams(logit_bias=((3, math.nan),)), "logit_bias"),
+    ],
+)
 def test_out_of_range_controls_are_refused(model: Transformer, params: SamplingParams, field: str) -> None:
     assert control_problem(params, V)[1] == field
     engine = Engine(model, decode_weights="float32")
@@ -166,8 +172,10 @@ def greedy_reference(model: Transformer, prompt: list[int], n: int, p: SamplingP
 
 def test_greedy_with_controls_equals_the_reference(model: Transformer) -> None:
     names = ["presence", "frequency", "repetition", "logit_bias", "all"]
-    jobs = [(PROMPT, SamplingParams(**{**CONTROLS[name].__dict__, "temperature": 0.0, "max_new_tokens": 12}))
-            for name in names]
+    jobs = [
+        (PROMPT, SamplingParams(**{**CONTROLS[name].__dict__, "temperature": 0.0, "max_new_tokens": 12}))
+        for name in names
+    ]
     plain = SamplingParams(temperature=0.0, max_new_tokens=12)
     got = run(model, [*jobs, (PROMPT, plain)])
     for (prompt, params), tokens in zip(jobs, got, strict=False):
@@ -176,12 +184,22 @@ def test_greedy_with_controls_equals_the_reference(model: Transformer) -> None:
 
 
 def test_seeded_rows_with_each_control_are_the_same_alone_and_in_a_mixed_batch(model: Transformer) -> None:
-    targets = [(PROMPT, SamplingParams(**{**p.__dict__, "seed": 5 + i, "max_new_tokens": 16, "top_k": 40}))
-               for i, p in enumerate(CONTROLS.values())]
-    others = [(tokenizer.encode(f"other {i}"), SamplingParams(max_new_tokens=4 + i, temperature=0.8 + 0.1 * i,
-                                                                   repetition_penalty=1.0 + 0.2 * (i % 2),
-                                                                   presence_penalty=0.3 * (i % 3)))
-              for i in range(4)]
+    targets = [
+        (PROMPT, SamplingParams(**{**p.__dict__, "seed": 5 + i, "max_new_tokens": 16, "top_k": 40}))
+        for i, p in enumerate(CONTROLS.values())
+    ]
+    others = [
+        (
+            tokenizer.encode(f"other {i}"),
+            SamplingParams(
+                max_new_tokens=4 + i,
+                temperature=0.8 + 0.1 * i,
+                repetition_penalty=1.0 + 0.2 * (i % 2),
+                presence_penalty=0.3 * (i % 3),
+            ),
+        )
+        for i in range(4)
+    ]
     alone = [run(model, [job])[0] for job in targets]
     mixed = run(model, [others[0], *targets[:3], others[1], others[2], *targets[3:], others[3]], max_batch_size=5)
     assert mixed[1:4] + mixed[6:-1] == alone

@@ -324,8 +324,7 @@ def test_parameter_shapes_match_the_built_model(tiny_config: ModelConfig, varian
 
 def test_kv_cache_starts_zeroed_on_cpu(tiny_config: ModelConfig) -> None:
     cache = KVCache(tiny_config, 3, dtype=torch.bfloat16)
-    assert cache.k.shape == (tiny_config.n_layer, 3, tiny_config.n_head, tiny_config.block_size,
-                             tiny_config.head_dim)
+    assert cache.k.shape == (tiny_config.n_layer, 3, tiny_config.n_head, tiny_config.block_size, tiny_config.head_dim)
     assert cache.k.dtype == torch.bfloat16 and cache.v.dtype == torch.bfloat16
     assert not cache.k.any() and not cache.v.any()
     cache.k[0, 1].fill_(1.0)

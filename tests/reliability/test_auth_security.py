@@ -19,15 +19,35 @@ from app import auth
 
 KEY = "rel-key_0123456789abcdef"
 WRONG = "rel-key_0123456789abcdeX"  # same length, differs in the last character only
-OPEN = {("GET", "/health"), ("GET", "/ready"), ("GET", "/info"), ("GET", "/metrics"), ("GET", "/openapi.json"),
-        ("GET", "/docs"), ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc")}
-PROTECTED = {("POST", "/generate"), ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/diagnostics"),
-             ("POST", "/diagnostics"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
-             ("POST", "/v1/chat/completions"), ("GET", "/v1/models/{model_id}")}
-VALID = {"/generate": {"prompt": "hi", "max_new_tokens": 2}, "/tokenize": {"text": "hi"},
-         "/detokenize": {"tokens": [104]}, "/diagnostics": {"prompt": "hi"}, "/v1/completions": {"prompt": "hi",
-                                                                                               "max_tokens": 2},
-         "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}
+OPEN = {
+    ("GET", "/health"),
+    ("GET", "/ready"),
+    ("GET", "/info"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+    ("GET", "/docs"),
+    ("GET", "/docs/oauth2-redirect"),
+    ("GET", "/redoc"),
+}
+PROTECTED = {
+    ("POST", "/generate"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("GET", "/diagnostics"),
+    ("POST", "/diagnostics"),
+    ("POST", "/v1/completions"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/chat/completions"),
+    ("GET", "/v1/models/{model_id}"),
+}
+VALID = {
+    "/generate": {"prompt": "hi", "max_new_tokens": 2},
+    "/tokenize": {"text": "hi"},
+    "/detokenize": {"tokens": [104]},
+    "/diagnostics": {"prompt": "hi"},
+    "/v1/completions": {"prompt": "hi", "max_tokens": 2},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+}
 
 
 def app_routes(client: TestClient) -> set[tuple[str, str]]:
@@ -94,14 +114,21 @@ def test_keys_and_prompts_stay_out_of_logs_and_metrics(keyed: TestClient, caplog
     marker = "PROMPT-MARKER-7f3a"
     caplog.set_level(logging.DEBUG)
     assert call(keyed, "POST", "/generate", WRONG).status_code == 401
-    resp = keyed.post("/generate", json={"prompt": f"{marker} text", "max_new_tokens": 2},
-                      headers={"Authorization": f"Bearer {KEY}"})
+    resp = keyed.post(
+        "/generate", json={"prompt": f"{marker} text", "max_new_tokens": 2}, headers={"Authorization": f"Bearer {KEY}"}
+    )
     assert resp.status_code == 200
-    assert keyed.post("/generate", json={"prompt": marker, "temperature": "hot"},
-                      headers={"Authorization": f"Bearer {KEY}"}).status_code == 422
+    assert (
+        keyed.post(
+            "/generate", json={"prompt": marker, "temperature": "hot"}, headers={"Authorization": f"Bearer {KEY}"}
+        ).status_code
+        == 422
+    )
     # GET puts the prompt in the query string: the access log records the path only
-    assert keyed.get("/diagnostics", params={"prompt": marker}, headers={"Authorization": f"Bearer {KEY}"}
-                     ).status_code == 200
+    assert (
+        keyed.get("/diagnostics", params={"prompt": marker}, headers={"Authorization": f"Bearer {KEY}"}).status_code
+        == 200
+    )
     # an unknown path is logged (it is the path), but never becomes a metric label (no label per URL)
     assert keyed.get(f"/x-{marker}").status_code == 404
     metrics = keyed.get("/metrics").text

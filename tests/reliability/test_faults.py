@@ -27,8 +27,12 @@ from tests.slow_app import hold_each_step
 
 
 def sse_data(text: str) -> list[str]:
-    """The `data:` payloads of an SSE body, in order."""
-    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    """The `data:` payloads of an SSE body, in order.
+
+    SSE lines end at CR/LF only: str.splitlines() would also split inside a payload at U+0085 or U+2028, which
+    generated text may contain (JSON leaves them unescaped).
+    """
+    return [line[len("data: ") :] for line in text.replace("\r\n", "\n").split("\n") if line.startswith("data: ")]
 
 
 def assert_standard_error(err: dict, code: str) -> None:
@@ -60,7 +64,7 @@ def test_request_timeout_is_504_and_frees_the_slot(
 
     stream = client.post("/generate", json={**long, "stream": True})
     assert stream.status_code == 200  # headers went out before the deadline; the error arrives as the last event
-    assert stream.text.rstrip().splitlines()[-2] == "event: error"
+    assert stream.text.rstrip().split("\n")[-2] == "event: error"
     assert_standard_error(json.loads(sse_data(stream.text)[-1]), "request_timeout")
 
     chunks = sse_data(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 200, "stream": True}).text)
@@ -107,9 +111,10 @@ def test_completions_stream_disconnect_frees_the_row(slow_server: Server) -> Non
     with httpx.Client(timeout=30) as http, http.stream("POST", f"{url}/v1/completions", json=body) as resp:
         assert resp.status_code == 200
         first = next(line for line in resp.iter_lines() if line.startswith("data: "))
-        assert json.loads(first[len("data: "):])["choices"][0]["finish_reason"] is None
-    after = wait_for(url, lambda t: idle(t) and value(t, "shortcut_request_success_total",
-                                                           finished_reason="abort") == aborted + 1)
+        assert json.loads(first[len("data: ") :])["choices"][0]["finish_reason"] is None
+    after = wait_for(
+        url, lambda t: idle(t) and value(t, "shortcut_request_success_total", finished_reason="abort") == aborted + 1
+    )
     assert value(after, "shortcut_generation_tokens_total") - tokens < 240
     ok = httpx.post(f"{url}/v1/completions", json={"prompt": "next", "max_tokens": 3}, timeout=30)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
@@ -120,14 +125,20 @@ def test_disconnect_while_queued_leaves_the_queue(slow_server: Server) -> None:
     before = wait_for(url, idle)
     aborted = value(before, "shortcut_request_success_total", finished_reason="abort")
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(httpx.post, f"{url}/generate", json={"prompt": "hold the row", "max_new_tokens": 240},
-                              timeout=60)
+        running = pool.submit(
+            httpx.post, f"{url}/generate", json={"prompt": "hold the row", "max_new_tokens": 240}, timeout=60
+        )
         wait_for(url, lambda t: value(t, "shortcut_requests_running") == 1)
         # the only row is busy: this request waits in the queue, then its client gives up
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/generate", json={"prompt": "impatient", "max_new_tokens": 5}, timeout=0.15)
-        gone = wait_for(url, lambda t: value(t, "shortcut_requests_waiting") == 0
-                            and value(t, "shortcut_request_success_total", finished_reason="abort") == aborted + 1)
+        gone = wait_for(
+            url,
+            lambda t: (
+                value(t, "shortcut_requests_waiting") == 0
+                and value(t, "shortcut_request_success_total", finished_reason="abort") == aborted + 1
+            ),
+        )
         assert value(gone, "shortcut_requests_running") == 1 or running.done()  # the first one was not disturbed
         first = running.result()
     assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 240
@@ -138,8 +149,9 @@ def test_disconnect_while_queued_leaves_the_queue(slow_server: Server) -> None:
 
 
 def test_sigterm_drains_streams(start_server: Callable[..., Server], slow_checkpoint: Path) -> None:
-    server = start_server(slow_checkpoint, max_batch_size=1, drain_timeout_s=60, log_level="INFO",
-                          step_delay_s=SLOW_STEP_S)
+    server = start_server(
+        slow_checkpoint, max_batch_size=1, drain_timeout_s=60, log_level="INFO", step_delay_s=SLOW_STEP_S
+    )
     url, n_new = server.url, 240
     results: dict[str, httpx.Response | str] = {}
     started = threading.Barrier(4)

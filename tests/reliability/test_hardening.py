@@ -62,9 +62,16 @@ def read_until_closed(sock: socket.socket) -> bytes:
 @pytest.fixture(scope="module")
 def guarded(start_server: Callable[..., Server], slow_checkpoint: Path) -> Server:
     """A keyed server with 1 s read deadlines, a cap of 4 connections, INFO logs and a slow decode step."""
-    return start_server(slow_checkpoint, api_key=KEY, header_timeout_s=DEADLINE_S, body_timeout_s=DEADLINE_S,
-                        max_connections=MAX_CONNECTIONS, log_level="INFO", max_batch_size=1,
-                        step_delay_s=SLOW_STEP_S)
+    return start_server(
+        slow_checkpoint,
+        api_key=KEY,
+        header_timeout_s=DEADLINE_S,
+        body_timeout_s=DEADLINE_S,
+        max_connections=MAX_CONNECTIONS,
+        log_level="INFO",
+        max_batch_size=1,
+        step_delay_s=SLOW_STEP_S,
+    )
 
 
 def auth() -> dict[str, str]:
@@ -77,8 +84,10 @@ def auth() -> dict[str, str]:
 def test_key_is_checked_before_the_body_is_read(guarded: Server) -> None:
     """A keyless client that declares a 1 MB body and sends none gets its 401 at once and the connection closes."""
     with raw_connection(guarded.url) as sock:
-        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000000\r\n\r\n")
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000\r\n\r\n"
+        )
         raw = read_until_closed(sock)  # before the body deadline closes it: the answer comes first
     status, headers, body = error_of(raw)
     assert status == 401 and headers["www-authenticate"] == "Bearer"
@@ -86,14 +95,20 @@ def test_key_is_checked_before_the_body_is_read(guarded: Server) -> None:
     assert_error_body(body, "missing_api_key")
 
 
-@pytest.mark.parametrize("request_bytes", [
-    b"",  # connects and sends nothing
-    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n",  # headers never finished
-    b"POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode()
-    + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"text\": ",  # body shorter than declared
-    b"POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode()
-    + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"t\r\n",  # chunks never end
-], ids=["idle", "half-headers", "short-body", "endless-chunks"])
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"",  # connects and sends nothing
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n",  # headers never finished
+        b"POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+        + KEY.encode()
+        + b'\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"text": ',  # body shorter than declared
+        b"POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+        + KEY.encode()
+        + b'\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{"t\r\n',  # chunks never end
+    ],
+    ids=["idle", "half-headers", "short-body", "endless-chunks"],
+)
 def test_stalled_requests_are_closed_at_their_deadline(guarded: Server, request_bytes: bytes) -> None:
     with raw_connection(guarded.url, timeout=DEADLINE_S + 10) as sock:
         sock.sendall(request_bytes)
@@ -159,21 +174,33 @@ def test_client_values_cannot_forge_log_lines(guarded: Server) -> None:
         assert "/x\\n2026-11-30" in line and "\\r\\n\\x1b[31m" in line, line
 
 
-@pytest.mark.parametrize(("path", "body"), [("/generate", {"prompt": "gone", "max_new_tokens": 240}),
-                                            ("/v1/completions", {"prompt": "gone", "max_tokens": 240})])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/generate", {"prompt": "gone", "max_new_tokens": 240}),
+        ("/v1/completions", {"prompt": "gone", "max_tokens": 240}),
+    ],
+)
 def test_client_that_leaves_is_a_499_not_a_503(guarded: Server, path: str, body: dict) -> None:
     url = guarded.url
     before = wait_for(url, idle)
     aborted = value(before, "shortcut_request_success_total", finished_reason="abort")
     raw = json.dumps(body).encode()
     with raw_connection(url) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n".encode()
-                     + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(raw), raw))
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n".encode()
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(raw), raw)
+        )
         wait_for(url, lambda s: value(s, "shortcut_requests_running") == 1)
-    after = wait_for(url, lambda s: idle(s) and value(s, "shortcut_request_success_total",
-                                                      finished_reason="abort") == aborted + 1
-                     and value(s, "shortcut_http_request_duration_seconds_count", route=path, status="499")
-                     > value(before, "shortcut_http_request_duration_seconds_count", route=path, status="499"))
+    after = wait_for(
+        url,
+        lambda s: (
+            idle(s)
+            and value(s, "shortcut_request_success_total", finished_reason="abort") == aborted + 1
+            and value(s, "shortcut_http_request_duration_seconds_count", route=path, status="499")
+            > value(before, "shortcut_http_request_duration_seconds_count", route=path, status="499")
+        ),
+    )
     assert value(after, "shortcut_http_request_duration_seconds_count", status="503") == 0
     assert f"POST {path} 499 " in guarded.log()
 
@@ -181,8 +208,9 @@ def test_client_that_leaves_is_a_499_not_a_503(guarded: Server, path: str, body:
 # ---------------------------------------------------------------- item 2: out of file descriptors
 
 
-def test_out_of_file_descriptors_is_logged_once_and_recovers(start_server: Callable[..., Server],
-                                                            app_checkpoint: Path) -> None:
+def test_out_of_file_descriptors_is_logged_once_and_recovers(
+    start_server: Callable[..., Server], app_checkpoint: Path
+) -> None:
     """Idle connections beyond the process's file limit: asyncio's accept errors are logged once per interval (not
     once per attempt), and once the header deadline closes the idle connections /health is served again."""
     server = start_server(app_checkpoint, header_timeout_s=DEADLINE_S)
@@ -213,14 +241,16 @@ def test_out_of_file_descriptors_is_logged_once_and_recovers(start_server: Calla
 # ---------------------------------------------------------------- item 4: drain past its deadline
 
 
-def test_drain_past_its_deadline_ends_every_request_with_503(start_server: Callable[..., Server],
-                                                             slow_checkpoint: Path) -> None:
+def test_drain_past_its_deadline_ends_every_request_with_503(
+    start_server: Callable[..., Server], slow_checkpoint: Path
+) -> None:
     """SIGTERM with a stream running and a request waiting that cannot finish within the drain timeout: the stream
     ends with an `event: error` (draining), the waiting request gets a JSON 503, no thread dies, and the process exits
     0 within the drain timeout plus a few seconds (not twice the drain timeout)."""
     drain_s = 1.0
-    server = start_server(slow_checkpoint, max_batch_size=1, drain_timeout_s=drain_s, log_level="INFO",
-                          step_delay_s=0.02)
+    server = start_server(
+        slow_checkpoint, max_batch_size=1, drain_timeout_s=drain_s, log_level="INFO", step_delay_s=0.02
+    )
     url = server.url
     results: dict[str, object] = {}
 
@@ -230,8 +260,7 @@ def test_drain_past_its_deadline_ends_every_request_with_503(start_server: Calla
             results["stream"] = "".join(resp.iter_text())
 
     def plain() -> None:
-        results["plain"] = httpx.post(f"{url}/generate", json={"prompt": "queued", "max_new_tokens": 240},
-                                      timeout=60)
+        results["plain"] = httpx.post(f"{url}/generate", json={"prompt": "queued", "max_new_tokens": 240}, timeout=60)
 
     threads = [threading.Thread(target=stream), threading.Thread(target=plain)]
     threads[0].start()
@@ -247,7 +276,7 @@ def test_drain_past_its_deadline_ends_every_request_with_503(start_server: Calla
     events = results["stream"]
     assert isinstance(events, str) and "event: error" in events, events[-500:]
     last = [line for line in events.splitlines() if line.startswith("data: ")][-1]
-    assert_error_body(json.loads(last[len("data: "):]), "draining")
+    assert_error_body(json.loads(last[len("data: ") :]), "draining")
     plain_resp = results["plain"]
     assert isinstance(plain_resp, httpx.Response) and plain_resp.status_code == 503, plain_resp
     assert_error_body(plain_resp.json(), "draining")

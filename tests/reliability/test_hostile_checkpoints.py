@@ -97,8 +97,17 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
         else:
             write(path, good)
         cmd = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(free_port())]
-        procs[name] = (path, subprocess.Popen(cmd, cwd=REPO_ROOT, env=server_env(path, log_level="INFO"),
-                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs[name] = (
+            path,
+            subprocess.Popen(
+                cmd,
+                cwd=REPO_ROOT,
+                env=server_env(path, log_level="INFO"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
     results = {}
     for name, (path, proc) in procs.items():
         try:

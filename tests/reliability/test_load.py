@@ -60,7 +60,7 @@ async def run_one(http: httpx.AsyncClient, kind: str, i: int) -> tuple[int, Any]
         pieces, done = [], None
         async for line in resp.aiter_lines():
             if line.startswith("data: "):
-                data = json.loads(line[len("data: "):])
+                data = json.loads(line[len("data: ") :])
                 assert data["type"] in ("token", "done"), data  # an `error` event is a failure
                 if data["type"] == "token":
                     pieces.append(data["text"])
@@ -139,6 +139,7 @@ def test_concurrent_mixed_load(tiny_server: Server) -> None:
     metrics = scrape(url)
     assert value(metrics, "shortcut_requests_running") == 0
     assert value(metrics, "shortcut_requests_waiting") == 0
+
     # the clients really overlapped: some decode steps ran several sequences at once
     def delta(name: str, **labels: str) -> float:
         return value(metrics, name, **labels) - value(before, name, **labels)

@@ -27,13 +27,15 @@ MAX_BODY = 65_536  # small enough that over-size negative bodies reach the 413 p
 # Limits that depend on the served model or on settings (context window, stop strings, logprobs), an unknown model
 # name and a full queue are refusals of schema-valid input; each of these statuses is documented with ErrorResponse.
 KEY = "fuzz-key-0123456789"  # the app is served with a key, so schemathesis also checks that bad auth is refused
-CONFIG = schemathesis.Config.from_dict({
-    "auth": {"openapi": {"apiKey": {"bearer": KEY}}},
-    "checks": {
-        "positive_data_acceptance": {"expected-statuses": ["2XX", 400, 404, 413, 429]},
-        "negative_data_rejection": {"expected-statuses": [400, 401, 404, 413, 422, 429]},  # 401: auth left out
-    },
-})
+CONFIG = schemathesis.Config.from_dict(
+    {
+        "auth": {"openapi": {"apiKey": {"bearer": KEY}}},
+        "checks": {
+            "positive_data_acceptance": {"expected-statuses": ["2XX", 400, 404, 413, 429]},
+            "negative_data_rejection": {"expected-statuses": [400, 401, 404, 413, 422, 429]},  # 401: auth left out
+        },
+    }
+)
 
 _SPEC = create_app(Settings(extra_checkpoints_dir=None, api_key=KEY)).openapi()  # building the app loads nothing
 OPERATIONS = [(method.upper(), path) for path, ops in _SPEC["paths"].items() for method in ops]
@@ -56,9 +58,19 @@ def api_schema(app_checkpoint: Path) -> Iterator[schemathesis.BaseSchema]:
 
 def test_every_route_is_fuzzed() -> None:
     """The parametrization below covers the API (a route added later is fuzzed automatically)."""
-    assert {("POST", "/generate"), ("POST", "/v1/completions"), ("GET", "/diagnostics"), ("POST", "/diagnostics"),
-            ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/v1/models"), ("GET", "/health"),
-            ("GET", "/ready"), ("GET", "/info"), ("GET", "/metrics")} <= set(OPERATIONS)
+    assert {
+        ("POST", "/generate"),
+        ("POST", "/v1/completions"),
+        ("GET", "/diagnostics"),
+        ("POST", "/diagnostics"),
+        ("POST", "/tokenize"),
+        ("POST", "/detokenize"),
+        ("GET", "/v1/models"),
+        ("GET", "/health"),
+        ("GET", "/ready"),
+        ("GET", "/info"),
+        ("GET", "/metrics"),
+    } <= set(OPERATIONS)
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["positive", "negative"])
@@ -69,8 +81,14 @@ def test_operation(api_schema: schemathesis.BaseSchema, method: str, path: str, 
     operation = api_schema[path][method]
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     def check(case: schemathesis.Case) -> None:
         response = case.call()
         assert response.status_code < 500, response.text

@@ -159,12 +159,29 @@ def test_cli_float16_weights_score_the_rounded_model(
 
 def test_cli_module_entry_point(tiny_checkpoint: Path, text_file: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "training.evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(text_file),
-           "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.evaluate",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--data",
+        str(text_file),
+        "--threads",
+        "1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=True)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    required = {"nats_per_byte", "bits_per_byte", "bytes_scored", "checkpoint_sha256", "split", "checkpoint",
-                "data_sha256", "seconds"}
+    required = {
+        "nats_per_byte",
+        "bits_per_byte",
+        "bytes_scored",
+        "checkpoint_sha256",
+        "split",
+        "checkpoint",
+        "data_sha256",
+        "seconds",
+    }
     assert required <= set(out)
     assert out["split"] == "val" and out["checkpoint_sha256"] == _sha(tiny_checkpoint)
 

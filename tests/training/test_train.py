@@ -97,8 +97,9 @@ def test_figure_writes_a_png_and_skips_it_on_error(tmp_path: Path) -> None:
 
 
 def test_smoke_run_learns_and_writes_artifacts(tmp_path: Path, text_file: Path) -> None:
-    tc = TrainConfig(batch_size=16, lr=1e-2, min_lr=1e-3, warmup_steps=5, max_steps=50, eval_every=25,
-                     eval_batches=4, seed=1)
+    tc = TrainConfig(
+        batch_size=16, lr=1e-2, min_lr=1e-3, warmup_steps=5, max_steps=50, eval_every=25, eval_batches=4, seed=1
+    )
     out = tmp_path / "run" / "tiny.safetensors"
     _, val_split, data_sha = load_splits(text_file)
     torch.manual_seed(tc.seed)
