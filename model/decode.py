@@ -157,12 +157,8 @@ class FastDecoder:
         `gates` (B, n_layer, 2) multiplies each block's attention and MLP update per row (1 = unchanged,
         0 = skipped: the identity); `trace_rows` (R,) picks the rows whose residual stream is returned.
         """
-        B = tokens.shape[0]
         cfg = self.config
-        if tokens.shape != (B,) or pos.shape != (B,) or cache.n_rows != B:
-            raise ValueError("a decode step needs tokens and pos of shape (B,) and a cache with B rows")
-        if gates is not None and gates.shape != (B, cfg.n_layer, 2):
-            raise ValueError(f"gates must have shape ({B}, {cfg.n_layer}, 2)")
+        check_step_shapes(cfg, tokens, cache, pos, gates)
         if not cache.k[0].is_contiguous() or not cache.v[0].is_contiguous():
             raise ValueError("a decode step needs each layer of the cache to be contiguous")
         n_keys = int(pos.max()) + 1
@@ -172,6 +168,17 @@ class FastDecoder:
         if gates is None and trace_rows is None:  # no row pays for what none uses
             return StepOutput(self._steps.plain(*args), None)
         return StepOutput(*self._steps.gated(*args, gates, trace_rows))
+
+
+def check_step_shapes(
+    config: ModelConfig, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor, gates: torch.Tensor | None
+) -> None:
+    """The shapes every decode step needs: tokens and pos (B,), a cache of B rows, gates (B, n_layer, 2) or None."""
+    B = tokens.shape[0]
+    if tokens.shape != (B,) or pos.shape != (B,) or cache.n_rows != B:
+        raise ValueError("a decode step needs tokens and pos of shape (B,) and a cache with B rows")
+    if gates is not None and gates.shape != (B, config.n_layer, 2):
+        raise ValueError(f"gates must have shape ({B}, {config.n_layer}, 2)")
 
 
 def _pack(model: "Transformer", packed: bool) -> DecodeWeights:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model.decode import FastDecoder, KVCache, StepOutput
+from model.decode import FastDecoder, KVCache, StepOutput, check_step_shapes
 
 if TYPE_CHECKING:
     from model.transformer import Transformer
@@ -178,10 +178,7 @@ class FusedDecoder:
         rows are range-checked in C before anything is read or written (ValueError)."""
         cfg = self.config
         B = tokens.shape[0]
-        if tokens.shape != (B,) or pos.shape != (B,) or cache.n_rows != B:
-            raise ValueError("a decode step needs tokens and pos of shape (B,) and a cache with B rows")
-        if gates is not None and gates.shape != (B, cfg.n_layer, 2):
-            raise ValueError(f"gates must have shape ({B}, {cfg.n_layer}, 2)")
+        check_step_shapes(cfg, tokens, cache, pos, gates)
         k, v = cache.k, cache.v
         hd = cfg.head_dim
         want = (cfg.n_head * cfg.block_size * hd, cfg.block_size * hd, hd, 1)
