@@ -173,9 +173,9 @@ def extensions(row: Row, tokens: list[Scored]) -> dict:
     return {"trace": [t.trace for t in tokens]} if row.params.traced else {}
 
 
-def applied(body: OpenAIRequest) -> dict:
-    """The response's `intervention` echo, only when one was applied."""
-    iv = body.intervention.to_engine() if body.intervention else None
+def applied(params: SamplingParams) -> dict:
+    """The response's `intervention` echo (every row of a request has the same), only when one was applied."""
+    iv = params.intervention
     return {"intervention": iv.to_dict()} if iv is not None else {}
 
 
@@ -510,7 +510,7 @@ async def completions(body: CompletionRequest, request: Request):
             choices=choices,
             usage=usage(rows, [f for _, f in results]),
             system_fingerprint=fingerprint(served),
-            **applied(body),
+            **applied(rows[0].params),
         )
 
     head = {
@@ -652,7 +652,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             choices=choices,
             usage=usage(rows, [f for _, f in results]),
             system_fingerprint=fingerprint(served),
-            **applied(body),
+            **applied(rows[0].params),
         )
 
     head = {
