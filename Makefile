@@ -20,8 +20,8 @@ $(VENV)/.torch:
 	touch $@
 
 # the fused C decode step, when a C compiler is present (else the TorchScript step runs; never needed at run time)
-FUSED := model/fast/_fused_step.so
-$(FUSED): model/fast/fused_step.c | $(VENV)/.torch
+FUSED := model/fast/_fused_step.so model/fast/_fused_step_avx512.so
+$(FUSED) &: model/fast/fused_step.c | $(VENV)/.torch
 	$(PY) -m model.fast.build
 
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml

@@ -35,12 +35,13 @@ def create_app(
         app.state.models = served
         app.state.device = device
         log.info(
-            "serving %s on %s with %d threads, %s decode weights, %s decode step",
+            "serving %s on %s with %d threads, %s decode weights, %s decode step, %s KV cache",
             ", ".join(served),
             device,
             threads,
             "/".join(sorted({m.engine.decode_weights for m in served.values()})),
             "/".join(sorted({m.engine.decode_backend for m in served.values()})),
+            "/".join(sorted({str(m.engine.kv_cache_dtype).removeprefix("torch.") for m in served.values()})),
         )
         for m in served.values():
             if settings.warmup:

@@ -92,6 +92,7 @@ def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> d
             prefill_tokens=settings.max_prefill_tokens,
             decode_weights=settings.decode_weights,
             decode_backend=settings.decode_backend,
+            kv_cache_dtype=settings.kv_cache_dtype,
             request_timeout_s=settings.request_timeout_s,
             observer=metrics.observer(name),
             job_share=settings.diagnostics_share,

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
         description="decode step: the fused C step (built at install when a compiler is present) or "
         "TorchScript; auto = fused where it is built and runs",
     )
+    kv_cache_dtype: Literal["auto", "float32", "float16"] = Field(
+        "auto",
+        description="keys/values cached for decoding; auto = float16 with the fused step and float16 weights "
+        "(half the memory and the bytes attention reads), else float32; float16 needs the fused step",
+    )
     max_prefill_tokens: int = Field(
         512, ge=1, description="padded prompt tokens prefilled together in one forward (longer prompts go alone)"
     )

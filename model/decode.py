@@ -164,6 +164,8 @@ class FastDecoder:
         check_step_shapes(cfg, tokens, cache, pos, gates)
         if not cache.k[0].is_contiguous() or not cache.v[0].is_contiguous():
             raise ValueError("a decode step needs each layer of the cache to be contiguous")
+        if cache.k.dtype != self.w.wpe.dtype:
+            raise ValueError(f"the TorchScript step needs a {self.w.wpe.dtype} cache, not {cache.k.dtype}")
         n_keys = int(pos.max()) + 1
         if n_keys > cfg.block_size:
             raise ValueError(f"position {n_keys - 1} exceeds block_size {cfg.block_size}")

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
 MAX_LENS_TOP = 5  # logit-lens tokens per layer in a trace
+KV_CACHE_DTYPES = ("auto", "float32", "float16")
 
 
 class EngineError(Exception):
@@ -225,6 +226,7 @@ class Engine:
         decode_weights: str = "auto",
         job_share: float = 1.0,
         decode_backend: str = "auto",
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.model = model.eval()
         self.config = model.config
@@ -235,11 +237,12 @@ class Engine:
         self.max_stop_strings, self.max_stop_length, self.max_logprobs = max_stop_strings, max_stop_length, max_logprobs
         self.prefill_tokens = prefill_tokens  # padded prompt tokens per batched prefill (bounds the decode stall)
         self.observer = observer or EngineObserver()
-        self.cache = KVCache(self.config, max_batch_size, device=self.device, dtype=self.dtype)
         self.decode_weights = auto_decode_weights(self.device) if decode_weights == "auto" else decode_weights
         # the fast path (warm-up runs it too): the fused C step where it is built, else TorchScript (model/fast)
         self.decode_step = make_decoder(self.model, self.decode_weights, decode_backend)
         self.decode_backend = "fused" if isinstance(self.decode_step, FusedDecoder) else "torchscript"
+        self.kv_cache_dtype = self._kv_dtype(kv_cache_dtype)
+        self.cache = KVCache(self.config, max_batch_size, device=self.device, dtype=self.kv_cache_dtype)
         self._running: list[_Request] = []  # row i of the cache belongs to _running[i]
         self._waiting: collections.deque[_Request] = collections.deque()
         self._jobs: collections.deque[tuple[Generator, Future]] = collections.deque()
@@ -253,6 +256,19 @@ class Engine:
         self._job_debt = 0.0  # job seconds not yet matched by decode time (see _run_job_slice)
         self._thread: threading.Thread | None = None
         self.steps = 0
+
+    def _kv_dtype(self, name: str) -> torch.dtype:
+        """The cache's dtype: `auto` = float16 where the fused step decodes with float16 weights (attention then reads
+        half the bytes; keys and values rounded once, as the weights are), else the model's."""
+        if name not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, not {name!r}")
+        if name == "auto":
+            fp16 = self.decode_backend == "fused" and self.decode_weights == "float16" and self.dtype == torch.float32
+            return torch.float16 if fp16 else self.dtype
+        dtype = getattr(torch, name)
+        if dtype != self.dtype and self.decode_backend != "fused":
+            raise ValueError(f"a {name} KV cache needs the fused decode step (this engine runs TorchScript)")
+        return dtype
 
     # ---- public API (event-loop side) ---------------------------------------------------------
 

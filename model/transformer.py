@@ -119,9 +119,10 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, nh, T, hd)
         else:
             rows, positions = write_idx  # each (B, T)
-            k_cache[rows, :, positions] = k  # cache (B, nh, S_max, hd) <- (B, T, nh, hd)
-            v_cache[rows, :, positions] = v
-            keys, values = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]  # (B, nh, S, hd) views
+            # the cache may keep keys and values in a narrower dtype (float16): rounded once, when written
+            k_cache[rows, :, positions] = k.to(k_cache.dtype)  # cache (B, nh, S_max, hd) <- (B, T, nh, hd)
+            v_cache[rows, :, positions] = v.to(v_cache.dtype)
+            keys, values = k_cache[:, :, :n_keys].to(q.dtype), v_cache[:, :, :n_keys].to(q.dtype)  # (B, nh, S, hd)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y)

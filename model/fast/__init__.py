@@ -31,32 +31,51 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "fused_step.c"
-LIBRARY = HERE / "_fused_step.so"
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared")
-CPU_FLAGS = ("avx2", "fma", "f16c")
+CFLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared")
+# two builds of the same source: 8-wide AVX2 kernels, and 16-wide AVX-512 ones for the CPUs that have it
+ISA_CFLAGS = {
+    "avx2": ("-mavx2", "-mfma", "-mf16c"),
+    "avx512": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq"),
+}
+ISA_CPU_FLAGS = {
+    "avx2": ("avx2", "fma", "f16c"),
+    "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512vl", "avx512bw", "avx512dq"),
+}
+LIBRARIES = {"avx2": HERE / "_fused_step.so", "avx512": HERE / "_fused_step_avx512.so"}
+LIBRARY = LIBRARIES["avx2"]
+KV_DTYPES = (torch.float32, torch.float16)  # the cache dtypes the fused step reads and writes
 
 
-def cpu_supported() -> bool:
-    """Whether this CPU runs the library (x86-64 with AVX2, FMA and F16C)."""
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return all(f in flags for f in CPU_FLAGS)
+        return frozenset()
+    return frozenset(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
 
 
-def build(out: Path = LIBRARY, compiler: str | None = None) -> Path | None:
-    """Compile the library with the system C compiler; None (and a log line) when there is none or it fails."""
+def cpu_supported(isa: str = "avx2") -> bool:
+    """Whether this CPU runs the `isa` build (x86-64 with AVX2, FMA and F16C; `avx512` also AVX-512 F/VL/BW/DQ)."""
+    return all(f in _cpu_flags() for f in ISA_CPU_FLAGS[isa])
+
+
+def build(out: Path | None = None, compiler: str | None = None, isa: str = "avx2") -> Path | None:
+    """Compile the `isa` build with the system C compiler; None (and a log line) when there is none or it fails.
+
+    Building needs only the compiler: the AVX-512 library is built on any x86-64 machine (the image's builder may
+    not be the machine it runs on) and loaded only where the CPU has AVX-512."""
+    out = out or LIBRARIES[isa]
     cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None or not cpu_supported():
-        log.info("fused decode step not built (%s)", "no C compiler" if cc is None else "CPU lacks AVX2/FMA/F16C")
+    if cc is None:
+        log.info("fused decode step not built (no C compiler)")
         return None
     tmp = out.with_suffix(".so.tmp")
     try:
-        proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+        cmd = [cc, *CFLAGS, *ISA_CFLAGS[isa], str(SOURCE), "-o", str(tmp), "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            log.warning("fused decode step failed to build: %s", proc.stderr.strip()[-2000:])
+            log.warning("fused decode step (%s) failed to build: %s", isa, proc.stderr.strip()[-2000:])
             return None
         tmp.replace(out)
     except OSError as e:  # the compiler named by CC is missing, or the folder is read-only
@@ -65,37 +84,58 @@ def build(out: Path = LIBRARY, compiler: str | None = None) -> Path | None:
     return out
 
 
+def build_all(compiler: str | None = None) -> dict[str, Path | None]:
+    """Both builds next to the source (what `python -m model.fast.build` does)."""
+    return {isa: build(compiler=compiler, isa=isa) for isa in LIBRARIES}
+
+
 @functools.cache
 def _library(path: str) -> ctypes.CDLL | None:
-    """The loaded library (ctypes.CDLL: the GIL is released during calls), or None."""
-    if not Path(path).exists() or not cpu_supported():
+    """The loaded library (ctypes.CDLL: the GIL is released during calls), or None where it is missing or this CPU
+    lacks its instruction set (asked of the library before any of its kernels runs)."""
+    if not Path(path).exists():
         return None
     try:
         lib = ctypes.CDLL(path)
-    except OSError as e:
-        log.warning("fused decode step library not loadable: %s", e)
+        lib.shortcut_fused_isa.restype = ctypes.c_char_p
+        isa = lib.shortcut_fused_isa().decode()
+    except (OSError, AttributeError) as e:
+        log.warning("fused decode step library %s not loadable: %s", path, e)
+        return None
+    if isa not in ISA_CPU_FLAGS or not cpu_supported(isa):
         return None
     fn = lib.shortcut_fused_step
     i, p, i64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [i, i, i, i, i, i, i, i, i, p, p, p, p, i64, i64, p, p, p, p, p, p, p, p, p, i, p, p]
+    fn.argtypes = [i, i, i, i, i, i, i, i, i, i, p, p, p, p, i64, i64, p, p, p, p, p, p, p, p, p, i, p, p]
     fn.restype = ctypes.c_int
     return lib
 
 
-def fused_available(path: Path = LIBRARY) -> bool:
-    """Whether the built library is there and this CPU runs it."""
-    return _library(str(path)) is not None
+def default_library() -> Path:
+    """The widest build that is there and runs on this CPU (AVX-512, else AVX2); the AVX2 path when neither does."""
+    for isa in ("avx512", "avx2"):
+        if _library(str(LIBRARIES[isa])) is not None:
+            return LIBRARIES[isa]
+    return LIBRARY
+
+
+def library_isa(path: Path) -> str | None:
+    """The instruction set of a loadable library at `path` (`avx2`, `avx512`), or None."""
+    lib = _library(str(path))
+    return lib.shortcut_fused_isa().decode() if lib is not None else None
+
+
+def fused_available(path: Path | None = None) -> bool:
+    """Whether a built library (`path`, or the default one) is there and this CPU runs it."""
+    return _library(str(path or default_library())) is not None
 
 
 def supports(config: object) -> bool:
-    """Whether the kernels handle this shape (matrix widths multiples of 16, head width a multiple of 8)."""
+    """Whether the kernels handle this shape (matrix widths multiples of 16, head width a multiple of 8, at most
+    256)."""
     c = config
-    return (
-        c.d_model % 16 == 0
-        and c.d_ff % 16 == 0
-        and c.vocab_size % 16 == 0  # type: ignore[attr-defined]
-        and (c.d_model // c.n_head) % 8 == 0
-    )  # type: ignore[attr-defined]
+    hd = c.d_model // c.n_head  # type: ignore[attr-defined]
+    return c.d_model % 16 == 0 and c.d_ff % 16 == 0 and c.vocab_size % 16 == 0 and hd % 8 == 0 and hd <= 256  # type: ignore[attr-defined]
 
 
 class FusedDecoder:
@@ -103,9 +143,10 @@ class FusedDecoder:
     float32 arithmetic, like FastDecoder's float16) or float32. Copies the weights (float16: 6.3 MB for the shipped
     model; float32: 12.6 MB)."""
 
-    def __init__(self, model: Transformer, *, weights: str = "float16", library: Path = LIBRARY) -> None:
+    def __init__(self, model: Transformer, *, weights: str = "float16", library: Path | None = None) -> None:
         if weights not in ("float32", "float16"):
             raise ValueError(f"weights must be 'float32' or 'float16', not {weights!r}")
+        library = library or default_library()
         self._lib = _library(str(library))
         if self._lib is None:
             raise RuntimeError(f"fused decode step unavailable ({library} missing or CPU lacks AVX2/FMA/F16C)")
@@ -145,6 +186,7 @@ class FusedDecoder:
         self._unembed_t = self._wte.t().contiguous()  # (C, V)
         self._ln_f_w = vec(model.ln_f.weight, C).contiguous()
         self._ln_f_b = vec(model.ln_f.bias, C).contiguous()
+        self.isa = self._lib.shortcut_fused_isa().decode()  # avx2 | avx512
         self.scripted = False  # same attribute as FastDecoder's: this step is not TorchScript (and holds no GIL)
         self._shape = (
             cfg.d_model,
@@ -183,13 +225,16 @@ class FusedDecoder:
         hd = cfg.head_dim
         want = (cfg.n_head * cfg.block_size * hd, cfg.block_size * hd, hd, 1)
         if (
-            k.dtype != torch.float32
+            k.dtype not in KV_DTYPES
+            or v.dtype != k.dtype
             or k.stride() != v.stride()
             or k.stride()[2:] != want[1:]
             or k.stride(1) != want[0]
             or k.device.type != "cpu"
         ):
-            raise ValueError("the fused step needs a float32 CPU cache with contiguous rows (KVCache or its rows)")
+            raise ValueError(
+                "the fused step needs a float32 or float16 CPU cache with contiguous rows (KVCache or its rows)"
+            )
         if tokens.device.type != "cpu" or pos.device.type != "cpu":
             raise ValueError("the fused step runs on CPU tensors")
         tokens = tokens.to(torch.long).contiguous()
@@ -204,6 +249,7 @@ class FusedDecoder:
         rc = self._lib.shortcut_fused_step(
             B,
             *self._shape,
+            int(k.dtype == torch.float16),
             tokens.data_ptr(),
             pos.data_ptr(),
             k.data_ptr(),
@@ -233,7 +279,7 @@ BACKENDS = ("auto", "fused", "torchscript")
 
 
 def make_decoder(
-    model: Transformer, weights: str, backend: str = "auto", library: Path = LIBRARY
+    model: Transformer, weights: str, backend: str = "auto", library: Path | None = None
 ) -> FusedDecoder | FastDecoder:
     """The engine's decode step: `fused` (this module; an error where it is not built or cannot run the model),
     `torchscript` (`FastDecoder`), or `auto`: fused where it is built, runs on this CPU and handles the shape,
@@ -254,7 +300,12 @@ def weight_bytes(dec: FusedDecoder) -> int:
 __all__ = [
     "BACKENDS",
     "FusedDecoder",
+    "KV_DTYPES",
+    "LIBRARIES",
     "build",
+    "build_all",
+    "default_library",
+    "library_isa",
     "cpu_supported",
     "fused_available",
     "make_decoder",

@@ -7,7 +7,9 @@
  *
  * Every row is computed alone and in the same order whatever the batch (the matrix kernels that take 4 rows at a
  * time sum each output in the same order as the 1-row kernel), so a row's numbers do not depend on the others.
- * x86-64 with AVX2, FMA and F16C; built with -ffp-contract=off so that only the explicit FMAs fuse.
+ * Built twice (model/fast/__init__.py): for x86-64 with AVX2, FMA and F16C (8-wide matrix kernels), and with AVX-512
+ * as well (16-wide; the same sums in the same order, so both builds give the same numbers); with -ffp-contract=off so
+ * that only the explicit FMAs fuse. Keys and values are cached as float32 or float16.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -16,6 +18,15 @@
 #include <string.h>
 
 #define LN_EPS 1e-5f
+
+/* Which build this is, asked by the loader before any kernel runs (an AVX-512 build on a CPU without it is refused) */
+const char *shortcut_fused_isa(void) {
+#ifdef __AVX512F__
+    return "avx512";
+#else
+    return "avx2";
+#endif
+}
 
 /* ---- vector exp (Cephes' expf: range reduction by ln 2, degree-6 polynomial) ---- */
 static inline __m256 exp8(__m256 x) {
@@ -45,6 +56,7 @@ static inline float hsum8(__m256 v) {
 #define LOAD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 #define LOAD_F32(p) _mm256_loadu_ps(p)
 
+#ifndef __AVX512F__
 #define DEFINE_MM(NAME, WT, LOAD)                                                                              \
     static void NAME(int rows, int K, int N, const float *x, const WT *w, const float *bias, float *y) {     \
         int b = 0;                                                                                            \
@@ -127,8 +139,86 @@ static inline float hsum8(__m256 v) {
         }                                                                                                     \
     }
 
+#else
+/* The AVX-512 build (a second library, chosen where the CPU has AVX-512): the same kernels 16 floats wide. Each
+ * output is still one FMA chain over k in order, then + bias, in every tile, so rows stay independent. */
+#define LOAD16_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define LOAD16_F32(p) _mm512_loadu_ps(p)
+
+#define DEFINE_MM(NAME, WT, LOAD)                                                                              \
+    /* R rows x 32 outputs from column n (R <= 8): 2R sums in registers, each weight read once for R rows */   \
+    static inline __attribute__((always_inline)) void NAME##_tile32(int R, int K, int N, int n, const float *x0, \
+                                                                    const WT *w, const float *bias, float *y0) { \
+        __m512 c[8][2];                                                                                       \
+        for (int r = 0; r < R; r++) c[r][0] = c[r][1] = _mm512_setzero_ps();                                  \
+        const WT *wp = w + n;                                                                                 \
+        for (int k = 0; k < K; k++, wp += N) {                                                                \
+            __m512 w0 = LOAD(wp), w1 = LOAD(wp + 16);                                                         \
+            for (int r = 0; r < R; r++) {                                                                     \
+                __m512 xb = _mm512_set1_ps(x0[(size_t)r * K + k]);                                            \
+                c[r][0] = _mm512_fmadd_ps(xb, w0, c[r][0]);                                                   \
+                c[r][1] = _mm512_fmadd_ps(xb, w1, c[r][1]);                                                   \
+            }                                                                                                 \
+        }                                                                                                     \
+        __m512 b0 = _mm512_loadu_ps(bias + n), b1 = _mm512_loadu_ps(bias + n + 16);                           \
+        for (int r = 0; r < R; r++) {                                                                         \
+            _mm512_storeu_ps(y0 + (size_t)r * N + n, _mm512_add_ps(c[r][0], b0));                             \
+            _mm512_storeu_ps(y0 + (size_t)r * N + n + 16, _mm512_add_ps(c[r][1], b1));                        \
+        }                                                                                                     \
+    }                                                                                                         \
+    /* R rows x 16 outputs from column n (the last 16 when N % 32 == 16) */                                   \
+    static inline __attribute__((always_inline)) void NAME##_tile16(int R, int K, int N, int n, const float *x0, \
+                                                                    const WT *w, const float *bias, float *y0) { \
+        __m512 c[8];                                                                                          \
+        for (int r = 0; r < R; r++) c[r] = _mm512_setzero_ps();                                               \
+        const WT *wp = w + n;                                                                                 \
+        for (int k = 0; k < K; k++, wp += N) {                                                                \
+            __m512 w0 = LOAD(wp);                                                                             \
+            for (int r = 0; r < R; r++) c[r] = _mm512_fmadd_ps(_mm512_set1_ps(x0[(size_t)r * K + k]), w0, c[r]); \
+        }                                                                                                     \
+        __m512 b0 = _mm512_loadu_ps(bias + n);                                                                \
+        for (int r = 0; r < R; r++) _mm512_storeu_ps(y0 + (size_t)r * N + n, _mm512_add_ps(c[r], b0));        \
+    }                                                                                                         \
+    static void NAME##_rows(int R, int K, int N, const float *x0, const WT *w, const float *bias, float *y0) { \
+        int n = 0;                                                                                            \
+        for (; n + 32 <= N; n += 32) NAME##_tile32(R, K, N, n, x0, w, bias, y0);                              \
+        if (n < N) NAME##_tile16(R, K, N, n, x0, w, bias, y0);                                                \
+    }                                                                                                         \
+    static void NAME(int rows, int K, int N, const float *x, const WT *w, const float *bias, float *y) {     \
+        int b = 0;                                                                                            \
+        for (; b + 8 <= rows; b += 8) NAME##_rows(8, K, N, x + (size_t)b * K, w, bias, y + (size_t)b * N);    \
+        if (b + 4 <= rows) {                                                                                  \
+            NAME##_rows(4, K, N, x + (size_t)b * K, w, bias, y + (size_t)b * N);                              \
+            b += 4;                                                                                           \
+        }                                                                                                     \
+        for (; b < rows; b++) { /* one row: 128 outputs at a time (8 independent sums), then 32, 16 */       \
+            const float *xr = x + (size_t)b * K;                                                              \
+            float *yr = y + (size_t)b * N;                                                                    \
+            int n = 0;                                                                                        \
+            for (; n + 128 <= N; n += 128) {                                                                  \
+                __m512 a[8];                                                                                  \
+                for (int j = 0; j < 8; j++) a[j] = _mm512_setzero_ps();                                       \
+                const WT *wp = w + n;                                                                         \
+                for (int k = 0; k < K; k++, wp += N) {                                                        \
+                    __m512 xb = _mm512_set1_ps(xr[k]);                                                        \
+                    for (int j = 0; j < 8; j++) a[j] = _mm512_fmadd_ps(xb, LOAD(wp + 16 * j), a[j]);          \
+                }                                                                                             \
+                for (int j = 0; j < 8; j++)                                                                   \
+                    _mm512_storeu_ps(yr + n + 16 * j, _mm512_add_ps(a[j], _mm512_loadu_ps(bias + n + 16 * j))); \
+            }                                                                                                 \
+            for (; n + 32 <= N; n += 32) NAME##_tile32(1, K, N, n, xr, w, bias, yr);                          \
+            if (n < N) NAME##_tile16(1, K, N, n, xr, w, bias, yr);                                            \
+        }                                                                                                     \
+    }
+#endif
+
+#ifdef __AVX512F__
+DEFINE_MM(mm_f16, uint16_t, LOAD16_F16)
+DEFINE_MM(mm_f32, float, LOAD16_F32)
+#else
 DEFINE_MM(mm_f16, uint16_t, LOAD_F16)
 DEFINE_MM(mm_f32, float, LOAD_F32)
+#endif
 
 static void matmul(int half, int rows, int K, int N, const float *x, const void *w, const float *bias, float *y) {
     if (half)
@@ -162,65 +252,93 @@ static void gelu_tanh(int n, float *x) {
     }
 }
 
-/* Scores of 8 keys at once: s[0..8) = (q . K[j]) * scale for the 8 rows of K from kj; hd % 8 == 0 */
-static inline __m256 scores8(int hd, const float *q, const float *kj, __m256 scale) {
-    __m256 a[8];
-    for (int t = 0; t < 8; t++) a[t] = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(kj + (size_t)t * hd));
-    for (int d = 8; d < hd; d += 8) {
-        __m256 qd = _mm256_loadu_ps(q + d);
-        for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kj + (size_t)t * hd + d), a[t]);
+/* ---- attention over one row's cache, keys/values stored as KT (float32, or float16 converted on load) ---- */
+#define DEFINE_ATTEND(SCORES8, ATTEND, KT, LOADK)                                                             \
+    /* s[0..8) = (q . K[j]) * scale for the 8 rows of K from kj; hd % 8 == 0 */                               \
+    static inline __m256 SCORES8(int hd, const float *q, const KT *kj, __m256 scale) {                        \
+        __m256 a[8];                                                                                          \
+        for (int t = 0; t < 8; t++) a[t] = _mm256_mul_ps(_mm256_loadu_ps(q), LOADK(kj + (size_t)t * hd));     \
+        for (int d = 8; d < hd; d += 8) {                                                                     \
+            __m256 qd = _mm256_loadu_ps(q + d);                                                               \
+            for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qd, LOADK(kj + (size_t)t * hd + d), a[t]);     \
+        }                                                                                                     \
+        __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));                   \
+        __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));                   \
+        __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)); \
+        return _mm256_mul_ps(sum, scale);                                                                     \
+    }                                                                                                         \
+    /* One head of one row: out (hd) = softmax(q . K[0..n) * scale) @ V[0..n); K, V (n, hd) contiguous.      \
+       The keys' scores go 8 at a time, the tail (n % 8) padded with copies of the last key (scores dropped). */ \
+    static void ATTEND(int n, int hd, float scale, const float *q, const KT *K, const KT *V, float *s, float *out) { \
+        const __m256 sc = _mm256_set1_ps(scale);                                                              \
+        __m256 mx8 = _mm256_set1_ps(-INFINITY);                                                               \
+        const size_t row_bytes = (size_t)hd * sizeof(KT);                                                     \
+        int j = 0;                                                                                            \
+        for (; j + 8 <= n; j += 8) {                                                                          \
+            /* fetch these keys' values now, while the keys stream in: the value pass then reads from cache */ \
+            for (const char *pv = (const char *)(V + (size_t)j * hd), *end = pv + 8 * row_bytes; pv < end; pv += 64) \
+                _mm_prefetch(pv, _MM_HINT_T0);                                                                \
+            for (const char *pk = (const char *)(K + (size_t)(j + 16) * hd), *end = pk + 8 * row_bytes;       \
+                 j + 24 <= n && pk < end; pk += 64)                                                           \
+                _mm_prefetch(pk, _MM_HINT_T0);                                                                \
+            __m256 v = SCORES8(hd, q, K + (size_t)j * hd, sc);                                                \
+            _mm256_storeu_ps(s + j, v);                                                                       \
+            mx8 = _mm256_max_ps(mx8, v);                                                                      \
+        }                                                                                                     \
+        if (j < n) {                                                                                          \
+            KT pad[8 * 256];                                                                                  \
+            const KT *src = K + (size_t)j * hd;                                                               \
+            int m = n - j;                                                                                    \
+            for (int t = 0; t < 8; t++) memcpy(pad + (size_t)t * hd, src + (size_t)(t < m ? t : m - 1) * hd, row_bytes); \
+            float t8[8];                                                                                      \
+            _mm256_storeu_ps(t8, SCORES8(hd, q, pad, sc));                                                    \
+            for (int t = 0; t < m; t++) s[j + t] = t8[t];                                                     \
+        }                                                                                                     \
+        float tmp[8];                                                                                         \
+        _mm256_storeu_ps(tmp, mx8);                                                                           \
+        float mx = -INFINITY;                                                                                 \
+        for (int t = 0; t < 8; t++) mx = tmp[t] > mx ? tmp[t] : mx;                                           \
+        for (int t = j; t < n; t++) mx = s[t] > mx ? s[t] : mx;                                               \
+        float sum = softmax_exp(n, s, mx);                                                                    \
+        const __m256 inv = _mm256_set1_ps(1.0f / sum);                                                        \
+        if (hd == 32) { /* the shipped model: 4 accumulators per key, two keys interleaved */                 \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;   \
+            int t = 0;                                                                                        \
+            for (; t + 2 <= n; t += 2) {                                                                      \
+                const KT *v0 = V + (size_t)t * 32, *v1 = v0 + 32;                                             \
+                __m256 p0 = _mm256_set1_ps(s[t]), p1 = _mm256_set1_ps(s[t + 1]);                              \
+                a0 = _mm256_fmadd_ps(p0, LOADK(v0), a0);                                                      \
+                a1 = _mm256_fmadd_ps(p0, LOADK(v0 + 8), a1);                                                  \
+                a2 = _mm256_fmadd_ps(p0, LOADK(v0 + 16), a2);                                                 \
+                a3 = _mm256_fmadd_ps(p0, LOADK(v0 + 24), a3);                                                 \
+                b0 = _mm256_fmadd_ps(p1, LOADK(v1), b0);                                                      \
+                b1 = _mm256_fmadd_ps(p1, LOADK(v1 + 8), b1);                                                  \
+                b2 = _mm256_fmadd_ps(p1, LOADK(v1 + 16), b2);                                                 \
+                b3 = _mm256_fmadd_ps(p1, LOADK(v1 + 24), b3);                                                 \
+            }                                                                                                 \
+            if (t < n) {                                                                                      \
+                const KT *v0 = V + (size_t)t * 32;                                                            \
+                __m256 p0 = _mm256_set1_ps(s[t]);                                                             \
+                a0 = _mm256_fmadd_ps(p0, LOADK(v0), a0);                                                      \
+                a1 = _mm256_fmadd_ps(p0, LOADK(v0 + 8), a1);                                                  \
+                a2 = _mm256_fmadd_ps(p0, LOADK(v0 + 16), a2);                                                 \
+                a3 = _mm256_fmadd_ps(p0, LOADK(v0 + 24), a3);                                                 \
+            }                                                                                                 \
+            _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_add_ps(a0, b0), inv));                                 \
+            _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_add_ps(a1, b1), inv));                             \
+            _mm256_storeu_ps(out + 16, _mm256_mul_ps(_mm256_add_ps(a2, b2), inv));                            \
+            _mm256_storeu_ps(out + 24, _mm256_mul_ps(_mm256_add_ps(a3, b3), inv));                            \
+            return;                                                                                           \
+        }                                                                                                     \
+        for (int d = 0; d < hd; d += 8) {                                                                     \
+            __m256 acc = _mm256_setzero_ps();                                                                 \
+            for (int t = 0; t < n; t++) acc = _mm256_fmadd_ps(_mm256_set1_ps(s[t]), LOADK(V + (size_t)t * hd + d), acc); \
+            _mm256_storeu_ps(out + d, _mm256_mul_ps(acc, inv));                                               \
+        }                                                                                                     \
     }
-    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-    return _mm256_mul_ps(sum, scale);
-}
 
-/* One head of one row: out (hd) = softmax(q . K[0..n) * scale) @ V[0..n); K, V (n, hd) contiguous; hd % 8 == 0.
- * The keys' scores go 8 at a time, the tail (n % 8) one at a time with the same per-key sum order. */
-static void attend(int n, int hd, float scale, const float *q, const float *K, const float *V, float *s, float *out) {
-    const __m256 sc = _mm256_set1_ps(scale);
-    __m256 mx8 = _mm256_set1_ps(-INFINITY);
-    int j = 0;
-    for (; j + 8 <= n; j += 8) {
-        /* fetch these keys' values now, while the keys stream in: the value pass then reads from cache, and the
-           memory system has both streams in flight (batch 32 reads ~84 MB of cache per step from DRAM) */
-        for (const char *pv = (const char *)(V + (size_t)j * hd), *end = pv + 8 * hd * sizeof(float); pv < end;
-             pv += 64)
-            _mm_prefetch(pv, _MM_HINT_T0);
-        for (const char *pk = (const char *)(K + (size_t)(j + 16) * hd), *end = pk + 8 * hd * sizeof(float);
-             j + 24 <= n && pk < end; pk += 64)
-            _mm_prefetch(pk, _MM_HINT_T0);
-        __m256 v = scores8(hd, q, K + (size_t)j * hd, sc);
-        _mm256_storeu_ps(s + j, v);
-        mx8 = _mm256_max_ps(mx8, v);
-    }
-    if (j < n) { /* the last keys: pad with copies of the last key's row (their scores are dropped) */
-        float pad[8 * 128];
-        const float *src = K + (size_t)j * hd;
-        int m = n - j;
-        if (hd <= 128) {
-            for (int t = 0; t < 8; t++) memcpy(pad + (size_t)t * hd, src + (size_t)(t < m ? t : m - 1) * hd,
-                                               sizeof(float) * hd);
-            float t8[8];
-            _mm256_storeu_ps(t8, scores8(hd, q, pad, sc));
-            for (int t = 0; t < m; t++) s[j + t] = t8[t];
-        } else {
-            for (int t = 0; t < m; t++) {
-                const float *kj = src + (size_t)t * hd;
-                __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(kj));
-                for (int d = 8; d < hd; d += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kj + d), acc);
-                s[j + t] = hsum8(acc) * scale;
-            }
-        }
-    }
-    float tmp[8];
-    _mm256_storeu_ps(tmp, mx8);
-    float mx = -INFINITY;
-    for (int t = 0; t < 8; t++) mx = tmp[t] > mx ? tmp[t] : mx;
-    for (int t = j; t < n; t++) mx = s[t] > mx ? s[t] : mx;
-    /* exponentials, 8 at a time, the tail through the same vector exp */
+/* s[0..n) = exp(s - mx), 8 at a time, the tail through the same vector exp; returns their sum */
+static float softmax_exp(int n, float *s, float mx) {
     const __m256 m8 = _mm256_set1_ps(mx);
     __m256 sum8 = _mm256_setzero_ps();
     int i = 0;
@@ -239,43 +357,16 @@ static void attend(int n, int hd, float scale, const float *q, const float *K, c
             sum += t8[t - i];
         }
     }
-    sum += hsum8(sum8);
-    const __m256 inv = _mm256_set1_ps(1.0f / sum);
-    if (hd == 32) { /* the shipped model: 4 accumulators per key, two keys interleaved */
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-        int t = 0;
-        for (; t + 2 <= n; t += 2) {
-            const float *v0 = V + (size_t)t * 32, *v1 = v0 + 32;
-            __m256 p0 = _mm256_set1_ps(s[t]), p1 = _mm256_set1_ps(s[t + 1]);
-            a0 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0), a0);
-            a1 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8), a1);
-            a2 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 16), a2);
-            a3 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 24), a3);
-            b0 = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1), b0);
-            b1 = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + 8), b1);
-            b2 = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + 16), b2);
-            b3 = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + 24), b3);
-        }
-        if (t < n) {
-            const float *v0 = V + (size_t)t * 32;
-            __m256 p0 = _mm256_set1_ps(s[t]);
-            a0 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0), a0);
-            a1 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8), a1);
-            a2 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 16), a2);
-            a3 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 24), a3);
-        }
-        _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_add_ps(a0, b0), inv));
-        _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_add_ps(a1, b1), inv));
-        _mm256_storeu_ps(out + 16, _mm256_mul_ps(_mm256_add_ps(a2, b2), inv));
-        _mm256_storeu_ps(out + 24, _mm256_mul_ps(_mm256_add_ps(a3, b3), inv));
-        return;
-    }
-    for (int d = 0; d < hd; d += 8) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int t = 0; t < n; t++)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(s[t]), _mm256_loadu_ps(V + (size_t)t * hd + d), acc);
-        _mm256_storeu_ps(out + d, _mm256_mul_ps(acc, inv));
-    }
+    return sum + hsum8(sum8);
+}
+
+DEFINE_ATTEND(scores8_f32, attend_f32, float, LOAD_F32)
+DEFINE_ATTEND(scores8_f16, attend_f16, uint16_t, LOAD_F16)
+
+/* dst (n) = src as float16 (round to nearest even), n % 8 == 0 */
+static void to_f16(int n, const float *src, uint16_t *dst) {
+    for (int i = 0; i < n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
 }
 
 /* x + g f (residual), or where(g == 0, x, g f) (plain stack); g NULL: x + f / f */
@@ -293,12 +384,13 @@ static void update(int C, float *x, const float *f, const float *g, int residual
 
 /* Per layer, `mats` holds W_qkv (C, 3C), W_o (C, C), W_fc (C, F), W_p (F, C), each as (in, out) row-major, and
  * `vecs` holds ln_1 w, b (C each), b_qkv (3C), b_o (C), ln_2 w, b (C each), b_fc (F), b_p (C), float32.
- * k_cache / v_cache: (n_layer, rows, n_head, S, hd) with the given layer and row strides (floats).
+ * k_cache / v_cache: (n_layer, rows, n_head, S, hd) with the given layer and row strides (elements), float32 or
+ * (kv_half) float16: a float16 cache halves the bytes attention reads, the keys and values rounded once when written.
  * gates: (B, n_layer, 2) or NULL; trace_rows (R) with stream (n_layer + 1, R, C), or R = 0.
  * Returns 0; -1 when scratch memory could not be allocated; -2, -3, -4 for a token id outside [0, V), a position
  * outside [0, S), a traced row outside [0, B): checked before anything is read or written. */
-int shortcut_fused_step(int B, int C, int nh, int L, int F, int V, int S, int half, int residual,
-                        const int64_t *tokens, const int64_t *pos, float *k_cache, float *v_cache,
+int shortcut_fused_step(int B, int C, int nh, int L, int F, int V, int S, int half, int residual, int kv_half,
+                        const int64_t *tokens, const int64_t *pos, void *k_cache, void *v_cache,
                         int64_t layer_stride, int64_t row_stride, const float *wte, const float *wpe,
                         const float *unembed_t, const float *ln_f_w, const float *ln_f_b, const void *mats,
                         const float *vecs, const float *gates, const int64_t *trace_rows, int R, float *stream,
@@ -330,7 +422,9 @@ int shortcut_fused_step(int B, int C, int nh, int L, int F, int V, int S, int ha
         const float *vl = vecs + (size_t)l * vec_n;
         const float *ln1_w = vl, *ln1_b = vl + C, *b_qkv = vl + 2 * C, *b_o = b_qkv + C3, *ln2_w = b_o + C;
         const float *ln2_b = ln2_w + C, *b_fc = ln2_b + C, *b_p = b_fc + F;
-        float *kl = k_cache + (size_t)l * layer_stride, *vl_cache = v_cache + (size_t)l * layer_stride;
+        const size_t kv_esz = kv_half ? 2 : 4;
+        char *kl = (char *)k_cache + (size_t)l * layer_stride * kv_esz;
+        char *vl_cache = (char *)v_cache + (size_t)l * layer_stride * kv_esz;
 
         /* attention */
         for (int b = 0; b < B; b++) layer_norm(C, x + (size_t)b * C, ln1_w, ln1_b, h + (size_t)b * C);
@@ -339,11 +433,30 @@ int shortcut_fused_step(int B, int C, int nh, int L, int F, int V, int S, int ha
             const float *qr = qkv + (size_t)b * C3;
             int64_t p = pos[b];
             for (int hh = 0; hh < nh; hh++) {
-                float *K = kl + (size_t)b * row_stride + (size_t)hh * S * hd;
-                float *Vh = vl_cache + (size_t)b * row_stride + (size_t)hh * S * hd;
-                memcpy(K + (size_t)p * hd, qr + C + hh * hd, sizeof(float) * hd);
-                memcpy(Vh + (size_t)p * hd, qr + 2 * C + hh * hd, sizeof(float) * hd);
-                attend((int)p + 1, hd, scale, qr + hh * hd, K, Vh, sc, y + (size_t)b * C + hh * hd);
+                size_t off = ((size_t)b * row_stride + (size_t)hh * S * hd) * kv_esz;
+                /* the next head's keys and values (this row's, or the next row's first) into L2 while this head
+                   computes: each head's cache is a short stream (a few KB), too short for the hardware prefetcher */
+                if (hh + 1 < nh || b + 1 < B) {
+                    int nb = hh + 1 < nh ? b : b + 1, nhh = hh + 1 < nh ? hh + 1 : 0;
+                    size_t noff = ((size_t)nb * row_stride + (size_t)nhh * S * hd) * kv_esz;
+                    size_t len = (size_t)pos[nb] * hd * kv_esz;
+                    for (size_t o = 0; o < len; o += 64) {
+                        _mm_prefetch(kl + noff + o, _MM_HINT_T1);
+                        _mm_prefetch(vl_cache + noff + o, _MM_HINT_T1);
+                    }
+                }
+                float *out = y + (size_t)b * C + hh * hd;
+                if (kv_half) {
+                    uint16_t *K = (uint16_t *)(kl + off), *Vh = (uint16_t *)(vl_cache + off);
+                    to_f16(hd, qr + C + hh * hd, K + (size_t)p * hd);
+                    to_f16(hd, qr + 2 * C + hh * hd, Vh + (size_t)p * hd);
+                    attend_f16((int)p + 1, hd, scale, qr + hh * hd, K, Vh, sc, out);
+                } else {
+                    float *K = (float *)(kl + off), *Vh = (float *)(vl_cache + off);
+                    memcpy(K + (size_t)p * hd, qr + C + hh * hd, sizeof(float) * hd);
+                    memcpy(Vh + (size_t)p * hd, qr + 2 * C + hh * hd, sizeof(float) * hd);
+                    attend_f32((int)p + 1, hd, scale, qr + hh * hd, K, Vh, sc, out);
+                }
             }
         }
         matmul(half, B, C, C, y, w_o, b_o, h); /* h = F(x) of the attention part */

@@ -11,30 +11,49 @@ import torch
 
 from model.config import ModelConfig
 from model.decode import FastDecoder, KVCache, float16_weights_available
-from model.fast import FusedDecoder, build, cpu_supported, fused_available, make_decoder, supports
+from model.fast import FusedDecoder, build, cpu_supported, fused_available, library_isa, make_decoder, supports
 from model.transformer import Intervention, Transformer
 from tests.conftest import TINY, build_model
 
 SKIP0 = Intervention(skip=((0, "block"),))
 MIXED = Intervention(skip=((1, "mlp"),), scale=((0, "attn", 0.5), (2, "block", -1.5)))
 TOL = {"float32": 1e-4, "float16": 3e-2}  # float16: block matrices rounded, against the float32 reference
+# (weights, cache) -> tolerance. A float16 cache on both sides: a key a hair apart in float32 can round to a
+# neighbouring float16 (1e-3 relative), and float16 weights put more keys a hair apart.
+KV_TOL = {
+    ("float32", torch.float32): 1e-4,
+    ("float16", torch.float32): 3e-2,
+    ("float32", torch.float16): 3e-3,
+    ("float16", torch.float16): 5e-2,
+}
 
 
-@pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The library built from source for this test module (skips where there is no compiler or CPU for it)."""
-    if not cpu_supported():
-        pytest.skip("CPU without AVX2/FMA/F16C")
-    out = build(tmp_path_factory.mktemp("fused") / "fused.so")
+def _built(tmp_path_factory: pytest.TempPathFactory, isa: str) -> Path:
+    """The `isa` build from source for this test module (skips where there is no compiler or CPU for it)."""
+    if not cpu_supported(isa):
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    out = build(tmp_path_factory.mktemp("fused") / f"fused_{isa}.so", isa=isa)
     if out is None:
         pytest.skip("no C compiler")
+    assert library_isa(out) == isa
     return out
 
 
+@pytest.fixture(scope="module", params=["avx2", "avx512"])
+def library(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Each build of the library in turn: every test that takes it runs on both."""
+    return _built(tmp_path_factory, request.param)
+
+
 def _prefilled(
-    model: Transformer, seqs: torch.Tensor, lengths: list[int], gates: torch.Tensor, n_caches: int
+    model: Transformer,
+    seqs: torch.Tensor,
+    lengths: list[int],
+    gates: torch.Tensor,
+    n_caches: int,
+    kv: torch.dtype = torch.float32,
 ) -> list[KVCache]:
-    caches = [KVCache(model.config, len(lengths)) for _ in range(n_caches)]
+    caches = [KVCache(model.config, len(lengths), dtype=kv) for _ in range(n_caches)]
     with torch.no_grad():
         for b, n in enumerate(lengths):
             for c in caches:
@@ -42,10 +61,14 @@ def _prefilled(
     return caches
 
 
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
 @pytest.mark.parametrize("weights", ["float32", "float16"])
 @pytest.mark.parametrize("variant", [{}, {"residual": False}, {"bias": False}, {"n_head": 1}])  # n_head 1: head_dim 32
-def test_fused_step_matches_the_gated_reference_forward(library: Path, weights: str, variant: dict) -> None:
-    """Five rows (the 4-row and the 1-row kernels) with different gates, decoded to the end of the window."""
+def test_fused_step_matches_the_gated_reference_forward(
+    library: Path, weights: str, variant: dict, kv: torch.dtype
+) -> None:
+    """Five rows (the 4-row and the 1-row kernels) with different gates, decoded to the end of the window; the
+    reference forward reads and writes a cache of the same dtype (float16: keys/values rounded when written)."""
     model = build_model(dataclasses.replace(ModelConfig(**TINY), **variant), seed=3)
     cfg = model.config
     L = cfg.n_layer
@@ -53,7 +76,8 @@ def test_fused_step_matches_the_gated_reference_forward(library: Path, weights: 
     fused = FusedDecoder(model, weights=weights, library=library)
     seqs = torch.randint(0, 256, (5, cfg.block_size), generator=torch.Generator().manual_seed(4))
     lengths = [1, 5, 9, 2, 17]  # tails of 1..7 keys and whole blocks of 8 in the attention
-    cache, fused_cache = _prefilled(model, seqs, lengths, gates, 2)
+    cache, fused_cache = _prefilled(model, seqs, lengths, gates, 2, kv)
+    tol = KV_TOL[weights, kv]
     pos = torch.tensor(lengths)
     traced = torch.tensor([0, 2, 4])
     while int(pos.max()) < cfg.block_size:
@@ -61,12 +85,13 @@ def test_fused_step_matches_the_gated_reference_forward(library: Path, weights: 
         with torch.no_grad():
             ref = model(tokens[:, None], cache=cache, pos=pos, gates=gates, return_resid=True)
         got = fused(tokens, fused_cache, pos, gates, traced)
-        torch.testing.assert_close(got.logits, ref.logits[:, -1], atol=TOL[weights], rtol=0)
+        torch.testing.assert_close(got.logits, ref.logits[:, -1], atol=tol, rtol=0)
         want = torch.stack([ref.resid[0]["resid_pre"][:, 0]] + [r["resid_post"][:, 0] for r in ref.resid])  # (L+1,5,C)
-        torch.testing.assert_close(got.stream, want[:, traced], atol=TOL[weights], rtol=1e-3)
+        torch.testing.assert_close(got.stream, want[:, traced], atol=tol, rtol=1e-3)
         pos = pos + 1
-    torch.testing.assert_close(fused_cache.k, cache.k, atol=TOL[weights], rtol=0)  # the cache written alike
-    torch.testing.assert_close(fused_cache.v, cache.v, atol=TOL[weights], rtol=0)
+    assert fused_cache.k.dtype == kv
+    torch.testing.assert_close(fused_cache.k, cache.k, atol=tol, rtol=1e-3)  # the cache written alike
+    torch.testing.assert_close(fused_cache.v, cache.v, atol=tol, rtol=1e-3)
 
 
 def test_float16_fused_step_equals_the_torchscript_float16_step(library: Path) -> None:
@@ -208,3 +233,44 @@ def test_build_without_a_working_compiler_returns_none(tmp_path: Path) -> None:
     assert build(tmp_path / "x.so", compiler=str(tmp_path / "no-such-cc")) is None
     assert build(tmp_path / "x.so", compiler="false") is None  # a compiler that fails
     assert not (tmp_path / "x.so").exists()
+
+
+def test_both_builds_give_the_same_numbers(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The AVX2 and AVX-512 builds sum every output in the same order: bitwise-equal logits, stream and cache."""
+    libs = [_built(tmp_path_factory, isa) for isa in ("avx2", "avx512")]
+    model = build_model(seed=5)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(2)
+    tokens, pos = torch.randint(0, 256, (13,), generator=gen), torch.randint(0, cfg.block_size, (13,), generator=gen)
+    gates = torch.rand(13, cfg.n_layer, 2, generator=gen)
+    outs = []
+    for lib in libs:
+        for weights in ("float32", "float16"):
+            for kv in (torch.float32, torch.float16):
+                cache = KVCache(cfg, 13, dtype=kv)
+                cache.k.copy_(torch.randn(cache.k.shape, generator=torch.Generator().manual_seed(7)))
+                cache.v.copy_(torch.randn(cache.v.shape, generator=torch.Generator().manual_seed(8)))
+                out = FusedDecoder(model, weights=weights, library=lib)(tokens, cache, pos, gates, torch.arange(13))
+                outs.append((out.logits, out.stream, cache.k.float(), cache.v.float()))
+    half = len(outs) // 2
+    for a, b in zip(outs[:half], outs[half:], strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
+
+
+def test_engine_caches_float16_keys_only_with_the_fused_float16_step(library: Path) -> None:
+    from model.engine import Engine
+
+    model = build_model(seed=0)
+    ts = Engine(model, decode_weights="float16", decode_backend="torchscript")
+    assert ts.kv_cache_dtype == torch.float32 and ts.cache.k.dtype == torch.float32
+    with pytest.raises(ValueError, match="fused"):
+        Engine(model, decode_backend="torchscript", kv_cache_dtype="float16")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        Engine(model, kv_cache_dtype="int8")
+    if fused_available():  # the installed build (the engine picks its own library)
+        fused = Engine(model, decode_weights="float16", decode_backend="fused")
+        assert fused.kv_cache_dtype == torch.float16 and fused.cache.v.dtype == torch.float16
+        assert Engine(model, decode_weights="float32", decode_backend="fused").kv_cache_dtype == torch.float32
+        forced = Engine(model, decode_weights="float32", decode_backend="fused", kv_cache_dtype="float16")
+        assert forced.cache.k.dtype == torch.float16
