@@ -186,14 +186,70 @@ def _timed(label: str, fn: Callable[[], Any]) -> Any:
     return out
 
 
-def http_level(
-    base_url: str, prompts: list[str], a: argparse.Namespace, c: int, stream: bool = True, reps: int | None = None
+def cpu_figures(
+    tokens: int, wall_s: float, server_cpu_s: float, main_thread_cpu_s: float, client_cpu_s: float
 ) -> dict[str, Any]:
-    """Median over reps of one concurrency level (each rep: c clients x requests_per_client requests)."""
-    runs = [
-        load.run_load(base_url, prompts, a.max_new_tokens, c, a.requests_per_client, stream=stream)
-        for _ in range(reps or a.http_reps)
-    ]
+    """The server's CPU use during one load run: tokens per server CPU second, cores it kept busy, the event loop's
+    share (its main thread), and this process's CPU (the load client)."""
+    return {
+        "server_cpu_s": server_cpu_s,
+        "server_main_thread_cpu_s": main_thread_cpu_s,
+        "server_other_threads_cpu_s": server_cpu_s - main_thread_cpu_s,
+        "server_main_thread_share": ratio(main_thread_cpu_s, server_cpu_s),
+        "server_cores_busy": ratio(server_cpu_s, wall_s),
+        "tok_per_server_cpu_s": ratio(tokens, server_cpu_s),
+        "client_cpu_s": client_cpu_s,
+    }
+
+
+def measured_load(
+    base_url: str,
+    prompts: list[str],
+    a: argparse.Namespace,
+    c: int,
+    stream: bool = True,
+    server: servers.Server | None = None,
+) -> dict[str, Any]:
+    """One load run (`load.run_load`); with `server`, also its process's CPU seconds during the run."""
+    s0, c0 = (server.cpu() if server else None), time.process_time()
+    r = load.run_load(base_url, prompts, a.max_new_tokens, c, a.requests_per_client, stream=stream)
+    client_s = time.process_time() - c0
+    if s0 is not None and server is not None:
+        s1 = server.cpu()
+        r.update(
+            cpu_figures(
+                r["completion_tokens"],
+                r["wall_s"],
+                s1["total_s"] - s0["total_s"],
+                s1["main_thread_s"] - s0["main_thread_s"],
+                client_s,
+            )
+        )
+    return r
+
+
+CPU_KEYS = (
+    "tok_per_server_cpu_s",
+    "server_cpu_s",
+    "server_main_thread_cpu_s",
+    "server_main_thread_share",
+    "server_cores_busy",
+    "client_cpu_s",
+)
+
+
+def http_level(
+    base_url: str,
+    prompts: list[str],
+    a: argparse.Namespace,
+    c: int,
+    stream: bool = True,
+    reps: int | None = None,
+    server: servers.Server | None = None,
+) -> dict[str, Any]:
+    """Median over reps of one concurrency level (each rep: c clients x requests_per_client requests); with
+    `server`, the server process's CPU time too (`cpu_figures`)."""
+    runs = [measured_load(base_url, prompts, a, c, stream, server) for _ in range(reps or a.http_reps)]
     errors = sum(r["errors"] for r in runs)
     if errors:
         log.warning(
@@ -201,8 +257,8 @@ def http_level(
         )
     keys = ("tok_s", "e2e_p50_ms", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
     out: dict[str, Any] = {"concurrency": c, "errors": errors}
-    for k in keys:
-        vals = [r[k] for r in runs if r[k] is not None]
+    for k in keys + (CPU_KEYS if server else ()):
+        vals = [r[k] for r in runs if r.get(k) is not None]
         out[k] = median(vals)
     out["reps"] = runs
     return out
@@ -453,16 +509,27 @@ def http_sections(
         if "http" in a.sections:
             sweep = []
             for c in a.concurrency:
-                lvl = _timed(f"HTTP streaming, {c} clients", lambda c=c: http_level(srv.base_url, prompts, a, c))
+                lvl = _timed(
+                    f"HTTP streaming, {c} clients", lambda c=c: http_level(srv.base_url, prompts, a, c, server=srv)
+                )
                 print(
-                    f"    {lvl['tok_s']:.1f} tok/s, TTFT p50 {lvl['ttft_p50_ms']:.1f} ms, "
-                    f"ITL p99 {lvl['itl_p99_ms'] or float('nan'):.1f} ms"
+                    f"    {lvl['tok_s']:.1f} tok/s, {lvl['tok_per_server_cpu_s'] or float('nan'):.1f} tok per server "
+                    f"CPU s, TTFT p50 {lvl['ttft_p50_ms']:.1f} ms, ITL p99 {lvl['itl_p99_ms'] or float('nan'):.1f} ms"
                 )
                 sweep.append(lvl)
             d["http_sweep"] = sweep
+            d["http_cpu"] = {
+                "server_threads": a.threads,
+                "note": f"server CPU: the `python -m app` process, all threads: {a.threads} torch thread(s) decoding "
+                "in the engine's worker thread, and the main thread running the event loop (uvicorn, FastAPI, SSE: "
+                "`server_main_thread_cpu_s`), read from its CPU clock before and after each load run; "
+                "`server_cores_busy` = server CPU s / wall s; `client_cpu_s`: this process (the httpx load client, "
+                "on the same machine)",
+            }
             by_c = {lvl["concurrency"]: lvl for lvl in sweep}
             for c in sorted({1, a.mid, a.batch}):
                 m[f"http_c{c}_tok_s"] = by_c[c]["tok_s"]
+                m[f"http_c{c}_tok_per_server_cpu_s"] = by_c[c]["tok_per_server_cpu_s"]
             for c in sorted({1, a.mid, a.batch}):
                 for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):
                     m[f"http_c{c}_{k}"] = by_c[c][k]
