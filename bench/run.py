@@ -186,14 +186,70 @@ def _timed(label: str, fn: Callable[[], Any]) -> Any:
     return out
 
 
-def http_level(
-    base_url: str, prompts: list[str], a: argparse.Namespace, c: int, stream: bool = True, reps: int | None = None
+def cpu_figures(
+    tokens: int, wall_s: float, server_cpu_s: float, main_thread_cpu_s: float, client_cpu_s: float
 ) -> dict[str, Any]:
-    """Median over reps of one concurrency level (each rep: c clients x requests_per_client requests)."""
-    runs = [
-        load.run_load(base_url, prompts, a.max_new_tokens, c, a.requests_per_client, stream=stream)
-        for _ in range(reps or a.http_reps)
-    ]
+    """The server's CPU use during one load run: tokens per server CPU second, cores it kept busy, the event loop's
+    share (its main thread), and this process's CPU (the load client)."""
+    return {
+        "server_cpu_s": server_cpu_s,
+        "server_main_thread_cpu_s": main_thread_cpu_s,
+        "server_other_threads_cpu_s": server_cpu_s - main_thread_cpu_s,
+        "server_main_thread_share": ratio(main_thread_cpu_s, server_cpu_s),
+        "server_cores_busy": ratio(server_cpu_s, wall_s),
+        "tok_per_server_cpu_s": ratio(tokens, server_cpu_s),
+        "client_cpu_s": client_cpu_s,
+    }
+
+
+def measured_load(
+    base_url: str,
+    prompts: list[str],
+    a: argparse.Namespace,
+    c: int,
+    stream: bool = True,
+    server: servers.Server | None = None,
+) -> dict[str, Any]:
+    """One load run (`load.run_load`); with `server`, also its process's CPU seconds during the run."""
+    s0, c0 = (server.cpu() if server else None), time.process_time()
+    r = load.run_load(base_url, prompts, a.max_new_tokens, c, a.requests_per_client, stream=stream)
+    client_s = time.process_time() - c0
+    if s0 is not None and server is not None:
+        s1 = server.cpu()
+        r.update(
+            cpu_figures(
+                r["completion_tokens"],
+                r["wall_s"],
+                s1["total_s"] - s0["total_s"],
+                s1["main_thread_s"] - s0["main_thread_s"],
+                client_s,
+            )
+        )
+    return r
+
+
+CPU_KEYS = (
+    "tok_per_server_cpu_s",
+    "server_cpu_s",
+    "server_main_thread_cpu_s",
+    "server_main_thread_share",
+    "server_cores_busy",
+    "client_cpu_s",
+)
+
+
+def http_level(
+    base_url: str,
+    prompts: list[str],
+    a: argparse.Namespace,
+    c: int,
+    stream: bool = True,
+    reps: int | None = None,
+    server: servers.Server | None = None,
+) -> dict[str, Any]:
+    """Median over reps of one concurrency level (each rep: c clients x requests_per_client requests); with
+    `server`, the server process's CPU time too (`cpu_figures`)."""
+    runs = [measured_load(base_url, prompts, a, c, stream, server) for _ in range(reps or a.http_reps)]
     errors = sum(r["errors"] for r in runs)
     if errors:
         log.warning(
@@ -201,8 +257,8 @@ def http_level(
         )
     keys = ("tok_s", "e2e_p50_ms", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
     out: dict[str, Any] = {"concurrency": c, "errors": errors}
-    for k in keys:
-        vals = [r[k] for r in runs if r[k] is not None]
+    for k in keys + (CPU_KEYS if server else ()):
+        vals = [r[k] for r in runs if r.get(k) is not None]
         out[k] = median(vals)
     out["reps"] = runs
     return out
@@ -322,7 +378,15 @@ def run(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             lambda: peers_section(model, prompts, a, tmp),
         )
         p = d["peers"]["cpu"]
-        for b in sorted({1, B}):
+        if (p["prompt_tokens"], p["max_new_tokens"]) != (a.prompt_bytes, a.max_new_tokens):
+            log.warning(
+                "peers ran %d-token prompts + %d new tokens, the HTTP load %d + %d: the HTTP / peer ratios mislead",
+                p["prompt_tokens"],
+                p["max_new_tokens"],
+                a.prompt_bytes,
+                a.max_new_tokens,
+            )
+        for b in p["batches"]:
             m[f"engine_bs{b}_cpu_ms_per_token"] = p[f"engine_bs{b}_e2e_cpu_ms_per_token"]
             m[f"step_bs{b}_cpu_ms_per_token"] = p[f"step_bs{b}_decode_cpu_ms_per_token"]
             for name in ("ct2_float32", "ct2_int8"):
@@ -398,11 +462,18 @@ def hf_section(
     return out
 
 
+def peer_batches(a: argparse.Namespace) -> tuple[int, ...]:
+    """Batch sizes of the peers comparison: 1 and `a.batch`, and `a.mid` too when the http section runs (the peer at
+    batch c is the yardstick of HTTP at c clients; `http_vs_peers`)."""
+    return tuple(sorted({1, a.batch} | ({a.mid} if "http" in a.sections else set())))
+
+
 def peers_section(model: Transformer, prompts: list[str], a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """CTranslate2 float32 and int8 built from our checkpoint: greedy tokens checked against ours (float32), then CPU
-    time per token against our engine and bare step at batch 1 and `a.batch`, interleaved; the machine's limit."""
+    time per token against our engine and bare step at the `peer_batches`, interleaved; the machine's limit."""
     dirs = {q: peers.convert_ct2(model, tmp / f"ct2-{q}", q) for q in ("float32", "int8")}
-    ids = [list(p.encode()) for p in prompts[: a.batch]]
+    batches = peer_batches(a)
+    ids = [list(p.encode()) for p in prompts[: max(batches)]]
     match = peers.tokens_match(model, dirs["float32"], ids[0], a.max_new_tokens)
     if not match["equal"]:
         log.warning("CTranslate2 float32's greedy tokens differ from ours from token %s", match["first_difference"])
@@ -411,7 +482,7 @@ def peers_section(model: Transformer, prompts: list[str], a: argparse.Namespace,
         ids,
         a.max_new_tokens,
         {f"ct2_{q}": path for q, path in dirs.items()},
-        tuple(sorted({1, a.batch})),
+        batches,
         rounds=max(a.reps, 5),
     )
     limit = peers.machine_limit(model, cpu["our_weights"], cpu.get("step_bs1_decode_cpu_ms_per_token"))
@@ -453,16 +524,27 @@ def http_sections(
         if "http" in a.sections:
             sweep = []
             for c in a.concurrency:
-                lvl = _timed(f"HTTP streaming, {c} clients", lambda c=c: http_level(srv.base_url, prompts, a, c))
+                lvl = _timed(
+                    f"HTTP streaming, {c} clients", lambda c=c: http_level(srv.base_url, prompts, a, c, server=srv)
+                )
                 print(
-                    f"    {lvl['tok_s']:.1f} tok/s, TTFT p50 {lvl['ttft_p50_ms']:.1f} ms, "
-                    f"ITL p99 {lvl['itl_p99_ms'] or float('nan'):.1f} ms"
+                    f"    {lvl['tok_s']:.1f} tok/s, {lvl['tok_per_server_cpu_s'] or float('nan'):.1f} tok per server "
+                    f"CPU s, TTFT p50 {lvl['ttft_p50_ms']:.1f} ms, ITL p99 {lvl['itl_p99_ms'] or float('nan'):.1f} ms"
                 )
                 sweep.append(lvl)
             d["http_sweep"] = sweep
+            d["http_cpu"] = {
+                "server_threads": a.threads,
+                "note": f"server CPU: the `python -m app` process, all threads: {a.threads} torch thread(s) decoding "
+                "in the engine's worker thread, and the main thread running the event loop (uvicorn, FastAPI, SSE: "
+                "`server_main_thread_cpu_s`), read from its CPU clock before and after each load run; "
+                "`server_cores_busy` = server CPU s / wall s; `client_cpu_s`: this process (the httpx load client, "
+                "on the same machine)",
+            }
             by_c = {lvl["concurrency"]: lvl for lvl in sweep}
             for c in sorted({1, a.mid, a.batch}):
                 m[f"http_c{c}_tok_s"] = by_c[c]["tok_s"]
+                m[f"http_c{c}_tok_per_server_cpu_s"] = by_c[c]["tok_per_server_cpu_s"]
             for c in sorted({1, a.mid, a.batch}):
                 for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):
                     m[f"http_c{c}_{k}"] = by_c[c][k]
@@ -581,6 +663,7 @@ def ratios(m: dict[str, Any], a: argparse.Namespace) -> dict[str, dict[str, Any]
                 "higher_is_better": True,
                 "ok": meets(r, target, True),
             }
+    out.update(http_vs_peers(m, a))
     rest = m.get("server_rss_rest_mb")
     out["server RSS rest (MB)"] = {
         "value": rest,
@@ -590,6 +673,57 @@ def ratios(m: dict[str, Any], a: argparse.Namespace) -> dict[str, dict[str, Any]
     }
     rss = m.get("server_peak_rss_mb")
     out["server_peak_rss_mb"] = {"value": rss, "target": 400.0, "higher_is_better": False, "ok": meets(rss, 400, False)}
+    return out
+
+
+PEERS = ("ct2_float32", "ct2_int8")
+
+
+def best_peer(m: dict[str, Any], b: int) -> tuple[str, float] | None:
+    """(name, CPU ms per token) of the peer with the fewest e2e CPU ms per token at batch `b`; None if none ran."""
+    have = [(name, m[f"{name}_bs{b}_cpu_ms_per_token"]) for name in PEERS if m.get(f"{name}_bs{b}_cpu_ms_per_token")]
+    return min(have, key=lambda x: x[1]) if have else None
+
+
+def http_vs_peers(m: dict[str, Any], a: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The server over HTTP at c clients against the best peer in-process at batch c (#17), for c = 1, `a.mid`,
+    `a.batch`: by tokens per wall second and by tokens per server CPU second, each over the peer's tokens per CPU
+    second (1000 / its e2e CPU ms per token: prefill included, one thread). Targets: 1.0 at c = 1, 1.2 at `a.batch`,
+    none at `a.mid` (reported only). No peer has an HTTP server with continuous batching: its in-process figure is
+    the best a server built on it could do."""
+    workload = f"{a.prompt_bytes}-token prompts + {a.max_new_tokens} new tokens (greedy) on both sides"
+    out: dict[str, dict[str, Any]] = {}
+    for c in sorted({1, a.mid, a.batch}):
+        target = 1.0 if c == 1 else 1.2 if c == a.batch else None
+        best = best_peer(m, c)
+        peer_tok_s = 1e3 / best[1] if best else None
+        peer = (
+            f"the best peer at batch {c} in-process ({best[0] if best else 'none ran'}): 1000 / its e2e CPU ms per "
+            f"token (`{best[0] if best else 'ct2_*'}_bs{c}_cpu_ms_per_token`, prefill included, one thread)"
+        )
+        ours = {
+            "": (
+                f"http_c{c}_tok_s",
+                f"tokens per wall second of {c} streaming HTTP client(s) together (`http_c{c}_tok_s`)",
+            ),
+            " (server CPU)": (
+                f"http_c{c}_tok_per_server_cpu_s",
+                f"tokens per CPU second of the server process, all threads: engine + event loop "
+                f"(`http_c{c}_tok_per_server_cpu_s`)",
+            ),
+        }
+        for suffix, (key, what) in ours.items():
+            r = ratio(m.get(key), peer_tok_s)
+            out[f"HTTP c{c} / best peer bs{c}{suffix}"] = {
+                "value": r,
+                "target": target,
+                "higher_is_better": True,
+                "ok": meets(r, target, True) if target is not None else None,
+                "compares": f"{what} / {peer}; {workload}",
+                "numerator": m.get(key),
+                "denominator": peer_tok_s,
+                "best_peer": best[0] if best else None,
+            }
     return out
 
 
@@ -616,11 +750,13 @@ def render(res: dict[str, Any]) -> str:
                 else ""
             )
         )
-    lines += ["", f"{'ratio':<34} {'value':>12} {'target':>10}  ok", "-" * 62]
+    lines += ["", f"{'ratio':<40} {'value':>12} {'target':>10}  ok", "-" * 68]
     for name, r in res["ratios"].items():
         sign = ">=" if r["higher_is_better"] else "<="
         ok = {True: "yes", False: "NO", None: "-"}[r["ok"]]
-        lines.append(f"{name:<34} {_fmt(r['value']):>12} {sign + ' ' + _fmt(r['target']):>10}  {ok}")
+        target = "-" if r["target"] is None else f"{sign} {_fmt(r['target'])}"
+        lines.append(f"{name:<40} {_fmt(r['value']):>12} {target:>10}  {ok}")
+    lines += render_http(res)
     profiles = [v for k, v in res["details"].items() if k.startswith("profile_decode_bs")]
     for prof in profiles:
         b = prof["batch"]
@@ -677,6 +813,49 @@ def render(res: dict[str, Any]) -> str:
             "are unreliable; compare CPU-time figures",
         ]
     return "\n".join(lines)
+
+
+def render_http(res: dict[str, Any]) -> list[str]:
+    """The HTTP sweep with the server's CPU time, then HTTP against the best peer (empty when http did not run)."""
+    sweep = res["details"].get("http_sweep")
+    if not sweep:
+        return []
+    threads = res["settings"]["threads"]
+    lines = [
+        "",
+        f"HTTP streaming sweep: server = `python -m app`, {threads} torch thread(s) decoding in the engine's worker "
+        "thread plus the event-loop thread (uvicorn, FastAPI, SSE); server CPU counts both, 'loop' is the "
+        "event-loop thread's share of it; client = this process (httpx), on the same cores",
+        f"  {'clients':>7} {'tok/s wall':>11} {'server CPU s':>13} {'tok/server CPU s':>17} {'cores busy':>11} "
+        f"{'loop':>6} {'client CPU s':>13}",
+    ]
+    for lvl in sweep:
+        share = lvl.get("server_main_thread_share")
+        lines.append(
+            f"  {lvl['concurrency']:>7} {_fmt(lvl['tok_s']):>11} {_fmt(lvl.get('server_cpu_s')):>13} "
+            f"{_fmt(lvl.get('tok_per_server_cpu_s')):>17} {_fmt(lvl.get('server_cores_busy')):>11} "
+            f"{'-' if share is None else f'{share:.0%}':>6} {_fmt(lvl.get('client_cpu_s')):>13}"
+        )
+    vs = [(k, r) for k, r in res.get("ratios", {}).items() if k.startswith("HTTP c") and "best_peer" in r]
+    if any(r["value"] is not None for _, r in vs):
+        st = res["settings"]
+        lines += [
+            "",
+            f"HTTP at c clients against the best peer in-process at batch c ({st['prompt_bytes']}-token prompts + "
+            f"{st['max_new_tokens']} new tokens on both sides; peer: tokens per CPU second, one thread, prefill "
+            "included; it pays no HTTP, JSON or event loop):",
+        ]
+        for k, r in vs:
+            if r["value"] is None:
+                continue
+            by = "server CPU" if k.endswith("(server CPU)") else "wall"
+            c = k.split()[1]
+            target = "" if r["target"] is None else f" (target {_fmt(r['target'])}: {'yes' if r['ok'] else 'NO'})"
+            lines.append(
+                f"  {c:<4} by {by:<10} {_fmt(r['numerator']):>9} tok/s / {r['best_peer']} "
+                f"{_fmt(r['denominator']):>9} tok/s = {_fmt(r['value'])}{target}"
+            )
+    return lines
 
 
 def render_peers(d: dict[str, Any]) -> list[str]:
