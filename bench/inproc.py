@@ -14,7 +14,7 @@ from bench.stats import median, rate
 from model.decode import FastDecoder, KVCache, auto_decode_weights
 from model.diagnostics import DiagnosticsOptions, run_diagnostics
 from model.engine import Engine, FinishEvent, SamplingParams
-from model.fast import FusedDecoder, fused_available, supports
+from model.fast import FusedDecoder, auto_kv_dtype, fused_available, supports
 from model.transformer import Transformer
 
 
@@ -235,7 +235,7 @@ def gil_contention(
     start = min(len(prompt), cfg.block_size - steps - 1)
 
     def step_ms(dec: FastDecoder | FusedDecoder, batch: int) -> float:
-        cache = KVCache(cfg, batch)
+        cache = KVCache(cfg, batch, dtype=auto_kv_dtype(dec))  # as the engine gives it
         tok, pos = torch.zeros(batch, dtype=torch.long), torch.full((batch,), start)
         dec(tok, cache, pos)  # warm-up (and TorchScript's profiling runs)
         dec(tok, cache, pos + 1)

@@ -15,7 +15,7 @@ from bench.stats import median
 from model.decode import FastDecoder, KVCache, auto_decode_weights
 from model.diagnostics import stream_trace
 from model.engine import Engine, FinishEvent, SamplingParams
-from model.fast import FusedDecoder, fused_available, supports
+from model.fast import FusedDecoder, auto_kv_dtype, fused_available, supports
 from model.transformer import Intervention, Transformer
 
 
@@ -73,9 +73,10 @@ def _step_variants(model: Transformer, fast: FastDecoder, B: int) -> dict[str, C
     }
     if fused_available() and supports(cfg):
         fused = FusedDecoder(model, weights=fast.weights)
+        fused_cache = KVCache(cfg, B, dtype=auto_kv_dtype(fused))  # as the engine gives it
 
         def run_fused(pos: torch.Tensor, g: torch.Tensor | None = None, r: torch.Tensor | None = None) -> None:
-            res = fused(tok, cache, pos, g, r)
+            res = fused(tok, fused_cache, pos, g, r)
             if r is not None:
                 stream_trace(model, res.stream, [0] * B)
 

@@ -19,7 +19,7 @@ import torch
 from bench.stats import median
 from model.decode import FastDecoder, KVCache, auto_decode_weights
 from model.engine import Engine, FinishEvent, SamplingParams
-from model.fast import FusedDecoder, make_decoder
+from model.fast import FusedDecoder, auto_kv_dtype, make_decoder
 from model.transformer import Transformer
 
 VOCAB = [f"<0x{i:02X}>" for i in range(256)]  # CTranslate2 wants token strings; token id == byte value
@@ -146,8 +146,9 @@ def step_loop(
     steps: int,
     cache: KVCache | None = None,
 ) -> float:
-    """CPU seconds per step of `steps` greedy decode steps from position `start` (the argmax fed back)."""
-    cache = cache or KVCache(cfg, batch)
+    """CPU seconds per step of `steps` greedy decode steps from position `start` (the argmax fed back), on a cache of
+    the dtype the engine would give this step (`auto_kv_dtype`)."""
+    cache = cache or KVCache(cfg, batch, dtype=auto_kv_dtype(decoder))
     tok, pos = torch.zeros(batch, dtype=torch.long), torch.full((batch,), start)
     with torch.inference_mode():
         t0 = time.process_time()

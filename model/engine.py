@@ -27,7 +27,7 @@ import torch
 from model import tokenizer
 from model.decode import KVCache, auto_decode_weights
 from model.diagnostics import residual_norms_last, stream_trace
-from model.fast import FusedDecoder, make_decoder
+from model.fast import FusedDecoder, auto_kv_dtype, make_decoder
 from model.sampling import LogitControls, adjust_logits, control_problem, record_tokens, sample_rows, top_logprobs
 from model.textstream import TextStream
 from model.transformer import Intervention, Transformer
@@ -258,13 +258,12 @@ class Engine:
         self.steps = 0
 
     def _kv_dtype(self, name: str) -> torch.dtype:
-        """The cache's dtype: `auto` = float16 where the fused step decodes with float16 weights (attention then reads
-        half the bytes; keys and values rounded once, as the weights are), else the model's."""
+        """The cache's dtype (`auto`: see `model.fast.auto_kv_dtype`); float16 or float32 needs the fused step unless
+        it is the model's own dtype."""
         if name not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, not {name!r}")
         if name == "auto":
-            fp16 = self.decode_backend == "fused" and self.decode_weights == "float16" and self.dtype == torch.float32
-            return torch.float16 if fp16 else self.dtype
+            return auto_kv_dtype(self.decode_step, self.dtype)
         dtype = getattr(torch, name)
         if dtype != self.dtype and self.decode_backend != "fused":
             raise ValueError(f"a {name} KV cache needs the fused decode step (this engine runs TorchScript)")

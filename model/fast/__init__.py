@@ -292,6 +292,14 @@ def make_decoder(
     return FastDecoder(model, weights=weights)
 
 
+def auto_kv_dtype(decoder: object, model_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """The KV cache dtype `auto` means for a decode step: float16 for the fused step with float16 weights (the keys
+    and values rounded once, as the weights are; attention then reads half the bytes), else the model's."""
+    if isinstance(decoder, FusedDecoder) and decoder.weights == "float16" and model_dtype == torch.float32:
+        return torch.float16
+    return model_dtype
+
+
 def weight_bytes(dec: FusedDecoder) -> int:
     """Bytes the decoder holds for its weights."""
     return sum(t.numel() * t.element_size() for t in (dec._mats, dec._vecs, dec._wte, dec._wpe, dec._unembed_t))
@@ -300,6 +308,7 @@ def weight_bytes(dec: FusedDecoder) -> int:
 __all__ = [
     "BACKENDS",
     "FusedDecoder",
+    "auto_kv_dtype",
     "KV_DTYPES",
     "LIBRARIES",
     "build",
