@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint
+from model.decode import KVCache
 from model.transformer import Transformer
 from training.train import load_splits
 
@@ -58,8 +59,13 @@ def plan_windows(n_bytes: int, block_size: int) -> list[Window]:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, data: torch.Tensor, batch_size: int = 32) -> dict[str, float | int]:
-    """Sliding-window next-byte cross-entropy of `model` over the 1-D byte tensor `data`."""
+def evaluate(
+    model: Transformer, data: torch.Tensor, batch_size: int = 32, kv_dtype: torch.dtype | None = None
+) -> dict[str, float | int]:
+    """Sliding-window next-byte cross-entropy of `model` over the 1-D byte tensor `data`.
+
+    `kv_dtype`: run each window through a KV cache of that dtype, as the server's prefill and decode steps do (a
+    float16 cache rounds every key and value once, when written); None: no cache."""
     if data.dim() != 1 or len(data) < 2:
         raise ValueError(f"need a 1-D tensor of at least 2 bytes, got shape {tuple(data.shape)}")
     if batch_size < 1:
@@ -79,7 +85,11 @@ def evaluate(model: Transformer, data: torch.Tensor, batch_size: int = 32) -> di
             offsets = starts[:, None] + torch.arange(length + 1)  # (b, L+1)
             chunk = tokens[offsets].to(device)  # (b, L+1)
             x, y = chunk[:, :-1], chunk[:, 1:]  # (b, L) each
-            logits = model(x).logits  # (b, L, V)
+            if kv_dtype is None:
+                logits = model(x).logits  # (b, L, V)
+            else:
+                cache = KVCache(model.config, len(batch), device=device, dtype=kv_dtype)
+                logits = model(x, cache=cache, pos=torch.zeros(len(batch), dtype=torch.long, device=device)).logits
             nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)  # (b, L)
             skips = torch.tensor([w.skip for w in batch], device=device)  # (b,)
             keep = torch.arange(length, device=device)[None, :] >= skips[:, None]  # (b, L)
@@ -136,6 +146,13 @@ def main(argv: list[str] | None = None) -> None:
         help="float16: round every Linear weight to float16 first, as SHORTCUT_DECODE_WEIGHTS=float16 "
         "stores them (the arithmetic stays float32)",
     )
+    p.add_argument(
+        "--kv-cache",
+        choices=("none", "float32", "float16"),
+        default="none",
+        help="float16: keys and values rounded to float16 when cached, as SHORTCUT_KV_CACHE_DTYPE=float16 (the "
+        "server's default with the fused float16 step) keeps them; none: the plain forward",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.threads:
@@ -147,11 +164,13 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"the {a.split} split of {a.data} has {len(data)} bytes; at least 2 are needed")
     if a.weights == "float16":
         round_linear_weights_to_float16(ck.model)
-    result = evaluate(ck.model, data, batch_size=a.batch_size)
+    kv = None if a.kv_cache == "none" else getattr(torch, a.kv_cache)
+    result = evaluate(ck.model, data, batch_size=a.batch_size, kv_dtype=kv)
     summary = {
         **result,
         "split": a.split,
         "weights": a.weights,
+        "kv_cache": a.kv_cache,
         "checkpoint": str(a.checkpoint),
         "checkpoint_sha256": ck.sha256,
         "data": str(a.data),

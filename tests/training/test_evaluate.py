@@ -191,3 +191,15 @@ def test_cli_rejects_a_split_too_short(tmp_path: Path, tiny_checkpoint: Path) ->
     data.write_bytes(b"abcdefghi")  # 9 bytes: the val split holds 1 byte
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tiny_checkpoint), "--data", str(data)])
+
+
+def test_through_a_kv_cache_scores_what_the_server_computes(tiny_model: Transformer) -> None:
+    """A float32 cache changes nothing; a float16 one rounds keys and values (close, not the same numbers)."""
+    data = _bytes(300)
+    plain = evaluate(tiny_model, data, batch_size=4)
+    f32 = evaluate(tiny_model, data, batch_size=4, kv_dtype=torch.float32)
+    f16 = evaluate(tiny_model, data, batch_size=4, kv_dtype=torch.float16)
+    assert f32["nats_per_byte"] == pytest.approx(plain["nats_per_byte"], rel=1e-6)
+    assert f16["nats_per_byte"] == pytest.approx(plain["nats_per_byte"], rel=1e-3)
+    assert f16["sum_nats"] != plain["sum_nats"]
+    assert f16["bytes_scored"] == plain["bytes_scored"]
