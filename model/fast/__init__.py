@@ -218,25 +218,68 @@ class FusedDecoder:
     ) -> StepOutput:
         """Logits (B, vocab) for one new token per row (see `FastDecoder.__call__`). Token ids, positions and traced
         rows are range-checked in C before anything is read or written (ValueError)."""
+        check_step_shapes(self.config, tokens, cache, pos, gates)
+        self._check_cache(cache)
+        if cache.k.stride(1) != self.config.n_head * self.config.block_size * self.config.head_dim:
+            raise ValueError("the fused step needs a cache with contiguous rows (KVCache or its rows)")
+        if tokens.device.type != "cpu" or pos.device.type != "cpu":
+            raise ValueError("the fused step runs on CPU tensors")
+        return self._run(tokens, pos, cache, cache.k.stride(1), gates, trace_rows)
+
+    def prefill(
+        self, tokens: torch.Tensor, cache: KVCache, gates: torch.Tensor | None = None, trace: bool = False
+    ) -> StepOutput:
+        """A prompt `tokens` (T,) of one row from position 0, through the step's own kernels: writes its keys and
+        values into the one-row `cache` and returns the last position's logits (1, vocab) and, with `trace`, its
+        stream (n_layer + 1, 1, C). `gates` (n_layer, 2) as one row's of a step.
+
+        The T positions go as T rows of one step that share the cache row (row stride 0) at positions 0..T-1:
+        layer by layer, the step writes a row's key and value right before that row attends, in row order, so each
+        position attends to itself and every position before it, as a causal forward does."""
         cfg = self.config
-        B = tokens.shape[0]
-        check_step_shapes(cfg, tokens, cache, pos, gates)
+        T = tokens.shape[0] if tokens.dim() == 1 else -1
+        if not 1 <= T <= cfg.block_size or cache.n_rows != 1:
+            raise ValueError(f"prefill needs 1..{cfg.block_size} tokens (T,) and a one-row cache")
+        if gates is not None and gates.shape != (cfg.n_layer, 2):
+            raise ValueError(f"prefill gates must have shape ({cfg.n_layer}, 2)")
+        if tokens.device.type != "cpu":
+            raise ValueError("the fused step runs on CPU tensors")
+        self._check_cache(cache)
+        shared = KVCache.__new__(KVCache)  # T rows, all of them the cache's one row
+        shared.k = cache.k.expand(-1, T, -1, -1, -1)
+        shared.v = cache.v.expand(-1, T, -1, -1, -1)
+        g = gates.expand(T, -1, -1) if gates is not None else None
+        rows = torch.tensor([T - 1]) if trace else None
+        out = self._run(tokens, torch.arange(T), shared, 0, g, rows)
+        return StepOutput(out.logits[T - 1 :], out.stream)
+
+    def _check_cache(self, cache: KVCache) -> None:
+        cfg = self.config
         k, v = cache.k, cache.v
-        hd = cfg.head_dim
-        want = (cfg.n_head * cfg.block_size * hd, cfg.block_size * hd, hd, 1)
         if (
             k.dtype not in KV_DTYPES
             or v.dtype != k.dtype
             or k.stride() != v.stride()
-            or k.stride()[2:] != want[1:]
-            or k.stride(1) != want[0]
+            or k.stride()[2:] != (cfg.block_size * cfg.head_dim, cfg.head_dim, 1)
             or k.device.type != "cpu"
         ):
             raise ValueError(
                 "the fused step needs a float32 or float16 CPU cache with contiguous rows (KVCache or its rows)"
             )
-        if tokens.device.type != "cpu" or pos.device.type != "cpu":
-            raise ValueError("the fused step runs on CPU tensors")
+
+    def _run(
+        self,
+        tokens: torch.Tensor,
+        pos: torch.Tensor,
+        cache: KVCache,
+        row_stride: int,
+        gates: torch.Tensor | None,
+        trace_rows: torch.Tensor | None,
+    ) -> StepOutput:
+        """The C call (shapes and the cache checked by the caller)."""
+        cfg = self.config
+        B = tokens.shape[0]
+        k, v = cache.k, cache.v
         tokens = tokens.to(torch.long).contiguous()
         pos = pos.to(torch.long).contiguous()
         g = gates.to(torch.float32).contiguous() if gates is not None else None
@@ -255,7 +298,7 @@ class FusedDecoder:
             k.data_ptr(),
             v.data_ptr(),
             k.stride(0),
-            k.stride(1),
+            row_stride,
             *self._weight_ptrs,
             g.data_ptr() if g is not None else None,
             rows.data_ptr() if rows is not None else None,

@@ -384,7 +384,9 @@ static void update(int C, float *x, const float *f, const float *g, int residual
 
 /* Per layer, `mats` holds W_qkv (C, 3C), W_o (C, C), W_fc (C, F), W_p (F, C), each as (in, out) row-major, and
  * `vecs` holds ln_1 w, b (C each), b_qkv (3C), b_o (C), ln_2 w, b (C each), b_fc (F), b_p (C), float32.
- * k_cache / v_cache: (n_layer, rows, n_head, S, hd) with the given layer and row strides (elements), float32 or
+ * k_cache / v_cache: (n_layer, rows, n_head, S, hd) with the given layer and row strides (elements). A row stride of
+ * 0 makes every row share one cache row: rows go in order, each writing its key and value right before it attends,
+ * so rows at positions 0..B-1 are a causal prefill of one sequence. Float32 or
  * (kv_half) float16: a float16 cache halves the bytes attention reads, the keys and values rounded once when written.
  * gates: (B, n_layer, 2) or NULL; trace_rows (R) with stream (n_layer + 1, R, C), or R = 0.
  * Returns 0; -1 when scratch memory could not be allocated; -2, -3, -4 for a token id outside [0, V), a position

@@ -274,3 +274,53 @@ def test_engine_caches_float16_keys_only_with_the_fused_float16_step(library: Pa
         assert Engine(model, decode_weights="float32", decode_backend="fused").kv_cache_dtype == torch.float32
         forced = Engine(model, decode_weights="float32", decode_backend="fused", kv_cache_dtype="float16")
         assert forced.cache.k.dtype == torch.float16
+
+
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
+@pytest.mark.parametrize("weights", ["float32", "float16"])
+def test_prefill_through_the_step_matches_the_reference_forward(library: Path, weights: str, kv: torch.dtype) -> None:
+    """A prompt as T rows sharing one cache row: the last position's logits and stream, and every key and value
+    written, as the reference forward gives them with the same gates; then decoding on from that cache."""
+    model = build_model(seed=11)
+    cfg = model.config
+    fused = FusedDecoder(model, weights=weights, library=library)
+    tol = KV_TOL[weights, kv]
+    seq = torch.randint(0, 256, (cfg.block_size,), generator=torch.Generator().manual_seed(5))
+    for T, gates in ((1, None), (8, MIXED.gates(cfg.n_layer)), (13, SKIP0.gates(cfg.n_layer)), (cfg.block_size, None)):
+        ref_cache, cache = KVCache(cfg, 1, dtype=kv), KVCache(cfg, 1, dtype=kv)
+        g = gates[None] if gates is not None else None
+        with torch.no_grad():
+            ref = model(seq[None, :T], cache=ref_cache, pos=torch.tensor([0]), gates=g, return_resid=True)
+        got = fused.prefill(seq[:T], cache, gates, trace=True)
+        torch.testing.assert_close(got.logits, ref.logits[:, -1], atol=tol, rtol=0)
+        want = torch.stack([ref.resid[0]["resid_pre"][0, -1]] + [r["resid_post"][0, -1] for r in ref.resid])
+        torch.testing.assert_close(got.stream[:, 0], want, atol=tol, rtol=1e-3)
+        torch.testing.assert_close(cache.k[:, :, :, :T].float(), ref_cache.k[:, :, :, :T].float(), atol=tol, rtol=1e-3)
+        torch.testing.assert_close(cache.v[:, :, :, :T].float(), ref_cache.v[:, :, :, :T].float(), atol=tol, rtol=1e-3)
+        assert not cache.k[:, :, :, T:].any()  # nothing written past the prompt
+        if T < cfg.block_size:  # and a step on from there reads what the prefill wrote
+            nxt, pos = seq[T : T + 1], torch.tensor([T])
+            with torch.no_grad():
+                ref_step = model(nxt[:, None], cache=ref_cache, pos=pos, gates=g).logits[:, -1]
+            got_step = fused(nxt, cache, pos, g)
+            torch.testing.assert_close(got_step.logits, ref_step, atol=tol, rtol=0)
+    assert fused.prefill(seq[:5], KVCache(cfg, 1)).stream is None
+
+
+def test_prefill_rejects_bad_input(library: Path) -> None:
+    model = build_model(seed=2)
+    cfg = model.config
+    fused = FusedDecoder(model, library=library)
+    for tokens, cache, gates in (
+        (torch.zeros(0, dtype=torch.long), KVCache(cfg, 1), None),
+        (torch.zeros(cfg.block_size + 1, dtype=torch.long), KVCache(cfg, 1), None),
+        (torch.zeros(1, 4, dtype=torch.long), KVCache(cfg, 1), None),
+        (torch.zeros(4, dtype=torch.long), KVCache(cfg, 2), None),
+        (torch.zeros(4, dtype=torch.long), KVCache(cfg, 1), torch.ones(1, cfg.n_layer, 2)),
+    ):
+        with pytest.raises(ValueError, match="prefill"):
+            fused.prefill(tokens, cache, gates)
+    cache = KVCache(cfg, 1)
+    with pytest.raises(ValueError, match="vocabulary"):
+        fused.prefill(torch.tensor([1, 256]), cache)
+    assert not cache.k.any()
