@@ -26,7 +26,7 @@ import torch
 
 from model import tokenizer
 from model.decode import KVCache, auto_decode_weights
-from model.diagnostics import residual_norms_last, stream_trace
+from model.diagnostics import stream_trace
 from model.fast import FusedDecoder, auto_kv_dtype, make_decoder
 from model.sampling import LogitControls, adjust_logits, control_problem, record_tokens, sample_rows, top_logprobs
 from model.textstream import TextStream
@@ -535,28 +535,18 @@ class Engine:
         for req in batch:
             req.t_prefill = now
             self.observer.on_prefill(len(req.prompt), now - req.t_submit)
-        n, width, row = len(batch), max(len(r.prompt) for r in batch), len(self._running)
-        idx = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in batch], device=self.device)  # (n, T)
-        last = torch.tensor([len(r.prompt) - 1 for r in batch], device=self.device)  # (n,)
         want_norms = self.observer.wants_resid_norms
         traced = [i for i, r in enumerate(batch) if r.params.traced]
-        out = self.model(
-            idx,
-            cache=self.cache.rows(row, row + n),
-            pos=torch.zeros(n, dtype=torch.long, device=self.device),
-            return_resid=want_norms or bool(traced),
-            at=last,
-            gates=self._gates(batch),
-        )
-        if want_norms:
-            for i in range(n):
-                self.observer.on_resid_norms(residual_norms_last(out.resid, row=i))
+        if isinstance(self.decode_step, FusedDecoder):
+            logits, stream = self._prefill_fused(batch, want_norms or bool(traced))
+        else:
+            logits, stream = self._prefill_forward(batch, want_norms or bool(traced))
+        if want_norms:  # stream: (L + 1, n, C), the last prompt position of every row
+            for norms in torch.linalg.vector_norm(stream[1:].float(), dim=-1).T.tolist():
+                self.observer.on_resid_norms(norms)
         traces = None
         if traced:
-            rows = torch.tensor(traced, device=self.device)
-            stream = torch.stack([out.resid[0]["resid_pre"][rows, 0]] + [r["resid_post"][rows, 0] for r in out.resid])
-            traces = self._traces(batch, traced, stream, [len(r.prompt) - 1 for r in batch])  # stream: (L + 1, R, C)
-        logits = out.logits[:, -1]  # (n, V)
+            traces = self._traces(batch, traced, stream[:, traced], [len(r.prompt) - 1 for r in batch])
         for req in batch:
             req.pos = len(req.prompt)
             self._running.append(req)
@@ -564,6 +554,38 @@ class Engine:
                 self.observer.on_intervention(req.params.intervention.parts())
         self.observer.on_queue_change(len(self._running), len(self._waiting))
         self._sample_and_emit(batch, logits, traces)
+
+    def _prefill_forward(self, batch: list[_Request], streams: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompts through the reference forward in one batch, right-padded: (logits (n, V) at each row's last
+        prompt position, its stream (L + 1, n, C) if `streams`)."""
+        n, width, row = len(batch), max(len(r.prompt) for r in batch), len(self._running)
+        idx = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in batch], device=self.device)  # (n, T)
+        last = torch.tensor([len(r.prompt) - 1 for r in batch], device=self.device)  # (n,)
+        out = self.model(
+            idx,
+            cache=self.cache.rows(row, row + n),
+            pos=torch.zeros(n, dtype=torch.long, device=self.device),
+            return_resid=streams,
+            at=last,
+            gates=self._gates(batch),
+        )
+        stream = None
+        if streams:
+            stream = torch.stack([out.resid[0]["resid_pre"][:, 0]] + [r["resid_post"][:, 0] for r in out.resid])
+        return out.logits[:, -1], stream
+
+    def _prefill_fused(self, batch: list[_Request], streams: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each prompt through the fused step's kernels (`FusedDecoder.prefill`): the same as `_prefill_forward`
+        with the numbers of the decode step (its weights), and no padding."""
+        step = self.decode_step
+        assert isinstance(step, FusedDecoder)
+        row = len(self._running)
+        outs = [
+            step.prefill(torch.tensor(r.prompt), self.cache.rows(row + i, row + i + 1), r.gates, trace=streams)
+            for i, r in enumerate(batch)
+        ]
+        logits = torch.cat([o.logits for o in outs])  # (n, V)
+        return logits, torch.cat([o.stream for o in outs], dim=1) if streams else None  # (L + 1, n, C)
 
     def _gates(self, batch: list[_Request]) -> torch.Tensor | None:
         """(B, n_layer, 2) gates of the batch's rows, or None when no row has an intervention (the common case)."""
