@@ -74,8 +74,9 @@ def test_generate_fields(client: TestClient, app_checkpoint: Path) -> None:
 def test_logprobs_match_a_full_forward(
     make_client: Callable[..., TestClient], served_model: Transformer, decode_weights: str
 ) -> None:
-    """Exact with float32 decode weights; `auto` (float16 where FBGEMM runs) rounds the weights: within 2e-3."""
-    tol = 1e-4 if decode_weights == "float32" else 2e-3
+    """Exact with float32 decode weights; `auto` (float16 where FBGEMM runs) rounds the weights, and with the fused
+    step the cached keys and values, to float16: within 5e-3 (the val loss moves by 2e-7 nats/byte: README)."""
+    tol = 1e-4 if decode_weights == "float32" else 5e-3
     out = generate(make_client(decode_weights=decode_weights), max_new_tokens=8, temperature=0, logprobs=3)
     tokens = out["tokens"]
     assert len(tokens) == out["usage"]["completion_tokens"] == 8

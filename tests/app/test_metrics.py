@@ -125,7 +125,8 @@ def test_resid_norm_is_the_last_position_norm(client: TestClient, app_checkpoint
     resid = model(torch.tensor([tokenizer.encode(prompt)]), return_resid=True).resid
     for layer, trace in enumerate(resid):
         expected = float(trace["resid_post"][0, -1].norm())
-        assert value(samples, "shortcut_resid_post_norm_sum", layer=str(layer)) == pytest.approx(expected, rel=1e-4)
+        # the served prefill runs the decode step's float16 weights and cache where it is the fused step (auto)
+        assert value(samples, "shortcut_resid_post_norm_sum", layer=str(layer)) == pytest.approx(expected, rel=1e-3)
 
 
 def test_route_label_is_the_template_not_the_path(client: TestClient) -> None:
