@@ -417,10 +417,24 @@ class Engine:
             self._cv.notify_all()
 
     def _emit(self, req: _Request, ev: TokenEvent | FinishEvent) -> None:
-        try:
-            req.loop.call_soon_threadsafe(req.queue.put_nowait, ev)
-        except RuntimeError:  # the request's event loop is closed: nobody is listening
-            req.cancelled = True
+        self._emit_all([(req, ev)])
+
+    def _emit_all(self, events: list[tuple[_Request, TokenEvent | FinishEvent]]) -> None:
+        """Queue each event to its request, in order, with one `call_soon_threadsafe` (one wake-up) per event loop."""
+        if not events:
+            return
+        loop = events[0][0].loop
+        groups = {loop: events}
+        if any(r.loop is not loop for r, _ in events):  # rows of several event loops (e.g. one per test)
+            groups = {}
+            for item in events:
+                groups.setdefault(item[0].loop, []).append(item)
+        for loop, group in groups.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, group)
+            except RuntimeError:  # the event loop is closed: nobody is listening
+                for r, _ in group:
+                    r.cancelled = True
 
     def _worker(self) -> None:
         torch.set_grad_enabled(False)
@@ -610,6 +624,7 @@ class Engine:
         record_tokens(controls, chosen_list)
         lp_lists = [t.tolist() for t in lp] if lp is not None else None
         gaps = []
+        events: list[tuple[_Request, TokenEvent | FinishEvent]] = []
         for i, (r, tok) in enumerate(zip(batch, chosen_list, strict=True)):
             r.last_token, r.n_generated = tok, r.n_generated + 1
             if r.t_first is None:
@@ -625,9 +640,10 @@ class Engine:
                 k = r.params.logprobs
                 ev.logprob = lp_lists[0][i]
                 ev.top_logprobs = list(zip(lp_lists[2][i][:k], lp_lists[1][i][:k], strict=True))
-            self._emit(r, ev)
+            events.append((r, ev))
             if stopped or last:
                 r.finish_reason = "stop" if stopped else "length"
+        self._emit_all(events)
         if gaps:
             self.observer.on_tokens(gaps)
 
@@ -662,10 +678,16 @@ class Engine:
         done += [(r, "abort" if r.cancelled else "timeout") for r in expired]
         # the gauges move before any client can see its request end
         self.observer.on_queue_change(len(self._running), len(self._waiting))
-        for r, reason in done:
-            self._finish(r, reason, error="request exceeded the per-request timeout" if reason == "timeout" else None)
+        timeout = "request exceeded the per-request timeout"
+        self._emit_all(
+            [(r, self._finish_event(r, reason, timeout if reason == "timeout" else None)) for r, reason in done]
+        )
 
     def _finish(self, r: _Request, reason: str, error: str | None = None) -> None:
+        self._emit(r, self._finish_event(r, reason, error))
+
+    def _finish_event(self, r: _Request, reason: str, error: str | None = None) -> FinishEvent:
+        """The request's finish event (reported to the observer)."""
         now = time.perf_counter()
         timings = {
             "queue_s": (r.t_prefill - r.t_submit) if r.t_prefill else now - r.t_submit,
@@ -673,18 +695,21 @@ class Engine:
             "total_s": now - r.t_submit,
         }
         self.observer.on_finish(reason, now - r.t_submit, r.n_generated)
-        self._emit(
-            r,
-            FinishEvent(
-                reason=reason,
-                text=r.text.text,
-                prompt_tokens=len(r.prompt),
-                completion_tokens=r.n_generated,
-                seed=r.seed,
-                timings=timings,
-                error=error,
-            ),
+        return FinishEvent(
+            reason=reason,
+            text=r.text.text,
+            prompt_tokens=len(r.prompt),
+            completion_tokens=r.n_generated,
+            seed=r.seed,
+            timings=timings,
+            error=error,
         )
+
+
+def _deliver(events: list[tuple[_Request, TokenEvent | FinishEvent]]) -> None:
+    """On the requests' event loop: put each event on its request's queue."""
+    for r, ev in events:
+        r.queue.put_nowait(ev)
 
 
 def _resolve(fut: Future, result: Any = None, error: BaseException | None = None) -> None:

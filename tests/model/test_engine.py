@@ -140,6 +140,68 @@ def test_greedy_in_a_batch_with_rows_leaving(model: Transformer) -> None:
     assert rec.steps[0] >= 4  # the four submitted before start ran as one batch
 
 
+def test_one_wake_up_per_step_delivers_every_rows_event_in_order(model: Transformer) -> None:
+    """Eight rows prefilled together: each step's token events reach the event loop in one call_soon_threadsafe
+    (the prefill, 4 decode steps, then one for the eight finish events), each request's events in order."""
+    prompts = [tokenizer.encode(f"row {i} says") for i in range(8)]
+    calls: list[int] = []
+
+    async def body(engine: Engine) -> list[tuple[list[TokenEvent], FinishEvent]]:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counted(callback: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+            if args and isinstance(args[0], list):  # the engine's deliveries (asyncio schedules others)
+                calls.append(len(args[0]))  # events in one callback
+            return real(callback, *args, **kw)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        handles = [engine.submit(p, SamplingParams(max_new_tokens=5, temperature=0.0)) for p in prompts]
+        engine.start()
+        return list(await asyncio.gather(*(events_of(h) for h in handles)))
+
+    got = run_with_engine(model, body, start=False, max_batch_size=8)
+    for p, (tokens, fin) in zip(prompts, got, strict=True):
+        assert ids(tokens) == greedy_reference(model, p, 5)
+        assert fin.reason == "length" and fin.completion_tokens == 5
+        assert "".join(t.text for t in tokens) == fin.text
+    assert calls == [8] * 6  # prefill, 4 decode steps, the finish events: 8 rows' events each time
+
+
+def test_rows_of_two_event_loops_in_one_batch_each_get_their_own_events(model: Transformer) -> None:
+    """Requests from two event loops (two threads) decode in the same steps; each loop gets only its own events."""
+    engine = Engine(model, decode_weights="float32", max_batch_size=4)
+    prompts = {"a": tokenizer.encode("first loop"), "b": tokenizer.encode("second")}
+    submitted = threading.Barrier(3)
+    results: dict[str, tuple[list[TokenEvent], FinishEvent]] = {}
+
+    def client(name: str) -> None:
+        async def main() -> tuple[list[TokenEvent], FinishEvent]:
+            handles = [
+                engine.submit(prompts[name], SamplingParams(max_new_tokens=6 + i, temperature=0.0)) for i in (0, 1)
+            ]
+            await asyncio.get_running_loop().run_in_executor(None, submitted.wait, 10)
+            for h in handles[1:]:
+                await events_of(h)
+            return await events_of(handles[0])
+
+        results[name] = asyncio.run(main())
+
+    threads = [threading.Thread(target=client, args=(name,)) for name in prompts]
+    for t in threads:
+        t.start()
+    try:
+        submitted.wait(10)
+        engine.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        engine.stop()
+    for name, prompt in prompts.items():
+        tokens, fin = results[name]
+        assert ids(tokens) == greedy_reference(model, prompt, 6) and fin.reason == "length"
+
+
 class PrefillRecorder(EngineObserver):
     """Records the batch layout after each change and the resid-norm observations of prefills."""
 
