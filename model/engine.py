@@ -100,7 +100,7 @@ class SamplingParams:
         return self.trace or self.logit_lens_top > 0
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenEvent:
     """One generated token; `text` is the newly releasable text (may be '' while a stop string may be forming)."""
 
