@@ -140,6 +140,38 @@ def test_greedy_in_a_batch_with_rows_leaving(model: Transformer) -> None:
     assert rec.steps[0] >= 4  # the four submitted before start ran as one batch
 
 
+def test_rows_ending_together_move_only_live_rows(model: Transformer) -> None:
+    """Rows 0, 2, 4 of six end in the same step: the two live rows above the new size (3 and 5) fill holes 0 and 2,
+    two row copies; no ended row is ever copied. When every row ends at once nothing is copied."""
+
+    def copies_and_tokens(lengths: list[int]) -> tuple[int, list[list[int]]]:
+        prompts = [tokenizer.encode(f"p{i} said") for i in range(len(lengths))]
+        copies: list[tuple[int, int]] = []
+
+        async def body(engine: Engine) -> list[list[int]]:
+            real = engine.cache.copy_row
+
+            def counted(src: int, dst: int) -> None:
+                copies.append((src, dst))
+                real(src, dst)
+
+            engine.cache.copy_row = counted  # type: ignore[method-assign]
+            handles = [
+                engine.submit(p, SamplingParams(max_new_tokens=n, temperature=0.0))
+                for p, n in zip(prompts, lengths, strict=True)
+            ]
+            engine.start()
+            return [ids(tokens) for tokens, _ in await asyncio.gather(*(events_of(h) for h in handles))]
+
+        got = run_with_engine(model, body, start=False, max_batch_size=8)
+        for p, n, tokens in zip(prompts, lengths, got, strict=True):
+            assert tokens == greedy_reference(model, p, n)
+        return len(copies), got
+
+    assert copies_and_tokens([3, 9, 3, 9, 3, 9])[0] == 2
+    assert copies_and_tokens([5, 5, 5, 5])[0] == 0
+
+
 def test_one_wake_up_per_step_delivers_every_rows_event_in_order(model: Transformer) -> None:
     """Eight rows prefilled together: each step's token events reach the event loop in one call_soon_threadsafe
     (the prefill, 4 decode steps, then one for the eight finish events), each request's events in order."""
@@ -420,6 +452,22 @@ def test_cancel_frees_the_row(model: Transformer) -> None:
     assert fin.completion_tokens == 1  # cancelled right after its first token
     assert running_end == 0
     assert fin2.reason == "length" and fin2.completion_tokens == 3
+
+
+def test_queue_sizes_are_reported_when_they_change(model: Transformer) -> None:
+    """The observer hears the running / waiting counts on each change (not on every step) and ends at (0, 0)."""
+    rec = PrefillRecorder()
+
+    async def body(engine: Engine) -> None:
+        handles = [engine.submit(PROMPT, SamplingParams(max_new_tokens=20, temperature=0.0)) for _ in range(2)]
+        engine.start()
+        await asyncio.gather(*(events_of(h) for h in handles))
+        await asyncio.sleep(0.05)  # the worker reports after the last reap too
+
+    run_with_engine(model, body, start=False, observer=rec, max_batch_size=1)
+    assert rec.layouts[:2] == [(0, 1), (0, 2)]  # the two submits
+    # the worker's first look (a submit came since its last report), admit, finish, admit, finish: 40 steps, 5 reports
+    assert rec.layouts[2:] == [(0, 2), (1, 1), (0, 1), (1, 0), (0, 0)]
 
 
 def test_cancel_while_waiting(model: Transformer) -> None:
