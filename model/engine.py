@@ -496,10 +496,20 @@ class Engine:
             _resolve(fut, error=EngineDrainingError(message))
 
     def _step(self) -> None:
-        self._run_job_slice()
-        self._reap()
-        self._admit()
-        self._reap()  # a request can finish on its prefill token (max_new_tokens=1, stop): it must not decode again
+        plan = self._plan
+        if (
+            plan is None
+            or self._jobs
+            or self._waiting
+            or self._aborting
+            or self._dirty
+            or not self._running
+            or time.perf_counter() > plan.deadline
+        ):  # else the steady state: no job to run, no request to admit, no row that may have ended (what these find)
+            self._run_job_slice()
+            self._reap()
+            self._admit()
+            self._reap()  # a request can finish on its prefill token (max_new_tokens=1, stop): it must not decode again
         if self._running:
             if self.job_share < 1:  # decode time pays off job time at share / (1 - share)
                 t0 = time.perf_counter()
@@ -598,7 +608,7 @@ class Engine:
                 self.observer.on_intervention(req.params.intervention.parts())
         self._plan = None
         self._report_queue()
-        self._sample_and_emit(batch, logits, plan, row, traces)
+        self._sample_and_emit(batch, logits, plan, self._tokens[row : row + n], traces)
 
     def _gates(self, batch: list[_Request]) -> torch.Tensor | None:
         """(B, n_layer, 2) gates of the batch's rows, or None when no row has an intervention (the common case)."""
@@ -674,27 +684,26 @@ class Engine:
         pos += 1  # in place: the next tokens go one further
         self.steps += 1
         self.observer.on_step(B)
-        self._sample_and_emit(batch, logits, plan, 0, traces)
+        self._sample_and_emit(batch, logits, plan, tokens, traces)
 
     def _sample_and_emit(
         self,
         batch: list[_Request],
         logits: torch.Tensor,
         plan: _Plan,
-        row: int,
+        dest: torch.Tensor,
         traces: list[dict[str, Any] | None] | None = None,
     ) -> None:
-        """Pick each row's next token from `logits` (B, V), store it for the next step (the batch holds rows
-        row..row+B-1) and send it out."""
+        """Pick each row's next token from `logits` (B, V) into `dest` (B,) (the rows' slots of the next tokens fed
+        to the step) and send it out."""
         now = time.perf_counter()
         controls = plan.controls
         # logit bias and penalties; logprobs stay the model's (raw)
         adjusted = adjust_logits(logits, controls) if controls is not None else logits
-        if plan.sampling is None:
-            chosen = adjusted.argmax(dim=-1)  # (B,) all greedy: nothing to draw
+        if plan.sampling is None:  # all greedy: nothing to draw
+            chosen = torch.argmax(adjusted, dim=-1, out=dest)  # (B,)
         else:
-            chosen = sample_rows(adjusted, *plan.sampling)  # (B,)
-        self._tokens[row : row + len(batch)].copy_(chosen)
+            chosen = dest.copy_(sample_rows(adjusted, *plan.sampling))  # (B,)
         lp = top_logprobs(logits, chosen, plan.n_logprobs) if plan.n_logprobs > 0 else None
         chosen_list = chosen.tolist()
         if controls is not None:

@@ -454,6 +454,43 @@ def test_cancel_frees_the_row(model: Transformer) -> None:
     assert fin2.reason == "length" and fin2.completion_tokens == 3
 
 
+class StepHook(EngineObserver):
+    """Runs `hook(n)` on the worker after the n-th decode step's tokens (n = 1, 2, ...)."""
+
+    def __init__(self, hook: Callable[[int], None]) -> None:
+        self.hook, self.n = hook, 0
+
+    def on_tokens(self, inter_token_s: list[float]) -> None:
+        self.n += 1
+        self.hook(self.n)
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_a_row_ends_the_step_it_is_cancelled_or_times_out_in_mid_generation(model: Transformer, how: str) -> None:
+    """Rows decoding steadily (no job, no waiting request) are still looked at after every step: a cancel or a
+    passed deadline during the 5th decode step ends the request with its 6 tokens, the other row runs on."""
+    handles: list[RequestHandle] = []
+
+    def hook(n: int) -> None:
+        if n == 5:
+            if how == "cancel":
+                handles[0].cancel()
+            else:
+                threading.Event().wait(0.6)  # the worker stalls past the deadline
+
+    async def body(engine: Engine) -> tuple[FinishEvent, FinishEvent]:
+        handles.append(engine.submit(PROMPT, SamplingParams(max_new_tokens=20, temperature=0.0)))
+        other = SamplingParams(max_new_tokens=20, temperature=0.0)
+        handles.append(engine.submit(tokenizer.encode("other"), other))
+        engine.start()
+        return (await events_of(handles[0]))[1], (await events_of(handles[1]))[1]
+
+    timeout = {"request_timeout_s": 0.5} if how == "timeout" else {}
+    fin, fin_other = run_with_engine(model, body, start=False, observer=StepHook(hook), max_batch_size=2, **timeout)
+    assert fin.reason == ("abort" if how == "cancel" else "timeout") and fin.completion_tokens == 6
+    assert fin_other.completion_tokens == (20 if how == "cancel" else 6)
+
+
 def test_queue_sizes_are_reported_when_they_change(model: Transformer) -> None:
     """The observer hears the running / waiting counts on each change (not on every step) and ends at (0, 0)."""
     rec = PrefillRecorder()
