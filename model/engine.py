@@ -466,11 +466,12 @@ class Engine:
     def _worker(self) -> None:
         torch.set_grad_enabled(False)
         while True:
-            with self._cv:
-                while not (self._stop or self._running or self._waiting or self._jobs):
-                    self._cv.wait()
-                if self._stop:
-                    break
+            if not self._running:  # (rows decoding are work enough: no need to take the lock to look for more)
+                with self._cv:
+                    while not (self._stop or self._running or self._waiting or self._jobs):
+                        self._cv.wait()
+            if self._stop:
+                break
             try:
                 self._step()
             except Exception as e:  # noqa: BLE001 - a bug must fail the requests, not kill the worker silently
