@@ -14,6 +14,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import math
 import secrets
 import threading
 import time
@@ -101,7 +102,7 @@ class SamplingParams:
         return self.trace or self.logit_lens_top > 0
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenEvent:
     """One generated token; `text` is the newly releasable text (may be '' while a stop string may be forming)."""
 
@@ -169,9 +170,7 @@ class _Request:
     gates: torch.Tensor | None  # (n_layer, 2) factors on each block's attention and MLP update, None = all 1
     text: TextStream
     controls: LogitControls | None  # logit bias / penalty state; None when the request uses none
-    n_generated: int = 0
-    pos: int = 0  # position of the next token to feed
-    last_token: int = 0
+    n_generated: int = 0  # its last token is fed at position len(prompt) + n_generated - 1
     cancelled: bool = False
     finish_reason: str | None = None  # set when the sequence ends by stop string or length
     t_prefill: float | None = None
@@ -189,6 +188,7 @@ class RequestHandle:
     def cancel(self) -> None:
         """Ask the engine to drop this request (finish reason `abort`)."""
         self._req.cancelled = True
+        self._engine._dirty = True  # after `cancelled`: the worker's next reap looks at every row
         self._engine._wake()
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent | FinishEvent]:
@@ -206,6 +206,22 @@ class RequestHandle:
                 return tokens, ev
             tokens.append(ev)
         raise RuntimeError("unreachable")
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What a batch of rows asks of each step beyond greedy decoding, worked out when its rows change (admission,
+    leaving) rather than every step. In the common case every field is empty: no gates, no trace, no controls,
+    all greedy, no logprobs."""
+
+    gates: torch.Tensor | None  # (B, n_layer, 2), None when no row has an intervention
+    traced: list[int]  # rows whose tokens carry a trace
+    trace_rows: torch.Tensor | None  # the same as a tensor, None when no row is traced
+    controls: list[LogitControls | None] | None  # per row, None when no row uses a logit control
+    # (temperature, top_k, top_p, generators, min_p) for sample_rows, None when every row is greedy
+    sampling: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Generator], torch.Tensor | None] | None
+    n_logprobs: int  # the most logprobs any row asks for
+    deadline: float  # the earliest deadline of the rows (inf: none has one)
 
 
 class Engine:
@@ -256,6 +272,15 @@ class Engine:
         self._job_debt = 0.0  # job seconds not yet matched by decode time (see _run_job_slice)
         self._thread: threading.Thread | None = None
         self.steps = 0
+        # per-step state kept between steps: the rows' next tokens and positions (updated in place), the step's
+        # views of them and of the cache per batch size, the running batch's plan (None: to work out again), whether
+        # a row may have ended (finished, cancelled, loop closed), and the last queue sizes told to the observer
+        self._tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        self._positions = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        self._views: dict[int, tuple[KVCache, torch.Tensor, torch.Tensor, KVCache]] = {}
+        self._plan: _Plan | None = None
+        self._dirty = False
+        self._reported: tuple[int, int] | None = None
 
     def _kv_dtype(self, name: str) -> torch.dtype:
         """The cache's dtype (`auto`: see `model.fast.auto_kv_dtype`); float16 or float32 needs the fused step unless
@@ -384,6 +409,7 @@ class Engine:
             self._waiting.append(req)
             self._cv.notify_all()
         self.observer.on_queue_change(len(self._running), len(self._waiting))
+        self._reported = None  # the worker may have reported in between: it reports again at its next reap
         return RequestHandle(req, self)
 
     def run_job(self, job: Callable[[Transformer], Generator[None, None, Any]]) -> Future:
@@ -432,19 +458,35 @@ class Engine:
             self._cv.notify_all()
 
     def _emit(self, req: _Request, ev: TokenEvent | FinishEvent) -> None:
-        try:
-            req.loop.call_soon_threadsafe(req.queue.put_nowait, ev)
-        except RuntimeError:  # the request's event loop is closed: nobody is listening
-            req.cancelled = True
+        self._emit_all([(req, ev)])
+
+    def _emit_all(self, events: list[tuple[_Request, TokenEvent | FinishEvent]]) -> None:
+        """Queue each event to its request, in order, with one `call_soon_threadsafe` (one wake-up) per event loop."""
+        if not events:
+            return
+        loop = events[0][0].loop
+        groups = {loop: events}
+        if any(r.loop is not loop for r, _ in events):  # rows of several event loops (e.g. one per test)
+            groups = {}
+            for item in events:
+                groups.setdefault(item[0].loop, []).append(item)
+        for loop, group in groups.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, group)
+            except RuntimeError:  # the event loop is closed: nobody is listening
+                for r, _ in group:
+                    r.cancelled = True
+                self._dirty = True
 
     def _worker(self) -> None:
         torch.set_grad_enabled(False)
         while True:
-            with self._cv:
-                while not (self._stop or self._running or self._waiting or self._jobs):
-                    self._cv.wait()
-                if self._stop:
-                    break
+            if not self._running:  # (rows decoding are work enough: no need to take the lock to look for more)
+                with self._cv:
+                    while not (self._stop or self._running or self._waiting or self._jobs):
+                        self._cv.wait()
+            if self._stop:
+                break
             try:
                 self._step()
             except Exception as e:  # noqa: BLE001 - a bug must fail the requests, not kill the worker silently
@@ -454,10 +496,13 @@ class Engine:
                 with self._cv:
                     self._running.clear()
                     self._waiting.clear()
+                self._plan = None
+                self._report_queue()
         for req in list(self._running) + list(self._waiting):
             self._finish(req, "abort", error="engine stopped")
         self._running.clear()
         self._waiting.clear()
+        self._plan = None
         self._fail_jobs("engine stopped")
 
     def _fail_jobs(self, message: str) -> None:
@@ -467,16 +512,28 @@ class Engine:
             _resolve(fut, error=EngineDrainingError(message))
 
     def _step(self) -> None:
-        self._run_job_slice()
-        self._reap()
-        self._admit()
-        self._reap()  # a request can finish on its prefill token (max_new_tokens=1, stop): it must not decode again
+        plan = self._plan
+        if (
+            plan is None
+            or self._jobs
+            or self._waiting
+            or self._aborting
+            or self._dirty
+            or not self._running
+            or time.perf_counter() > plan.deadline
+        ):  # else the steady state: no job to run, no request to admit, no row that may have ended (what these find)
+            self._run_job_slice()
+            self._reap()
+            self._admit()
+            self._reap()  # a request can finish on its prefill token (max_new_tokens=1, stop): it must not decode again
         if self._running:
-            t0 = time.perf_counter()
-            self._decode()
             if self.job_share < 1:  # decode time pays off job time at share / (1 - share)
+                t0 = time.perf_counter()
+                self._decode()
                 credit = (time.perf_counter() - t0) * self.job_share / (1 - self.job_share)
                 self._job_debt = max(0.0, self._job_debt - credit)
+            else:
+                self._decode()
             self._reap()
 
     def _run_job_slice(self) -> None:
@@ -504,6 +561,8 @@ class Engine:
 
     def _admit(self) -> None:
         """Move waiting requests into free rows, prefilling them together up to `prefill_tokens` padded tokens."""
+        if not self._waiting:  # (a request queued just after this look is admitted at the next step)
+            return
         while len(self._running) < self.max_batch_size:
             batch: list[_Request] = []
             width = 0  # longest prompt in the batch
@@ -525,7 +584,8 @@ class Engine:
             self._prefill(batch)
 
     def _prefill(self, batch: list[_Request]) -> None:
-        """One forward over the prompts of `batch`, right-padded to the longest, into the next free cache rows.
+        """The prompts of `batch` into the next free cache rows: one call per prompt through the fused step's
+        kernels where the engine decodes with them, else one forward right-padded to the longest.
 
         Padding is exact: a causal model's outputs at real positions never see later (padded) ones, and the
         cache entries written at padded positions are overwritten by the row's decode steps before any
@@ -536,26 +596,31 @@ class Engine:
             req.t_prefill = now
             self.observer.on_prefill(len(req.prompt), now - req.t_submit)
         want_norms = self.observer.wants_resid_norms
-        traced = [i for i, r in enumerate(batch) if r.params.traced]
+        plan = self._plan_of(batch)
+        traced = plan.traced
+        n, row = len(batch), len(self._running)
         if isinstance(self.decode_step, FusedDecoder):
             logits, stream = self._prefill_fused(batch, want_norms or bool(traced))
         else:
-            logits, stream = self._prefill_forward(batch, want_norms or bool(traced))
+            logits, stream = self._prefill_forward(batch, want_norms or bool(traced), plan.gates)
         if want_norms:  # stream: (L + 1, n, C), the last prompt position of every row
             for norms in torch.linalg.vector_norm(stream[1:].float(), dim=-1).T.tolist():
                 self.observer.on_resid_norms(norms)
         traces = None
         if traced:
             traces = self._traces(batch, traced, stream[:, traced], [len(r.prompt) - 1 for r in batch])
+        self._positions[row : row + n] = torch.tensor([len(r.prompt) for r in batch])  # where each next token goes
         for req in batch:
-            req.pos = len(req.prompt)
             self._running.append(req)
             if req.params.intervention is not None:
                 self.observer.on_intervention(req.params.intervention.parts())
-        self.observer.on_queue_change(len(self._running), len(self._waiting))
-        self._sample_and_emit(batch, logits, traces)
+        self._plan = None
+        self._report_queue()
+        self._sample_and_emit(batch, logits, plan, self._tokens[row : row + n], traces)
 
-    def _prefill_forward(self, batch: list[_Request], streams: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _prefill_forward(
+        self, batch: list[_Request], streams: bool, gates: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prompts through the reference forward in one batch, right-padded: (logits (n, V) at each row's last
         prompt position, its stream (L + 1, n, C) if `streams`)."""
         n, width, row = len(batch), max(len(r.prompt) for r in batch), len(self._running)
@@ -567,7 +632,7 @@ class Engine:
             pos=torch.zeros(n, dtype=torch.long, device=self.device),
             return_resid=streams,
             at=last,
-            gates=self._gates(batch),
+            gates=gates,
         )
         stream = None
         if streams:
@@ -594,6 +659,47 @@ class Engine:
         ones = torch.ones(self.config.n_layer, 2, device=self.device)
         return torch.stack([r.gates if r.gates is not None else ones for r in batch])
 
+    def _plan_of(self, batch: list[_Request]) -> _Plan:
+        """What `batch` asks of a step (see `_Plan`)."""
+        traced = [i for i, r in enumerate(batch) if r.params.traced]
+        controls: list[LogitControls | None] | None = [r.controls for r in batch]
+        if all(c is None for c in controls):
+            controls = None
+        sampling = None
+        if not all(r.params.temperature == 0 for r in batch):
+            dev = self.device
+            sampling = (
+                torch.tensor([r.params.temperature for r in batch], device=dev),
+                torch.tensor([r.params.top_k for r in batch], device=dev),
+                torch.tensor([r.params.top_p for r in batch], device=dev),
+                [r.generator for r in batch],
+                torch.tensor([r.params.min_p for r in batch], device=dev)
+                if any(r.params.min_p > 0 for r in batch)
+                else None,
+            )
+        return _Plan(
+            gates=self._gates(batch),
+            traced=traced,
+            trace_rows=torch.tensor(traced, device=self.device) if traced else None,
+            controls=controls,
+            sampling=sampling,
+            n_logprobs=max((r.params.logprobs for r in batch), default=0),
+            deadline=min((r.deadline for r in batch if r.deadline is not None), default=math.inf),
+        )
+
+    def _running_plan(self) -> _Plan:
+        """The running batch's plan, worked out again after its rows changed."""
+        if self._plan is None:
+            self._plan = self._plan_of(self._running)
+        return self._plan
+
+    def _step_views(self, B: int) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
+        """The first B rows' next tokens, positions and cache, as views made once per batch size."""
+        views = self._views.get(B)
+        if views is None or views[0] is not self.cache:
+            views = self._views[B] = (self.cache, self._tokens[:B], self._positions[:B], self.cache.rows(0, B))
+        return views[1], views[2], views[3]
+
     def _traces(
         self, batch: list[_Request], traced: list[int], stream: torch.Tensor, positions: list[int]
     ) -> list[dict[str, Any] | None]:
@@ -610,99 +716,135 @@ class Engine:
     def _decode(self) -> None:
         batch = self._running
         B = len(batch)
-        tokens = torch.tensor([r.last_token for r in batch], device=self.device)  # (B,)
-        pos = torch.tensor([r.pos for r in batch], device=self.device)  # (B,)
-        traced = [i for i, r in enumerate(batch) if r.params.traced]
-        rows = torch.tensor(traced, device=self.device) if traced else None
-        logits, stream = self.decode_step(tokens, self.cache.rows(0, B), pos, self._gates(batch), rows)  # (B, V)
-        positions = [r.pos for r in batch]
-        for r in batch:
-            r.pos += 1
+        plan = self._running_plan()
+        tokens, pos, cache = self._step_views(B)  # (B,), (B,): each row's last token and its position
+        logits, stream = self.decode_step(tokens, cache, pos, plan.gates, plan.trace_rows)  # (B, V)
+        traces = None
+        if stream is not None:
+            positions = [len(r.prompt) + r.n_generated - 1 for r in batch]
+            traces = self._traces(batch, plan.traced, stream, positions)
+        pos += 1  # in place: the next tokens go one further
         self.steps += 1
         self.observer.on_step(B)
-        traces = self._traces(batch, traced, stream, positions) if stream is not None else None
-        self._sample_and_emit(batch, logits, traces)
+        self._sample_and_emit(batch, logits, plan, tokens, traces)
 
     def _sample_and_emit(
-        self, batch: list[_Request], logits: torch.Tensor, traces: list[dict[str, Any] | None] | None = None
+        self,
+        batch: list[_Request],
+        logits: torch.Tensor,
+        plan: _Plan,
+        dest: torch.Tensor,
+        traces: list[dict[str, Any] | None] | None = None,
     ) -> None:
+        """Pick each row's next token from `logits` (B, V) into `dest` (B,) (the rows' slots of the next tokens fed
+        to the step) and send it out."""
         now = time.perf_counter()
-        controls = [r.controls for r in batch]
-        adjusted = adjust_logits(logits, controls)  # logit bias and penalties; logprobs stay the model's (raw)
-        if all(r.params.temperature == 0 for r in batch):
-            chosen = adjusted.argmax(dim=-1)  # (B,) all greedy: nothing to draw
+        controls = plan.controls
+        # logit bias and penalties; logprobs stay the model's (raw)
+        adjusted = adjust_logits(logits, controls) if controls is not None else logits
+        if plan.sampling is None:  # all greedy: nothing to draw
+            chosen = torch.argmax(adjusted, dim=-1, out=dest)  # (B,)
         else:
-            temp = torch.tensor([r.params.temperature for r in batch], device=self.device)
-            top_k = torch.tensor([r.params.top_k for r in batch], device=self.device)
-            top_p = torch.tensor([r.params.top_p for r in batch], device=self.device)
-            min_p = (
-                torch.tensor([r.params.min_p for r in batch], device=self.device)
-                if any(r.params.min_p > 0 for r in batch)
-                else None
-            )
-            chosen = sample_rows(adjusted, temp, top_k, top_p, [r.generator for r in batch], min_p)  # (B,)
-        n_lp = max(r.params.logprobs for r in batch)
-        lp = top_logprobs(logits, chosen, n_lp) if n_lp > 0 else None
+            chosen = dest.copy_(sample_rows(adjusted, *plan.sampling))  # (B,)
+        lp = top_logprobs(logits, chosen, plan.n_logprobs) if plan.n_logprobs > 0 else None
         chosen_list = chosen.tolist()
-        record_tokens(controls, chosen_list)
+        if controls is not None:
+            record_tokens(controls, chosen_list)
         lp_lists = [t.tolist() for t in lp] if lp is not None else None
+        observer = self.observer
         gaps = []
+        events: list[tuple[_Request, TokenEvent | FinishEvent]] = []
         for i, (r, tok) in enumerate(zip(batch, chosen_list, strict=True)):
-            r.last_token, r.n_generated = tok, r.n_generated + 1
+            n = r.n_generated = r.n_generated + 1
             if r.t_first is None:
                 r.t_first = now
-                self.observer.on_first_token(now - r.t_submit)
+                observer.on_first_token(now - r.t_submit)
             else:
                 gaps.append(now - r.t_last)
             r.t_last = now
-            last = r.n_generated >= r.params.max_new_tokens
+            last = n >= r.params.max_new_tokens
             text, stopped = r.text.push(tok, last)
-            ev = TokenEvent(token_id=tok, text=text, trace=traces[i] if traces is not None else None)
-            if lp_lists is not None and r.params.logprobs > 0:
-                k = r.params.logprobs
+            ev = TokenEvent(tok, text, None, None, traces[i] if traces is not None else None)
+            if lp_lists is not None and (k := r.params.logprobs) > 0:
                 ev.logprob = lp_lists[0][i]
                 ev.top_logprobs = list(zip(lp_lists[2][i][:k], lp_lists[1][i][:k], strict=True))
-            self._emit(r, ev)
+            events.append((r, ev))
             if stopped or last:
                 r.finish_reason = "stop" if stopped else "length"
+                self._dirty = True
+        self._emit_all(events)
         if gaps:
-            self.observer.on_tokens(gaps)
+            observer.on_tokens(gaps)
 
     def _reap(self) -> None:
+        """Remove finished, cancelled and timed-out requests (running or waiting) and send their finish events."""
         now = time.perf_counter()
         if self._aborting:
             with self._cv:
                 for r in itertools.chain(self._running, self._waiting):
                     r.cancelled = True
-        i = 0
+            self._dirty = True
         done: list[tuple[_Request, str]] = []
-        while i < len(self._running):
-            r = self._running[i]
-            reason = r.finish_reason
-            if reason is None and r.cancelled:
-                reason = "abort"
-            if reason is None and r.deadline is not None and now > r.deadline:
-                reason = "timeout"
-            if reason is None:
-                i += 1
-                continue
-            last = len(self._running) - 1
-            if i != last:  # keep live rows contiguous: move the last row into the hole
-                self.cache.copy_row(last, i)
-                self._running[i] = self._running[last]
-            self._running.pop()
-            done.append((r, reason))
-        with self._cv:
-            expired = [r for r in self._waiting if r.cancelled or (r.deadline is not None and now > r.deadline)]
-            for r in expired:
-                self._waiting.remove(r)
-        done += [(r, "abort" if r.cancelled else "timeout") for r in expired]
+        # the rows are looked at only when one may have ended: a token finished it, it was cancelled, or a deadline
+        # passed (cleared before looking: a cancel that comes during the look is seen now or at the next reap)
+        if self._dirty or now > self._running_plan().deadline:
+            self._dirty = False
+            ended: list[int] = []
+            for i, r in enumerate(self._running):
+                reason = r.finish_reason
+                if reason is None and r.cancelled:
+                    reason = "abort"
+                if reason is None and r.deadline is not None and now > r.deadline:
+                    reason = "timeout"
+                if reason is not None:
+                    ended.append(i)
+                    done.append((r, reason))
+            if ended:
+                self._remove_rows(ended)
+        if self._waiting:
+            with self._cv:
+                expired = [r for r in self._waiting if r.cancelled or (r.deadline is not None and now > r.deadline)]
+                for r in expired:
+                    self._waiting.remove(r)
+            done += [(r, "abort" if r.cancelled else "timeout") for r in expired]
         # the gauges move before any client can see its request end
-        self.observer.on_queue_change(len(self._running), len(self._waiting))
-        for r, reason in done:
-            self._finish(r, reason, error="request exceeded the per-request timeout" if reason == "timeout" else None)
+        self._report_queue()
+        if not done:
+            return
+        timeout = "request exceeded the per-request timeout"
+        self._emit_all(
+            [(r, self._finish_event(r, reason, timeout if reason == "timeout" else None)) for r, reason in done]
+        )
+
+    def _remove_rows(self, ended: list[int]) -> None:
+        """Drop rows `ended` (ascending) of the running batch, keeping live rows contiguous: each hole below the new
+        size takes one of the live rows above it (its cache, next token and position); ended rows are never moved."""
+        running = self._running
+        keep = len(running) - len(ended)
+        gone = set(ended)
+        holes = [i for i in ended if i < keep]
+        movers = [j for j in range(keep, len(running)) if j not in gone]
+        for dst, src in zip(holes, movers, strict=True):
+            self.cache.copy_row(src, dst)
+            self._tokens[dst] = self._tokens[src]
+            self._positions[dst] = self._positions[src]
+            running[dst] = running[src]
+        del running[keep:]
+        self._plan = None
+
+    def _report_queue(self) -> None:
+        """Tell the observer the running / waiting counts when they changed since the worker last did (or a
+        submit told it)."""
+        counts = (len(self._running), len(self._waiting))
+        if counts != self._reported:
+            self._reported = counts
+            self.observer.on_queue_change(*counts)
 
     def _finish(self, r: _Request, reason: str, error: str | None = None) -> None:
+        self._emit(r, self._finish_event(r, reason, error))
+
+    def _finish_event(self, r: _Request, reason: str, error: str | None = None) -> FinishEvent:
+        """The request's finish event (reported to the observer)."""
         now = time.perf_counter()
         timings = {
             "queue_s": (r.t_prefill - r.t_submit) if r.t_prefill else now - r.t_submit,
@@ -710,18 +852,21 @@ class Engine:
             "total_s": now - r.t_submit,
         }
         self.observer.on_finish(reason, now - r.t_submit, r.n_generated)
-        self._emit(
-            r,
-            FinishEvent(
-                reason=reason,
-                text=r.text.text,
-                prompt_tokens=len(r.prompt),
-                completion_tokens=r.n_generated,
-                seed=r.seed,
-                timings=timings,
-                error=error,
-            ),
+        return FinishEvent(
+            reason=reason,
+            text=r.text.text,
+            prompt_tokens=len(r.prompt),
+            completion_tokens=r.n_generated,
+            seed=r.seed,
+            timings=timings,
+            error=error,
         )
+
+
+def _deliver(events: list[tuple[_Request, TokenEvent | FinishEvent]]) -> None:
+    """On the requests' event loop: put each event on its request's queue."""
+    for r, ev in events:
+        r.queue.put_nowait(ev)
 
 
 def _resolve(fut: Future, result: Any = None, error: BaseException | None = None) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from model import tokenizer
 
+_ASCII = tuple(chr(i) for i in range(128))  # a byte below 0x80 on its own is this character
+
 
 class TextStream:
     """Text of a request's generated tokens, released as soon as it can no longer change.
@@ -18,9 +20,20 @@ class TextStream:
         self.released = 0  # characters of `text` already handed out
         self._decoder = tokenizer.IncrementalDecoder()
         self._longest = max((len(s) for s in stop), default=0)
+        self._plain = not stop  # no stop strings and no partial character held: an ASCII byte is released as is
 
     def push(self, token_id: int, last: bool = False) -> tuple[str, bool]:
         """Add one token (`last`: no more will come); return (newly released text, whether a stop string ended it)."""
+        if self._plain and 0 <= token_id < 0x80:  # the common case: all text so far is released, nothing is held
+            ch = _ASCII[token_id]
+            self.text += ch
+            self.released = len(self.text)
+            return ch, False
+        out = self._push(token_id, last)
+        self._plain = not self.stop and not self._decoder.pending
+        return out
+
+    def _push(self, token_id: int, last: bool) -> tuple[str, bool]:
         self.text += self._decoder.push(token_id)
         stop_at = self._find_stop()
         if stop_at is not None:

@@ -44,6 +44,11 @@ class IncrementalDecoder:
         """Add one token; return the text it completes (possibly '')."""
         return self._decoder.decode(bytes([_check(token_id)]))
 
+    @property
+    def pending(self) -> bool:
+        """Whether bytes of a character not yet complete are held."""
+        return bool(self._decoder.getstate()[0])
+
     def flush(self) -> str:
         """Return what is left at the end of the stream (U+FFFD for an incomplete character)."""
         return self._decoder.decode(b"", final=True)

@@ -140,6 +140,100 @@ def test_greedy_in_a_batch_with_rows_leaving(model: Transformer) -> None:
     assert rec.steps[0] >= 4  # the four submitted before start ran as one batch
 
 
+def test_rows_ending_together_move_only_live_rows(model: Transformer) -> None:
+    """Rows 0, 2, 4 of six end in the same step: the two live rows above the new size (3 and 5) fill holes 0 and 2,
+    two row copies; no ended row is ever copied. When every row ends at once nothing is copied."""
+
+    def copies_and_tokens(lengths: list[int]) -> tuple[int, list[list[int]]]:
+        prompts = [tokenizer.encode(f"p{i} said") for i in range(len(lengths))]
+        copies: list[tuple[int, int]] = []
+
+        async def body(engine: Engine) -> list[list[int]]:
+            real = engine.cache.copy_row
+
+            def counted(src: int, dst: int) -> None:
+                copies.append((src, dst))
+                real(src, dst)
+
+            engine.cache.copy_row = counted  # type: ignore[method-assign]
+            handles = [
+                engine.submit(p, SamplingParams(max_new_tokens=n, temperature=0.0))
+                for p, n in zip(prompts, lengths, strict=True)
+            ]
+            engine.start()
+            return [ids(tokens) for tokens, _ in await asyncio.gather(*(events_of(h) for h in handles))]
+
+        got = run_with_engine(model, body, start=False, max_batch_size=8)
+        for p, n, tokens in zip(prompts, lengths, got, strict=True):
+            assert tokens == greedy_reference(model, p, n)
+        return len(copies), got
+
+    assert copies_and_tokens([3, 9, 3, 9, 3, 9])[0] == 2
+    assert copies_and_tokens([5, 5, 5, 5])[0] == 0
+
+
+def test_one_wake_up_per_step_delivers_every_rows_event_in_order(model: Transformer) -> None:
+    """Eight rows prefilled together: each step's token events reach the event loop in one call_soon_threadsafe
+    (the prefill, 4 decode steps, then one for the eight finish events), each request's events in order."""
+    prompts = [tokenizer.encode(f"row {i} says") for i in range(8)]
+    calls: list[int] = []
+
+    async def body(engine: Engine) -> list[tuple[list[TokenEvent], FinishEvent]]:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counted(callback: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+            if args and isinstance(args[0], list):  # the engine's deliveries (asyncio schedules others)
+                calls.append(len(args[0]))  # events in one callback
+            return real(callback, *args, **kw)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        handles = [engine.submit(p, SamplingParams(max_new_tokens=5, temperature=0.0)) for p in prompts]
+        engine.start()
+        return list(await asyncio.gather(*(events_of(h) for h in handles)))
+
+    got = run_with_engine(model, body, start=False, max_batch_size=8)
+    for p, (tokens, fin) in zip(prompts, got, strict=True):
+        assert ids(tokens) == greedy_reference(model, p, 5)
+        assert fin.reason == "length" and fin.completion_tokens == 5
+        assert "".join(t.text for t in tokens) == fin.text
+    assert calls == [8] * 6  # prefill, 4 decode steps, the finish events: 8 rows' events each time
+
+
+def test_rows_of_two_event_loops_in_one_batch_each_get_their_own_events(model: Transformer) -> None:
+    """Requests from two event loops (two threads) decode in the same steps; each loop gets only its own events."""
+    engine = Engine(model, decode_weights="float32", max_batch_size=4)
+    prompts = {"a": tokenizer.encode("first loop"), "b": tokenizer.encode("second")}
+    submitted = threading.Barrier(3)
+    results: dict[str, tuple[list[TokenEvent], FinishEvent]] = {}
+
+    def client(name: str) -> None:
+        async def main() -> tuple[list[TokenEvent], FinishEvent]:
+            handles = [
+                engine.submit(prompts[name], SamplingParams(max_new_tokens=6 + i, temperature=0.0)) for i in (0, 1)
+            ]
+            await asyncio.get_running_loop().run_in_executor(None, submitted.wait, 10)
+            for h in handles[1:]:
+                await events_of(h)
+            return await events_of(handles[0])
+
+        results[name] = asyncio.run(main())
+
+    threads = [threading.Thread(target=client, args=(name,)) for name in prompts]
+    for t in threads:
+        t.start()
+    try:
+        submitted.wait(10)
+        engine.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        engine.stop()
+    for name, prompt in prompts.items():
+        tokens, fin = results[name]
+        assert ids(tokens) == greedy_reference(model, prompt, 6) and fin.reason == "length"
+
+
 class PrefillRecorder(EngineObserver):
     """Records the batch layout after each change and the resid-norm observations of prefills."""
 
@@ -358,6 +452,59 @@ def test_cancel_frees_the_row(model: Transformer) -> None:
     assert fin.completion_tokens == 1  # cancelled right after its first token
     assert running_end == 0
     assert fin2.reason == "length" and fin2.completion_tokens == 3
+
+
+class StepHook(EngineObserver):
+    """Runs `hook(n)` on the worker after the n-th decode step's tokens (n = 1, 2, ...)."""
+
+    def __init__(self, hook: Callable[[int], None]) -> None:
+        self.hook, self.n = hook, 0
+
+    def on_tokens(self, inter_token_s: list[float]) -> None:
+        self.n += 1
+        self.hook(self.n)
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_a_row_ends_the_step_it_is_cancelled_or_times_out_in_mid_generation(model: Transformer, how: str) -> None:
+    """Rows decoding steadily (no job, no waiting request) are still looked at after every step: a cancel or a
+    passed deadline during the 5th decode step ends the request with its 6 tokens, the other row runs on."""
+    handles: list[RequestHandle] = []
+
+    def hook(n: int) -> None:
+        if n == 5:
+            if how == "cancel":
+                handles[0].cancel()
+            else:
+                threading.Event().wait(0.6)  # the worker stalls past the deadline
+
+    async def body(engine: Engine) -> tuple[FinishEvent, FinishEvent]:
+        handles.append(engine.submit(PROMPT, SamplingParams(max_new_tokens=20, temperature=0.0)))
+        other = SamplingParams(max_new_tokens=20, temperature=0.0)
+        handles.append(engine.submit(tokenizer.encode("other"), other))
+        engine.start()
+        return (await events_of(handles[0]))[1], (await events_of(handles[1]))[1]
+
+    timeout = {"request_timeout_s": 0.5} if how == "timeout" else {}
+    fin, fin_other = run_with_engine(model, body, start=False, observer=StepHook(hook), max_batch_size=2, **timeout)
+    assert fin.reason == ("abort" if how == "cancel" else "timeout") and fin.completion_tokens == 6
+    assert fin_other.completion_tokens == (20 if how == "cancel" else 6)
+
+
+def test_queue_sizes_are_reported_when_they_change(model: Transformer) -> None:
+    """The observer hears the running / waiting counts on each change (not on every step) and ends at (0, 0)."""
+    rec = PrefillRecorder()
+
+    async def body(engine: Engine) -> None:
+        handles = [engine.submit(PROMPT, SamplingParams(max_new_tokens=20, temperature=0.0)) for _ in range(2)]
+        engine.start()
+        await asyncio.gather(*(events_of(h) for h in handles))
+        await asyncio.sleep(0.05)  # the worker reports after the last reap too
+
+    run_with_engine(model, body, start=False, observer=rec, max_batch_size=1)
+    assert rec.layouts[:2] == [(0, 1), (0, 2)]  # the two submits
+    # the worker's first look (a submit came since its last report), admit, finish, admit, finish: 40 steps, 5 reports
+    assert rec.layouts[2:] == [(0, 2), (1, 1), (0, 1), (1, 0), (0, 0)]
 
 
 def test_cancel_while_waiting(model: Transformer) -> None:

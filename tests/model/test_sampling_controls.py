@@ -207,3 +207,20 @@ def test_seeded_rows_with_each_control_are_the_same_alone_and_in_a_mixed_batch(m
     assert again == alone
     plain = run(model, [(PROMPT, SamplingParams(seed=5 + i, max_new_tokens=16, top_k=40)) for i in range(len(targets))])
     assert sum(a != p for a, p in zip(alone, plain, strict=True)) >= len(targets) - 2  # the controls do something
+
+
+def test_batches_without_controls_skip_them_and_give_what_neutral_controls_give(model: Transformer) -> None:
+    """A batch where no row uses a control skips adjust_logits; a zero logit bias forces the controls path (bias,
+    penalty tensors) with neutral values. Both give the same tokens, greedy and seeded, alone and mixed."""
+    neutral = {"logit_bias": ((65, 0.0),)}
+    kinds = [{"temperature": 0.0}, {"seed": 11, "top_k": 40}, {"seed": 12, "temperature": 0.7, "top_p": 0.9}]
+    prompts = [tokenizer.encode(t) for t in ("Residual", "stream", "of thought")]
+    plain = [(p, SamplingParams(max_new_tokens=14, **kw)) for p, kw in zip(prompts, kinds, strict=True)]
+    with_neutral = [
+        (p, SamplingParams(max_new_tokens=14, **kw, **neutral)) for p, kw in zip(prompts, kinds, strict=True)
+    ]
+    assert LogitControls.create(PROMPT, with_neutral[0][1], V) is not None  # the controls path really runs
+    without = run(model, plain)  # no row has controls
+    assert run(model, with_neutral) == without  # every row has (neutral) controls
+    assert run(model, [plain[0], with_neutral[1], plain[2]]) == without  # mixed
+    assert without[0] == greedy_reference(model, prompts[0], 14, plain[0][1])

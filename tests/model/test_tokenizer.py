@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model import tokenizer
+from model.textstream import TextStream
 from model.tokenizer import IncrementalDecoder, decode, encode, token_text
 
 FAST = settings(max_examples=150, deadline=None)
@@ -92,3 +93,51 @@ def test_out_of_range_ids_raise(bad: int) -> None:
         token_text(bad)
     with pytest.raises(ValueError, match="outside the byte vocabulary"):
         IncrementalDecoder().push(bad)
+
+
+def test_pending_while_a_character_is_incomplete() -> None:
+    dec = IncrementalDecoder()
+    assert not dec.pending
+    dec.push(0xE2)
+    assert dec.pending
+    dec.push(0x82)
+    assert dec.pending
+    assert dec.push(0xAC) == "€" and not dec.pending
+    dec.push(0xFF)  # invalid on its own: replaced at once, nothing held
+    assert not dec.pending
+
+
+def _pushes(stream: TextStream, ids: list[int], general: bool) -> list[tuple[str, bool]]:
+    out = []
+    for i, t in enumerate(ids):
+        if general:
+            stream._plain = False  # force the general path on every token
+        out.append(stream.push(t, last=i == len(ids) - 1))
+        if out[-1][1]:
+            break
+    return out
+
+
+@FAST
+@given(
+    st.lists(st.one_of(st.integers(0x00, 0x7F), st.integers(0x80, 0xFF), st.sampled_from(encode("é€😀"))), max_size=40),
+    st.sampled_from([(), ("ab",), ("\n\n", "é"), ("€x",)]),
+)
+def test_text_stream_ascii_fast_path_equals_the_general_path(ids: list[int], stop: tuple[str, ...]) -> None:
+    """ASCII bytes with nothing held skip the decoder and the stop-string search: the same releases, text and stop."""
+    fast, general = TextStream(stop), TextStream(stop)
+    got, want = _pushes(fast, ids, False), _pushes(general, ids, True)
+    assert got == want
+    assert fast.text == general.text and fast.released == general.released
+    if ids and not any(s for _, s in got):  # ended by `last`: everything was released
+        assert "".join(t for t, _ in got) == fast.text == decode(ids)
+
+
+def test_text_stream_holds_a_partial_character_across_ascii() -> None:
+    s = TextStream()
+    assert s.push(ord("a")) == ("a", False)
+    assert s.push(0xC3) == ("", False)  # start of é: held
+    assert s.push(ord("b")) == ("\ufffdb", False)  # an ASCII byte after it: the partial char is replaced first
+    assert s.push(0xC3) == ("", False)
+    assert s.push(0xA9, last=True) == ("é", False)
+    assert s.text == "a\ufffdbé"
