@@ -48,9 +48,9 @@ RUN test -f README.md || touch README.md; \
     pip install . && pip check
 
 # The fused C decode step (model/fast, README: Performance), compiled here with the builder's gcc into the installed
-# package, so it travels with the venv; the runtime stage has no compiler and needs none. -mavx2/-mfma/-mf16c, not
-# -march=native: it runs on any x86-64 CPU with those (checked at load; elsewhere the TorchScript step runs). Without
-# a compiler (apt unreachable) the image decodes with the TorchScript step.
+# package, so it travels with the venv; the runtime stage has no compiler and needs none. Two builds, not
+# -march=native: AVX2/FMA/F16C, and the same with AVX-512; at load the widest one the CPU runs is taken (elsewhere the
+# TorchScript step runs). Without a compiler (apt unreachable) the image decodes with the TorchScript step.
 RUN cd / && { { apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev; } >/dev/null 2>&1 \
         && python -m model.fast.build || echo "no C compiler: the image decodes with the TorchScript step"; } \
     && rm -rf /var/lib/apt/lists/*
