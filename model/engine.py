@@ -2,10 +2,15 @@
 
 One worker thread owns the model. Waiting requests are prefilled into a free KV-cache row and
 join the running batch; every step decodes one token for all running rows in one batched forward.
-Finished or cancelled rows leave at once (the last row is moved into the hole, so live rows stay
-contiguous and the cache view needs no gather). Tokens reach each request through its own asyncio
-queue; the event loop never runs model code. No HTTP and no Prometheus here: an `EngineObserver`
-receives the numbers.
+Finished or cancelled rows leave at once (a live row from the end is moved into each hole, so live rows
+stay contiguous and the cache view needs no gather). Tokens reach each request through its own asyncio
+queue, every row's token of a step with one wake-up of the event loop; the event loop never runs model
+code. No HTTP and no Prometheus here: an `EngineObserver` receives the numbers.
+
+A step does little in Python besides the decode call: the rows' next tokens and positions stay in tensors
+updated in place, what the batch asks for (interventions, traces, logit controls, sampling, logprobs) is
+worked out when its rows change, and a steady batch (no job, no waiting request, no row that may have
+ended) goes straight to its decode.
 """
 
 from __future__ import annotations
