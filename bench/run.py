@@ -26,6 +26,8 @@ from bench import contention, inproc, interventions, load, memsplit, peers, serv
 from bench.stats import median, meets, ratio
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
+from model.decode import auto_decode_weights
+from model.fast import fused_available, supports
 from model.transformer import Transformer
 
 log = logging.getLogger("bench")
@@ -509,8 +511,12 @@ def memory_section(ckpt: Path, a: argparse.Namespace, server_peak_mb: float | No
     return memsplit.split(json.loads(proc.stdout.strip().splitlines()[-1]), server_peak_mb)
 
 
-def kv_cache_mb(cfg: ModelConfig, rows: int, bytes_per_value: int = 4) -> float:
-    """Size of the engine's preallocated float32 KV cache (keys and values) for `rows` sequences."""
+def kv_cache_mb(cfg: ModelConfig, rows: int, bytes_per_value: int | None = None) -> float:
+    """Size of the engine's preallocated KV cache (keys and values) for `rows` sequences; by default in the dtype a
+    server here gives it (float16 with the fused float16 step, else float32)."""
+    if bytes_per_value is None:
+        fused16 = fused_available() and supports(cfg) and auto_decode_weights() == "float16"
+        bytes_per_value = 2 if fused16 else 4
     return 2 * cfg.n_layer * rows * cfg.block_size * cfg.d_model * bytes_per_value / 2**20
 
 
