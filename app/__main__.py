@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         service.configure_threads(settings.threads)
         models = service.load_models(settings, metrics, service.select_device(settings.device))
-    except (CheckpointError, RuntimeError, OSError) as e:
+    except (CheckpointError, RuntimeError, OSError, ValueError) as e:  # ValueError: settings the engine refuses
         log.error("cannot start: %s", e)
         sys.exit(2)
     app = create_app(settings, models=models, metrics=metrics)

@@ -141,3 +141,16 @@ def test_pickle_payload_never_ran(outcomes: dict[str, Outcome]) -> None:
     probe = marker.with_name("probe")
     pickle.loads(pickle.dumps(Exploit(probe)))
     assert probe.exists()
+
+
+def test_settings_the_engine_refuses_stop_the_start_with_one_line(tmp_path: Path) -> None:
+    """A float16 KV cache asked of the TorchScript step: exit 2 with one clear ERROR line, no traceback."""
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(build_model(APP_CONFIG, seed=0), path)
+    env = server_env(path, log_level="INFO", decode_backend="torchscript", kv_cache_dtype="float16")
+    cmd = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(free_port())]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "cannot start" in errors[0] and "float16 KV cache" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
