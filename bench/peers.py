@@ -290,3 +290,31 @@ def machine_limit(model: Transformer, our_weights: str, ours_ms: float | None) -
         out["ours_tok_per_cpu_s"] = 1e3 / ours_ms
         out["ours_fraction_of_limit"] = out["ours_tok_per_cpu_s"] / out[f"{our_weights}_limit_tok_s"]
     return out
+
+
+def thread_check(
+    ct2_dir: Path,
+    compute_type: str,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batches: tuple[int, ...],
+    rounds: int = 3,
+) -> dict[str, Any]:
+    """Wall tokens/s of CTranslate2 with 1 and with 2 intra-op threads at each batch size (medians of `rounds`
+    interleaved runs): whether the peer is faster with 2 threads, in which case a fair comparison gives it 2."""
+    gens = {t: ct2_generator(ct2_dir, compute_type, threads=t) for t in (1, 2)}
+    out: dict[str, Any] = {"compute_type": compute_type, "rounds": rounds}
+    for B in batches:
+        ps = prompts[:B]
+        for g in gens.values():
+            ct2_greedy(g, ps, 8)  # warm-up
+        runs: dict[int, list[float]] = {t: [] for t in gens}
+        for _ in range(rounds):
+            for t, g in gens.items():
+                t0 = time.perf_counter()
+                ct2_greedy(g, ps, max_new_tokens)
+                runs[t].append(B * max_new_tokens / (time.perf_counter() - t0))
+        for t, v in runs.items():
+            out[f"bs{B}_threads{t}_tok_s"] = median(v)
+        out[f"bs{B}_faster_with_2"] = out[f"bs{B}_threads2_tok_s"] > out[f"bs{B}_threads1_tok_s"]
+    return out

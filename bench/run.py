@@ -488,10 +488,12 @@ def peers_section(model: Transformer, prompts: list[str], a: argparse.Namespace,
         rounds=max(a.reps, 5),
     )
     limit = peers.machine_limit(model, cpu["our_weights"], cpu.get("step_bs1_decode_cpu_ms_per_token"))
+    threads = peers.thread_check(dirs["int8"], "int8", ids, a.max_new_tokens, tuple(sorted({1, a.batch})))
     return {
         "greedy_tokens_match_ours_float32": match,
         "cpu": cpu,
         "limit": limit,
+        "ct2_int8_threads": threads,
         "model_bytes": {q: (path / "model.bin").stat().st_size for q, path in dirs.items()},
     }
 
@@ -864,6 +866,22 @@ def render_http(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def render_ct2_threads(th: dict[str, Any]) -> str:
+    """The peer's 1- vs 2-thread check (`peers.thread_check`) as one printed line."""
+    per_b = sorted({int(k[2:].split("_")[0]) for k in th if k.startswith("bs") and k.endswith("_tok_s")})
+    faster = [b for b in per_b if th[f"bs{b}_faster_with_2"]]
+    verdict = (
+        f" (faster with 2 at {', '.join(f'bs{b}' for b in faster)}: compare with its 2-thread figure there)"
+        if faster
+        else " (one thread is its best)"
+    )
+    return (
+        f"CTranslate2 {th.get('compute_type', 'int8')} with 1 / 2 intra-op threads, wall tok/s: "
+        + "; ".join(f"bs{b} {th[f'bs{b}_threads1_tok_s']:,.0f} / {th[f'bs{b}_threads2_tok_s']:,.0f}" for b in per_b)
+        + verdict
+    )
+
+
 def render_peers(d: dict[str, Any]) -> list[str]:
     """The peers and memory sections as printed lines (empty when neither ran)."""
     lines: list[str] = []
@@ -902,6 +920,9 @@ def render_peers(d: dict[str, Any]) -> list[str]:
             f"{_fmt(lim.get('ours_tok_per_cpu_s'))} tok/s = {_fmt(lim.get('ours_fraction_of_limit'))} of it "
             f"(float32 {lim['float32_limit_tok_s']:,.0f}, int8 {lim['int8_limit_tok_s']:,.0f} tok/s)"
         )
+    th = (peer or {}).get("ct2_int8_threads")
+    if th:
+        lines.append(render_ct2_threads(th))
     ao = d.get("aoti")
     if ao:
         names = [n for n in ("aoti_float32", "fused", "torchscript") if f"{n}_bs1_cpu_ms_per_token" in ao]

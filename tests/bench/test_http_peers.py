@@ -175,3 +175,12 @@ def test_server_cpu_of_another_process_counts_its_threads() -> None:
         proc.kill()
         proc.wait()
     assert servers.process_cpu_s(os.getpid()) == pytest.approx(time.process_time(), abs=0.05)
+
+
+def test_peer_thread_check_line() -> None:
+    th = {"compute_type": "int8", "bs1_threads1_tok_s": 3460.0, "bs1_threads2_tok_s": 145.0, "bs1_faster_with_2": False}
+    th |= {"bs32_threads1_tok_s": 4492.0, "bs32_threads2_tok_s": 1790.0, "bs32_faster_with_2": False}
+    line = run.render_ct2_threads(th)
+    assert line.endswith("bs1 3,460 / 145; bs32 4,492 / 1,790 (one thread is its best)")
+    th |= {"bs32_threads2_tok_s": 9000.0, "bs32_faster_with_2": True}
+    assert "faster with 2 at bs32" in run.render_ct2_threads(th)
