@@ -1,12 +1,13 @@
 """A fused decode step in C (`fused_step.c`): one call per step for every layer and every row, loaded with ctypes.
 
-Built at install time when a C compiler is present (`python -m model.fast.build`, run by `make install`/`make dev`);
-never needed at run time: without the built library, or on a CPU without AVX2/FMA/F16C, `fused_available()` is
-False and the TorchScript step (`model.decode.FastDecoder`) is what runs. ctypes releases the GIL for the whole
-call, as the TorchScript step does.
+Built at install time when a C compiler is present (`python -m model.fast.build`, run by `make install`/`make dev`),
+twice: for AVX2/FMA/F16C and with AVX-512; the widest build this CPU runs is loaded. Never needed at run time: without
+a built library, or on a CPU without AVX2/FMA/F16C, `fused_available()` is False and the TorchScript step
+(`model.decode.FastDecoder`) is what runs. ctypes releases the GIL for the whole call, as the TorchScript step does.
 
 `FusedDecoder` takes and returns what `FastDecoder` does (tokens, a `KVCache`, positions, per-row gates, traced
-rows -> `StepOutput`) and computes the same maths: see `fused_step.c`.
+rows -> `StepOutput`) and computes the same maths: see `fused_step.c`. It also reads and writes a float16 cache
+(`auto_kv_dtype`), and prefills a prompt through the same kernels (`FusedDecoder.prefill`).
 """
 
 from __future__ import annotations
