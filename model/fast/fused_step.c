@@ -436,17 +436,6 @@ int shortcut_fused_step(int B, int C, int nh, int L, int F, int V, int S, int ha
             int64_t p = pos[b];
             for (int hh = 0; hh < nh; hh++) {
                 size_t off = ((size_t)b * row_stride + (size_t)hh * S * hd) * kv_esz;
-                /* the next head's keys and values (this row's, or the next row's first) into L2 while this head
-                   computes: each head's cache is a short stream (a few KB), too short for the hardware prefetcher */
-                if (hh + 1 < nh || b + 1 < B) {
-                    int nb = hh + 1 < nh ? b : b + 1, nhh = hh + 1 < nh ? hh + 1 : 0;
-                    size_t noff = ((size_t)nb * row_stride + (size_t)nhh * S * hd) * kv_esz;
-                    size_t len = (size_t)pos[nb] * hd * kv_esz;
-                    for (size_t o = 0; o < len; o += 64) {
-                        _mm_prefetch(kl + noff + o, _MM_HINT_T1);
-                        _mm_prefetch(vl_cache + noff + o, _MM_HINT_T1);
-                    }
-                }
                 float *out = y + (size_t)b * C + hh * hd;
                 if (kv_half) {
                     uint16_t *K = (uint16_t *)(kl + off), *Vh = (uint16_t *)(vl_cache + off);
