@@ -175,6 +175,11 @@ def residual_norms_last(resid: list[dict[str, torch.Tensor]], row: int = 0, posi
         return torch.linalg.vector_norm(last, dim=-1).tolist()
 
 
+def stream_norms(stream: torch.Tensor) -> torch.Tensor:
+    """L2 norms (L + 1, R) of a residual stream (L + 1, R, C): the embedding, then resid_post of every layer."""
+    return torch.linalg.vector_norm(stream.float(), dim=-1)
+
+
 def stream_trace(model: Transformer, stream: torch.Tensor, lens_top: list[int]) -> list[dict[str, Any]]:
     """The per-token trace of R positions from their residual stream `stream` (L + 1, R, C): the embedding,
     then resid_post of every layer.
@@ -185,7 +190,7 @@ def stream_trace(model: Transformer, stream: torch.Tensor, lens_top: list[int]) 
     """
     with torch.inference_mode():
         s = stream.float()
-        norms = torch.linalg.vector_norm(s, dim=-1)  # (L + 1, R)
+        norms = stream_norms(s)  # (L + 1, R)
         ratio = torch.linalg.vector_norm(s[1:] - s[:-1], dim=-1) / norms[:-1].clamp_min(EPS)  # (L, R)
         rows = [
             {"resid_norm": n, "update_ratio": u} for n, u in zip(norms[1:].T.tolist(), ratio.T.tolist(), strict=True)

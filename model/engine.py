@@ -32,7 +32,7 @@ import torch
 
 from model import tokenizer
 from model.decode import KVCache, auto_decode_weights
-from model.diagnostics import stream_trace
+from model.diagnostics import stream_norms, stream_trace
 from model.fast import FusedDecoder, auto_kv_dtype, make_decoder
 from model.sampling import LogitControls, adjust_logits, control_problem, record_tokens, sample_rows, top_logprobs
 from model.textstream import TextStream
@@ -609,7 +609,7 @@ class Engine:
         else:
             logits, stream = self._prefill_forward(batch, want_norms or bool(traced), plan.gates)
         if want_norms:  # stream: (L + 1, n, C), the last prompt position of every row
-            for norms in torch.linalg.vector_norm(stream[1:].float(), dim=-1).T.tolist():
+            for norms in stream_norms(stream)[1:].T.tolist():  # per row: |resid_post| of every layer
                 self.observer.on_resid_norms(norms)
         traces = None
         if traced:
