@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from fastapi import APIRouter, Request
@@ -355,6 +356,31 @@ def usage(rows: list[Row], fins: list[FinishEvent]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def response_fields(
+    cid: str, created: int, served: ServedModel, rows: list[Row], results: list[tuple[list[TokenEvent], FinishEvent]]
+) -> dict[str, Any]:
+    """What a non-streamed completion and a chat completion share besides their choices."""
+    return {
+        "id": cid,
+        "created": created,
+        "model": served.name,
+        "usage": usage(rows, [f for _, f in results]),
+        "system_fingerprint": fingerprint(served),
+        **applied(rows[0].params),
+    }
+
+
+def chunk_head(cid: str, obj: str, created: int, served: ServedModel) -> dict[str, Any]:
+    """The fields every streamed chunk of one response repeats."""
+    return {
+        "id": cid,
+        "object": obj,
+        "created": created,
+        "model": served.name,
+        "system_fingerprint": fingerprint(served),
+    }
+
+
 def fingerprint(served: ServedModel) -> str:
     return f"sha256-{served.sha256[:16]}"
 
@@ -490,36 +516,23 @@ async def completions(body: CompletionRequest, request: Request):
         results = await collect_all(request, handles)
         choices = []
         for row, (tokens, fin) in zip(rows, results, strict=True):
+            toks = [scored(t) for t in tokens]
             lp = None
             if k is not None:
                 echoed = prompt_lp[row.prompt_index] if body.echo else []
-                lp = completion_logprobs(echoed + [scored(t) for t in tokens], k, Offsets())
+                lp = completion_logprobs(echoed + toks, k, Offsets())
             choices.append(
                 CompletionChoice(
                     text=(row.text if body.echo else "") + fin.text,
                     index=row.index,
                     finish_reason=fin.reason,
                     logprobs=lp,
-                    **extensions(row, [scored(t) for t in tokens]),
+                    **extensions(row, toks),
                 )
             )
-        return CompletionResponse(
-            id=cid,
-            created=created,
-            model=served.name,
-            choices=choices,
-            usage=usage(rows, [f for _, f in results]),
-            system_fingerprint=fingerprint(served),
-            **applied(rows[0].params),
-        )
+        return CompletionResponse(choices=choices, **response_fields(cid, created, served, rows, results))
 
-    head = {
-        "id": cid,
-        "object": "text_completion",
-        "created": created,
-        "model": served.name,
-        "system_fingerprint": fingerprint(served),
-    }
+    head = chunk_head(cid, "text_completion", created, served)
     offsets = {r.index: Offsets() for r in rows}
 
     def lp_of(row: Row, tokens: list[Scored]) -> dict | None:
@@ -635,33 +648,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     if not body.stream:
         results = await collect_all(request, handles)
-        choices = [
-            ChatChoice(
-                index=row.index,
-                message=ChatMessageOut(content=fin.text),
-                finish_reason=fin.reason,
-                logprobs=None if k is None else chat_logprobs([scored(t) for t in tokens], k),
-                **extensions(row, [scored(t) for t in tokens]),
+        choices = []
+        for row, (tokens, fin) in zip(rows, results, strict=True):
+            toks = [scored(t) for t in tokens]
+            choices.append(
+                ChatChoice(
+                    index=row.index,
+                    message=ChatMessageOut(content=fin.text),
+                    finish_reason=fin.reason,
+                    logprobs=None if k is None else chat_logprobs(toks, k),
+                    **extensions(row, toks),
+                )
             )
-            for row, (tokens, fin) in zip(rows, results, strict=True)
-        ]
-        return ChatCompletionResponse(
-            id=cid,
-            created=created,
-            model=served.name,
-            choices=choices,
-            usage=usage(rows, [f for _, f in results]),
-            system_fingerprint=fingerprint(served),
-            **applied(rows[0].params),
-        )
+        return ChatCompletionResponse(choices=choices, **response_fields(cid, created, served, rows, results))
 
-    head = {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": served.name,
-        "system_fingerprint": fingerprint(served),
-    }
+    head = chunk_head(cid, "chat.completion.chunk", created, served)
 
     def opening(row: Row) -> list[dict]:
         return [
