@@ -47,11 +47,16 @@ class KVCache:
         """Number of sequence rows."""
         return self.k.shape[1]
 
+    @staticmethod
+    def over(k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """A cache over existing key and value tensors (views of another cache's)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = k, v
+        return view
+
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view over rows [start, stop): writes through it land in this cache."""
-        view = KVCache.__new__(KVCache)
-        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
-        return view
+        return KVCache.over(self.k[:, start:stop], self.v[:, start:stop])
 
     def copy_row(self, src: int, dst: int) -> None:
         """Copy one row's keys/values over another (used to keep live rows contiguous)."""

@@ -246,9 +246,8 @@ class FusedDecoder:
         if tokens.device.type != "cpu":
             raise ValueError("the fused step runs on CPU tensors")
         self._check_cache(cache)
-        shared = KVCache.__new__(KVCache)  # T rows, all of them the cache's one row
-        shared.k = cache.k.expand(-1, T, -1, -1, -1)
-        shared.v = cache.v.expand(-1, T, -1, -1, -1)
+        # T rows, every one of them the cache's one row (stride 0)
+        shared = KVCache.over(cache.k.expand(-1, T, -1, -1, -1), cache.v.expand(-1, T, -1, -1, -1))
         g = gates.expand(T, -1, -1) if gates is not None else None
         rows = torch.tensor([T - 1]) if trace else None
         out = self._run(tokens, torch.arange(T), shared, 0, g, rows)
