@@ -27,7 +27,7 @@ from bench.stats import median, meets, ratio
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.decode import auto_decode_weights
-from model.fast import fused_available, supports
+from model.fast import auto_kv_dtype, make_decoder
 from model.transformer import Transformer
 
 log = logging.getLogger("bench")
@@ -516,9 +516,8 @@ def memory_section(ckpt: Path, a: argparse.Namespace, server_peak_mb: float | No
 def kv_cache_mb(cfg: ModelConfig, rows: int, bytes_per_value: int | None = None) -> float:
     """Size of the engine's preallocated KV cache (keys and values) for `rows` sequences; by default in the dtype a
     server here gives it (float16 with the fused float16 step, else float32)."""
-    if bytes_per_value is None:
-        fused16 = fused_available() and supports(cfg) and auto_decode_weights() == "float16"
-        bytes_per_value = 2 if fused16 else 4
+    if bytes_per_value is None:  # the engine's own rule, on the step it would build for this config
+        bytes_per_value = auto_kv_dtype(make_decoder(Transformer(cfg), auto_decode_weights())).itemsize
     return 2 * cfg.n_layer * rows * cfg.block_size * cfg.d_model * bytes_per_value / 2**20
 
 
