@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -215,6 +216,18 @@ def train(
         save_checkpoint(model, resume_path, {**meta(best_val), "train_state": state}, extra=_opt_tensors(opt))
 
     t0 = time.monotonic()
+
+    def record(val: float | None) -> dict[str, Any]:
+        """One history entry at the current step (val_loss None between evaluations)."""
+        return {
+            "step": step,
+            "train_loss": running,
+            "val_loss": val,
+            "tokens_seen": tokens_seen,
+            "elapsed_s": round(elapsed + now - t0, 1),
+            "lr": lr_at(step - 1, tc),
+        }
+
     while step < tc.max_steps:
         torch.manual_seed(tc.seed + step)  # dropout
         x, y = batch_at(train_split, mc.block_size, tc, step)
@@ -230,16 +243,7 @@ def train(
         done = step == tc.max_steps or (deadline is not None and now > deadline)
         if step % tc.eval_every == 0 or done:
             val = estimate_loss(model, val_split, tc, seed=tc.seed + 7)
-            history.append(
-                {
-                    "step": step,
-                    "train_loss": running,
-                    "val_loss": val,
-                    "tokens_seen": tokens_seen,
-                    "elapsed_s": round(elapsed + now - t0, 1),
-                    "lr": lr_at(step - 1, tc),
-                }
-            )
+            history.append(record(val))
             log.info("step %d train %.4f val %.4f (%.0f s)", step, running, val, elapsed + now - t0)
             if val < best_val:
                 best_val = val
@@ -248,16 +252,7 @@ def train(
             (out.with_name(out.stem + ".history.json")).write_text(json.dumps(history, indent=1))
             plot_history(history, out.with_name(out.stem + ".loss.png"))
         elif step % 25 == 0:
-            history.append(
-                {
-                    "step": step,
-                    "train_loss": running,
-                    "val_loss": None,
-                    "tokens_seen": tokens_seen,
-                    "elapsed_s": round(elapsed + now - t0, 1),
-                    "lr": lr_at(step - 1, tc),
-                }
-            )
+            history.append(record(None))
         if done:
             break
     bar.close()
