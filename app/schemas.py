@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from pydantic_core import PydanticCustomError
 
+from model.edits import Intervention
 from model.engine import MAX_LENS_TOP
-from model.transformer import Intervention
 
 MAX_SEED = 2**63 - 1
 

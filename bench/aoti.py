@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.decode import KVCache
+from model.kv_cache import KVCache
 from model.transformer import Transformer
 
 

@@ -6,7 +6,8 @@ server."""
 import torch
 import torch.nn.functional as F
 
-from model.decode import DecodeWeights, FastDecoder, KVCache, _linear
+from model.decode import DecodeWeights, FastDecoder, _linear
+from model.kv_cache import KVCache
 
 
 def baseline_step(

@@ -17,8 +17,8 @@ import torch
 
 from bench.stats import median
 from model.checkpoint import load_checkpoint
-from model.decode import KVCache
 from model.fast import FusedDecoder, build, cpu_supported
+from model.kv_cache import KVCache
 from model.transformer import Transformer
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "model" / "checkpoints" / "shakespeare.safetensors"

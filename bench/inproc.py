@@ -11,10 +11,11 @@ from typing import Any
 import torch
 
 from bench.stats import median, rate
-from model.decode import FastDecoder, KVCache, auto_decode_weights
+from model.decode import FastDecoder, auto_decode_weights
 from model.diagnostics import DiagnosticsOptions, run_diagnostics
 from model.engine import Engine, FinishEvent, SamplingParams
 from model.fast import FusedDecoder, auto_kv_dtype, fused_available, supports
+from model.kv_cache import KVCache
 from model.transformer import Transformer
 
 

@@ -12,11 +12,13 @@ import torch
 
 from bench.baseline_step import BaselineDecoder
 from bench.stats import median
-from model.decode import FastDecoder, KVCache, auto_decode_weights
+from model.decode import FastDecoder, auto_decode_weights
 from model.diagnostics import stream_trace
+from model.edits import Intervention, StreamEdits
 from model.engine import Engine, FinishEvent, SamplingParams
 from model.fast import FusedDecoder, auto_kv_dtype, fused_available, supports
-from model.transformer import Intervention, Transformer
+from model.kv_cache import KVCache
+from model.transformer import Transformer
 
 
 def step_costs(
@@ -51,15 +53,13 @@ def _step_variants(model: Transformer, fast: FastDecoder, B: int) -> dict[str, C
     cfg = model.config
     cache = KVCache(cfg, B)
     tok = torch.zeros(B, dtype=torch.long)
-    gates, rows = torch.ones(B, cfg.n_layer, 2), torch.arange(B)
+    gates, rows = StreamEdits(torch.ones(B, cfg.n_layer, 2)), torch.arange(B)
     old = BaselineDecoder(fast)
 
     def run_old(pos: torch.Tensor) -> None:
         old(tok, cache, pos)
 
-    def run_new(
-        pos: torch.Tensor, g: torch.Tensor | None = None, r: torch.Tensor | None = None, lens: int = -1
-    ) -> None:
+    def run_new(pos: torch.Tensor, g: StreamEdits | None = None, r: torch.Tensor | None = None, lens: int = -1) -> None:
         res = fast(tok, cache, pos, g, r)
         if lens >= 0:
             stream_trace(model, res.stream, [lens] * B)
@@ -75,7 +75,7 @@ def _step_variants(model: Transformer, fast: FastDecoder, B: int) -> dict[str, C
         fused = FusedDecoder(model, weights=fast.weights)
         fused_cache = KVCache(cfg, B, dtype=auto_kv_dtype(fused))  # as the engine gives it
 
-        def run_fused(pos: torch.Tensor, g: torch.Tensor | None = None, r: torch.Tensor | None = None) -> None:
+        def run_fused(pos: torch.Tensor, g: StreamEdits | None = None, r: torch.Tensor | None = None) -> None:
             res = fused(tok, fused_cache, pos, g, r)
             if r is not None:
                 stream_trace(model, res.stream, [0] * B)

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from bench.stats import median
-from model.decode import FastDecoder, KVCache, auto_decode_weights
+from model.decode import FastDecoder, auto_decode_weights
 from model.engine import Engine, FinishEvent, SamplingParams
 from model.fast import FusedDecoder, auto_kv_dtype, make_decoder
+from model.kv_cache import KVCache
 from model.transformer import Transformer
 
 VOCAB = [f"<0x{i:02X}>" for i in range(256)]  # CTranslate2 wants token strings; token id == byte value

@@ -1,8 +1,8 @@
-"""The serving fast path: the KV cache and a one-token decode step for a batch of rows.
+"""The serving fast path: a one-token decode step for a batch of rows, compiled with TorchScript.
 
 `model/transformer.py` is the readable reference; `FastDecoder` computes the same maths (tested equal to
-it) in far fewer tensor ops, with per-row gates on every block's F(x) (interventions) and, for the rows that
-ask, the residual stream after every layer (the per-token trace).
+it) in far fewer tensor ops, with each row's stream edits (`model.edits.StreamEdits`, applied by
+`model.edits.apply`) and, for the rows that ask, the residual stream after every layer (the per-token trace).
 
 No `from __future__ import annotations` here: TorchScript reads the NamedTuples' annotations as types.
 """
@@ -10,72 +10,22 @@ No `from __future__ import annotations` here: TorchScript reads the NamedTuples'
 import functools
 import logging
 import math
-import mmap
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.edits import StreamEdits, apply
+from model.kv_cache import KVCache
 
 if TYPE_CHECKING:
     from model.transformer import Transformer
 
 log = logging.getLogger(__name__)
-
-
-class KVCache:
-    """Preallocated keys/values for `n_rows` sequences: (n_layer, rows, n_head, block_size, head_dim)."""
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        n_rows: int,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        shape = (config.n_layer, n_rows, config.n_head, config.block_size, config.head_dim)
-        self.k = _zeros(shape, device, dtype)
-        self.v = _zeros(shape, device, dtype)
-
-    @property
-    def n_rows(self) -> int:
-        """Number of sequence rows."""
-        return self.k.shape[1]
-
-    @staticmethod
-    def over(k: torch.Tensor, v: torch.Tensor) -> "KVCache":
-        """A cache over existing key and value tensors (views of another cache's)."""
-        view = KVCache.__new__(KVCache)
-        view.k, view.v = k, v
-        return view
-
-    def rows(self, start: int, stop: int) -> "KVCache":
-        """A view over rows [start, stop): writes through it land in this cache."""
-        return KVCache.over(self.k[:, start:stop], self.v[:, start:stop])
-
-    def copy_row(self, src: int, dst: int) -> None:
-        """Copy one row's keys/values over another (used to keep live rows contiguous)."""
-        self.k[:, dst].copy_(self.k[:, src])
-        self.v[:, dst].copy_(self.v[:, src])
-
-
-def _zeros(shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-    """Zeros; on CPU in an anonymous memory map, whose 4 KB pages cost resident memory only once written.
-
-    A cache sized for max_batch_size x block_size is then paid for as sequences fill it, not at start.
-    (numpy's calloc'd `np.zeros` asks for transparent huge pages on large arrays, so writing one row's first
-    position made a whole 2 MB region resident: 60-120 MB of cache after the 4-row warm-up.)
-    """
-    if torch.device(device).type != "cpu":
-        return torch.zeros(shape, device=device, dtype=dtype)
-    n_bytes = max(1, math.prod(shape) * dtype.itemsize)
-    flat = torch.frombuffer(mmap.mmap(-1, n_bytes), dtype=torch.uint8)  # keeps the map alive
-    return flat[: math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
 
 
 class LayerWeights(NamedTuple):
@@ -116,10 +66,10 @@ class StepOutput(NamedTuple):
 class FastDecoder:
     """One-token decode steps for inference, with the weights laid out for it.
 
-    Same maths as `Transformer.forward(tokens[:, None], cache=..., pos=..., last_only=True, gates=...)` in
+    Same maths as `Transformer.forward(tokens[:, None], cache=..., pos=..., last_only=True, edits=...)` in
     far fewer tensor ops: contiguous (in, out) weight matrices for `addmm`, one flat `index_copy_` per cache
-    write and attention as two `bmm`s. The step bodies (`_decode_step`, and `_gated_decode_step` for batches
-    with an intervened or traced row) are compiled with TorchScript, so a
+    write and attention as two `bmm`s. The step bodies (`_decode_step`, and `_edited_decode_step` for batches
+    with an edited or traced row) are compiled with TorchScript, so a
     whole step runs in C++ without taking the GIL between ops: an eager step hands the GIL over ~1,500 times,
     and every handover waits for whatever Python the server's event loop is running
     (`python -m bench.run --sections gil` times both next to a busy thread). If scripting is unavailable the
@@ -143,7 +93,7 @@ class FastDecoder:
             raise ValueError("float16 decode weights need a CPU build of torch with FBGEMM (x86)")
         self.w = _pack(model, self.packed)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self._steps = _scripted_steps() if script else _Steps(_decode_step, _gated_decode_step, False)
+        self._steps = _scripted_steps() if script else _Steps(_decode_step, _edited_decode_step, False)
         self.scripted = self._steps.scripted
 
     @property
@@ -157,16 +107,16 @@ class FastDecoder:
         tokens: torch.Tensor,
         cache: KVCache,
         pos: torch.Tensor,
-        gates: torch.Tensor | None = None,
+        edits: StreamEdits | None = None,
         trace_rows: torch.Tensor | None = None,
     ) -> StepOutput:
         """Logits (B, vocab) for one new token per row: `tokens` (B,) at positions `pos` (B,).
 
-        `gates` (B, n_layer, 2) multiplies each block's attention and MLP update per row (1 = unchanged,
-        0 = skipped: the identity); `trace_rows` (R,) picks the rows whose residual stream is returned.
+        `edits` (B rows) change what each block writes per row; `trace_rows` (R,) picks the rows whose residual
+        stream is returned.
         """
         cfg = self.config
-        check_step_shapes(cfg, tokens, cache, pos, gates)
+        check_step_shapes(cfg, tokens, cache, pos, edits)
         if not cache.k[0].is_contiguous() or not cache.v[0].is_contiguous():
             raise ValueError("a decode step needs each layer of the cache to be contiguous")
         if cache.k.dtype != self.w.wpe.dtype:
@@ -175,20 +125,20 @@ class FastDecoder:
         if n_keys > cfg.block_size:
             raise ValueError(f"position {n_keys - 1} exceeds block_size {cfg.block_size}")
         args = (tokens, pos, n_keys, cache.k, cache.v, self.w, cfg.n_head, self.scale, cfg.residual, self.packed)
-        if gates is None and trace_rows is None:  # no row pays for what none uses
+        if edits is None and trace_rows is None:  # no row pays for what none uses
             return StepOutput(self._steps.plain(*args), None)
-        return StepOutput(*self._steps.gated(*args, gates, trace_rows))
+        return StepOutput(*self._steps.edited(*args, edits, trace_rows))
 
 
 def check_step_shapes(
-    config: ModelConfig, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor, gates: torch.Tensor | None
+    config: ModelConfig, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor, edits: StreamEdits | None
 ) -> None:
-    """The shapes every decode step needs: tokens and pos (B,), a cache of B rows, gates (B, n_layer, 2) or None."""
+    """The shapes every decode step needs: tokens and pos (B,), a cache of B rows, edits of B rows or None."""
     B = tokens.shape[0]
     if tokens.shape != (B,) or pos.shape != (B,) or cache.n_rows != B:
         raise ValueError("a decode step needs tokens and pos of shape (B,) and a cache with B rows")
-    if gates is not None and gates.shape != (B, config.n_layer, 2):
-        raise ValueError(f"gates must have shape ({B}, {config.n_layer}, 2)")
+    if edits is not None:
+        edits.check(B, config.n_layer)
 
 
 def _pack(model: "Transformer", packed: bool) -> DecodeWeights:
@@ -268,15 +218,6 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, packed: bool) -> 
     return torch.addmm(b, x, w)
 
 
-def _update(x: torch.Tensor, f: torch.Tensor, g: torch.Tensor | None, residual: bool) -> torch.Tensor:
-    """x + g * F(x) (plain stack: g * F(x)); g (B, 1) per row, and g = 0 leaves x as it is (the identity)."""
-    if g is None:
-        return x + f if residual else f
-    if residual:
-        return x + g * f
-    return torch.where(g == 0, x, g * f)
-
-
 def _embed(
     tokens: torch.Tensor, pos: torch.Tensor, n_keys: int, S: int, w: DecodeWeights, nh: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -350,7 +291,7 @@ def _decode_step(
     return torch.mm(F.layer_norm(x, [x.shape[1]], w.ln_f_w, w.ln_f_b), w.unembed_t)  # (B, vocab)
 
 
-def _gated_decode_step(
+def _edited_decode_step(
     tokens: torch.Tensor,
     pos: torch.Tensor,
     n_keys: int,
@@ -361,22 +302,18 @@ def _gated_decode_step(
     scale: float,
     residual: bool,
     packed: bool,
-    gates: torch.Tensor | None,
+    edits: Optional[StreamEdits],  # noqa: UP045 - TorchScript
     trace_rows: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`_decode_step` with per-row gates (B, L, 2) on each part's F(x) and the stream of the `trace_rows`."""
+    """`_decode_step` with each row's stream edits and the stream of the `trace_rows`."""
     x, slot, mask = _embed(tokens, pos, n_keys, k_cache.shape[3], w, n_head)
     stream: list[torch.Tensor] = []
     if trace_rows is not None:
         stream.append(x.index_select(0, trace_rows))  # (R, C)
     for layer, lw in enumerate(w.layers):
-        g_attn: torch.Tensor | None = None
-        g_mlp: torch.Tensor | None = None
-        if gates is not None:
-            g_attn, g_mlp = gates[:, layer, 0:1], gates[:, layer, 1:2]  # (B, 1) each
         a = _attention(x, lw, k_cache[layer], v_cache[layer], slot, mask, n_keys, n_head, scale, packed)
-        x = _update(x, a, g_attn, residual)  # (B, C)
-        x = _update(x, _mlp(x, lw, packed), g_mlp, residual)
+        x = apply(edits, layer, 0, x, a, residual, pos)[1]  # (B, C); part 0: ATTN_PART (TorchScript reads no globals)
+        x = apply(edits, layer, 1, x, _mlp(x, lw, packed), residual, pos)[1]  # MLP_PART
         if trace_rows is not None:
             stream.append(x.index_select(0, trace_rows))  # (R, C)
     logits = torch.mm(F.layer_norm(x, [x.shape[1]], w.ln_f_w, w.ln_f_b), w.unembed_t)  # (B, vocab)
@@ -387,7 +324,7 @@ def _gated_decode_step(
 
 class _Steps(NamedTuple):
     plain: Callable[..., torch.Tensor]
-    gated: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+    edited: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     scripted: bool
 
 
@@ -397,7 +334,7 @@ def _scripted_steps() -> _Steps:
     try:
         with warnings.catch_warnings():  # deprecated, but the only GIL-free step that needs no C++ compiler
             warnings.simplefilter("ignore", DeprecationWarning)
-            return _Steps(torch.jit.script(_decode_step), torch.jit.script(_gated_decode_step), True)
+            return _Steps(torch.jit.script(_decode_step), torch.jit.script(_edited_decode_step), True)
     except Exception as e:  # noqa: BLE001 - e.g. no source files, or a torch without TorchScript
         log.warning("TorchScript unavailable (%s: %s); the decode step runs eagerly", type(e).__name__, e)
-        return _Steps(_decode_step, _gated_decode_step, False)
+        return _Steps(_decode_step, _edited_decode_step, False)

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.edits import Intervention, StreamEdits
 from model.tokenizer import token_text
-from model.transformer import GATE_COLUMNS, RESID_NAMES, Intervention, Transformer
+from model.transformer import RESID_NAMES, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +92,14 @@ def iter_diagnostics(
         notes.append(f"{' and '.join(skipped)} skipped: they need a loss, so at least 2 tokens (t predicts t+1)")
 
     device = model.wte.weight.device
-    gates = opts.intervention.gates(n_layer)[None].to(device) if opts.intervention else None  # (1, L, 2)
+    edits = opts.intervention.compile(n_layer, device) if opts.intervention else None  # one row
     grads: list[torch.Tensor] | None = None
     if opts.gradients and n_tokens >= 2:
-        resid, logits, grads = yield from _forward_with_grads(model, ids, gates)
+        resid, logits, grads = yield from _forward_with_grads(model, ids, edits)
     else:
         with torch.inference_mode():
             idx = _as_batch(model, ids)  # (1, T)
-            out = model(idx, return_resid=True, gates=gates)
+            out = model(idx, return_resid=True, edits=edits)
         resid, logits = out.resid, out.logits
     yield
 
@@ -109,9 +110,8 @@ def iter_diagnostics(
             for part in COMPONENTS:
                 with torch.inference_mode():
                     idx = _as_batch(model, ids)  # (1, T)
-                    skipped = gates.clone() if gates is not None else torch.ones(1, n_layer, 2, device=device)
-                    skipped[0, layer, GATE_COLUMNS[part]] = 0.0
-                    logits_ab = model(idx, gates=skipped).logits  # (1, T, V)
+                    ablation = Intervention(skip=((layer, part),)).compile(n_layer, device)  # on top of the request's
+                    logits_ab = model(idx, edits=ablation.combine(edits)).logits  # (1, T, V)
                     losses.append(_prompt_loss(logits_ab, idx))
                 yield
         ablated = torch.stack(losses).view(n_layer, len(COMPONENTS))  # (L, 3)
@@ -319,7 +319,7 @@ def _prompt_loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_with_grads(
-    model: Transformer, ids: list[int], gates: torch.Tensor | None
+    model: Transformer, ids: list[int], edits: StreamEdits | None
 ) -> Generator[None, None, tuple[list[dict[str, torch.Tensor]], torch.Tensor, list[torch.Tensor]]]:
     """One forward with grad on, then dL/d resid_pre for every layer; parameters' .grad is never touched.
 
@@ -328,7 +328,7 @@ def _forward_with_grads(
     it with decoding never waits for a whole backward pass."""
     with torch.inference_mode(False), torch.enable_grad():
         idx = _as_batch(model, ids)  # (1, T), a normal tensor even if the caller is in inference mode
-        out = model(idx, return_resid=True, gates=gates)
+        out = model(idx, return_resid=True, edits=edits)
         pre = [r["resid_pre"] for r in out.resid]  # L x (1, T, C), all in the graph
         if not pre[0].requires_grad:
             raise ValueError("gradients need the model's parameters to require grad (they only carry the graph)")

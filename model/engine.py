@@ -31,12 +31,14 @@ from typing import Any
 import torch
 
 from model import tokenizer
-from model.decode import KVCache, auto_decode_weights
+from model.decode import auto_decode_weights
 from model.diagnostics import stream_norms, stream_trace
+from model.edits import Intervention, StreamEdits
 from model.fast import FusedDecoder, auto_kv_dtype, make_decoder
+from model.kv_cache import KVCache
 from model.sampling import LogitControls, adjust_logits, control_problem, record_tokens, sample_rows, top_logprobs
 from model.textstream import TextStream
-from model.transformer import Intervention, Transformer
+from model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +174,7 @@ class _Request:
     t_submit: float
     deadline: float | None
     generator: torch.Generator
-    gates: torch.Tensor | None  # (n_layer, 2) factors on each block's attention and MLP update, None = all 1
+    edits: StreamEdits | None  # what the request does to the residual stream (compiled at submit), None = nothing
     text: TextStream
     controls: LogitControls | None  # logit bias / penalty state; None when the request uses none
     n_generated: int = 0  # its last token is fed at position len(prompt) + n_generated - 1
@@ -219,7 +221,7 @@ class _Plan:
     leaving) rather than every step. In the common case every field is empty: no gates, no trace, no controls,
     all greedy, no logprobs."""
 
-    gates: torch.Tensor | None  # (B, n_layer, 2), None when no row has an intervention
+    edits: StreamEdits | None  # one row per row of the batch, None when no row has edits
     traced: list[int]  # rows whose tokens carry a trace
     trace_rows: torch.Tensor | None  # the same as a tensor, None when no row is traced
     controls: list[LogitControls | None] | None  # per row, None when no row uses a logit control
@@ -344,11 +346,11 @@ class Engine:
         rows = min(rows, self.max_batch_size)
         cache = self.cache.rows(0, rows)
         prompt = torch.tensor([tokenizer.encode("Warm up.")] * rows, device=self.device)  # (R, T)
-        gates = torch.ones(rows, self.config.n_layer, 2, device=self.device)
+        edits = Intervention().compile(self.config.n_layer, self.device).expand(rows)  # the identity, edited path
         with torch.inference_mode():
             self.model(prompt, cache=cache, pos=torch.zeros(rows, dtype=torch.long, device=self.device), last_only=True)
             pos = torch.full((rows,), prompt.shape[1], device=self.device)
-            for extra in ({}, {"gates": gates, "trace_rows": torch.arange(rows, device=self.device)}):
+            for extra in ({}, {"edits": edits, "trace_rows": torch.arange(rows, device=self.device)}):
                 for _ in range(steps):
                     self.decode_step(prompt[:, 0], cache, pos, **extra)  # (R, V)
                     pos = pos + 1
@@ -403,7 +405,7 @@ class Engine:
             deadline=now + self.request_timeout_s if self.request_timeout_s else None,
             generator=torch.Generator().manual_seed(seed),
             text=TextStream(params.stop),
-            gates=params.intervention.gates(self.config.n_layer).to(self.device) if params.intervention else None,
+            edits=params.intervention.compile(self.config.n_layer, self.device) if params.intervention else None,
             controls=LogitControls.create(list(prompt), params, self.config.vocab_size, self.device),
         )
         with self._cv:
@@ -607,7 +609,7 @@ class Engine:
         if isinstance(self.decode_step, FusedDecoder):
             logits, stream = self._prefill_fused(batch, want_norms or bool(traced))
         else:
-            logits, stream = self._prefill_forward(batch, want_norms or bool(traced), plan.gates)
+            logits, stream = self._prefill_forward(batch, want_norms or bool(traced), plan.edits)
         if want_norms:  # stream: (L + 1, n, C), the last prompt position of every row
             for norms in stream_norms(stream)[1:].T.tolist():  # per row: |resid_post| of every layer
                 self.observer.on_resid_norms(norms)
@@ -624,7 +626,7 @@ class Engine:
         self._sample_and_emit(batch, logits, plan, self._tokens[row : row + n], traces)
 
     def _prefill_forward(
-        self, batch: list[_Request], streams: bool, gates: torch.Tensor | None
+        self, batch: list[_Request], streams: bool, edits: StreamEdits | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prompts through the reference forward in one batch, right-padded: (logits (n, V) at each row's last
         prompt position, its stream (L + 1, n, C) if `streams`)."""
@@ -637,7 +639,7 @@ class Engine:
             pos=torch.zeros(n, dtype=torch.long, device=self.device),
             return_resid=streams,
             at=last,
-            gates=gates,
+            edits=edits,
         )
         stream = None
         if streams:
@@ -651,18 +653,11 @@ class Engine:
         assert isinstance(step, FusedDecoder)
         row = len(self._running)
         outs = [
-            step.prefill(torch.tensor(r.prompt), self.cache.rows(row + i, row + i + 1), r.gates, trace=streams)
+            step.prefill(torch.tensor(r.prompt), self.cache.rows(row + i, row + i + 1), r.edits, trace=streams)
             for i, r in enumerate(batch)
         ]
         logits = torch.cat([o.logits for o in outs])  # (n, V)
         return logits, torch.cat([o.stream for o in outs], dim=1) if streams else None  # (L + 1, n, C)
-
-    def _gates(self, batch: list[_Request]) -> torch.Tensor | None:
-        """(B, n_layer, 2) gates of the batch's rows, or None when no row has an intervention (the common case)."""
-        if all(r.gates is None for r in batch):
-            return None
-        ones = torch.ones(self.config.n_layer, 2, device=self.device)
-        return torch.stack([r.gates if r.gates is not None else ones for r in batch])
 
     def _plan_of(self, batch: list[_Request]) -> _Plan:
         """What `batch` asks of a step (see `_Plan`)."""
@@ -683,7 +678,7 @@ class Engine:
                 else None,
             )
         return _Plan(
-            gates=self._gates(batch),
+            edits=StreamEdits.stack([r.edits for r in batch]),
             traced=traced,
             trace_rows=torch.tensor(traced, device=self.device) if traced else None,
             controls=controls,
@@ -723,7 +718,7 @@ class Engine:
         B = len(batch)
         plan = self._running_plan()
         tokens, pos, cache = self._step_views(B)  # (B,), (B,): each row's last token and its position
-        logits, stream = self.decode_step(tokens, cache, pos, plan.gates, plan.trace_rows)  # (B, V)
+        logits, stream = self.decode_step(tokens, cache, pos, plan.edits, plan.trace_rows)  # (B, V)
         traces = None
         if stream is not None:
             positions = [len(r.prompt) + r.n_generated - 1 for r in batch]

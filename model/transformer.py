@@ -9,76 +9,18 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.edits import ATTN_PART, MLP_PART, StreamEdits, apply
+from model.kv_cache import KVCache
 
-if TYPE_CHECKING:
-    from model.decode import KVCache
-
-Component = Literal["block", "attn", "mlp"]
-PARTS: tuple[Component, ...] = ("block", "attn", "mlp")
-GATE_COLUMNS: dict[str, list[int]] = {"block": [0, 1], "attn": [0], "mlp": [1]}  # a part's columns of a gate
-MAX_FACTOR = 100.0
 log = logging.getLogger(__name__)
 
 RESID_NAMES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
-
-
-@dataclass(frozen=True)
-class Intervention:
-    """A change to the residual stream: skip (F(x) not added: the identity) or scale parts of blocks.
-
-    `skip` holds (layer, part) pairs and `scale` (layer, part, factor) triples, part in block | attn | mlp.
-    A block entry acts on both of its parts; factors on the same part multiply.
-    """
-
-    skip: tuple[tuple[int, str], ...] = ()
-    scale: tuple[tuple[int, str, float], ...] = ()
-
-    def problem(self, n_layer: int) -> tuple[str, str] | None:
-        """(field, message) of the first entry a model of `n_layer` layers cannot apply, or None."""
-        seen: set[tuple[int, str]] = set()
-        entries = [("skip", i, e[0], e[1], 0.0) for i, e in enumerate(self.skip)]
-        entries += [("scale", i, e[0], e[1], e[2]) for i, e in enumerate(self.scale)]
-        for kind, i, layer, part, factor in entries:
-            where = f"intervention.{kind}[{i}]"
-            if not 0 <= layer < n_layer:
-                return f"{where}.layer", f"{where}.layer is {layer}; the model has layers 0..{n_layer - 1}"
-            if part not in PARTS:
-                return f"{where}.part", f"{where}.part is {part!r}; use one of {', '.join(PARTS)}"
-            if not (math.isfinite(factor) and abs(factor) <= MAX_FACTOR):
-                return f"{where}.factor", f"{where}.factor must be finite with |factor| <= {MAX_FACTOR:g}"
-            if (layer, part) in seen:
-                return where, f"{where} repeats layer {layer} part {part!r}"
-            seen.add((layer, part))
-        return None
-
-    def gates(self, n_layer: int) -> torch.Tensor:
-        """(n_layer, 2): the factor on each layer's attention and MLP update (1 where nothing changes)."""
-        g = torch.ones(n_layer, 2)
-        for layer, part, factor in [(l, p, 0.0) for l, p in self.skip] + list(self.scale):
-            g[layer, GATE_COLUMNS[part]] *= factor
-        return g
-
-    def to_dict(self) -> dict[str, list[dict[str, object]]]:
-        """The JSON form the API takes and echoes."""
-        return {
-            "skip": [{"layer": l, "part": p} for l, p in self.skip],
-            "scale": [{"layer": l, "part": p, "factor": f} for l, p, f in self.scale],
-        }
-
-    def parts(self) -> set[str]:
-        """The parts this intervention touches (for counting)."""
-        return {p for _, p in self.skip} | {p for _, p, _ in self.scale}
-
-    def layers(self) -> set[int]:
-        """The layers this intervention touches."""
-        return {entry[0] for entry in self.skip + self.scale}
 
 
 @dataclass
@@ -153,10 +95,17 @@ class Block(nn.Module):
         self.residual = config.residual
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None, **attn_kw: object) -> torch.Tensor:
-        """`gate` (B, 2) scales each row's attention and MLP update (see `Intervention`); None = 1."""
-        if gate is not None:
-            return self.forward_traced(x, gate, **attn_kw)[0]
+    def forward(
+        self,
+        x: torch.Tensor,
+        edits: StreamEdits | None = None,
+        layer: int = 0,
+        pos: torch.Tensor | None = None,
+        **attn_kw: object,
+    ) -> torch.Tensor:
+        """`edits` (B rows) change what this block, layer `layer` of the model, writes at positions `pos` (B, T)."""
+        if edits is not None:
+            return self.forward_traced(x, edits, layer, pos, **attn_kw)[0]
         if self.residual:
             x = x + self.resid_dropout(self.attn(self.ln_1(x), **attn_kw))
             x = x + self.mlp(self.ln_2(x))
@@ -165,36 +114,29 @@ class Block(nn.Module):
         return self.mlp(self.ln_2(x))
 
     def forward_traced(
-        self, x: torch.Tensor, gate: torch.Tensor | None = None, **attn_kw: object
+        self,
+        x: torch.Tensor,
+        edits: StreamEdits | None = None,
+        layer: int = 0,
+        pos: torch.Tensor | None = None,
+        **attn_kw: object,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Same maths as `forward`, returning every named point of the residual stream.
 
-        With a gate, `attn_out`/`mlp_out` are what the part writes (factor x F(x)); a skipped part (factor 0)
-        writes nothing and the stream passes it unchanged, in a plain stack too.
+        With edits, `attn_out`/`mlp_out` are what the part writes (e.g. factor x F(x)); a skipped part writes
+        nothing and the stream passes it unchanged, in a plain stack too (`model.edits.apply`).
         """
-        g_attn, g_mlp = (None, None) if gate is None else (gate[:, 0, None, None], gate[:, 1, None, None])  # (B,1,1)
+        if pos is None:
+            pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)  # (B, T)
         resid_pre = x
         attn_out = self.resid_dropout(self.attn(self.ln_1(x), **attn_kw))  # (B, T, C); fills the cache if skipped too
-        attn_out, resid_mid = _write(resid_pre, attn_out, g_attn, self.residual)
+        attn_out, resid_mid = apply(edits, layer, ATTN_PART, resid_pre, attn_out, self.residual, pos)
         mlp_out = self.mlp(self.ln_2(resid_mid))  # (B, T, C)
-        mlp_out, resid_post = _write(resid_mid, mlp_out, g_mlp, self.residual)
+        mlp_out, resid_post = apply(edits, layer, MLP_PART, resid_mid, mlp_out, self.residual, pos)
         trace = dict(
             resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid, mlp_out=mlp_out, resid_post=resid_post
         )
         return resid_post, trace
-
-
-def _write(
-    x: torch.Tensor, f: torch.Tensor, g: torch.Tensor | None, residual: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(what a part writes, the stream after it): x + g*F(x), or g*F(x) in a plain stack; g = 0 is the identity."""
-    if g is not None:
-        f = g * f
-    if residual:
-        return f, x + f
-    if g is None:
-        return f, f
-    return f, torch.where(g == 0, x, f)
 
 
 class Transformer(nn.Module):
@@ -254,7 +196,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         pos: torch.Tensor | None = None,
         return_resid: bool = False,
-        gates: torch.Tensor | None = None,
+        edits: StreamEdits | None = None,
         last_only: bool = False,
         at: torch.Tensor | None = None,
     ) -> ModelOutput:
@@ -263,8 +205,8 @@ class Transformer(nn.Module):
         With `cache` (B rows) and `pos` (B,), row b's tokens sit at positions pos[b]..pos[b]+T-1 and
         attend to everything that row has cached before them. `last_only` returns logits for the
         final position only (decode); `at` (B,) returns logits and residual stream at one index of
-        each row only, as (B, 1, ...) (the last real token of right-padded prompts). `gates`
-        (B or 1, n_layer, 2) scales each block's attention and MLP update per row (`Intervention.gates`).
+        each row only, as (B, 1, ...) (the last real token of right-padded prompts). `edits`
+        (`model.edits.StreamEdits`, B rows) change what each block writes per row.
         """
         B, T = idx.shape
         if at is not None and (last_only or at.shape != (B,) or bool(((at < 0) | (at >= T)).any())):
@@ -289,12 +231,11 @@ class Transformer(nn.Module):
         for layer, block in enumerate(self.blocks):
             if cache is not None:
                 attn_kw["k_cache"], attn_kw["v_cache"] = cache.k[layer], cache.v[layer]
-            gate = gates[:, layer] if gates is not None else None  # (B, 2)
             if return_resid:
-                x, trace = block.forward_traced(x, gate, **attn_kw)
+                x, trace = block.forward_traced(x, edits, layer, positions, **attn_kw)
                 traces.append(trace if at is None else {k: _take(v, at) for k, v in trace.items()})
             else:
-                x = block(x, gate, **attn_kw)
+                x = block(x, edits, layer, positions, **attn_kw)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         elif at is not None:

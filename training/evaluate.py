@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint
-from model.decode import KVCache
+from model.kv_cache import KVCache
 from model.transformer import Transformer
 from training.train import load_splits
 

@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model.decode import FastDecoder, KVCache, StepOutput, check_step_shapes
+from model.decode import FastDecoder, StepOutput, check_step_shapes
+from model.edits import StreamEdits
+from model.kv_cache import KVCache
 
 if TYPE_CHECKING:
     from model.transformer import Transformer
@@ -214,25 +216,25 @@ class FusedDecoder:
         tokens: torch.Tensor,
         cache: KVCache,
         pos: torch.Tensor,
-        gates: torch.Tensor | None = None,
+        edits: StreamEdits | None = None,
         trace_rows: torch.Tensor | None = None,
     ) -> StepOutput:
         """Logits (B, vocab) for one new token per row (see `FastDecoder.__call__`). Token ids, positions and traced
         rows are range-checked in C before anything is read or written (ValueError)."""
-        check_step_shapes(self.config, tokens, cache, pos, gates)
+        check_step_shapes(self.config, tokens, cache, pos, edits)
         self._check_cache(cache)
         if cache.k.stride(1) != self.config.n_head * self.config.block_size * self.config.head_dim:
             raise ValueError("the fused step needs a cache with contiguous rows (KVCache or its rows)")
         if tokens.device.type != "cpu" or pos.device.type != "cpu":
             raise ValueError("the fused step runs on CPU tensors")
-        return self._run(tokens, pos, cache, cache.k.stride(1), gates, trace_rows)
+        return self._run(tokens, pos, cache, cache.k.stride(1), edits, trace_rows)
 
     def prefill(
-        self, tokens: torch.Tensor, cache: KVCache, gates: torch.Tensor | None = None, trace: bool = False
+        self, tokens: torch.Tensor, cache: KVCache, edits: StreamEdits | None = None, trace: bool = False
     ) -> StepOutput:
         """A prompt `tokens` (T,) of one row from position 0, through the step's own kernels: writes its keys and
         values into the one-row `cache` and returns the last position's logits (1, vocab) and, with `trace`, its
-        stream (n_layer + 1, 1, C). `gates` (n_layer, 2) as one row's of a step.
+        stream (n_layer + 1, 1, C). `edits`: the row's (one row).
 
         The T positions go as T rows of one step that share the cache row (row stride 0) at positions 0..T-1:
         layer by layer, the step writes a row's key and value right before that row attends, in row order, so each
@@ -241,16 +243,15 @@ class FusedDecoder:
         T = tokens.shape[0] if tokens.dim() == 1 else -1
         if not 1 <= T <= cfg.block_size or cache.n_rows != 1:
             raise ValueError(f"prefill needs 1..{cfg.block_size} tokens (T,) and a one-row cache")
-        if gates is not None and gates.shape != (cfg.n_layer, 2):
-            raise ValueError(f"prefill gates must have shape ({cfg.n_layer}, 2)")
+        if edits is not None:
+            edits.check(1, cfg.n_layer)
         if tokens.device.type != "cpu":
             raise ValueError("the fused step runs on CPU tensors")
         self._check_cache(cache)
         # T rows, every one of them the cache's one row (stride 0)
         shared = KVCache.over(cache.k.expand(-1, T, -1, -1, -1), cache.v.expand(-1, T, -1, -1, -1))
-        g = gates.expand(T, -1, -1) if gates is not None else None
         rows = torch.tensor([T - 1]) if trace else None
-        out = self._run(tokens, torch.arange(T), shared, 0, g, rows)
+        out = self._run(tokens, torch.arange(T), shared, 0, edits.expand(T) if edits is not None else None, rows)
         return StepOutput(out.logits[T - 1 :], out.stream)
 
     def _check_cache(self, cache: KVCache) -> None:
@@ -273,10 +274,11 @@ class FusedDecoder:
         pos: torch.Tensor,
         cache: KVCache,
         row_stride: int,
-        gates: torch.Tensor | None,
+        edits: StreamEdits | None,
         trace_rows: torch.Tensor | None,
     ) -> StepOutput:
         """The C call (shapes and the cache checked by the caller)."""
+        gates = edits.gates if edits is not None else None
         cfg = self.config
         B = tokens.shape[0]
         k, v = cache.k, cache.v

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from bench.aoti import AotiDecoder, ExportStep
-from model.decode import FastDecoder, KVCache
+from model.decode import FastDecoder
+from model.kv_cache import KVCache
 from tests.conftest import build_model
 
 

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.decode import FastDecoder, KVCache, float16_weights_available
+from model.decode import FastDecoder, float16_weights_available
+from model.edits import Intervention, StreamEdits
 from model.fast import FusedDecoder, build, cpu_supported, fused_available, library_isa, make_decoder, supports
-from model.transformer import Intervention, Transformer
+from model.kv_cache import KVCache
+from model.transformer import Transformer
 from tests.conftest import TINY, build_model
 
 SKIP0 = Intervention(skip=((0, "block"),))
@@ -57,7 +59,12 @@ def _prefilled(
     with torch.no_grad():
         for b, n in enumerate(lengths):
             for c in caches:
-                model(seqs[b : b + 1, :n], cache=c.rows(b, b + 1), pos=torch.tensor([0]), gates=gates[b : b + 1])
+                model(
+                    seqs[b : b + 1, :n],
+                    cache=c.rows(b, b + 1),
+                    pos=torch.tensor([0]),
+                    edits=StreamEdits(gates[b : b + 1]),
+                )
     return caches
 
 
@@ -72,7 +79,15 @@ def test_fused_step_matches_the_gated_reference_forward(
     model = build_model(dataclasses.replace(ModelConfig(**TINY), **variant), seed=3)
     cfg = model.config
     L = cfg.n_layer
-    gates = torch.stack([torch.ones(L, 2), SKIP0.gates(L), MIXED.gates(L), torch.ones(L, 2), MIXED.gates(L)])
+    gates = torch.stack(
+        [
+            torch.ones(L, 2),
+            SKIP0.compile(L).gates[0],
+            MIXED.compile(L).gates[0],
+            torch.ones(L, 2),
+            MIXED.compile(L).gates[0],
+        ]
+    )
     fused = FusedDecoder(model, weights=weights, library=library)
     seqs = torch.randint(0, 256, (5, cfg.block_size), generator=torch.Generator().manual_seed(4))
     lengths = [1, 5, 9, 2, 17]  # tails of 1..7 keys and whole blocks of 8 in the attention
@@ -83,8 +98,8 @@ def test_fused_step_matches_the_gated_reference_forward(
     while int(pos.max()) < cfg.block_size:
         tokens = seqs[torch.arange(5), pos]  # (5,)
         with torch.no_grad():
-            ref = model(tokens[:, None], cache=cache, pos=pos, gates=gates, return_resid=True)
-        got = fused(tokens, fused_cache, pos, gates, traced)
+            ref = model(tokens[:, None], cache=cache, pos=pos, edits=StreamEdits(gates), return_resid=True)
+        got = fused(tokens, fused_cache, pos, StreamEdits(gates), traced)
         torch.testing.assert_close(got.logits, ref.logits[:, -1], atol=tol, rtol=0)
         want = torch.stack([ref.resid[0]["resid_pre"][:, 0]] + [r["resid_post"][:, 0] for r in ref.resid])  # (L+1,5,C)
         torch.testing.assert_close(got.stream, want[:, traced], atol=tol, rtol=1e-3)
@@ -126,7 +141,7 @@ def test_a_rows_numbers_do_not_depend_on_its_batch_and_repeat(library: Path) -> 
         for i, r in enumerate(rows):
             cache.k[:, i], cache.v[:, i] = k[r], v[r]
         idx = torch.tensor(rows)
-        out = fused(tokens[idx], cache, pos[idx], gates[idx], torch.arange(len(rows)))
+        out = fused(tokens[idx], cache, pos[idx], StreamEdits(gates[idx]), torch.arange(len(rows)))
         return torch.cat([out.logits, out.stream.transpose(0, 1).flatten(1)], dim=1)  # (B, V + (L+1) C)
 
     alone = torch.cat([run([r]) for r in range(6)])
@@ -134,7 +149,7 @@ def test_a_rows_numbers_do_not_depend_on_its_batch_and_repeat(library: Path) -> 
     assert torch.equal(run([5, 4, 3, 2, 1, 0]), alone.flip(0))
     assert torch.equal(run([2, 0, 4]), alone[[2, 0, 4]])
     cache = KVCache(cfg, 6)  # gates of 1 are no gates at all
-    ones = fused(tokens, cache, pos, torch.ones(6, cfg.n_layer, 2)).logits
+    ones = fused(tokens, cache, pos, StreamEdits(torch.ones(6, cfg.n_layer, 2))).logits
     assert torch.equal(fused(tokens, cache, pos).logits, ones)
 
 
@@ -150,7 +165,7 @@ def test_fused_step_rejects_bad_input(library: Path) -> None:
     with pytest.raises(ValueError, match="shape"):
         fused(tok, KVCache(cfg, 3), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="gates"):
-        fused(tok, KVCache(cfg, 2), torch.zeros(2, dtype=torch.long), torch.ones(2, 1, 2))
+        fused(tok, KVCache(cfg, 2), torch.zeros(2, dtype=torch.long), StreamEdits(torch.ones(2, 1, 2)))
     with pytest.raises(ValueError, match="cache"):
         fused(tok, KVCache(cfg, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
     cache = KVCache(cfg, 2)
@@ -250,7 +265,9 @@ def test_both_builds_give_the_same_numbers(tmp_path_factory: pytest.TempPathFact
                 cache = KVCache(cfg, 13, dtype=kv)
                 cache.k.copy_(torch.randn(cache.k.shape, generator=torch.Generator().manual_seed(7)))
                 cache.v.copy_(torch.randn(cache.v.shape, generator=torch.Generator().manual_seed(8)))
-                out = FusedDecoder(model, weights=weights, library=lib)(tokens, cache, pos, gates, torch.arange(13))
+                out = FusedDecoder(model, weights=weights, library=lib)(
+                    tokens, cache, pos, StreamEdits(gates), torch.arange(13)
+                )
                 outs.append((out.logits, out.stream, cache.k.float(), cache.v.float()))
     half = len(outs) // 2
     for a, b in zip(outs[:half], outs[half:], strict=True):
@@ -292,12 +309,17 @@ def test_prefill_through_the_step_matches_the_reference_forward(library: Path, w
     fused = FusedDecoder(model, weights=weights, library=library)
     tol = KV_TOL[weights, kv]
     seq = torch.randint(0, 256, (cfg.block_size,), generator=torch.Generator().manual_seed(5))
-    for T, gates in ((1, None), (8, MIXED.gates(cfg.n_layer)), (13, SKIP0.gates(cfg.n_layer)), (cfg.block_size, None)):
+    for T, gates in (
+        (1, None),
+        (8, MIXED.compile(cfg.n_layer).gates[0]),
+        (13, SKIP0.compile(cfg.n_layer).gates[0]),
+        (cfg.block_size, None),
+    ):
         ref_cache, cache = KVCache(cfg, 1, dtype=kv), KVCache(cfg, 1, dtype=kv)
-        g = gates[None] if gates is not None else None
+        g = StreamEdits(gates[None]) if gates is not None else None
         with torch.no_grad():
-            ref = model(seq[None, :T], cache=ref_cache, pos=torch.tensor([0]), gates=g, return_resid=True)
-        got = fused.prefill(seq[:T], cache, gates, trace=True)
+            ref = model(seq[None, :T], cache=ref_cache, pos=torch.tensor([0]), edits=g, return_resid=True)
+        got = fused.prefill(seq[:T], cache, g, trace=True)
         torch.testing.assert_close(got.logits, ref.logits[:, -1], atol=tol, rtol=0)
         want = torch.stack([ref.resid[0]["resid_pre"][0, -1]] + [r["resid_post"][0, -1] for r in ref.resid])
         torch.testing.assert_close(got.stream[:, 0], want, atol=tol, rtol=1e-3)
@@ -307,7 +329,7 @@ def test_prefill_through_the_step_matches_the_reference_forward(library: Path, w
         if T < cfg.block_size:  # and a step on from there reads what the prefill wrote
             nxt, pos = seq[T : T + 1], torch.tensor([T])
             with torch.no_grad():
-                ref_step = model(nxt[:, None], cache=ref_cache, pos=pos, gates=g).logits[:, -1]
+                ref_step = model(nxt[:, None], cache=ref_cache, pos=pos, edits=g).logits[:, -1]
             got_step = fused(nxt, cache, pos, g)
             torch.testing.assert_close(got_step.logits, ref_step, atol=tol, rtol=0)
     assert fused.prefill(seq[:5], KVCache(cfg, 1)).stream is None
@@ -322,9 +344,9 @@ def test_prefill_rejects_bad_input(library: Path) -> None:
         (torch.zeros(cfg.block_size + 1, dtype=torch.long), KVCache(cfg, 1), None),
         (torch.zeros(1, 4, dtype=torch.long), KVCache(cfg, 1), None),
         (torch.zeros(4, dtype=torch.long), KVCache(cfg, 2), None),
-        (torch.zeros(4, dtype=torch.long), KVCache(cfg, 1), torch.ones(1, cfg.n_layer, 2)),
+        (torch.zeros(4, dtype=torch.long), KVCache(cfg, 1), StreamEdits(torch.ones(2, cfg.n_layer, 2))),
     ):
-        with pytest.raises(ValueError, match="prefill"):
+        with pytest.raises(ValueError, match="prefill|gates"):
             fused.prefill(tokens, cache, gates)
     cache = KVCache(cfg, 1)
     with pytest.raises(ValueError, match="vocabulary"):

@@ -11,10 +11,12 @@ import torch
 
 from model import tokenizer
 from model.config import ModelConfig
-from model.decode import FastDecoder, KVCache
+from model.decode import FastDecoder
 from model.diagnostics import DiagnosticsOptions, run_diagnostics
+from model.edits import Intervention, StreamEdits
 from model.engine import Engine, EngineObserver, InvalidRequestError, SamplingParams
-from model.transformer import Intervention, Transformer
+from model.kv_cache import KVCache
+from model.transformer import Transformer
 from tests.conftest import TINY, build_model
 from tests.model.test_engine import events_of, ids, run_with_engine
 
@@ -29,9 +31,9 @@ def model() -> Transformer:
 
 
 def test_gates_follow_the_entries() -> None:
-    g = MIXED.gates(3)
+    g = MIXED.compile(3).gates[0]
     assert g.tolist() == [[0.5, 1.0], [1.0, 0.0], [-1.5, -1.5]]
-    assert Intervention(skip=((0, "attn"),), scale=((0, "block", 2.0),)).gates(1).tolist() == [[0.0, 2.0]]
+    assert Intervention(skip=((0, "attn"),), scale=((0, "block", 2.0),)).compile(1).gates[0].tolist() == [[0.0, 2.0]]
     assert MIXED.parts() == {"mlp", "attn", "block"} and MIXED.layers() == {0, 1, 2}
 
 
@@ -59,7 +61,9 @@ def test_gated_decode_step_matches_the_gated_reference_forward(variant: dict) ->
     """Rows with different gates (none, a skip, scales) in one batch, decoded to the end of the window."""
     model = build_model(dataclasses.replace(ModelConfig(**TINY), **variant), seed=3)
     cfg = model.config
-    gates = torch.stack([torch.ones(cfg.n_layer, 2), SKIP0.gates(cfg.n_layer), MIXED.gates(cfg.n_layer)])  # (3, L, 2)
+    gates = torch.stack(
+        [torch.ones(cfg.n_layer, 2), SKIP0.compile(cfg.n_layer).gates[0], MIXED.compile(cfg.n_layer).gates[0]]
+    )  # (3, L, 2)
     fast = FastDecoder(model)
     seqs = torch.randint(0, 256, (3, cfg.block_size), generator=torch.Generator().manual_seed(4))
     cache, fast_cache = KVCache(cfg, 3), KVCache(cfg, 3)
@@ -67,27 +71,32 @@ def test_gated_decode_step_matches_the_gated_reference_forward(variant: dict) ->
     with torch.no_grad():
         for b, n in enumerate(lengths.tolist()):
             for c in (cache, fast_cache):
-                model(seqs[b : b + 1, :n], cache=c.rows(b, b + 1), pos=torch.tensor([0]), gates=gates[b : b + 1])
+                model(
+                    seqs[b : b + 1, :n],
+                    cache=c.rows(b, b + 1),
+                    pos=torch.tensor([0]),
+                    edits=StreamEdits(gates[b : b + 1]),
+                )
     pos = lengths.clone()
     while int(pos.max()) < cfg.block_size:
         tokens = seqs[torch.arange(3), pos]  # (3,)
         with torch.no_grad():
-            ref = model(tokens[:, None], cache=cache, pos=pos, gates=gates, return_resid=True)
-        got = fast(tokens, fast_cache, pos, gates, torch.tensor([0, 2]))
+            ref = model(tokens[:, None], cache=cache, pos=pos, edits=StreamEdits(gates), return_resid=True)
+        got = fast(tokens, fast_cache, pos, StreamEdits(gates), torch.tensor([0, 2]))
         torch.testing.assert_close(got.logits, ref.logits[:, -1], atol=1e-4, rtol=0)
         want = torch.stack([ref.resid[0]["resid_pre"][:, 0]] + [r["resid_post"][:, 0] for r in ref.resid])  # (L+1,3,C)
         torch.testing.assert_close(got.stream, want[:, [0, 2]], atol=1e-4, rtol=1e-5)
         pos = pos + 1
     # the gates matter: without them the intervened rows decode differently
     ungated = model(seqs[1:2, :9]).logits[0, -1]
-    assert (ungated - model(seqs[1:2, :9], gates=gates[1:2]).logits[0, -1]).abs().max() > 1e-2
+    assert (ungated - model(seqs[1:2, :9], edits=StreamEdits(gates[1:2])).logits[0, -1]).abs().max() > 1e-2
 
 
 def test_skipped_part_is_the_identity_in_a_plain_stack_too() -> None:
     model = build_model(dataclasses.replace(ModelConfig(**TINY), residual=False), seed=5)
     idx = torch.tensor([PROMPT])
     with torch.no_grad():
-        out = model(idx, gates=Intervention(skip=((1, "block"),)).gates(3)[None], return_resid=True)
+        out = model(idx, edits=Intervention(skip=((1, "block"),)).compile(3), return_resid=True)
     assert torch.equal(out.resid[1]["resid_post"], out.resid[1]["resid_pre"])
     assert not out.resid[1]["attn_out"].any() and not out.resid[1]["mlp_out"].any()
 
@@ -127,11 +136,11 @@ def test_intervened_rows_do_not_change_their_neighbours(
 
 
 def test_greedy_intervened_generation_equals_the_gated_reference(model: Transformer) -> None:
-    gates = MIXED.gates(model.config.n_layer)[None]
+    gates = MIXED.compile(model.config.n_layer)
     idx, want = list(PROMPT), []
     with torch.no_grad():
         for _ in range(16):
-            tok = int(model(torch.tensor([idx]), gates=gates).logits[0, -1].argmax())
+            tok = int(model(torch.tensor([idx]), edits=gates).logits[0, -1].argmax())
             want.append(tok)
             idx.append(tok)
     tokens, _ = run_with_engine(

@@ -9,8 +9,10 @@ import torch
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
-from model.decode import FastDecoder, KVCache, float16_weights_available
-from model.transformer import RESID_NAMES, Intervention, Transformer, parameter_shapes
+from model.decode import FastDecoder, float16_weights_available
+from model.edits import Intervention
+from model.kv_cache import KVCache
+from model.transformer import RESID_NAMES, Transformer, parameter_shapes
 
 ATOL = 1e-5
 
@@ -127,7 +129,7 @@ def test_residual_stream_identities(tiny_model: Transformer) -> None:
 def test_ablating_every_block_leaves_the_embeddings_only_model(tiny_model: Transformer) -> None:
     idx = _tokens(2, 10)
     ablate = Intervention(skip=tuple((layer, "block") for layer in range(tiny_model.config.n_layer)))
-    out = tiny_model(idx, gates=ablate.gates(tiny_model.config.n_layer)[None], return_resid=True)
+    out = tiny_model(idx, edits=ablate.compile(tiny_model.config.n_layer), return_resid=True)
     expected = tiny_model.unembed(tiny_model.ln_f(_embed(tiny_model, idx)))
     torch.testing.assert_close(out.logits, expected, atol=ATOL, rtol=0)
     assert all(torch.equal(tr["attn_out"], torch.zeros_like(tr["attn_out"])) for tr in out.resid)
@@ -152,7 +154,7 @@ def _skip_loop(model: Transformer, idx: torch.Tensor, layer: int, part: str) -> 
 def test_ablating_one_component_equals_skipping_it(tiny_model: Transformer, part: str) -> None:
     idx = _tokens(2, 12)
     for layer in range(tiny_model.config.n_layer):
-        out = tiny_model(idx, gates=Intervention(skip=((layer, part),)).gates(tiny_model.config.n_layer)[None]).logits
+        out = tiny_model(idx, edits=Intervention(skip=((layer, part),)).compile(tiny_model.config.n_layer)).logits
         torch.testing.assert_close(out, _skip_loop(tiny_model, idx, layer, part), atol=ATOL, rtol=0)
         assert (out - tiny_model(idx).logits).abs().max() > 1e-3
 
@@ -160,12 +162,12 @@ def test_ablating_one_component_equals_skipping_it(tiny_model: Transformer, part
 @torch.no_grad()
 def test_ablation_with_kv_cache_matches_full_forward(tiny_model: Transformer) -> None:
     idx = _tokens(1, 16)
-    iv = Intervention(skip=((0, "attn"), (2, "block"))).gates(tiny_model.config.n_layer)[None]
-    full = tiny_model(idx, gates=iv).logits
+    iv = Intervention(skip=((0, "attn"), (2, "block"))).compile(tiny_model.config.n_layer)
+    full = tiny_model(idx, edits=iv).logits
     cache = KVCache(tiny_model.config, 1)
-    tiny_model(idx[:, :6], cache=cache, pos=torch.tensor([0]), gates=iv)
+    tiny_model(idx[:, :6], cache=cache, pos=torch.tensor([0]), edits=iv)
     for t in range(6, 16):
-        step = tiny_model(idx[:, t : t + 1], cache=cache, pos=torch.tensor([t]), gates=iv).logits
+        step = tiny_model(idx[:, t : t + 1], cache=cache, pos=torch.tensor([t]), edits=iv).logits
         torch.testing.assert_close(step[:, 0], full[:, t], atol=ATOL, rtol=0)
 
 
