@@ -214,7 +214,7 @@ def test_engine_with_the_fused_step_generates_what_the_torchscript_one_does(libr
             engine = Engine(model, decode_weights="float32", decode_backend="torchscript")
             assert engine.decode_backend == "torchscript" and isinstance(engine.decode_step, FastDecoder)
             if backend == "fused":  # the test's library, not the installed one
-                engine.decode_step = FusedDecoder(model, weights="float32", library=library)
+                engine.runner.decode_step = FusedDecoder(model, weights="float32", library=library)
             engine.start()
             try:
                 params = [

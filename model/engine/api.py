@@ -1,0 +1,160 @@
+"""What callers of the engine see: the request's parameters, its events, the handle, the observer and the errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from model.edits import Intervention
+
+MAX_SEED = 2**63 - 1
+MAX_LENS_TOP = 5  # logit-lens tokens per layer in a trace
+
+
+class EngineError(Exception):
+    """Base class of errors raised to callers of the engine."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request parameter is out of range; `param` names it (a SamplingParams field, or "prompt")."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class PromptTooLongError(InvalidRequestError):
+    """Prompt tokens + max_new_tokens exceed the context window."""
+
+    def __init__(self, n_prompt: int, max_new_tokens: int, window: int) -> None:
+        self.n_prompt, self.max_new_tokens, self.window = n_prompt, max_new_tokens, window
+        # the prompt is to blame when it leaves no room for even one new token
+        super().__init__(self.describe(), "prompt" if n_prompt >= window else "max_new_tokens")
+
+    def describe(self, max_new_name: str = "max_new_tokens") -> str:
+        """The message, naming the new-token limit as the caller's API does."""
+        return (
+            f"prompt ({self.n_prompt} tokens) + {max_new_name} ({self.max_new_tokens}) = "
+            f"{self.n_prompt + self.max_new_tokens} exceeds the context window of {self.window} tokens"
+        )
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is at its limit."""
+
+
+class EngineDrainingError(EngineError):
+    """The engine is draining or stopped and accepts no new work."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings, including what to change in and report from the residual stream."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int = 0
+    presence_penalty: float = 0.0  # OpenAI's, over generated tokens; 0 = off
+    frequency_penalty: float = 0.0  # OpenAI's, over generated tokens; 0 = off
+    repetition_penalty: float = 1.0  # CTRL / HF, over prompt and generated tokens; 1 = off
+    min_p: float = 0.0  # 0 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; biases clamped to +-100
+    intervention: Intervention | None = None  # applied to this request's prefill and every decode step
+    trace: bool = False  # per token: resid_post norm and block update ratio of every layer
+    logit_lens_top: int = 0  # per token and layer: the logit lens's top-K tokens (implies trace)
+
+    @property
+    def traced(self) -> bool:
+        """Whether this request's tokens carry a trace."""
+        return self.trace or self.logit_lens_top > 0
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """One generated token; `text` is the newly releasable text (may be '' while a stop string may be forming)."""
+
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    trace: dict[str, Any] | None = None  # the position that produced the token: see `stream_trace`
+
+
+@dataclass
+class FinishEvent:
+    """The end of a request, with its full result."""
+
+    reason: str  # length | stop | abort | timeout | error
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    seed: int
+    timings: dict[str, float | None]
+    error: str | None = None
+
+
+class EngineObserver:
+    """Receives engine measurements (the app maps them to metrics). Methods run on the worker thread."""
+
+    wants_resid_norms = False
+
+    def on_prefill(self, prompt_tokens: int, queue_time_s: float) -> None:
+        """A request left the queue and was prefilled."""
+
+    def on_first_token(self, ttft_s: float) -> None:
+        """A request produced its first token."""
+
+    def on_tokens(self, inter_token_s: list[float]) -> None:
+        """Inter-token latencies of the tokens produced in one decode step."""
+
+    def on_step(self, batch_size: int) -> None:
+        """One batched decode step ran with `batch_size` sequences."""
+
+    def on_finish(self, reason: str, e2e_s: float, completion_tokens: int) -> None:
+        """A request finished."""
+
+    def on_queue_change(self, running: int, waiting: int) -> None:
+        """The number of running / waiting requests changed."""
+
+    def on_resid_norms(self, norms: list[float]) -> None:
+        """Last-position resid_post L2 norm per layer of a served prefill."""
+
+    def on_intervention(self, parts: set[str]) -> None:
+        """A request with an intervention on these parts (block, attn, mlp) was prefilled."""
+
+
+Event = TokenEvent | FinishEvent
+
+
+class RequestHandle:
+    """A submitted request: iterate it for events; `cancel()` makes it leave the batch within one step."""
+
+    def __init__(self, request_id: int, seed: int, queue: asyncio.Queue[Event], cancel: Callable[[], None]) -> None:
+        self.id, self.seed = request_id, seed
+        self._queue, self._cancel = queue, cancel
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request (finish reason `abort`)."""
+        self._cancel()
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while True:
+            ev = await self._queue.get()
+            yield ev
+            if isinstance(ev, FinishEvent):
+                return
+
+    async def result(self) -> tuple[list[TokenEvent], FinishEvent]:
+        """Wait for the end; return every token event and the finish event."""
+        tokens: list[TokenEvent] = []
+        async for ev in self:
+            if isinstance(ev, FinishEvent):
+                return tokens, ev
+            tokens.append(ev)
+        raise RuntimeError("unreachable")

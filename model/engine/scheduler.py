@@ -1,0 +1,160 @@
+"""Which requests run: the waiting queue, the running rows, admission and reaping.
+
+Row i of the running batch is row i of the KV cache. Rows that end leave at once and live rows stay contiguous: each
+hole below the new size takes one of the live rows above it. The scheduler decides those moves and returns them; the
+engine has the runner carry them out (the scheduler never touches the cache), and sends the finish events.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from model.engine.api import QueueFullError
+from model.engine.batch import BatchPlan
+from model.engine.request import Request
+
+
+@dataclass(frozen=True)
+class Reaped:
+    """What a reap found: the requests that ended with their reasons, and the row moves (src, dst) that keep the
+    running rows contiguous."""
+
+    ended: list[tuple[Request, str]]
+    moves: list[tuple[int, int]]
+
+
+class Scheduler:
+    """Admits waiting requests into free rows and reaps ended ones. `lock` guards the waiting queue (submitters
+    append to it from the event loop); everything else is the worker's."""
+
+    def __init__(
+        self,
+        lock: threading.Condition,
+        device: torch.device,
+        *,
+        max_batch_size: int,
+        max_queue: int,
+        prefill_tokens: int,
+    ) -> None:
+        self._lock, self._device = lock, device
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.prefill_tokens = prefill_tokens  # padded prompt tokens per batched prefill (bounds the decode stall)
+        self.running: list[Request] = []  # row i of the cache belongs to running[i]
+        self.waiting: collections.deque[Request] = collections.deque()
+        self._plan: BatchPlan | None = None  # the running batch's, None: to work out again
+        self._dirty = False  # a row may have ended (finished, cancelled, its loop closed)
+
+    def add(self, req: Request) -> None:
+        """Queue a request (the caller holds the lock)."""
+        if len(self.waiting) >= self.max_queue:
+            raise QueueFullError(f"queue is full ({self.max_queue} requests waiting)")
+        self.waiting.append(req)
+
+    def mark_dirty(self) -> None:
+        """A row may have ended: the next reap looks at every row (set after the reason, e.g. `cancelled`)."""
+        self._dirty = True
+
+    def plan(self) -> BatchPlan:
+        """The running batch's plan, worked out again after its rows changed."""
+        if self._plan is None:
+            self._plan = BatchPlan.of(self.running, self._device)
+        return self._plan
+
+    def steady(self, now: float) -> bool:
+        """Whether the next step can go straight to its decode: rows run, their plan stands, none may have ended, no
+        deadline passed, nobody waits."""
+        plan = self._plan
+        return plan is not None and not self._dirty and not self.waiting and bool(self.running) and now <= plan.deadline
+
+    def admit(self) -> tuple[list[Request], list[Request]]:
+        """(the next waiting requests to prefill together, up to `prefill_tokens` padded tokens and the free rows;
+        the cancelled ones found on the way, to finish with `abort`)."""
+        batch: list[Request] = []
+        dropped: list[Request] = []
+        width = 0  # longest prompt in the batch
+        while len(self.running) + len(batch) < self.max_batch_size:
+            with self._lock:
+                if not self.waiting:
+                    break
+                req = self.waiting[0]
+                if batch and max(width, len(req.prompt)) * (len(batch) + 1) > self.prefill_tokens:
+                    break
+                self.waiting.popleft()
+            if req.cancelled:
+                dropped.append(req)
+                continue
+            batch.append(req)
+            width = max(width, len(req.prompt))
+        return batch, dropped
+
+    def join(self, batch: list[Request]) -> int:
+        """The prefilled `batch` joins the running rows; returns its first row."""
+        row = len(self.running)
+        self.running.extend(batch)
+        self._plan = None
+        return row
+
+    def cancel_all(self) -> None:
+        """Mark every running and waiting request cancelled (the drain deadline passed)."""
+        with self._lock:
+            for r in itertools.chain(self.running, self.waiting):
+                r.cancelled = True
+        self._dirty = True
+
+    def reap(self, now: float) -> Reaped:
+        """Remove finished, cancelled and timed-out requests, running or waiting."""
+        ended: list[tuple[Request, str]] = []
+        moves: list[tuple[int, int]] = []
+        # the rows are looked at only when one may have ended: a token finished it, it was cancelled, or a deadline
+        # passed (cleared before looking: a cancel that comes during the look is seen now or at the next reap)
+        if self._dirty or now > (self._plan.deadline if self._plan is not None else -math.inf):
+            self._dirty = False
+            rows: list[int] = []
+            for i, r in enumerate(self.running):
+                reason = r.finish_reason
+                if reason is None and r.cancelled:
+                    reason = "abort"
+                if reason is None and r.deadline is not None and now > r.deadline:
+                    reason = "timeout"
+                if reason is not None:
+                    rows.append(i)
+                    ended.append((r, reason))
+            if rows:
+                moves = self._remove_rows(rows)
+        if self.waiting:
+            with self._lock:
+                expired = [r for r in self.waiting if r.cancelled or (r.deadline is not None and now > r.deadline)]
+                for r in expired:
+                    self.waiting.remove(r)
+            ended += [(r, "abort" if r.cancelled else "timeout") for r in expired]
+        return Reaped(ended, moves)
+
+    def _remove_rows(self, ended: list[int]) -> list[tuple[int, int]]:
+        """Drop rows `ended` (ascending): each hole below the new size takes one of the live rows above it; ended
+        rows are never moved. Returns the moves (src, dst)."""
+        running = self.running
+        keep = len(running) - len(ended)
+        gone = set(ended)
+        holes = [i for i in ended if i < keep]
+        movers = [j for j in range(keep, len(running)) if j not in gone]
+        moves = list(zip(movers, holes, strict=True))
+        for src, dst in moves:
+            running[dst] = running[src]
+        del running[keep:]
+        self._plan = None
+        return moves
+
+    def clear(self) -> list[Request]:
+        """Take every running and waiting request out (the worker failed or stops); returns them."""
+        with self._lock:
+            out = list(self.running) + list(self.waiting)
+            self.running.clear()
+            self.waiting.clear()
+        self._plan = None
+        return out
