@@ -9,26 +9,23 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from app.deps import get_served
-from app.errors import error_body
-from app.generation import collect, default_max_new, finish_error, stop_tuple, stream_events, submit
-from app.schemas import (
+from app.errors import ERRORS, error_body
+from app.generation import collect, default_max_new, finish_error, stream_events, submit
+from app.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
-    ErrorResponse,
     GenerateRequest,
     GenerateResponse,
-    InterventionSpec,
     TokenInfo,
     TokenizeRequest,
     TokenizeResponse,
-    Trace,
 )
+from app.schemas import InterventionSpec, Trace
 from app.service import ServedModel
-from app.sse import sse_event
+from app.sse import sse_event, sse_response
 from model import tokenizer
 from model.engine import FinishEvent, SamplingParams, TokenEvent
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 503, 504)}
 router = APIRouter(tags=["generation"], responses=ERRORS)
 
 
@@ -76,36 +73,16 @@ def sse(event: str, data: dict) -> str:
         200: {"content": {"text/event-stream": {}}, "description": "JSON, or Server-Sent Events when stream=true"}
     },
 )
-async def generate(body: GenerateRequest, request: Request):
+async def generate(body: GenerateRequest, request: Request) -> GenerateResponse | StreamingResponse:
     """Continue `prompt`. With `stream: true`, Server-Sent Events: `token` per token, then `done` (or `error`)."""
     served = get_served(request, body.model)
     n_prompt = len(tokenizer.encode(body.prompt))
     settings = request.app.state.settings
-    max_new = body.max_new_tokens or default_max_new(served, n_prompt, settings.default_max_new_tokens)
-    params = SamplingParams(
-        max_new_tokens=max_new,
-        temperature=body.temperature,
-        top_k=body.top_k,
-        top_p=body.top_p,
-        stop=stop_tuple(body.stop),
-        seed=body.seed,
-        logprobs=body.logprobs,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty,
-        min_p=body.min_p,
-        logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
-        intervention=body.intervention.to_engine() if body.intervention else None,
-        trace=body.trace,
-        logit_lens_top=body.logit_lens_top,
-    )
+    params = body.to_sampling_params(default_max_new(served, n_prompt, settings.default_max_new_tokens))
     handle, _ = submit(served, body.prompt, params)
     rid = f"gen-{uuid.uuid4().hex[:24]}"
     if not body.stream:
-        tokens, fin = await collect(request, handle)
-        err = finish_error(fin)
-        if err is not None:
-            raise err
+        [(tokens, fin)] = await collect(request, [handle])  # raises the API error of an abnormal finish
         return build_response(rid, served, tokens, fin, params)
 
     async def events() -> AsyncIterator[str]:
@@ -126,9 +103,7 @@ async def generate(body: GenerateRequest, request: Request):
                     "done", {"type": "done", **build_response(rid, served, tokens, ev, params).model_dump(mode="json")}
                 )
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    return sse_response(events())
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
