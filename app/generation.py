@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from typing import Any
 
 from fastapi import Request
 
@@ -43,7 +44,8 @@ async def collect(request: Request, handles: list[RequestHandle]) -> list[tuple[
     results = asyncio.ensure_future(asyncio.gather(*(h.result() for h in handles)))
     gone = asyncio.ensure_future(wait_disconnect(request))
     try:
-        await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Any]] = {results, gone}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if not results.done():  # the client left first: 499 in the log and metrics (nobody reads the answer)
             for h in handles:
                 h.cancel()
@@ -87,7 +89,7 @@ async def stream_events(handle: RequestHandle) -> AsyncIterator[TokenEvent | Fin
             handle.cancel()
 
 
-async def merged_events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, TokenEvent | FinishEvent]]:
+async def merged_events(handles: list[RequestHandle]) -> AsyncGenerator[tuple[int, TokenEvent | FinishEvent]]:
     """(index, event) pairs of all requests as they come; leaving early cancels every request."""
     queue: asyncio.Queue[tuple[int, TokenEvent | FinishEvent]] = asyncio.Queue()
 

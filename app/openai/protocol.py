@@ -176,13 +176,13 @@ class CompletionRequest(OpenAIRequest):
     def prompts(self, limit: int) -> list[tuple[list[int], str]]:
         """(token ids, text) of each prompt; `prompt` may be a string, strings, token ids or lists of token ids."""
         p = self.prompt
-        prompts: list[str] | list[list[int]]
+        prompts: list[str | list[int]] = []
         if isinstance(p, str):
-            prompts = [p]
+            prompts.append(p)
         elif p and isinstance(p[0], int):
-            prompts = [p]  # type: ignore[list-item]  # a list of token ids
+            prompts.append(p)  # one prompt of token ids
         else:
-            prompts = list(p)  # type: ignore[arg-type]  # strings or lists of token ids
+            prompts.extend(p)  # type: ignore[arg-type]  # strings, or lists of token ids
         if len(prompts) > limit:
             raise APIError(
                 400, f"at most {limit} prompts per request (SHORTCUT_MAX_PROMPTS)", param="prompt", code="invalid_value"

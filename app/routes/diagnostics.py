@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Future
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -115,7 +115,7 @@ async def _await_job(fut: Future, request: Request, timeout_s: float) -> dict:
         gone.cancel()
 
 
-TEXT_OR_JSON = {
+TEXT_OR_JSON: dict[int | str, dict[str, Any]] = {
     200: {
         "model": DiagnosticsResponse,
         "content": {"text/plain": {}},

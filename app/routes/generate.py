@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -19,6 +20,7 @@ from app.protocol import (
     TokenInfo,
     TokenizeRequest,
     TokenizeResponse,
+    TopLogprob,
 )
 from app.schemas import InterventionSpec, Trace
 from app.service import ServedModel
@@ -31,9 +33,9 @@ router = APIRouter(tags=["generation"], responses=ERRORS)
 
 def token_info(ev: TokenEvent) -> TokenInfo:
     """Per-token details for the response."""
-    tops = None
+    tops: list[TopLogprob] | None = None
     if ev.top_logprobs is not None:
-        tops = [{"id": i, "text": tokenizer.token_text(i), "logprob": lp} for i, lp in ev.top_logprobs]
+        tops = [TopLogprob(id=i, text=tokenizer.token_text(i), logprob=lp) for i, lp in ev.top_logprobs]
     return TokenInfo(id=ev.token_id, text=tokenizer.token_text(ev.token_id), logprob=ev.logprob, top_logprobs=tops)
 
 
@@ -42,26 +44,28 @@ def build_response(
 ) -> GenerateResponse:
     """The /generate result object."""
     iv = params.intervention
-    return GenerateResponse(
-        id=rid,
-        model=served.name,
-        text=fin.text,
-        finish_reason=fin.reason,
-        usage={
-            "prompt_tokens": fin.prompt_tokens,
-            "completion_tokens": fin.completion_tokens,
-            "total_tokens": fin.prompt_tokens + fin.completion_tokens,
-        },
-        tokens=[token_info(t) for t in tokens] if params.logprobs > 0 else None,
-        timings=fin.timings,
-        seed=fin.seed,
-        checkpoint_sha256=served.sha256,
-        intervention=InterventionSpec.model_validate(iv.to_dict()) if iv is not None else None,
-        trace=Trace(tokens=[t.trace for t in tokens]) if params.traced else None,
+    return GenerateResponse.model_validate(
+        {
+            "id": rid,
+            "model": served.name,
+            "text": fin.text,
+            "finish_reason": fin.reason,
+            "usage": {
+                "prompt_tokens": fin.prompt_tokens,
+                "completion_tokens": fin.completion_tokens,
+                "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+            },
+            "tokens": [token_info(t) for t in tokens] if params.logprobs > 0 else None,
+            "timings": fin.timings,
+            "seed": fin.seed,
+            "checkpoint_sha256": served.sha256,
+            "intervention": InterventionSpec.model_validate(iv.to_dict()) if iv is not None else None,
+            "trace": Trace(tokens=[t.trace for t in tokens]) if params.traced else None,  # type: ignore[misc]
+        }
     )
 
 
-def sse(event: str, data: dict) -> str:
+def sse(event: str, data: dict[str, Any]) -> str:
     """One Server-Sent Event."""
     return sse_event(data, event)
 
@@ -90,7 +94,11 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse 
         async for ev in stream_events(handle):
             if isinstance(ev, TokenEvent):
                 tokens.append(ev)
-                data = {"type": "token", "text": ev.text, "token": token_info(ev).model_dump(exclude_none=True)}
+                data: dict[str, Any] = {
+                    "type": "token",
+                    "text": ev.text,
+                    "token": token_info(ev).model_dump(exclude_none=True),
+                }
                 if ev.trace is not None:
                     data["trace"] = ev.trace
                 yield sse("token", data)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
@@ -19,7 +21,9 @@ from app.openai.serving_chat import create_chat_completion
 from app.openai.serving_completion import create_completion
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERRORS)
-JSON_OR_SSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}}
+JSON_OR_SSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}
+}
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=JSON_OR_SSE)
