@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.schemas import ErrorResponse
 from model.engine import EngineDrainingError, EngineError, InvalidRequestError, PromptTooLongError, QueueFullError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,11 @@ HTTP_CODES = {
     413: "body_too_large",
 }  # framework errors
 FASTAPI_BODY_ERROR = "There was an error parsing the body"  # FastAPI's 400; the cause says what went wrong
+
+# The error responses an API router documents for its routes (OpenAPI): every one has the standard shape.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 503, 504)
+}
 
 
 def body_error_message(cause: BaseException | None) -> str:

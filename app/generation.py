@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from typing import Any
 
 from fastapi import Request
 
@@ -14,15 +15,8 @@ from model import tokenizer
 from model.engine import EngineError, FinishEvent, RequestHandle, SamplingParams, TokenEvent
 
 
-def stop_tuple(stop: str | list[str] | None) -> tuple[str, ...]:
-    """Normalise the `stop` field."""
-    if stop is None:
-        return ()
-    return (stop,) if isinstance(stop, str) else tuple(stop)
-
-
 def default_max_new(served: ServedModel, prompt_len: int, default: int) -> int:
-    """max_new_tokens when the client gave none: the setting, capped by what the window leaves (at least 1)."""
+    """max_new_tokens when the client gave none: `default`, capped by what the window leaves (at least 1)."""
     return max(1, min(default, served.checkpoint.config.block_size - prompt_len))
 
 
@@ -38,30 +32,37 @@ def submit(
         raise engine_error(e, names) from None
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+async def wait_disconnect(request: Request) -> None:
+    """Return once the client has gone away (the request's `http.disconnect`)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
-async def collect(request: Request, handle: RequestHandle) -> tuple[list[TokenEvent], FinishEvent]:
-    """Wait for the whole result; if the client goes away first, cancel the sequence."""
-    result = asyncio.ensure_future(handle.result())
-    gone = asyncio.ensure_future(_wait_disconnect(request))
+async def collect(request: Request, handles: list[RequestHandle]) -> list[tuple[list[TokenEvent], FinishEvent]]:
+    """Every request's whole result; a client that goes away first cancels them all (a 499). A request that did
+    not finish normally raises its API error."""
+    results = asyncio.ensure_future(asyncio.gather(*(h.result() for h in handles)))
+    gone = asyncio.ensure_future(wait_disconnect(request))
     try:
-        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not result.done():  # the client left first: 499 in the log and metrics (nobody reads the answer)
-            handle.cancel()
+        waiting: set[asyncio.Future[Any]] = {results, gone}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not results.done():  # the client left first: 499 in the log and metrics (nobody reads the answer)
+            for h in handles:
+                h.cancel()
             raise APIError(499, "client closed the request", code="client_closed_request")
-        return await result
+        out = await results
     finally:
         gone.cancel()
-        if not result.done():
-            handle.cancel()
-            result.cancel()
+        if not results.done():
+            for h in handles:
+                h.cancel()
+            results.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await gone
+    for _, fin in out:
+        if (err := finish_error(fin)) is not None:
+            raise err
+    return out
 
 
 def finish_error(fin: FinishEvent) -> APIError | None:
@@ -86,3 +87,26 @@ async def stream_events(handle: RequestHandle) -> AsyncIterator[TokenEvent | Fin
     finally:
         if not finished:
             handle.cancel()
+
+
+async def merged_events(handles: list[RequestHandle]) -> AsyncGenerator[tuple[int, TokenEvent | FinishEvent]]:
+    """(index, event) pairs of all requests as they come; leaving early cancels every request."""
+    queue: asyncio.Queue[tuple[int, TokenEvent | FinishEvent]] = asyncio.Queue()
+
+    async def pump(i: int, handle: RequestHandle) -> None:
+        async for ev in handle:
+            await queue.put((i, ev))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    finished = 0
+    try:
+        while finished < len(handles):
+            i, ev = await queue.get()
+            finished += isinstance(ev, FinishEvent)
+            yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+        if finished < len(handles):
+            for h in handles:
+                h.cancel()

@@ -1,6 +1,6 @@
 """The engine's CPU time per token in two source trees, interleaved: did a change to the engine cost anything?
 
-    git worktree add /tmp/base <rev>     # the tree to compare against (build its fused step: python -m model.fast.build)
+    git worktree add /tmp/base <rev>   # the tree to compare against; build its fused step (make dev) there
     python -m bench.ab_engine --base /tmp/base [--rounds 5]
 
 Each round runs one fresh process per tree and batch size (1 and 32 greedy requests of a 64-token prompt + 192 new

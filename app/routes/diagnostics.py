@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Future
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.deps import get_served
-from app.errors import APIError
-from app.schemas import DiagnosticsResponse, ErrorResponse, InterventionSpec, ModelName, not_a_bool, not_a_number
+from app.errors import ERRORS, APIError
+from app.generation import wait_disconnect
+from app.schemas import DiagnosticsResponse, InterventionSpec, ModelName, not_a_bool, not_a_number
 from app.service import ServedModel
 from model import tokenizer
 from model.diagnostics import DiagnosticsOptions, iter_diagnostics, render_text
 from model.engine import EngineDrainingError
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 503, 504)}
 Flag = Annotated[bool, BeforeValidator(not_a_number)]  # "true" in a query string, true in JSON; never 0/1
 router = APIRouter(tags=["diagnostics"], responses=ERRORS)
 
@@ -101,7 +101,7 @@ async def _await_job(fut: Future, request: Request, timeout_s: float) -> dict:
     """The job's result. Past `timeout_s` (504) or when the client disconnects (499), the job is cancelled: the
     engine drops it before its next slice."""
     result = asyncio.wrap_future(fut)
-    gone = asyncio.ensure_future(_wait_disconnect(request))
+    gone = asyncio.ensure_future(wait_disconnect(request))
     try:
         done, _ = await asyncio.wait({result, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         if result in done:
@@ -115,12 +115,7 @@ async def _await_job(fut: Future, request: Request, timeout_s: float) -> dict:
         gone.cancel()
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-TEXT_OR_JSON = {
+TEXT_OR_JSON: dict[int | str, dict[str, Any]] = {
     200: {
         "model": DiagnosticsResponse,
         "content": {"text/plain": {}},

@@ -4,39 +4,38 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from app.deps import get_served
-from app.errors import error_body
-from app.generation import collect, default_max_new, finish_error, stop_tuple, stream_events, submit
-from app.schemas import (
+from app.errors import ERRORS, error_body
+from app.generation import collect, default_max_new, finish_error, stream_events, submit
+from app.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
-    ErrorResponse,
     GenerateRequest,
     GenerateResponse,
-    InterventionSpec,
     TokenInfo,
     TokenizeRequest,
     TokenizeResponse,
-    Trace,
+    TopLogprob,
 )
+from app.schemas import InterventionSpec, Trace
 from app.service import ServedModel
-from app.sse import sse_event
+from app.sse import sse_event, sse_response
 from model import tokenizer
 from model.engine import FinishEvent, SamplingParams, TokenEvent
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 503, 504)}
 router = APIRouter(tags=["generation"], responses=ERRORS)
 
 
 def token_info(ev: TokenEvent) -> TokenInfo:
     """Per-token details for the response."""
-    tops = None
+    tops: list[TopLogprob] | None = None
     if ev.top_logprobs is not None:
-        tops = [{"id": i, "text": tokenizer.token_text(i), "logprob": lp} for i, lp in ev.top_logprobs]
+        tops = [TopLogprob(id=i, text=tokenizer.token_text(i), logprob=lp) for i, lp in ev.top_logprobs]
     return TokenInfo(id=ev.token_id, text=tokenizer.token_text(ev.token_id), logprob=ev.logprob, top_logprobs=tops)
 
 
@@ -45,26 +44,28 @@ def build_response(
 ) -> GenerateResponse:
     """The /generate result object."""
     iv = params.intervention
-    return GenerateResponse(
-        id=rid,
-        model=served.name,
-        text=fin.text,
-        finish_reason=fin.reason,
-        usage={
-            "prompt_tokens": fin.prompt_tokens,
-            "completion_tokens": fin.completion_tokens,
-            "total_tokens": fin.prompt_tokens + fin.completion_tokens,
-        },
-        tokens=[token_info(t) for t in tokens] if params.logprobs > 0 else None,
-        timings=fin.timings,
-        seed=fin.seed,
-        checkpoint_sha256=served.sha256,
-        intervention=InterventionSpec.model_validate(iv.to_dict()) if iv is not None else None,
-        trace=Trace(tokens=[t.trace for t in tokens]) if params.traced else None,
+    return GenerateResponse.model_validate(
+        {
+            "id": rid,
+            "model": served.name,
+            "text": fin.text,
+            "finish_reason": fin.reason,
+            "usage": {
+                "prompt_tokens": fin.prompt_tokens,
+                "completion_tokens": fin.completion_tokens,
+                "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+            },
+            "tokens": [token_info(t) for t in tokens] if params.logprobs > 0 else None,
+            "timings": fin.timings,
+            "seed": fin.seed,
+            "checkpoint_sha256": served.sha256,
+            "intervention": InterventionSpec.model_validate(iv.to_dict()) if iv is not None else None,
+            "trace": Trace(tokens=[t.trace for t in tokens]) if params.traced else None,  # type: ignore[misc]
+        }
     )
 
 
-def sse(event: str, data: dict) -> str:
+def sse(event: str, data: dict[str, Any]) -> str:
     """One Server-Sent Event."""
     return sse_event(data, event)
 
@@ -76,36 +77,16 @@ def sse(event: str, data: dict) -> str:
         200: {"content": {"text/event-stream": {}}, "description": "JSON, or Server-Sent Events when stream=true"}
     },
 )
-async def generate(body: GenerateRequest, request: Request):
+async def generate(body: GenerateRequest, request: Request) -> GenerateResponse | StreamingResponse:
     """Continue `prompt`. With `stream: true`, Server-Sent Events: `token` per token, then `done` (or `error`)."""
     served = get_served(request, body.model)
     n_prompt = len(tokenizer.encode(body.prompt))
     settings = request.app.state.settings
-    max_new = body.max_new_tokens or default_max_new(served, n_prompt, settings.default_max_new_tokens)
-    params = SamplingParams(
-        max_new_tokens=max_new,
-        temperature=body.temperature,
-        top_k=body.top_k,
-        top_p=body.top_p,
-        stop=stop_tuple(body.stop),
-        seed=body.seed,
-        logprobs=body.logprobs,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty,
-        min_p=body.min_p,
-        logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
-        intervention=body.intervention.to_engine() if body.intervention else None,
-        trace=body.trace,
-        logit_lens_top=body.logit_lens_top,
-    )
+    params = body.to_sampling_params(default_max_new(served, n_prompt, settings.default_max_new_tokens))
     handle, _ = submit(served, body.prompt, params)
     rid = f"gen-{uuid.uuid4().hex[:24]}"
     if not body.stream:
-        tokens, fin = await collect(request, handle)
-        err = finish_error(fin)
-        if err is not None:
-            raise err
+        [(tokens, fin)] = await collect(request, [handle])  # raises the API error of an abnormal finish
         return build_response(rid, served, tokens, fin, params)
 
     async def events() -> AsyncIterator[str]:
@@ -113,7 +94,11 @@ async def generate(body: GenerateRequest, request: Request):
         async for ev in stream_events(handle):
             if isinstance(ev, TokenEvent):
                 tokens.append(ev)
-                data = {"type": "token", "text": ev.text, "token": token_info(ev).model_dump(exclude_none=True)}
+                data: dict[str, Any] = {
+                    "type": "token",
+                    "text": ev.text,
+                    "token": token_info(ev).model_dump(exclude_none=True),
+                }
                 if ev.trace is not None:
                     data["trace"] = ev.trace
                 yield sse("token", data)
@@ -126,9 +111,7 @@ async def generate(body: GenerateRequest, request: Request):
                     "done", {"type": "done", **build_response(rid, served, tokens, ev, params).model_dump(mode="json")}
                 )
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    return sse_response(events())
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)

@@ -15,7 +15,7 @@ import openai
 import pytest
 from openai.types import Completion, Model
 
-from app.routes.openai import choice_seed
+from app.openai.protocol import choice_seed
 from model import tokenizer
 from tests.conftest import SLOW_STEP_S
 from tests.helpers import assert_error, idle, parse_sse, value, wait_for

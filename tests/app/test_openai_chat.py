@@ -14,7 +14,7 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import ValidationError
 
-from app.routes.openai import choice_seed
+from app.openai.protocol import choice_seed
 from app.settings import Settings
 from tests.helpers import assert_error, parse_sse
 from tests.live_server import Server

@@ -1,0 +1,139 @@
+"""Request and response bodies of the native API: /generate, /tokenize and /detokenize.
+
+(OpenAI's /v1 has its own, in app.openai.protocol; both build the engine's parameters with
+app.sampling.build_sampling_params.)
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+from app.sampling import build_sampling_params, stop_tuple
+from app.schemas import (
+    InterventionSpec,
+    JsonNumber,
+    LogitBias,
+    MaxTokens,
+    MinP,
+    ModelName,
+    Penalty,
+    RepetitionPenalty,
+    Seed,
+    Stop,
+    Temperature,
+    TopK,
+    TopP,
+    Trace,
+    Usage,
+)
+from model.engine import MAX_LENS_TOP, SamplingParams
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /generate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, description="text to continue (UTF-8; one token per byte)")
+    model: ModelName | None = Field(None, description="served model name; default the main model")
+    max_new_tokens: MaxTokens | None = Field(
+        None, description="omitted or null: SHORTCUT_DEFAULT_MAX_NEW_TOKENS, capped by what the context window leaves"
+    )
+    # never null: each knob's default is the engine's neutral value, as a null is on /v1
+    temperature: Temperature = 1.0
+    top_k: TopK = 0
+    top_p: TopP = 1.0
+    stop: Stop = None
+    seed: Seed | None = None
+    logprobs: Annotated[int, Field(ge=0, le=256, description="top alternatives per token; 0 = none"), JsonNumber] = 0
+    stream: StrictBool = False
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    min_p: MinP = 0.0
+    logit_bias: LogitBias | None = None
+    intervention: InterventionSpec | None = Field(None, description="skip or scale blocks' F(x) for this request")
+    trace: StrictBool = Field(False, description="per token: resid_post norm and update ratio of every layer")
+    logit_lens_top: Annotated[int, Field(ge=0, le=MAX_LENS_TOP), JsonNumber] = Field(
+        0, description="per token and layer: the logit lens's top-K tokens (implies trace)"
+    )
+
+    def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
+        """The engine's parameters; `default_max_new_tokens` is what an omitted max_new_tokens becomes (the
+        setting, capped by what the window leaves the prompt)."""
+        return build_sampling_params(
+            max_new_tokens=self.max_new_tokens or default_max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            stop=stop_tuple(self.stop),
+            seed=self.seed,
+            logprobs=self.logprobs,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            min_p=self.min_p,
+            logit_bias=self.logit_bias,
+            intervention=self.intervention,
+            trace=self.trace,
+            logit_lens_top=self.logit_lens_top,
+        )
+
+
+class TopLogprob(BaseModel):
+    id: int
+    text: str
+    logprob: float
+
+
+class TokenInfo(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[TopLogprob] | None = None
+
+
+class Timings(BaseModel):
+    queue_s: float
+    ttft_s: float | None
+    total_s: float
+
+
+class GenerateResponse(BaseModel):
+    """Body of a non-streaming /generate answer (and of the final streamed event)."""
+
+    id: str
+    model: str
+    text: str
+    finish_reason: Literal["length", "stop", "abort", "timeout", "error"]
+    usage: Usage
+    tokens: list[TokenInfo] | None = None
+    timings: Timings
+    seed: int
+    checkpoint_sha256: str
+    intervention: InterventionSpec | None = Field(None, description="the intervention applied, if any")
+    trace: Trace | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(..., max_length=1_000_000)
+    model: ModelName | None = None
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    context_window: int
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens: list[Annotated[int, Field(ge=0, le=255), JsonNumber]] = Field(..., max_length=1_000_000)
+    model: ModelName | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    text: str
