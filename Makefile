@@ -42,10 +42,11 @@ run: $(VENV)/.installed $(FUSED)
 test: $(VENV)/.dev $(FUSED)
 	$(PY) -m pytest
 
-# one formatter and one linter for all the Python in the repo
+# one formatter and one linter for all the Python in the repo, and the type checker over the serving code
 lint: $(VENV)/.dev
 	$(PY) -m ruff format --check app model training tests bench deploy
 	$(PY) -m ruff check app model training tests bench deploy
+	$(PY) -m mypy
 
 bench: $(VENV)/.dev $(FUSED)
 	$(PIP) install -q -e '.[bench]'

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
 
 from app import service
 from app.auth import require_api_key
@@ -84,7 +85,7 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         routes=app.routes,
         api_key=settings.api_key,
-        protected={r.path for rt in protected_routers for r in rt.routes},
+        protected={r.path for rt in protected_routers for r in rt.routes if isinstance(r, APIRoute)},
         allowed_hosts=hosts,
     )
     return app

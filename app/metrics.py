@@ -104,32 +104,17 @@ class ModelObserver(EngineObserver):
     def __init__(self, metrics: Metrics, model: str) -> None:
         self.metrics, self.model = metrics, model
         self.wants_resid_norms = metrics.wants_resid_norms
-        (
-            self.e2e,
-            self.ttft,
-            self.itl,
-            self.queue_time,
-            self.prompt_tokens,
-            self.generation_tokens,
-            self.running,
-            self.waiting,
-            self.batch_size,
-        ) = (
-            h.labels(model)
-            for h in (
-                metrics.e2e,
-                metrics.ttft,
-                metrics.itl,
-                metrics.queue_time,
-                metrics.prompt_tokens,
-                metrics.generation_tokens,
-                metrics.running,
-                metrics.waiting,
-                metrics.batch_size,
-            )
-        )
+        self.e2e = metrics.e2e.labels(model)
+        self.ttft = metrics.ttft.labels(model)
+        self.itl = metrics.itl.labels(model)
+        self.queue_time = metrics.queue_time.labels(model)
+        self.prompt_tokens = metrics.prompt_tokens.labels(model)
+        self.generation_tokens = metrics.generation_tokens.labels(model)
+        self.running = metrics.running.labels(model)
+        self.waiting = metrics.waiting.labels(model)
+        self.batch_size = metrics.batch_size.labels(model)
         self.success = {reason: metrics.success.labels(model, reason) for reason in FINISH_REASONS}
-        self.interventions = {part: metrics.interventions.labels(model, part) for part in PARTS}
+        self.interventions: dict[str, Counter] = {part: metrics.interventions.labels(model, part) for part in PARTS}
 
     def on_prefill(self, prompt_tokens: int, queue_time_s: float) -> None:
         self.prompt_tokens.inc(prompt_tokens)

@@ -8,6 +8,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import SecretStr
@@ -47,6 +48,15 @@ def host_name(header: str) -> str:
     return header.rpartition(":")[0] if header.count(":") == 1 else header
 
 
+@dataclass
+class _BodyState:
+    """What the middleware knows of a request's body while it is read."""
+
+    pending: bool  # more of the body is to come
+    size: int = 0  # bytes read so far
+    head: bytes = b""  # its first 4 bytes (to refuse UTF-16/32 JSON)
+
+
 class ServiceMiddleware:
     """Wraps every HTTP request; pure ASGI so streaming responses pass straight through.
 
@@ -82,17 +92,13 @@ class ServiceMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         status = {"code": 500}
         length = headers.get("content-length")
-        body = {
-            "pending": "transfer-encoding" in headers or (length is not None and length != "0"),
-            "size": 0,
-            "head": b"",
-        }
+        body = _BodyState(pending="transfer-encoding" in headers or (length is not None and length != "0"))
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 extra = [(b"x-request-id", request_id.encode())]
-                if body["pending"]:  # answered before the body was read: do not wait for the rest of it
+                if body.pending:  # answered before the body was read: do not wait for the rest of it
                     extra.append((b"connection", b"close"))
                 message["headers"] = list(message.get("headers", [])) + extra
             await send(message)
@@ -100,16 +106,16 @@ class ServiceMiddleware:
         async def counted_receive() -> dict:
             message = await receive()
             if message["type"] != "http.request":
-                body["pending"] = False
+                body.pending = False
                 return message
             chunk = message.get("body", b"")
-            body["size"] += len(chunk)
-            body["pending"] = message.get("more_body", False)
-            if body["size"] > self.max_body:
+            body.size += len(chunk)
+            body.pending = message.get("more_body", False)
+            if body.size > self.max_body:
                 raise StarletteHTTPException(413, f"request body exceeds {self.max_body} bytes")
-            if len(body["head"]) < 4 and _is_json(headers):
-                body["head"] += chunk[: 4 - len(body["head"])]
-                if body["head"][:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in body["head"]:
+            if len(body.head) < 4 and _is_json(headers):
+                body.head += chunk[: 4 - len(body.head)]
+                if body.head[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in body.head:
                     raise StarletteHTTPException(400, "request body is not UTF-8 (UTF-16 and UTF-32 are refused)")
             return message
 

@@ -171,7 +171,7 @@ def _pack(model: "Transformer", packed: bool) -> DecodeWeights:
             mat(b.mlp.c_proj),
             vec(b.mlp.c_proj.bias, C),
         )
-        for b in model.blocks
+        for b in model.layers
     ]
     wte = model.wte.weight.detach()
     return DecodeWeights(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -60,6 +61,7 @@ class CausalSelfAttention(nn.Module):
             p = self.attn_dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, nh, T, hd)
         else:
+            assert v_cache is not None and write_idx is not None, "a cached forward needs the cache and write_idx"
             rows, positions = write_idx  # each (B, T)
             # the cache may keep keys and values in a narrower dtype (float16): rounded once, when written
             k_cache[rows, :, positions] = k.to(k_cache.dtype)  # cache (B, nh, S_max, hd) <- (B, T, nh, hd)
@@ -164,6 +166,11 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @property
+    def layers(self) -> list[Block]:
+        """The blocks, in order, as `Block`s (what `blocks` holds, typed)."""
+        return cast(list[Block], list(self.blocks))
+
     def num_params(self) -> int:
         """Number of parameters (the unembedding is tied to the token embedding)."""
         return sum(p.numel() for p in self.parameters())
@@ -228,7 +235,7 @@ class Transformer(nn.Module):
             attn_kw = dict(write_idx=(rows, positions), n_keys=n_keys, mask=mask, causal=causal)
         x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
         traces: list[dict[str, torch.Tensor]] = []
-        for layer, block in enumerate(self.blocks):
+        for layer, block in enumerate(self.layers):
             if cache is not None:
                 attn_kw["k_cache"], attn_kw["v_cache"] = cache.k[layer], cache.v[layer]
             if return_resid:

@@ -60,7 +60,7 @@ def build_response(
             "seed": fin.seed,
             "checkpoint_sha256": served.sha256,
             "intervention": InterventionSpec.model_validate(iv.to_dict()) if iv is not None else None,
-            "trace": Trace(tokens=[t.trace for t in tokens]) if params.traced else None,  # type: ignore[misc]
+            "trace": Trace.model_validate({"tokens": [t.trace for t in tokens]}) if params.traced else None,
         }
     )
 

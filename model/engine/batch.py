@@ -58,7 +58,7 @@ class BatchPlan:
         """The plan of `batch`."""
         traced = [i for i, r in enumerate(batch) if r.params.traced]
         controls: list[LogitControls | None] | None = [r.controls for r in batch]
-        if all(c is None for c in controls):
+        if all(c is None for c in controls or ()):
             controls = None
         return BatchPlan(
             edits=StreamEdits.stack([r.edits for r in batch]),

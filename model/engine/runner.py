@@ -76,9 +76,9 @@ class ModelRunner:
         with torch.inference_mode():
             self.model(prompt, cache=cache, pos=torch.zeros(rows, dtype=torch.long, device=self.device), last_only=True)
             pos = torch.full((rows,), prompt.shape[1], device=self.device)
-            for extra in ({}, {"edits": edits, "trace_rows": torch.arange(rows, device=self.device)}):
+            for step_edits, traced in ((None, None), (edits, torch.arange(rows, device=self.device))):
                 for _ in range(steps):
-                    self.decode_step(prompt[:, 0], cache, pos, **extra)  # (R, V)
+                    self.decode_step(prompt[:, 0], cache, pos, step_edits, traced)  # (R, V)
                     pos = pos + 1
 
     def prefill(
