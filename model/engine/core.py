@@ -339,8 +339,11 @@ class Engine:
         if self._aborting:
             self.scheduler.cancel_all()
         reaped = self.scheduler.reap(time.perf_counter())
-        self.runner.move_rows(reaped.moves)
+        if reaped.moves:
+            self.runner.move_rows(reaped.moves)
         self._report_queue()  # the gauges move before any client can see its request end
+        if not reaped.ended:
+            return
         timeout = "request exceeded the per-request timeout"
         self.output.finish([(r, reason, timeout if reason == "timeout" else None) for r, reason in reaped.ended])
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -20,13 +19,15 @@ from model.engine.batch import BatchPlan
 from model.engine.request import Request
 
 
-@dataclass(frozen=True)
-class Reaped:
+class Reaped(NamedTuple):
     """What a reap found: the requests that ended with their reasons, and the row moves (src, dst) that keep the
     running rows contiguous."""
 
     ended: list[tuple[Request, str]]
     moves: list[tuple[int, int]]
+
+
+NOTHING = Reaped([], [])  # (never appended to)
 
 
 class Scheduler:
@@ -109,11 +110,14 @@ class Scheduler:
 
     def reap(self, now: float) -> Reaped:
         """Remove finished, cancelled and timed-out requests, running or waiting."""
+        plan = self._plan
+        if not self._dirty and not self.waiting and plan is not None and now <= plan.deadline:
+            return NOTHING  # the common case after a step: no row can have ended
         ended: list[tuple[Request, str]] = []
         moves: list[tuple[int, int]] = []
         # the rows are looked at only when one may have ended: a token finished it, it was cancelled, or a deadline
         # passed (cleared before looking: a cancel that comes during the look is seen now or at the next reap)
-        if self._dirty or now > (self._plan.deadline if self._plan is not None else -math.inf):
+        if self._dirty or plan is None or now > plan.deadline:
             self._dirty = False
             rows: list[int] = []
             for i, r in enumerate(self.running):
