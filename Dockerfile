@@ -47,7 +47,7 @@ COPY app ./app
 RUN test -f README.md || touch README.md; \
     pip install . && pip check
 
-# The fused C decode step (model/fast, README: Performance), compiled here with the builder's gcc into the installed
+# The fused C decode step (model/fast, docs/performance.md), compiled here with the builder's gcc into the installed
 # package, so it travels with the venv; the runtime stage has no compiler and needs none. Two builds, not
 # -march=native: AVX2/FMA/F16C, and the same with AVX-512; at load the widest one the CPU runs is taken (elsewhere the
 # TorchScript step runs). Without a compiler (apt unreachable) the image decodes with the TorchScript step.

@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-from bench import run, servers
+from bench import report, servers
+from bench.sections.compare import peer_batches
+from bench.sections.served import cpu_figures
 
 
 def args(**kw: object) -> argparse.Namespace:
@@ -38,7 +40,7 @@ METRICS = {
 
 
 def test_http_vs_best_peer_ratios() -> None:
-    r = run.ratios(dict(METRICS), args())
+    r = report.ratios(dict(METRICS), args())
     c1, c1_cpu = r["HTTP c1 / best peer bs1"], r["HTTP c1 / best peer bs1 (server CPU)"]
     assert c1["value"] == pytest.approx(0.75) and c1["target"] == 1.0 and c1["ok"] is False
     assert c1["best_peer"] == "ct2_int8" and c1["denominator"] == pytest.approx(4000.0)
@@ -58,8 +60,8 @@ def test_http_vs_best_peer_ratios() -> None:
 
 
 def test_http_vs_peers_without_one_side() -> None:
-    no_peers = run.http_vs_peers({k: v for k, v in METRICS.items() if k.startswith("http_")}, args())
-    no_http = run.http_vs_peers({k: v for k, v in METRICS.items() if k.startswith("ct2_")}, args())
+    no_peers = report.http_vs_peers({k: v for k, v in METRICS.items() if k.startswith("http_")}, args())
+    no_http = report.http_vs_peers({k: v for k, v in METRICS.items() if k.startswith("ct2_")}, args())
     for r in (no_peers, no_http):
         assert all(v["value"] is None and v["ok"] is None for v in r.values())
     assert no_peers["HTTP c1 / best peer bs1"]["best_peer"] is None
@@ -67,24 +69,24 @@ def test_http_vs_peers_without_one_side() -> None:
 
 
 def test_quick_sizes_follow_batch_and_mid() -> None:
-    r = run.http_vs_peers({"http_c4_tok_s": 100.0, "ct2_int8_bs4_cpu_ms_per_token": 5.0}, args(batch=4, mid=2))
+    r = report.http_vs_peers({"http_c4_tok_s": 100.0, "ct2_int8_bs4_cpu_ms_per_token": 5.0}, args(batch=4, mid=2))
     assert set(r) == {f"HTTP c{c} / best peer bs{c}{s}" for c in (1, 2, 4) for s in ("", " (server CPU)")}
     assert r["HTTP c4 / best peer bs4"]["value"] == pytest.approx(0.5) and r["HTTP c4 / best peer bs4"]["target"] == 1.2
 
 
 def test_peer_batches_add_mid_only_with_http() -> None:
-    assert run.peer_batches(args()) == (1, 8, 32)
-    assert run.peer_batches(args(sections=["peers"])) == (1, 32)
-    assert run.peer_batches(args(mid=1, batch=1, sections=["http", "peers"])) == (1,)
+    assert peer_batches(args()) == (1, 8, 32)
+    assert peer_batches(args(sections=["peers"])) == (1, 32)
+    assert peer_batches(args(mid=1, batch=1, sections=["http", "peers"])) == (1,)
 
 
 def test_cpu_figures() -> None:
-    f = run.cpu_figures(tokens=384, wall_s=0.2, server_cpu_s=0.3, main_thread_cpu_s=0.1, client_cpu_s=0.05)
+    f = cpu_figures(tokens=384, wall_s=0.2, server_cpu_s=0.3, main_thread_cpu_s=0.1, client_cpu_s=0.05)
     assert f["tok_per_server_cpu_s"] == pytest.approx(1280.0)
     assert f["server_cores_busy"] == pytest.approx(1.5)
     assert f["server_main_thread_share"] == pytest.approx(1 / 3)
     assert f["server_other_threads_cpu_s"] == pytest.approx(0.2)
-    assert run.cpu_figures(10, 0.1, 0.0, 0.0, 0.0)["tok_per_server_cpu_s"] is None
+    assert cpu_figures(10, 0.1, 0.0, 0.0, 0.0)["tok_per_server_cpu_s"] is None
 
 
 def fake_result() -> dict:
@@ -100,13 +102,13 @@ def fake_result() -> dict:
         "machine": {"loadavg_start": [0.1], "loadavg_end": [0.1], "cpus_available": 2},
         "metrics": m,
         "details": {"http_sweep": sweep},
-        "ratios": run.ratios(m, a),
+        "ratios": report.ratios(m, a),
     }
 
 
 def test_report_shows_the_sweep_and_the_ratios() -> None:
     res = fake_result()
-    text = run.render(res)
+    text = report.render(res)
     lines = text.splitlines()
     row = next(line for line in lines if line.split()[:2] == ["1", "3,000.0"])
     assert row.split() == ["1", "3,000.0", "0.192", "2,000.0", "1.500", "25%", "0.060"]
@@ -133,13 +135,13 @@ def test_report_shows_the_sweep_and_the_ratios() -> None:
 def test_report_without_http_or_peers() -> None:
     res = fake_result()
     res["details"] = {}
-    res["ratios"] = run.ratios({}, args())
-    text = run.render(res)
+    res["ratios"] = report.ratios({}, args())
+    text = report.render(res)
     assert "HTTP streaming sweep" not in text and "against the best peer in-process" not in text
     res = fake_result()
     res["metrics"] = {k: v for k, v in METRICS.items() if k.startswith("http_")}
-    res["ratios"] = run.ratios(res["metrics"], args())
-    text = run.render(res)
+    res["ratios"] = report.ratios(res["metrics"], args())
+    text = report.render(res)
     assert "HTTP streaming sweep" in text and "against the best peer in-process" not in text
 
 
@@ -180,7 +182,7 @@ def test_server_cpu_of_another_process_counts_its_threads() -> None:
 def test_peer_thread_check_line() -> None:
     th = {"compute_type": "int8", "bs1_threads1_tok_s": 3460.0, "bs1_threads2_tok_s": 145.0, "bs1_faster_with_2": False}
     th |= {"bs32_threads1_tok_s": 4492.0, "bs32_threads2_tok_s": 1790.0, "bs32_faster_with_2": False}
-    line = run.render_ct2_threads(th)
+    line = report.render_ct2_threads(th)
     assert line.endswith("bs1 3,460 / 145; bs32 4,492 / 1,790 (one thread is its best)")
     th |= {"bs32_threads2_tok_s": 9000.0, "bs32_faster_with_2": True}
-    assert "faster with 2 at bs32" in run.render_ct2_threads(th)
+    assert "faster with 2 at bs32" in report.render_ct2_threads(th)
