@@ -49,7 +49,7 @@ def configure_threads(threads: int) -> int:
     """Set torch intra-op threads (0 = all available cores but one) and return the number used.
 
     A decode step of this model is many small ops: extra intra-op threads only spin, while the HTTP
-    event loop needs a core of its own (README, Performance: 1 vs 2 threads on 2 cores).
+    event loop needs a core of its own (docs/performance.md: 1 vs 2 threads on 2 cores).
     """
     n = threads or max(1, len(os.sched_getaffinity(0)) - 1)
     torch.set_num_threads(n)
