@@ -81,3 +81,12 @@ def test_the_paths_architecture_names_exist() -> None:
     assert len(named) > 20
     missing = [p for p in sorted(named) if not (ROOT / p.rstrip("/")).exists()]
     assert not missing, missing
+
+
+def test_doc_links_resolve() -> None:
+    """`python docs/check_links.py`: every relative link and #anchor of the docs points somewhere."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "docs" / "check_links.py")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
