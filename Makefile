@@ -21,7 +21,7 @@ $(VENV)/.torch:
 
 # the fused C decode step, when a C compiler is present (else the TorchScript step runs; never needed at run time)
 FUSED := model/fast/_fused_step.so model/fast/_fused_step_avx512.so
-$(FUSED) &: model/fast/fused_step.c | $(VENV)/.torch
+$(FUSED) &: model/fast/fused_step.c model/fast/fused_step.h | $(VENV)/.torch
 	$(PY) -m model.fast.build
 
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml

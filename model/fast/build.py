@@ -1,21 +1,71 @@
-"""`python -m model.fast.build`: compile the fused decode step (`fused_step.c`) next to itself, an AVX2 and an
-AVX-512 build, if a C compiler is present; otherwise say so and exit 0 (the TorchScript step is used). Which build
-runs is chosen at load time by the CPU's flags."""
+"""The compiler driver of the fused decode step, and its CLI.
+
+`python -m model.fast.build` (run by `make install`/`make dev` and the Docker image) compiles `fused_step.c` (with
+its header `fused_step.h`) next to itself, twice: an AVX2/FMA/F16C build and an AVX-512 one. Which build runs is
+chosen at load time by the CPU's flags (`model.fast.loader`). Without a C compiler it says so and exits 0: the
+TorchScript step is used.
+
+Building needs only the compiler: the AVX-512 library is built on any x86-64 machine (the image's builder may not be
+the machine it runs on) and loaded only where the CPU has AVX-512.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
-from model.fast import build_all, default_library, fused_available
+from model.fast.abi import HEADER, LIBRARIES, SOURCE
+from model.fast.loader import default_library, fused_available
+
+log = logging.getLogger(__name__)
+
+# -ffp-contract=off: only the explicit FMAs fuse, so both builds sum in the same order (bitwise-equal numbers)
+CFLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared")
+ISA_CFLAGS = {  # 8-wide AVX2 kernels, and 16-wide AVX-512 ones for the CPUs that have it
+    "avx2": ("-mavx2", "-mfma", "-mf16c"),
+    "avx512": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq"),
+}
+
+
+def build(
+    out: Path | None = None, compiler: str | None = None, isa: str = "avx2", cflags: Sequence[str] = ()
+) -> Path | None:
+    """Compile the `isa` build to `out` (default: next to the source) with the system C compiler (or `compiler`,
+    `$CC`); None (and a log line) when there is none or it fails. `cflags`: extra flags (a test builds a stale
+    library with `-DSHORTCUT_FUSED_ABI_VERSION=...`)."""
+    out = out or LIBRARIES[isa]
+    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        log.info("fused decode step not built (no C compiler)")
+        return None
+    tmp = out.with_suffix(".so.tmp")
+    try:
+        cmd = [cc, *CFLAGS, *ISA_CFLAGS[isa], *cflags, f"-I{HEADER.parent}", str(SOURCE), "-o", str(tmp), "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            log.warning("fused decode step (%s) failed to build: %s", isa, proc.stderr.strip()[-2000:])
+            return None
+        tmp.replace(out)
+    except OSError as e:  # the compiler named by CC is missing, or the folder is read-only
+        log.warning("fused decode step not built: %s", e)
+        return None
+    return out
+
+
+def build_all(compiler: str | None = None) -> dict[str, Path | None]:
+    """Both builds next to the source (what `python -m model.fast.build` does)."""
+    return {isa: build(compiler=compiler, isa=isa) for isa in LIBRARIES}
 
 
 def main() -> int:
     """Build; exit status 0 either way (a missing compiler is not an error)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    built = build_all()
-    log = logging.getLogger(__name__)
-    for isa, out in built.items():
+    for isa, out in build_all().items():
         log.info("fused decode step, %s build: %s", isa, out or "not built")
     if fused_available():
         log.info("this CPU runs %s", default_library().name)

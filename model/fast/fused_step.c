@@ -1,23 +1,95 @@
 /* A whole decode step of the Shortcut Transformer in one call: every layer of every row, no tensor library.
  *
+ * The boundary is fused_step.h: the model's dims (ShortcutDims), its weights with one named pointer per block
+ * parameter (ShortcutWeights / ShortcutLayerWeights, packed and pointed at once by model/fast/decoder.py), and one
+ * step's arguments (ShortcutStepArgs, with the request's stream edits as ShortcutEdits). Loaded by model/fast/loader.py,
+ * which refuses a library whose ABI version is not the one model/fast/abi.py mirrors.
+ *
  * Same maths as model/decode.py's steps (the reference is model/transformer.py): pre-LayerNorm blocks, fused
- * q/k/v, causal attention over each row's own cache up to its position, GELU (tanh), per-row gates on each part's
- * F(x), the residual stream of traced rows, a final LayerNorm and the tied unembedding. Block matrices are float16
- * (arithmetic in float32, as FBGEMM's fp16-weight GEMM does) or float32; the unembedding is float32.
+ * q/k/v, causal attention over each row's own cache up to its position, GELU (tanh), the stream edits where each
+ * part's F(x) meets the stream (`edit_update`, the C twin of model/edits.py's `apply`), the residual stream of traced
+ * rows, a final LayerNorm and the tied unembedding. Block matrices are float16 (arithmetic in float32, as FBGEMM's
+ * fp16-weight GEMM does) or float32; the unembedding is float32.
  *
  * Every row is computed alone and in the same order whatever the batch (the matrix kernels that take 4 rows at a
  * time sum each output in the same order as the 1-row kernel), so a row's numbers do not depend on the others.
- * Built twice (model/fast/__init__.py): for x86-64 with AVX2, FMA and F16C (8-wide matrix kernels), and with AVX-512
+ * Built twice (model/fast/build.py): for x86-64 with AVX2, FMA and F16C (8-wide matrix kernels), and with AVX-512
  * as well (16-wide; the same sums in the same order, so both builds give the same numbers); with -ffp-contract=off so
  * that only the explicit FMAs fuse. Keys and values are cached as float32 or float16.
  */
+#include "fused_step.h"
+
 #include <immintrin.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define LN_EPS 1e-5f
+
+int shortcut_fused_abi_version(void) { return SHORTCUT_FUSED_ABI_VERSION; }
+
+/* The layout of every struct in fused_step.h, as this compiler lays it out */
+#define LAYOUT_STRUCT(S) {#S, 0, sizeof(S)}
+#define LAYOUT_FIELD(S, f) {#S "." #f, offsetof(S, f), sizeof(((S *)0)->f)}
+static const struct {
+    const char *name;
+    size_t offset, size;
+} LAYOUT[] = {
+    LAYOUT_STRUCT(ShortcutDims),
+    LAYOUT_FIELD(ShortcutDims, d_model),
+    LAYOUT_FIELD(ShortcutDims, n_head),
+    LAYOUT_FIELD(ShortcutDims, n_layer),
+    LAYOUT_FIELD(ShortcutDims, d_ff),
+    LAYOUT_FIELD(ShortcutDims, vocab_size),
+    LAYOUT_FIELD(ShortcutDims, block_size),
+    LAYOUT_FIELD(ShortcutDims, half),
+    LAYOUT_FIELD(ShortcutDims, residual),
+    LAYOUT_STRUCT(ShortcutLayerWeights),
+    LAYOUT_FIELD(ShortcutLayerWeights, w_qkv),
+    LAYOUT_FIELD(ShortcutLayerWeights, w_o),
+    LAYOUT_FIELD(ShortcutLayerWeights, w_fc),
+    LAYOUT_FIELD(ShortcutLayerWeights, w_p),
+    LAYOUT_FIELD(ShortcutLayerWeights, ln_1_w),
+    LAYOUT_FIELD(ShortcutLayerWeights, ln_1_b),
+    LAYOUT_FIELD(ShortcutLayerWeights, b_qkv),
+    LAYOUT_FIELD(ShortcutLayerWeights, b_o),
+    LAYOUT_FIELD(ShortcutLayerWeights, ln_2_w),
+    LAYOUT_FIELD(ShortcutLayerWeights, ln_2_b),
+    LAYOUT_FIELD(ShortcutLayerWeights, b_fc),
+    LAYOUT_FIELD(ShortcutLayerWeights, b_p),
+    LAYOUT_STRUCT(ShortcutWeights),
+    LAYOUT_FIELD(ShortcutWeights, wte),
+    LAYOUT_FIELD(ShortcutWeights, wpe),
+    LAYOUT_FIELD(ShortcutWeights, unembed_t),
+    LAYOUT_FIELD(ShortcutWeights, ln_f_w),
+    LAYOUT_FIELD(ShortcutWeights, ln_f_b),
+    LAYOUT_FIELD(ShortcutWeights, layers),
+    LAYOUT_STRUCT(ShortcutEdits),
+    LAYOUT_FIELD(ShortcutEdits, gates),
+    LAYOUT_STRUCT(ShortcutStepArgs),
+    LAYOUT_FIELD(ShortcutStepArgs, B),
+    LAYOUT_FIELD(ShortcutStepArgs, kv_half),
+    LAYOUT_FIELD(ShortcutStepArgs, tokens),
+    LAYOUT_FIELD(ShortcutStepArgs, pos),
+    LAYOUT_FIELD(ShortcutStepArgs, k_cache),
+    LAYOUT_FIELD(ShortcutStepArgs, v_cache),
+    LAYOUT_FIELD(ShortcutStepArgs, layer_stride),
+    LAYOUT_FIELD(ShortcutStepArgs, row_stride),
+    LAYOUT_FIELD(ShortcutStepArgs, edits),
+    LAYOUT_FIELD(ShortcutStepArgs, trace_rows),
+    LAYOUT_FIELD(ShortcutStepArgs, R),
+    LAYOUT_FIELD(ShortcutStepArgs, stream),
+    LAYOUT_FIELD(ShortcutStepArgs, logits),
+};
+
+const char *shortcut_fused_layout(int i, int64_t *offset, int64_t *size) {
+    if (i < 0 || i >= (int)(sizeof(LAYOUT) / sizeof(LAYOUT[0]))) return NULL;
+    *offset = (int64_t)LAYOUT[i].offset;
+    *size = (int64_t)LAYOUT[i].size;
+    return LAYOUT[i].name;
+}
 
 /* Which build this is, asked by the loader before any kernel runs (an AVX-512 build on a CPU without it is refused) */
 const char *shortcut_fused_isa(void) {
@@ -369,8 +441,16 @@ static void to_f16(int n, const float *src, uint16_t *dst) {
         _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
 }
 
-/* x + g f (residual), or where(g == 0, x, g f) (plain stack); g NULL: x + f / f */
-static void update(int C, float *x, const float *f, const float *g, int residual) {
+
+/* Where the update `f` (C) of part `part` (0 attention, 1 MLP) of block `layer` meets row `b`'s stream `x` (C), the
+ * row at position `pos`: the one place the step applies the edits (model/edits.py's `apply` is the torch twin).
+ * x + g f (residual), or where(g == 0, x, g f) (a plain stack); no gates: x + f / f. `pos` is for edits that act at
+ * some positions only. */
+static inline void edit_update(const ShortcutDims *d, const ShortcutEdits *e, int b, int layer, int part, int64_t pos,
+                               float *x, const float *f) {
+    (void)pos;
+    const int C = d->d_model, residual = d->residual;
+    const float *g = e->gates ? e->gates + ((size_t)b * d->n_layer + layer) * 2 + part : NULL;
     if (g == NULL) {
         for (int i = 0; i < C; i++) x[i] = residual ? x[i] + f[i] : f[i];
     } else if (residual) {
@@ -382,93 +462,76 @@ static void update(int C, float *x, const float *f, const float *g, int residual
     }
 }
 
-/* Per layer, `mats` holds W_qkv (C, 3C), W_o (C, C), W_fc (C, F), W_p (F, C), each as (in, out) row-major, and
- * `vecs` holds ln_1 w, b (C each), b_qkv (3C), b_o (C), ln_2 w, b (C each), b_fc (F), b_p (C), float32.
- * k_cache / v_cache: (n_layer, rows, n_head, S, hd) with the given layer and row strides (elements). A row stride of
- * 0 makes every row share one cache row: rows go in order, each writing its key and value right before it attends,
- * so rows at positions 0..B-1 are a causal prefill of one sequence. Float32 or
- * (kv_half) float16: a float16 cache halves the bytes attention reads, the keys and values rounded once when written.
- * gates: (B, n_layer, 2) or NULL; trace_rows (R) with stream (n_layer + 1, R, C), or R = 0.
- * Returns 0; -1 when scratch memory could not be allocated; -2, -3, -4 for a token id outside [0, V), a position
- * outside [0, S), a traced row outside [0, B): checked before anything is read or written. */
-int shortcut_fused_step(int B, int C, int nh, int L, int F, int V, int S, int half, int residual, int kv_half,
-                        const int64_t *tokens, const int64_t *pos, void *k_cache, void *v_cache,
-                        int64_t layer_stride, int64_t row_stride, const float *wte, const float *wpe,
-                        const float *unembed_t, const float *ln_f_w, const float *ln_f_b, const void *mats,
-                        const float *vecs, const float *gates, const int64_t *trace_rows, int R, float *stream,
-                        float *logits) {
+/* One step (fused_step.h). The cache: (L, rows, nh, S, hd) with the given layer and row strides (elements); a row
+ * stride of 0 makes every row share one cache row: rows go in order, each writing its key and value right before it
+ * attends, so rows at positions 0..B-1 are a causal prefill of one sequence. A float16 cache (kv_half) halves the
+ * bytes attention reads, the keys and values rounded once when written. */
+int shortcut_fused_step(const ShortcutDims *d, const ShortcutWeights *w, const ShortcutStepArgs *a) {
+    const int B = a->B, C = d->d_model, nh = d->n_head, L = d->n_layer, F = d->d_ff, V = d->vocab_size;
+    const int S = d->block_size, half = d->half, R = a->R, kv_half = a->kv_half;
+    const int64_t *tokens = a->tokens, *pos = a->pos, *trace_rows = a->trace_rows;
+    float *stream = a->stream;
     for (int b = 0; b < B; b++) {
-        if (tokens[b] < 0 || tokens[b] >= V) return -2;
-        if (pos[b] < 0 || pos[b] >= S) return -3;
+        if (tokens[b] < 0 || tokens[b] >= V) return SHORTCUT_EBAD_TOKEN;
+        if (pos[b] < 0 || pos[b] >= S) return SHORTCUT_EBAD_POS;
     }
     for (int r = 0; r < R; r++)
-        if (trace_rows[r] < 0 || trace_rows[r] >= B) return -4;
+        if (trace_rows[r] < 0 || trace_rows[r] >= B) return SHORTCUT_EBAD_TRACE;
     const int hd = C / nh, C3 = 3 * C;
     const float scale = 1.0f / sqrtf((float)hd);
-    const size_t esz = half ? 2 : 4;
-    const size_t mat_n = (size_t)C * C3 + (size_t)C * C + (size_t)C * F + (size_t)F * C;
-    const size_t vec_n = 4 * (size_t)C + C3 + C + F + C;
     float *buf = (float *)malloc(sizeof(float) * ((size_t)B * (3 * C + C3 + F) + S + V));
-    if (buf == NULL) return -1;
+    if (buf == NULL) return SHORTCUT_ENOMEM;
     float *x = buf, *h = x + (size_t)B * C, *y = h + (size_t)B * C, *qkv = y + (size_t)B * C;
     float *ff = qkv + (size_t)B * C3, *sc = ff + (size_t)B * F;
 
     for (int b = 0; b < B; b++)
-        for (int i = 0; i < C; i++) x[(size_t)b * C + i] = wte[tokens[b] * C + i] + wpe[pos[b] * C + i];
+        for (int i = 0; i < C; i++) x[(size_t)b * C + i] = w->wte[tokens[b] * C + i] + w->wpe[pos[b] * C + i];
     for (int r = 0; r < R; r++) memcpy(stream + (size_t)r * C, x + (size_t)trace_rows[r] * C, sizeof(float) * C);
 
+    const size_t kv_esz = kv_half ? 2 : 4;
     for (int l = 0; l < L; l++) {
-        const char *m = (const char *)mats + (size_t)l * mat_n * esz;
-        const void *w_qkv = m, *w_o = m + (size_t)C * C3 * esz, *w_fc = m + ((size_t)C * C3 + (size_t)C * C) * esz;
-        const void *w_p = m + ((size_t)C * C3 + (size_t)C * C + (size_t)C * F) * esz;
-        const float *vl = vecs + (size_t)l * vec_n;
-        const float *ln1_w = vl, *ln1_b = vl + C, *b_qkv = vl + 2 * C, *b_o = b_qkv + C3, *ln2_w = b_o + C;
-        const float *ln2_b = ln2_w + C, *b_fc = ln2_b + C, *b_p = b_fc + F;
-        const size_t kv_esz = kv_half ? 2 : 4;
-        char *kl = (char *)k_cache + (size_t)l * layer_stride * kv_esz;
-        char *vl_cache = (char *)v_cache + (size_t)l * layer_stride * kv_esz;
+        const ShortcutLayerWeights *lw = &w->layers[l];
+        char *kl = (char *)a->k_cache + (size_t)l * a->layer_stride * kv_esz;
+        char *vl = (char *)a->v_cache + (size_t)l * a->layer_stride * kv_esz;
 
         /* attention */
-        for (int b = 0; b < B; b++) layer_norm(C, x + (size_t)b * C, ln1_w, ln1_b, h + (size_t)b * C);
-        matmul(half, B, C, C3, h, w_qkv, b_qkv, qkv);
+        for (int b = 0; b < B; b++) layer_norm(C, x + (size_t)b * C, lw->ln_1_w, lw->ln_1_b, h + (size_t)b * C);
+        matmul(half, B, C, C3, h, lw->w_qkv, lw->b_qkv, qkv);
         for (int b = 0; b < B; b++) {
             const float *qr = qkv + (size_t)b * C3;
             int64_t p = pos[b];
             for (int hh = 0; hh < nh; hh++) {
-                size_t off = ((size_t)b * row_stride + (size_t)hh * S * hd) * kv_esz;
+                size_t off = ((size_t)b * a->row_stride + (size_t)hh * S * hd) * kv_esz;
                 float *out = y + (size_t)b * C + hh * hd;
                 if (kv_half) {
-                    uint16_t *K = (uint16_t *)(kl + off), *Vh = (uint16_t *)(vl_cache + off);
+                    uint16_t *K = (uint16_t *)(kl + off), *Vh = (uint16_t *)(vl + off);
                     to_f16(hd, qr + C + hh * hd, K + (size_t)p * hd);
                     to_f16(hd, qr + 2 * C + hh * hd, Vh + (size_t)p * hd);
                     attend_f16((int)p + 1, hd, scale, qr + hh * hd, K, Vh, sc, out);
                 } else {
-                    float *K = (float *)(kl + off), *Vh = (float *)(vl_cache + off);
+                    float *K = (float *)(kl + off), *Vh = (float *)(vl + off);
                     memcpy(K + (size_t)p * hd, qr + C + hh * hd, sizeof(float) * hd);
                     memcpy(Vh + (size_t)p * hd, qr + 2 * C + hh * hd, sizeof(float) * hd);
                     attend_f32((int)p + 1, hd, scale, qr + hh * hd, K, Vh, sc, out);
                 }
             }
         }
-        matmul(half, B, C, C, y, w_o, b_o, h); /* h = F(x) of the attention part */
-        for (int b = 0; b < B; b++)
-            update(C, x + (size_t)b * C, h + (size_t)b * C, gates ? gates + ((size_t)b * L + l) * 2 : NULL, residual);
+        matmul(half, B, C, C, y, lw->w_o, lw->b_o, h); /* h = F(x) of the attention part */
+        for (int b = 0; b < B; b++) edit_update(d, &a->edits, b, l, 0, pos[b], x + (size_t)b * C, h + (size_t)b * C);
 
         /* MLP */
-        for (int b = 0; b < B; b++) layer_norm(C, x + (size_t)b * C, ln2_w, ln2_b, h + (size_t)b * C);
-        matmul(half, B, C, F, h, w_fc, b_fc, ff);
+        for (int b = 0; b < B; b++) layer_norm(C, x + (size_t)b * C, lw->ln_2_w, lw->ln_2_b, h + (size_t)b * C);
+        matmul(half, B, C, F, h, lw->w_fc, lw->b_fc, ff);
         gelu_tanh(B * F, ff);
-        matmul(half, B, F, C, ff, w_p, b_p, y);
-        for (int b = 0; b < B; b++)
-            update(C, x + (size_t)b * C, y + (size_t)b * C, gates ? gates + ((size_t)b * L + l) * 2 + 1 : NULL,
-                   residual);
+        matmul(half, B, F, C, ff, lw->w_p, lw->b_p, y);
+        for (int b = 0; b < B; b++) edit_update(d, &a->edits, b, l, 1, pos[b], x + (size_t)b * C, y + (size_t)b * C);
         for (int r = 0; r < R; r++)
             memcpy(stream + ((size_t)(l + 1) * R + r) * C, x + (size_t)trace_rows[r] * C, sizeof(float) * C);
     }
-    for (int b = 0; b < B; b++) layer_norm(C, x + (size_t)b * C, ln_f_w, ln_f_b, h + (size_t)b * C);
+    for (int b = 0; b < B; b++) layer_norm(C, x + (size_t)b * C, w->ln_f_w, w->ln_f_b, h + (size_t)b * C);
     float *zero = sc + S; /* the unembedding has no bias */
     memset(zero, 0, sizeof(float) * V);
-    mm_f32(B, C, V, h, unembed_t, zero, logits);
+    mm_f32(B, C, V, h, w->unembed_t, zero, a->logits);
     free(buf);
-    return 0;
+    return SHORTCUT_OK;
 }

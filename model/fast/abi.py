@@ -1,0 +1,138 @@
+"""The fused step's C boundary in Python: ctypes mirrors of the structs in `fused_step.h`, field for field.
+
+`ABI_VERSION` must equal the header's SHORTCUT_FUSED_ABI_VERSION: the loader (`model.fast.loader`) refuses a library
+that reports another one. tests/model/test_fused_abi.py holds every mirror's offsets and sizes to the library's own
+layout table (`shortcut_fused_layout`) and this constant to the header.
+
+Data pointers are `c_void_p` here (the header types them): an address is a plain int, so filling a struct from
+`Tensor.data_ptr()` costs no conversion. `edits_struct` is the one place a `StreamEdits` becomes a `ShortcutEdits`;
+adding an edit kind touches model/edits.py, the header, `edit_update` in fused_step.c and that function (see the
+header's comment).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from model.edits import StreamEdits
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "fused_step.c"
+HEADER = HERE / "fused_step.h"
+# two builds of the same source (model.fast.build); the loader takes the widest one this CPU runs
+LIBRARIES = {"avx2": HERE / "_fused_step.so", "avx512": HERE / "_fused_step_avx512.so"}
+
+ABI_VERSION = 2  # == SHORTCUT_FUSED_ABI_VERSION in fused_step.h
+
+_i32, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+
+
+class ShortcutDims(ctypes.Structure):
+    """The model's shape and number formats (fixed per decoder)."""
+
+    _fields_ = [
+        ("d_model", _i32),
+        ("n_head", _i32),
+        ("n_layer", _i32),
+        ("d_ff", _i32),
+        ("vocab_size", _i32),
+        ("block_size", _i32),
+        ("half", _i32),  # block matrices float16
+        ("residual", _i32),
+    ]
+
+
+class ShortcutLayerWeights(ctypes.Structure):
+    """One block's parameters: a pointer per parameter (shapes in the header; `model.fast.decoder.LAYER_PARAMS`)."""
+
+    _fields_ = [
+        ("w_qkv", _ptr),
+        ("w_o", _ptr),
+        ("w_fc", _ptr),
+        ("w_p", _ptr),
+        ("ln_1_w", _ptr),
+        ("ln_1_b", _ptr),
+        ("b_qkv", _ptr),
+        ("b_o", _ptr),
+        ("ln_2_w", _ptr),
+        ("ln_2_b", _ptr),
+        ("b_fc", _ptr),
+        ("b_p", _ptr),
+    ]
+
+
+class ShortcutWeights(ctypes.Structure):
+    """Every parameter; `layers` points at an array of n_layer ShortcutLayerWeights."""
+
+    _fields_ = [
+        ("wte", _ptr),
+        ("wpe", _ptr),
+        ("unembed_t", _ptr),
+        ("ln_f_w", _ptr),
+        ("ln_f_b", _ptr),
+        ("layers", _ptr),
+    ]
+
+
+class ShortcutEdits(ctypes.Structure):
+    """A step's stream edits per row (`StreamEdits`); a NULL field changes nothing."""
+
+    _fields_ = [
+        ("gates", _ptr),  # (B, n_layer, 2) float32
+    ]
+
+
+class ShortcutStepArgs(ctypes.Structure):
+    """One step's arguments and outputs."""
+
+    _fields_ = [
+        ("B", _i32),
+        ("kv_half", _i32),
+        ("tokens", _ptr),
+        ("pos", _ptr),
+        ("k_cache", _ptr),
+        ("v_cache", _ptr),
+        ("layer_stride", _i64),
+        ("row_stride", _i64),
+        ("edits", ShortcutEdits),
+        ("trace_rows", _ptr),
+        ("R", _i32),
+        ("stream", _ptr),
+        ("logits", _ptr),
+    ]
+
+
+STRUCTS: tuple[type[ctypes.Structure], ...] = (
+    ShortcutDims,
+    ShortcutLayerWeights,
+    ShortcutWeights,
+    ShortcutEdits,
+    ShortcutStepArgs,
+)
+
+ERRORS = {  # return codes of shortcut_fused_step (SHORTCUT_E* in the header); -1: out of memory
+    -2: "token ids outside the vocabulary",
+    -3: "positions must be in [0, block_size)",
+    -4: "trace_rows outside the batch",
+}
+
+
+def edits_struct(edits: StreamEdits | None) -> tuple[ShortcutEdits, tuple[torch.Tensor, ...]]:
+    """The C view of a step's `edits` (already checked against the step's shape), and the tensors it points into:
+    keep those alive until the call returns. The one place that knows both `StreamEdits` and `ShortcutEdits`."""
+    if edits is None or edits.gates is None:
+        return ShortcutEdits(), ()
+    gates = edits.gates.to(device="cpu", dtype=torch.float32).contiguous()
+    return ShortcutEdits(gates.data_ptr()), (gates,)
+
+
+def header_abi_version(header: Path = HEADER) -> int:
+    """SHORTCUT_FUSED_ABI_VERSION as the header defines it."""
+    for line in header.read_text().splitlines():
+        parts = line.split()
+        if parts[:2] == ["#define", "SHORTCUT_FUSED_ABI_VERSION"]:
+            return int(parts[2])
+    raise ValueError(f"{header} defines no SHORTCUT_FUSED_ABI_VERSION")
