@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 KV_DTYPES = (torch.float32, torch.float16)  # the cache dtypes the fused step reads and writes
 # ShortcutLayerWeights' fields: the block matrices (float16|32, (in, out)), then the float32 vectors
 LAYER_MATRICES = ("w_qkv", "w_o", "w_fc", "w_p")
-LAYER_VECTORS = tuple(name for name, _ in abi.ShortcutLayerWeights._fields_ if name not in LAYER_MATRICES)
+LAYER_VECTORS = tuple(f[0] for f in abi.ShortcutLayerWeights._fields_ if f[0] not in LAYER_MATRICES)
 
 
 def supports(config: ModelConfig) -> bool:
@@ -97,7 +97,7 @@ class FusedDecoder:
         self.scripted = False  # same attribute as FastDecoder's: this step is not TorchScript (and holds no GIL)
         self._step = lib.shortcut_fused_step
         C, L = cfg.d_model, cfg.n_layer
-        params = [_layer_params(b, C, cfg.d_ff) for b in model.blocks]
+        params = [_layer_params(b, C, cfg.d_ff) for b in model.layers]
         self._mats, mat_ptrs = _pack(
             [p[n] for p in params for n in LAYER_MATRICES], torch.half if self.packed else torch.float
         )
