@@ -92,7 +92,7 @@ def iter_diagnostics(
         notes.append(f"{' and '.join(skipped)} skipped: they need a loss, so at least 2 tokens (t predicts t+1)")
 
     device = model.wte.weight.device
-    edits = opts.intervention.compile(n_layer, device) if opts.intervention else None  # one row
+    edits = opts.intervention.compile(n_layer, device, n_prompt=n_tokens) if opts.intervention else None  # one row
     grads: list[torch.Tensor] | None = None
     if opts.gradients and n_tokens >= 2:
         resid, logits, grads = yield from _forward_with_grads(model, ids, edits)

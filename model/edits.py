@@ -127,8 +127,11 @@ class Intervention:
             seen.add((layer, part))
         return None
 
-    def compile(self, n_layer: int, device: torch.device | str = "cpu") -> StreamEdits:
-        """The edits of one row (a model of `n_layer` layers; check `problem` first)."""
+    def compile(self, n_layer: int, device: torch.device | str = "cpu", *, n_prompt: int | None = None) -> StreamEdits:
+        """The edits of one row (a model of `n_layer` layers; check `problem` first). `n_prompt`: the request's
+        prompt length (its generated tokens sit at positions n_prompt and up), for kinds of edit that act on the
+        prompt's or the generated positions only; None when every position is the prompt's (diagnostics). Skip and
+        scale act on every position."""
         g = torch.ones(n_layer, 2)
         for layer, part, factor in [(l, p, 0.0) for l, p in self.skip] + list(self.scale):
             g[layer, PART_COLUMNS[part]] *= factor

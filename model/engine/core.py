@@ -196,7 +196,9 @@ class Engine:
             deadline=now + self.request_timeout_s if self.request_timeout_s else None,
             generator=torch.Generator().manual_seed(seed),
             text=TextStream(params.stop),
-            edits=params.intervention.compile(self.config.n_layer, self.device) if params.intervention else None,
+            edits=params.intervention.compile(self.config.n_layer, self.device, n_prompt=len(prompt))
+            if params.intervention
+            else None,
             controls=LogitControls.create(list(prompt), params, self.config.vocab_size, self.device),
         )
         with self._cv:
