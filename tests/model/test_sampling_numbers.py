@@ -37,7 +37,8 @@ def draws(logits: torch.Tensor, temperature: float, n: int, seed: int, **kw: Any
     full = torch.full((n,), temperature)
     top_k = torch.full((n,), kw.get("top_k", 0), dtype=torch.long)
     top_p = torch.full((n,), kw.get("top_p", 1.0))
-    return sample_rows(rows, full, top_k, top_p, gens)
+    min_p = torch.full((n,), kw.get("min_p", 0.0))
+    return sample_rows(rows, full, top_k, top_p, gens, min_p)
 
 
 def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
@@ -63,16 +64,40 @@ def test_sampled_frequencies_follow_softmax_of_logits_over_temperature(temperatu
     assert chi_square(got, wrong) > 10 * CHI2_7DF_P1E6
 
 
-def test_temperature_applies_before_top_p() -> None:
-    """At T=2 the distribution flattens, so top_p=0.8 keeps more tokens than at T=1: the nucleus of softmax(l/T)."""
-    temperature, top_p = 2.0, 0.8
-    p = torch.softmax(LOGITS.double() / temperature, dim=-1)  # already sorted descending
-    before = p.cumsum(0) - p
-    nucleus = torch.where(before < top_p, p, torch.zeros_like(p))
-    want = nucleus / nucleus.sum()
-    got = draws(LOGITS, temperature, DRAWS, seed=77, top_p=top_p)
-    n_kept = int((want > 0).sum())
-    assert n_kept == 5
+def filtered(temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """The documented distribution, token by token in float64 (vLLM's order): softmax(LOGITS / T), then min_p
+    (relative to the best token), top-k, renormalise, top-p (the smallest prefix whose mass reaches top_p)."""
+    p = torch.softmax(LOGITS.double() / temperature, dim=-1).tolist()  # LOGITS are sorted, best first
+    keep = [q >= min_p * max(p) for q in p]
+    if top_k:
+        keep = [k and i < top_k for i, k in enumerate(keep)]
+    total = sum(q for q, k in zip(p, keep, strict=True) if k)
+    mass = 0.0
+    for i, q in enumerate(p):
+        if keep[i]:
+            if mass >= top_p:
+                keep[i] = False
+            mass += q / total
+    out = torch.tensor([q if k else 0.0 for q, k in zip(p, keep, strict=True)], dtype=torch.float64)
+    return out / out.sum()
+
+
+@pytest.mark.parametrize(
+    ("temperature", "filters", "n_kept"),
+    [
+        (0.5, {"top_k": 3}, 3),
+        (2.0, {"top_p": 0.8}, 5),  # temperature first: at T=2 the nucleus of 0.8 holds 5 tokens (at T=1, 3)
+        (1.0, {"min_p": 0.15}, 3),
+        (1.3, {"top_k": 6, "top_p": 0.9, "min_p": 0.05}, 5),  # each filter drops a token
+    ],
+    ids=["top_k", "top_p", "min_p", "all"],
+)
+def test_sampled_frequencies_follow_the_filters(temperature: float, filters: dict, n_kept: int) -> None:
+    """top-k, top-p and min-p after temperature, against `filtered` (chi-square, p = 1e-6; a token filtered out
+    must never be drawn)."""
+    want = filtered(temperature, **filters)
+    assert int((want > 0).sum()) == n_kept
+    got = draws(LOGITS, temperature, DRAWS, seed=77, **filters)
     stat = chi_square(got, want)
     assert stat < CHI2_7DF_P1E6, f"chi-square {stat:.1f}"
 
