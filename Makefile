@@ -10,7 +10,7 @@ PORT   ?= 8000
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: run test install dev lint bench compose-smoke scale-smoke depth-study screenshots clean
+.PHONY: run test install dev bench-deps lint bench mutation compose-smoke scale-smoke depth-study screenshots clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +32,17 @@ $(VENV)/.dev: $(VENV)/.torch pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	touch $(VENV)/.installed $@
 
+# the bench extra (transformers, CTranslate2: the peers the performance report compares with, and the tests that check
+# they compute our model's function); torch is already there (CPU build), so pip installs no other torch
+$(VENV)/.bench: $(VENV)/.dev
+	$(PIP) install -q -e '.[bench]'
+	touch $@
+
 install: $(VENV)/.installed $(FUSED)
 
 dev: $(VENV)/.dev $(FUSED)
+
+bench-deps: $(VENV)/.bench $(FUSED)
 
 run: $(VENV)/.installed $(FUSED)
 	$(PY) -m app --host $(HOST) --port $(PORT)
@@ -48,12 +56,15 @@ lint: $(VENV)/.dev
 	$(PY) -m ruff check app model training tests bench deploy
 	$(PY) -m mypy
 
-bench: $(VENV)/.dev $(FUSED)
-	$(PIP) install -q -e '.[bench]'
+bench: $(VENV)/.bench $(FUSED)
 	$(PY) -m bench.run
 
 compose-smoke:
 	bash deploy/compose-smoke.sh
+
+# before a release: small deliberate bugs, one at a time, each must make a test fail (docs/testing.md; minutes)
+mutation: $(VENV)/.dev $(FUSED)
+	$(PY) -m tests.mutation_check
 
 # the README's pictures of the page at / (docs/page/*.png), taken in Chromium (apt-get install chromium)
 screenshots: $(VENV)/.dev

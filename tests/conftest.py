@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,53 @@ if TYPE_CHECKING:
     from fastapi.testclient import TestClient
 
     from app.settings import Settings
+
+# ---------------------------------------------------------------- CI gates: skip -> fail
+
+# Where CI sets one of these to 1 (.ci/run), a test that skips for one of its reasons fails instead: the peer tests
+# (the bench extra: transformers, CTranslate2) and the fused C step's tests must run in CI, not skip silently.
+# (TEST_REQUIRE_BROWSER is tests/app/test_page.py's own.)
+REQUIRED_SKIPS = {
+    "TEST_REQUIRE_BENCH": ("could not import 'transformers'", "could not import 'ctranslate2'"),
+    "TEST_REQUIRE_FUSED": (
+        "the fused step is not built",
+        "cannot run the avx2 build",
+        "CPU without AVX2",
+        "no C compiler",
+    ),
+}
+
+
+def required_skip(reason: str) -> str | None:
+    """The gate (an environment variable set to 1) that forbids skipping for `reason`, else None."""
+    for env, reasons in REQUIRED_SKIPS.items():
+        if os.environ.get(env) == "1" and any(r in reason for r in reasons):
+            return env
+    return None
+
+
+def _fail_required_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail") and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2])
+        env = required_skip(reason)
+        if env is not None:
+            report.outcome = "failed"
+            report.longrepr = f"{env}=1: CI must run this test, but it skipped ({reason})"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    _fail_required_skip(outcome.get_result())  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    outcome = yield  # a module-level importorskip skips at collection
+    _fail_required_skip(outcome.get_result())  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- models, checkpoints, clients
 
 TINY = dict(block_size=32, n_layer=3, n_head=4, d_model=32, d_ff=64)
 # served by the app and reliability tests: a context window of 64
