@@ -43,8 +43,9 @@ def jinja_template(template: str) -> str:
     return (
         f"{{%- set roles = {roles} -%}}{{%- set ns = namespace(speaker='ASSISTANT') -%}}"
         "{%- for m in messages -%}"
-        "{%- if m.role == 'assistant' and m.name -%}{%- set ns.speaker = m.name -%}{%- endif -%}"
-        f"{{{{ {pre} }}}}{{{{ m.name or roles[m.role] }}}}{{{{ {mid} }}}}{{{{ m.content }}}}{{{{ {post} }}}}"
+        "{%- if m['role'] == 'assistant' and m.get('name') -%}{%- set ns.speaker = m['name'] -%}{%- endif -%}"
+        f"{{{{ {pre} }}}}{{{{ m.get('name') or roles[m['role']] }}}}"
+        f"{{{{ {mid} }}}}{{{{ m['content'] }}}}{{{{ {post} }}}}"
         "{%- endfor -%}"
         f"{{%- if add_generation_prompt -%}}{{{{ {pre} }}}}{{{{ ns.speaker }}}}{{{{ {mid} }}}}{{%- endif -%}}"
     )

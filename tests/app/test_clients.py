@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable
 
 import jinja2
+import jinja2.sandbox
 import pytest
 from fastapi.testclient import TestClient
 
@@ -75,7 +76,7 @@ def test_tokenizer_info_chat_template_renders_as_the_server_does(template: str) 
         {"role": "assistant", "content": "c", "name": "HAMLET"},
         {"role": "user", "content": "d é"},
     ]
-    env = jinja2.Environment()
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined)  # as lm-eval renders
     for add in (True, False):
         ours, _ = render_chat(template, [ChatMessage(**m) for m in messages], add)
         theirs = env.from_string(jinja_template(template)).render(messages=messages, add_generation_prompt=add)
