@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from app.openai.protocol import ChatMessage
 from app.sampling import build_sampling_params, stop_tuple
@@ -135,10 +136,15 @@ class TokenizeRequest(BaseModel):
     """Body of POST /tokenize: this server's `text`, or vLLM's `prompt` (with `add_special_tokens`) or chat
     `messages` (rendered with SHORTCUT_CHAT_TEMPLATE, as /v1/chat/completions renders them); exactly one."""
 
-    model_config = ConfigDict(extra="forbid")
-    text: str | None = Field(None, max_length=1_000_000)
-    prompt: str | None = Field(None, max_length=1_000_000, description="vLLM's name for `text`")
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)] | None = Field(
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"oneOf": [{"required": ["text"]}, {"required": ["prompt"]}, {"required": ["messages"]}]},
+    )
+    text: Annotated[str, Field(max_length=1_000_000)] | SkipJsonSchema[None] = None
+    prompt: Annotated[str, Field(max_length=1_000_000)] | SkipJsonSchema[None] = Field(
+        None, description="vLLM's name for `text`"
+    )
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)] | SkipJsonSchema[None] = Field(
         None, description="vLLM's chat form: the prompt /v1/chat/completions would build from these messages"
     )
     add_special_tokens: StrictBool = Field(

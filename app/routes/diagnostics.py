@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from app.deps import get_served
 from app.errors import ERRORS, APIError
@@ -42,12 +43,18 @@ class DiagnosticsRequest(BaseModel):
 class DiagnosticsBody(DiagnosticsRequest):
     """POST /diagnostics: the query's fields, and an intervention applied to every forward pass."""
 
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["tokens"]}]}
+    )
     intervention: InterventionSpec | None = Field(None, description="as on /generate: skip or scale blocks' F(x)")
-    prompt: str | None = Field(None, min_length=1, description="text whose residual stream is examined")  # type: ignore[assignment]
-    tokens: list[Annotated[int, Field(ge=0, le=255), JsonNumber]] | None = Field(
+    prompt: Annotated[str, Field(min_length=1)] | SkipJsonSchema[None] = Field(  # type: ignore[assignment]
+        None, description="text whose residual stream is examined"
+    )
+    tokens: (
+        Annotated[list[Annotated[int, Field(ge=0, le=255), JsonNumber]], Field(min_length=1, max_length=65536)]
+        | SkipJsonSchema[None]
+    ) = Field(
         None,
-        min_length=1,
-        max_length=65536,
         description="instead of prompt: the token ids (bytes) to examine, e.g. a generation's own tokens, which "
         "need not be valid UTF-8",
     )

@@ -242,3 +242,16 @@ def test_bad_model_aliases_are_refused_at_startup(value: str, app_checkpoint: ob
 def test_scores_are_finite(client: TestClient) -> None:
     lp = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 0, "echo": True, "logprobs": 0}).json()
     assert math.isfinite(lp["choices"][0]["logprobs"]["token_logprobs"][1])
+
+
+def test_diagnostics_takes_byte_tokens(client: TestClient) -> None:
+    """The page's Inspect sends the bytes a generation wrote (they need not be valid UTF-8)."""
+    by_text = client.post("/diagnostics", json={"prompt": "To be"}).json()
+    by_ids = client.post("/diagnostics", json={"tokens": list(b"To be")})
+    assert by_ids.status_code == 200, by_ids.text
+    assert by_ids.json()["loss"] == by_text["loss"] and by_ids.json()["n_tokens"] == 5
+    invalid = client.post("/diagnostics", json={"tokens": [84, 0xC2, 0xC2]})
+    assert invalid.status_code == 200 and invalid.json()["n_tokens"] == 3
+    assert_error(client.post("/diagnostics", json={"prompt": "a", "tokens": [97]}), 422)
+    err = assert_error(client.post("/diagnostics", json={"tokens": [97] * (WINDOW + 1)}), 400, param="tokens")
+    assert "one token is one UTF-8 byte" in err["message"]
