@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from app.errors import APIError
-from app.service import ServedModel
+from app.service import ServedModel, resolve
 
 
 def get_served(request: Request, name: str | None) -> ServedModel:
@@ -17,7 +17,7 @@ def get_served(request: Request, name: str | None) -> ServedModel:
         raise APIError(503, "server is shutting down and accepts no new requests", code="draining")
     if name is None:
         name = state.settings.model_name
-    served = state.models.get(name)
+    served = resolve(state.models, state.settings.model_aliases, name)
     if served is None:
         raise APIError(
             404,

@@ -57,6 +57,46 @@ def body_error_message(cause: BaseException | None) -> str:
     return "request body could not be parsed as UTF-8 JSON"
 
 
+NOT_AN_OBJECT = {"model_attributes_type", "dict_type", "model_type"}
+NOT_JSON_MESSAGE = (
+    "the body was not read as JSON: send the header `Content-Type: application/json` "
+    "(curl -d sends application/x-www-form-urlencoded; add -H 'Content-Type: application/json' or use --json)"
+)
+
+
+def _sent_json(request: Request) -> bool:
+    """Whether the request said its body is JSON (application/json or a +json type)."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def json_error_message(error: Mapping[str, Any], body: Any) -> str:
+    """The 422 message for a body that is not JSON: the parser's reason and where (line, column, character)."""
+    reason = str((error.get("ctx") or {}).get("error") or "not valid JSON")
+    loc = tuple(error.get("loc", ()))
+    pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+    if pos is None:
+        return f"request body is not valid JSON: {reason}"
+    where = f"character {pos}"
+    if isinstance(body, str):  # the decoded document: line and column as json.JSONDecodeError counts them
+        line = body.count("\n", 0, pos) + 1
+        column = pos - body.rfind("\n", 0, pos)
+        where = f"line {line}, column {column} (character {pos})"
+    hint = ""
+    if "control character" in reason.lower():
+        hint = "; a newline or tab inside a JSON string must be written \\n or \\t"
+    return f"request body is not valid JSON: {reason} at {where}{hint}"
+
+
+def _field_hint(request: Request, param: str) -> str | None:
+    """What to send instead of an unknown field, from the route's body model's FIELD_HINTS (e.g. /generate's
+    answer to OpenAI's max_tokens)."""
+    field = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    hints = getattr(model, "FIELD_HINTS", None)
+    return hints.get(param) if isinstance(hints, Mapping) else None
+
+
 class APIError(Exception):
     """An error with an HTTP status, rendered in the standard shape."""
 
@@ -128,12 +168,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
-        param = _loc_param(tuple(first.get("loc", ())))
+        loc = tuple(first.get("loc", ()))
+        param = _loc_param(loc)
         msg = str(first.get("msg", "invalid request"))
         if first.get("type") == "json_invalid":
-            msg, param = "request body is not valid JSON", None
+            msg, param = json_error_message(first, exc.body), None
+        elif loc == ("body",) and first.get("type") in NOT_AN_OBJECT and not _sent_json(request):
+            msg = NOT_JSON_MESSAGE
         elif param:
-            msg = f"{param}: {msg}"
+            hint = _field_hint(request, param) if first.get("type") == "extra_forbidden" else None
+            msg = f"{param}: {hint or msg}"
         if len(errors) > 1:
             msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
         return error_response(422, msg, param, first.get("type"))

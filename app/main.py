@@ -33,6 +33,7 @@ def create_app(
         threads = service.configure_threads(settings.threads)
         device = service.select_device(settings.device)
         served = models if models is not None else service.load_models(settings, metrics, device)
+        service.check_aliases(settings.model_aliases, served)
         app.state.models = served
         app.state.device = device
         log.info(

@@ -6,10 +6,12 @@ app.sampling.build_sampling_params.)
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
+from app.openai.protocol import ChatMessage
 from app.sampling import build_sampling_params, stop_tuple
 from app.schemas import (
     InterventionSpec,
@@ -35,6 +37,19 @@ class GenerateRequest(BaseModel):
     """Body of POST /generate."""
 
     model_config = ConfigDict(extra="forbid")
+
+    # OpenAI's (/v1's) names that /generate spells otherwise or does not take: the 422 says what to send instead
+    FIELD_HINTS: ClassVar[dict[str, str]] = {
+        "max_tokens": "this route's field is max_new_tokens (max_tokens is /v1's name)",
+        "max_completion_tokens": "this route's field is max_new_tokens (max_completion_tokens is /v1's name)",
+        "n": "/generate makes one continuation per request; for n choices use /v1/completions",
+        "best_of": "/generate makes one continuation per request; for several use /v1/completions with n",
+        "echo": "/generate answers only the new text; for the prompt's logprobs use /v1/completions with echo",
+        "top_logprobs": "this route's field is logprobs: K (K alternatives per token)",
+        "messages": "/generate continues a prompt; for messages use /v1/chat/completions",
+        "stream_options": "/generate's final `done` event always carries usage; send stream: true only",
+        "stop_strings": "this route's field is stop (a string or a list of strings)",
+    }
 
     prompt: str = Field(..., min_length=1, description="text to continue (UTF-8; one token per byte)")
     model: ModelName | None = Field(None, description="served model name; default the main model")
@@ -118,15 +133,44 @@ class GenerateResponse(BaseModel):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    text: str = Field(..., max_length=1_000_000)
+    """Body of POST /tokenize: this server's `text`, or vLLM's `prompt` (with `add_special_tokens`) or chat
+    `messages` (rendered with SHORTCUT_CHAT_TEMPLATE, as /v1/chat/completions renders them); exactly one."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"oneOf": [{"required": ["text"]}, {"required": ["prompt"]}, {"required": ["messages"]}]},
+    )
+    text: Annotated[str, Field(max_length=1_000_000)] | SkipJsonSchema[None] = None
+    prompt: Annotated[str, Field(max_length=1_000_000)] | SkipJsonSchema[None] = Field(
+        None, description="vLLM's name for `text`"
+    )
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)] | SkipJsonSchema[None] = Field(
+        None, description="vLLM's chat form: the prompt /v1/chat/completions would build from these messages"
+    )
+    add_special_tokens: StrictBool = Field(
+        False, description="accepted for vLLM's clients; a byte tokenizer has no special tokens, so it changes nothing"
+    )
+    add_generation_prompt: StrictBool = Field(True, description="with `messages`: end with the assistant's open turn")
+    return_token_strs: StrictBool = Field(False, description="also return each token's text (vLLM's `token_strs`)")
     model: ModelName | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        given = [k for k in ("text", "prompt", "messages") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of text, prompt (vLLM's name for text) or messages"
+                + (f"; got {' and '.join(given)}" if given else "")
+            )
+        return self
 
 
 class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int
     context_window: int
+    max_model_len: int = Field(..., description="vLLM's name for context_window")
+    token_strs: list[str] | None = Field(None, description="each token's text, with return_token_strs")
 
 
 class DetokenizeRequest(BaseModel):
@@ -137,3 +181,19 @@ class DetokenizeRequest(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     text: str
+    prompt: str = Field(..., description="the same text under vLLM's name")
+
+
+class TokenizerInfoResponse(BaseModel):
+    """GET /tokenizer_info: vLLM's fields (a tokenizer_config.json) that apply to a byte tokenizer."""
+
+    tokenizer_class: str = Field(..., description="'ByteTokenizer': one token per UTF-8 byte, ids 0..255")
+    vocab_size: int
+    model_max_length: int = Field(..., description="the context window in tokens (bytes)")
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    add_bos_token: bool = False
+    add_eos_token: bool = False
+    chat_template: str = Field(..., description="SHORTCUT_CHAT_TEMPLATE as a Jinja template, as vLLM serves it")

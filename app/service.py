@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import time
@@ -104,6 +105,25 @@ def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> d
         c = ck.config
         metrics.model_info.labels(name, ck.sha256, str(c.n_layer), str(c.d_model), device.type).set(1)
     return models
+
+
+def check_aliases(aliases: dict[str, str], models: dict[str, ServedModel]) -> None:
+    """Every SHORTCUT_MODEL_ALIASES target must be served, and no alias may hide a served model's own name."""
+    for alias, target in aliases.items():
+        if target not in models:
+            raise ValueError(f"SHORTCUT_MODEL_ALIASES: {alias}={target}, but no model {target!r} is served")
+        if alias in models:
+            raise ValueError(f"SHORTCUT_MODEL_ALIASES: {alias!r} is already a served model's name")
+
+
+def resolve(models: dict[str, ServedModel], aliases: dict[str, str], name: str) -> ServedModel | None:
+    """The served model called `name`, or the one its alias names, answering under the alias (as vLLM answers
+    under the served model name the client sent); None if neither."""
+    served = models.get(name)
+    if served is None and name in aliases:
+        target = models.get(aliases[name])
+        served = dataclasses.replace(target, name=name) if target is not None else None
+    return served
 
 
 def warm_up(served: ServedModel) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import string
 from pathlib import Path
 from typing import Annotated, Literal
@@ -13,6 +14,8 @@ import model
 
 CHECKPOINTS_DIR = Path(model.__file__).resolve().parent / "checkpoints"
 DEFAULT_CHECKPOINT = CHECKPOINTS_DIR / "shakespeare.safetensors"
+ALIAS_NAME = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
+MAX_ALIASES = 64
 
 
 class Settings(BaseSettings):
@@ -24,6 +27,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     checkpoint: Path = DEFAULT_CHECKPOINT
     model_name: str = Field("shakespeare", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    model_aliases: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="other names clients may send as `model`, each for a served model, like vLLM's "
+        "--served-model-name: 'alias=served,alias2=served' (e.g. gpt-3.5-turbo=shakespeare); default none (404)",
+    )
     extra_checkpoints_dir: Path | None = Field(
         CHECKPOINTS_DIR, description="also serve every *.safetensors in this folder, named by file stem ('' = none)"
     )
@@ -79,6 +87,36 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(h.strip().lower() for h in value.split(",") if h.strip()) or None
+        return value
+
+    @field_validator("model_aliases", mode="before")
+    @classmethod
+    def _alias_pairs(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs: dict[str, str] = {}
+        for item in (p.strip() for p in value.split(",")):
+            if not item:
+                continue
+            alias, sep, target = (x.strip() for x in item.partition("="))
+            if not sep or not alias or not target:
+                raise ValueError(f"SHORTCUT_MODEL_ALIASES: {item!r} is not alias=served_model")
+            if alias in pairs:
+                raise ValueError(f"SHORTCUT_MODEL_ALIASES: {alias!r} is given twice")
+            pairs[alias] = target
+        return pairs
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _alias_names(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_ALIASES:
+            raise ValueError(f"SHORTCUT_MODEL_ALIASES: at most {MAX_ALIASES} aliases")
+        for alias, target in value.items():
+            for name in (alias, target):
+                if not ALIAS_NAME.fullmatch(name):
+                    raise ValueError(
+                        f"SHORTCUT_MODEL_ALIASES: {name!r} is not a model name (1-64 of A-Z a-z 0-9 . _ - : /)"
+                    )
         return value
 
     @field_validator("extra_checkpoints_dir", "api_key", mode="before")

@@ -2,24 +2,50 @@
 
 from __future__ import annotations
 
-from app.openai.protocol import ChatCompletionRequest
+import json
+import string
+from collections.abc import Sequence
+
+from app.openai.protocol import ChatMessage
 
 ROLE_NAMES = {"system": "SYSTEM", "developer": "SYSTEM", "user": "USER", "assistant": "ASSISTANT"}
 _CUT = "\x00\x01content\x01\x00"
 
 
-def render_chat(template: str, body: ChatCompletionRequest) -> tuple[str, str]:
-    """(prompt, turn end): every message as a turn of `template`, then the assistant's turn left open.
+def render_chat(template: str, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> tuple[str, str]:
+    """(prompt, turn end): every message as a turn of `template`, then the assistant's turn left open (unless
+    `add_generation_prompt` is false).
 
     A message's speaker is its `name`, else ROLE_NAMES[role]; the open turn's speaker is the last assistant
     message's name, else ASSISTANT. Text parts of a message are joined with a newline (as vLLM does).
     """
     turns, speaker = [], ROLE_NAMES["assistant"]
-    for i, m in enumerate(body.messages):
+    for i, m in enumerate(messages):
         content = m.text(i)  # refuses what is not served
         name = m.name or ROLE_NAMES[m.role]
         if m.role == "assistant" and m.name:
             speaker = m.name
         turns.append(template.format(name=name, content=content))
     opened, end = template.format(name=speaker, content=_CUT).split(_CUT)
-    return "".join(turns) + opened, end
+    return "".join(turns) + (opened if add_generation_prompt else ""), end
+
+
+def jinja_template(template: str) -> str:
+    """`template` (SHORTCUT_CHAT_TEMPLATE: text, {name}, text, {content}, text) as a Jinja chat template over
+    string contents, for clients that render chats themselves from GET /tokenizer_info (lm-eval's RemoteTokenizer)."""
+    parts = [""]  # the text before {name}, between {name} and {content}, after {content} (settings checked them)
+    for literal, field, _, _ in string.Formatter().parse(template):
+        parts[-1] += literal  # an escaped brace splits a literal in two
+        if field is not None:
+            parts.append("")
+    pre, mid, post = (json.dumps(x, ensure_ascii=False) for x in parts)
+    roles = json.dumps(ROLE_NAMES)
+    return (
+        f"{{%- set roles = {roles} -%}}{{%- set ns = namespace(speaker='ASSISTANT') -%}}"
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'assistant' and m.get('name') -%}{%- set ns.speaker = m['name'] -%}{%- endif -%}"
+        f"{{{{ {pre} }}}}{{{{ m.get('name') or roles[m['role']] }}}}"
+        f"{{{{ {mid} }}}}{{{{ m['content'] }}}}{{{{ {post} }}}}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{ {pre} }}}}{{{{ ns.speaker }}}}{{{{ {mid} }}}}{{%- endif -%}}"
+    )

@@ -36,6 +36,7 @@ NOT_SERVED: dict[str, tuple[tuple[object, ...], str]] = {
     "typical_p": ((None, 1, 1.0), "not served; use top_p, top_k or min_p"),
     "prompt_logprobs": ((None,), "use echo with logprobs (completions)"),
     "use_beam_search": ((None, False), "beam search is not served"),
+    "max_new_tokens": ((None,), "/v1's field is max_tokens (max_new_tokens is /generate's name)"),
     "include_stop_str_in_output": ((None, False), "not served; the text ends before the stop string"),
 }
 MESSAGE_NOT_SERVED: dict[str, tuple[tuple[object, ...], str]] = {

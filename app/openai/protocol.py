@@ -157,8 +157,10 @@ class CompletionRequest(OpenAIRequest):
         ),
         Utf8Only,
     ]
-    max_tokens: MaxTokens | None = Field(
-        None, description="omitted or null: 16 (OpenAI's default), capped by what the context window leaves"
+    max_tokens: Annotated[int, Field(ge=0, le=65536), JsonNumber] | None = Field(
+        None,
+        description="omitted or null: 16 (OpenAI's default), capped by what the context window leaves; 0 only with "
+        "echo: the prompt scored, nothing generated (a whole context window fits)",
     )
     logprobs: Annotated[int, Field(ge=0, le=20), JsonNumber] | None = None
     echo: StrictBool | None = False
@@ -169,6 +171,14 @@ class CompletionRequest(OpenAIRequest):
     def check(self, max_n: int) -> int:
         """As OpenAIRequest.check, and best_of other than n is refused."""
         n = super().check(max_n)
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(
+                400,
+                "max_tokens: 0 generates nothing, so it is only allowed with echo: true (which returns the prompt, "
+                "scored with logprobs if asked); send max_tokens >= 1 to generate",
+                param="max_tokens",
+                code="invalid_value",
+            )
         if self.best_of not in (None, 1, n):
             raise unsupported("best_of", "best_of > n is not served; ask for n choices with logprobs and rank them")
         return n
@@ -201,6 +211,11 @@ class CompletionRequest(OpenAIRequest):
             else:
                 out.append((list(q), tokenizer.decode(q)))
         return out
+
+    @property
+    def score_only(self) -> bool:
+        """max_tokens 0 with echo: the prompts are scored, nothing is generated."""
+        return self.max_tokens == 0 and bool(self.echo)
 
     def to_sampling_params(self, default_max_tokens: int, choice: int = 0) -> SamplingParams:
         """Engine parameters of choice `choice` (its own seed); `default_max_tokens` is what an omitted max_tokens
@@ -361,6 +376,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "shortcut"
+    root: str = Field(..., description="the served model (for an alias from SHORTCUT_MODEL_ALIASES, its target)")
     n_layer: int
     d_model: int
     context_window: int

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
@@ -157,11 +157,13 @@ async def stream_rows(
     yield "data: [DONE]\n\n"
 
 
-def model_card(m: ServedModel) -> ModelCard:
+def model_card(m: ServedModel, root: str | None = None) -> ModelCard:
+    """The card of a served model; `root` is the model an alias names (the card's id is then the alias)."""
     c = m.checkpoint.config
     return ModelCard(
         id=m.name,
         created=m.created,
+        root=root or m.name,
         n_layer=c.n_layer,
         d_model=c.d_model,
         context_window=c.block_size,
@@ -170,14 +172,21 @@ def model_card(m: ServedModel) -> ModelCard:
     )
 
 
-def find_model(models: Mapping[str, ServedModel], model_id: str) -> ModelCard:
-    """The card of one served model, or a 404."""
-    m = models.get(model_id)
-    if m is None:
-        raise APIError(
-            404,
-            f"model '{model_id}' not found; GET /v1/models lists the served models",
-            param="model",
-            code="model_not_found",
-        )
-    return model_card(m)
+def model_cards(models: Mapping[str, ServedModel], aliases: Mapping[str, str]) -> list[ModelCard]:
+    """Every served model, then every alias (SHORTCUT_MODEL_ALIASES), as vLLM lists each served model name."""
+    cards = [model_card(m) for m in models.values()]
+    cards += [model_card(replace(models[t], name=a), root=t) for a, t in aliases.items() if t in models]
+    return cards
+
+
+def find_model(models: Mapping[str, ServedModel], aliases: Mapping[str, str], model_id: str) -> ModelCard:
+    """The card of one served model or alias, or a 404."""
+    for card in model_cards(models, aliases):
+        if card.id == model_id:
+            return card
+    raise APIError(
+        404,
+        f"model '{model_id}' not found; GET /v1/models lists the served models",
+        param="model",
+        code="model_not_found",
+    )

@@ -27,7 +27,7 @@ async def create_chat_completion(
     n = check(body, request, cid)
     served = get_served(request, body.model)
     settings = request.app.state.settings
-    prompt, turn_end = render_chat(settings.chat_template, body)
+    prompt, turn_end = render_chat(settings.chat_template, body.messages)
     ids = tokenizer.encode(prompt)
     default = default_max_new(served, len(ids), settings.default_max_new_tokens)
     k = body.top_k_logprobs

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from app.deps import get_served
+from app.errors import APIError
 from app.generation import collect, default_max_new
 from app.openai.logprobs import Offsets, Scored, completion_logprobs, prompt_logprobs, scored
 from app.openai.protocol import CompletionChoice, CompletionRequest, CompletionResponse
-from app.openai.serving import Row, check, chunk_head, extensions, response_fields, stream_rows, submit_rows
+from app.openai.serving import (
+    Row,
+    check,
+    chunk_head,
+    extensions,
+    fingerprint,
+    response_fields,
+    sse,
+    stream_rows,
+    submit_rows,
+)
 from app.sse import sse_response
 
 
@@ -23,6 +35,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Comple
     n = check(body, request, cid)
     served = get_served(request, body.model)
     settings = request.app.state.settings
+    if body.score_only:
+        return await score_prompts(body, request, cid, created, n)
     k = body.logprobs
     rows = []
     for p_i, (ids, text) in enumerate(body.prompts(settings.max_prompts)):
@@ -90,3 +104,71 @@ async def create_completion(body: CompletionRequest, request: Request) -> Comple
         }
 
     return sse_response(stream_rows(rows, handles, head, body.include_usage, opening, delta))
+
+
+async def score_prompts(
+    body: CompletionRequest, request: Request, cid: str, created: int, n: int
+) -> CompletionResponse | StreamingResponse:
+    """max_tokens 0 with echo (as OpenAI and vLLM serve it: how a client scores a text): each choice is its prompt,
+    with the prompt's logprobs when asked for, and finish_reason "length"; nothing is generated, so a prompt may
+    fill the whole context window."""
+    served = get_served(request, body.model)
+    settings = request.app.state.settings
+    for name in ("intervention", "trace", "logit_lens_top"):
+        if getattr(body, name):
+            raise APIError(
+                400,
+                f"{name}: max_tokens 0 scores the prompt with the unedited model and generates no token to trace; "
+                "send max_tokens >= 1",
+                param=name,
+                code="unsupported_parameter",
+            )
+    k = body.logprobs
+    if k is not None and k > settings.max_logprobs:
+        raise APIError(400, f"logprobs must be in 0..{settings.max_logprobs}", param="logprobs", code="invalid_value")
+    window = served.checkpoint.config.block_size
+    prompts = body.prompts(settings.max_prompts)
+    for ids, _ in prompts:
+        if not ids:
+            raise APIError(400, "prompt is empty: there is nothing to score", param="prompt", code="invalid_value")
+        if len(ids) > window:
+            raise APIError(
+                400,
+                f"prompt is {len(ids)} tokens (one token is one UTF-8 byte), over the context window of {window} "
+                f"tokens; a prompt scored with max_tokens 0 may be at most {window} bytes",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+    scores = [await prompt_logprobs(served, ids, k) if k is not None else [] for ids, _ in prompts]
+    choices = [
+        CompletionChoice(
+            text=text,
+            index=p_i * n + j,
+            finish_reason="length",
+            logprobs=completion_logprobs(scores[p_i], k, Offsets()) if k is not None else None,
+        )
+        for p_i, (_, text) in enumerate(prompts)
+        for j in range(n)
+    ]
+    prompt_tokens = sum(len(ids) for ids, _ in prompts)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
+    if not body.stream:
+        return CompletionResponse(
+            id=cid,
+            created=created,
+            model=served.name,
+            choices=choices,
+            usage=usage,
+            system_fingerprint=fingerprint(served),
+        )
+    head = chunk_head(cid, "text_completion", created, served)
+    extra = {"usage": None} if body.include_usage else {}
+
+    async def events() -> AsyncIterator[str]:
+        for c in choices:
+            yield sse({**head, "choices": [c.model_dump(mode="json")], **extra})
+        if body.include_usage:
+            yield sse({**head, "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
+
+    return sse_response(events())

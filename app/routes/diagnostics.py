@@ -8,12 +8,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from app.deps import get_served
 from app.errors import ERRORS, APIError
 from app.generation import wait_disconnect
-from app.schemas import DiagnosticsResponse, InterventionSpec, ModelName, not_a_bool, not_a_number
+from app.schemas import DiagnosticsResponse, InterventionSpec, JsonNumber, ModelName, not_a_bool, not_a_number
 from app.service import ServedModel
 from model import tokenizer
 from model.diagnostics import DiagnosticsOptions, iter_diagnostics, render_text
@@ -42,7 +43,27 @@ class DiagnosticsRequest(BaseModel):
 class DiagnosticsBody(DiagnosticsRequest):
     """POST /diagnostics: the query's fields, and an intervention applied to every forward pass."""
 
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["tokens"]}]}
+    )
     intervention: InterventionSpec | None = Field(None, description="as on /generate: skip or scale blocks' F(x)")
+    prompt: Annotated[str, Field(min_length=1)] | SkipJsonSchema[None] = Field(  # type: ignore[assignment]
+        None, description="text whose residual stream is examined"
+    )
+    tokens: (
+        Annotated[list[Annotated[int, Field(ge=0, le=255), JsonNumber]], Field(min_length=1, max_length=65536)]
+        | SkipJsonSchema[None]
+    ) = Field(
+        None,
+        description="instead of prompt: the token ids (bytes) to examine, e.g. a generation's own tokens, which "
+        "need not be valid UTF-8",
+    )
+
+    @model_validator(mode="after")
+    def _one_input(self) -> DiagnosticsBody:
+        if (self.prompt is None) == (self.tokens is None):
+            raise ValueError("give exactly one of prompt (text) or tokens (byte ids)")
+        return self
 
 
 def _wants_text(req: DiagnosticsRequest, request: Request) -> bool:
@@ -54,13 +75,15 @@ def _wants_text(req: DiagnosticsRequest, request: Request) -> bool:
 
 async def _diagnose(req: DiagnosticsRequest, request: Request, intervention: InterventionSpec | None = None):
     served: ServedModel = get_served(request, req.model)
-    ids = tokenizer.encode(req.prompt)
+    tokens = getattr(req, "tokens", None)
+    ids = list(tokens) if tokens is not None else tokenizer.encode(req.prompt or "")
     window = served.checkpoint.config.block_size
     if len(ids) > window:
+        name = "tokens" if tokens is not None else "prompt"
         raise APIError(
             400,
-            f"prompt is {len(ids)} tokens; the context window is {window} tokens",
-            param="prompt",
+            f"{name} is {len(ids)} tokens (one token is one UTF-8 byte); the context window is {window} tokens",
+            param=name,
             code="context_length_exceeded",
         )
     c = served.checkpoint.config

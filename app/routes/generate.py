@@ -1,4 +1,4 @@
-"""POST /generate (with SSE streaming), /tokenize and /detokenize."""
+"""POST /generate (with SSE streaming), /tokenize and /detokenize, GET /tokenizer_info."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from app.deps import get_served
 from app.errors import ERRORS, error_body
 from app.generation import collect, default_max_new, finish_error, stream_events, submit
+from app.openai.chat_template import jinja_template, render_chat
 from app.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -20,6 +21,7 @@ from app.protocol import (
     TokenInfo,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
     TopLogprob,
 )
 from app.schemas import InterventionSpec, Trace
@@ -114,16 +116,37 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse 
     return sse_response(events())
 
 
-@router.post("/tokenize", response_model=TokenizeResponse)
+@router.post("/tokenize", response_model=TokenizeResponse, response_model_exclude_none=True)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
-    """Token ids of `text` (one per UTF-8 byte)."""
+    """Token ids (one per UTF-8 byte) of `text`, of vLLM's `prompt`, or of the prompt that chat `messages` become
+    on /v1/chat/completions."""
     served = get_served(request, body.model)
-    ids = tokenizer.encode(body.text)
-    return TokenizeResponse(tokens=ids, count=len(ids), context_window=served.checkpoint.config.block_size)
+    if body.messages is not None:
+        text, _ = render_chat(request.app.state.settings.chat_template, body.messages, body.add_generation_prompt)
+    else:
+        text = body.text if body.text is not None else body.prompt or ""
+    ids = tokenizer.encode(text)
+    window = served.checkpoint.config.block_size
+    strs = [tokenizer.token_text(i) for i in ids] if body.return_token_strs else None
+    return TokenizeResponse(tokens=ids, count=len(ids), context_window=window, max_model_len=window, token_strs=strs)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
-    """Text of token ids (invalid UTF-8 becomes U+FFFD)."""
+    """Text of token ids (invalid UTF-8 becomes U+FFFD), as `text` and as vLLM's `prompt`."""
     get_served(request, body.model)
-    return DetokenizeResponse(text=tokenizer.decode(body.tokens))
+    text = tokenizer.decode(body.tokens)
+    return DetokenizeResponse(text=text, prompt=text)
+
+
+@router.get("/tokenizer_info", response_model=TokenizerInfoResponse)
+async def tokenizer_info(request: Request) -> TokenizerInfoResponse:
+    """The tokenizer as vLLM describes its own (what lm-evaluation-harness's remote tokenizer reads): bytes, no
+    special tokens, the context window, the chat template."""
+    served = get_served(request, None)
+    return TokenizerInfoResponse(
+        tokenizer_class="ByteTokenizer",
+        vocab_size=tokenizer.VOCAB_SIZE,
+        model_max_length=served.checkpoint.config.block_size,
+        chat_template=jinja_template(request.app.state.settings.chat_template),
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import torch
 from fastapi import APIRouter, Request, Response
@@ -34,6 +35,23 @@ async def ready(request: Request) -> Response:
     return Response('{"status":"ready"}', media_type="application/json")
 
 
+VAL_LOSS_NOTE = (
+    "training's own estimate when the checkpoint was kept: mean loss over train_config.eval_batches batches of "
+    "random validation windows, every byte of a window scored (its first bytes with little context); the "
+    "validation loss the README states (every byte scored once with >= 128 bytes of context) is "
+    "`python -m training.evaluate`'s"
+)
+
+
+def checkpoint_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's training metadata as /info shows it: without the optimizer state, and the training-time
+    `val_loss` under a name that says what it measured (it is not the README's validation loss)."""
+    shown = {k: v for k, v in metadata.items() if k not in ("train_state", "val_loss")}
+    if metadata.get("val_loss") is not None:
+        shown["val_loss_training_estimate"] = {"nats_per_byte": metadata["val_loss"], "measured": VAL_LOSS_NOTE}
+    return shown
+
+
 @router.get("/info")
 async def info(request: Request) -> dict:
     """Served models: config, parameter count, checkpoint path and sha256, device, dtype, version."""
@@ -46,7 +64,7 @@ async def info(request: Request) -> dict:
             "parameters": ck.model.num_params(),
             "checkpoint_path": str(ck.path),
             "checkpoint_sha256": ck.sha256,
-            "checkpoint_metadata": {k: v for k, v in ck.metadata.items() if k != "train_state"},
+            "checkpoint_metadata": checkpoint_metadata(ck.metadata),
             "dtype": str(next(ck.model.parameters()).dtype).removeprefix("torch."),
         }
     return {

@@ -16,7 +16,7 @@ from app.openai.protocol import (
     ModelCard,
     ModelList,
 )
-from app.openai.serving import find_model, model_card
+from app.openai.serving import find_model, model_cards
 from app.openai.serving_chat import create_chat_completion
 from app.openai.serving_completion import create_completion
 
@@ -41,10 +41,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
 @router.get("/models", response_model=ModelList)
 async def models(request: Request) -> ModelList:
     """The served models."""
-    return ModelList(data=[model_card(m) for m in request.app.state.models.values()])
+    state = request.app.state
+    return ModelList(data=model_cards(state.models, state.settings.model_aliases))
 
 
 @router.get("/models/{model_id}", response_model=ModelCard)
 async def model(model_id: str, request: Request) -> ModelCard:
     """One served model, or a 404."""
-    return find_model(request.app.state.models, model_id)
+    state = request.app.state
+    return find_model(state.models, state.settings.model_aliases, model_id)

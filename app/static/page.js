@@ -78,19 +78,25 @@
     return keyPrompt;
   }
 
-  async function apiFetch(path, init = {}, retried = false) {
-    const headers = Object.assign({}, init.headers || {});
-    if (init.body !== undefined) headers["Content-Type"] = "application/json";
-    const key = sessionStorage.getItem(KEY_STORE);
-    if (key) headers.Authorization = `Bearer ${key}`;
-    const resp = await fetch(path, Object.assign({}, init, {headers, cache: "no-store", credentials: "same-origin"}));
-    if (resp.status === 401 && !retried) {
+  // Every 401 asks for the key again (a mistyped key is asked for once more, with the server's reason) until one is
+  // accepted or the dialog is cancelled; once a new key is accepted, the models load if they had not.
+  async function apiFetch(path, init = {}) {
+    let asked = false;
+    for (;;) {
+      const headers = Object.assign({}, init.headers || {});
+      if (init.body !== undefined) headers["Content-Type"] = "application/json";
+      const key = sessionStorage.getItem(KEY_STORE);
+      if (key) headers.Authorization = `Bearer ${key}`;
+      const resp = await fetch(path, Object.assign({}, init, {headers, cache: "no-store", credentials: "same-origin"}));
+      if (resp.status !== 401) {
+        if (asked && !state.models.length && path !== "/v1/models") loadModels();
+        return resp;
+      }
       const err = await apiError(resp);
       sessionStorage.removeItem(KEY_STORE);
-      if (await askKey(err.message)) return apiFetch(path, init, true);
-      throw err;
+      if (!(await askKey(err.message))) throw err;
+      asked = true;
     }
-    return resp;
   }
 
   async function apiJSON(path, body) {
@@ -192,7 +198,10 @@
 
   function buildRequest() {
     const card = currentModel();
-    if (!card) throw new ApiError("no model loaded yet (GET /v1/models)", 0, "model");
+    if (!card) {
+      if (!state.models.length) loadModels();  // e.g. after a cancelled key dialog: ask again
+      throw new ApiError("no model loaded yet (GET /v1/models)", 0, "model");
+    }
     const req = {prompt: $("#prompt").value, model: card.id};
     const fields = [["#max-new-tokens", "max_new_tokens", true], ["#temperature", "temperature", false],
       ["#top-k", "top_k", true], ["#top-p", "top_p", false]];
@@ -640,7 +649,8 @@
     same.textContent = chars.slice(0, at).join("");
     const mark = document.createElement("mark");
     mark.textContent = at < chars.length ? chars[at] : "∅";
-    mark.title = at < chars.length ? `first difference: character ${at}` : `ends here (character ${at})`;
+    // counted from 1, as "(of N and M)" counts the characters
+    mark.title = at < chars.length ? `first difference: character ${at + 1}` : `ends here, after character ${at}`;
     box.append(same, mark, chars.slice(at + 1).join(""));
   }
 
@@ -669,7 +679,7 @@
     fillDiff(right, b, at);
     note.dataset.first = String(at);
     note.textContent = at < 0 ? "The two texts are identical."
-      : `First difference at character ${at} (of ${a.length} and ${b.length}).`;
+      : `First difference at character ${at + 1} (of ${a.length} and ${b.length}; counted from 1).`;
   }
 
   // ------------------------------------------------------------------ charts (ECharts)
@@ -871,14 +881,18 @@
     const prompt = $("#prompt").value;
     const last = state.last;
     const fromRun = last && last.done && last.request.prompt === prompt && last.request.model === card.id;
-    const full = fromRun ? prompt + last.text : prompt;
-    const part = lastBytes(full, card.context_window);
-    if (!part.text) {
+    // the bytes the model saw and wrote: the prompt's, then each generated token's own byte (the text would turn a
+    // byte that is not valid UTF-8 into U+FFFD, three other bytes)
+    const promptBytes = new TextEncoder().encode(prompt);
+    const fullBytes = fromRun ? Uint8Array.from([...promptBytes, ...last.tokens.map((t) => t.id)]) : promptBytes;
+    const dropped = Math.max(0, fullBytes.length - card.context_window);
+    const part = {bytes: fullBytes.slice(dropped), dropped};
+    if (!part.bytes.length) {
       showError("nothing to inspect: the prompt is empty");
       return;
     }
-    const body = {prompt: part.text, model: card.id, logit_lens: 3, gradients: $("#inspect-gradients").checked,
-      ablation: $("#inspect-ablation").checked};
+    const body = {tokens: Array.from(part.bytes), model: card.id, logit_lens: 3,
+      gradients: $("#inspect-gradients").checked, ablation: $("#inspect-ablation").checked};
     const iv = currentIntervention();
     if (iv && $("#inspect-intervention").checked) body.intervention = iv;
     setPanel("inspect", "running", `running /diagnostics on ${part.bytes.length} tokens…`);
@@ -889,7 +903,7 @@
       drawUpdate(d);
       const traced = fromRun && !part.dropped && last.done.trace && last.done.trace.tokens &&
         last.done.trace.tokens.some((t) => t.logit_lens) ? last : null;
-      drawLens(d, traced, new TextEncoder().encode(full));
+      drawLens(d, traced, fullBytes);
       drawGrad(d);
       drawAblation(d);
       const bits = [`${d.n_tokens} tokens of ${fromRun ? "prompt + generated text" : "the prompt"}`,

@@ -34,10 +34,17 @@ class PromptTooLongError(InvalidRequestError):
         super().__init__(self.describe(), "prompt" if n_prompt >= window else "max_new_tokens")
 
     def describe(self, max_new_name: str = "max_new_tokens") -> str:
-        """The message, naming the new-token limit as the caller's API does."""
+        """The message, naming the new-token limit as the caller's API does. A prompt that alone fills the window
+        is told so without naming the limit (the client may never have sent one: a default is capped to fit)."""
+        if self.n_prompt >= self.window:
+            return (
+                f"prompt is {self.n_prompt} tokens (one token is one UTF-8 byte), which leaves no room for a new "
+                f"token in the context window of {self.window} tokens; shorten it to at most {self.window - 1} bytes"
+            )
         return (
-            f"prompt ({self.n_prompt} tokens) + {max_new_name} ({self.max_new_tokens}) = "
-            f"{self.n_prompt + self.max_new_tokens} exceeds the context window of {self.window} tokens"
+            f"prompt ({self.n_prompt} tokens; one token is one UTF-8 byte) + {max_new_name} ({self.max_new_tokens}) "
+            f"= {self.n_prompt + self.max_new_tokens} exceeds the context window of {self.window} tokens; "
+            f"lower {max_new_name} to at most {self.window - self.n_prompt} or shorten the prompt"
         )
 
 

@@ -264,7 +264,7 @@ def test_tokenize_detokenize_round_trip(client: TestClient) -> None:
     assert tok["tokens"] == list(text.encode("utf-8"))
     assert tok["count"] == len(text.encode("utf-8"))
     assert tok["context_window"] == 64
-    assert client.post("/detokenize", json={"tokens": tok["tokens"]}).json() == {"text": text}
+    assert client.post("/detokenize", json={"tokens": tok["tokens"]}).json() == {"text": text, "prompt": text}
     assert client.post("/detokenize", json={"tokens": [0xC3]}).json()["text"] == "\ufffd"
     assert_error(client.post("/detokenize", json={"tokens": [256]}), 422)
 

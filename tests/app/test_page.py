@@ -300,7 +300,9 @@ def test_inspect_draws_what_diagnostics_returns(visit: Callable[..., Visit], ser
     page.wait_for_selector("#inspect[data-state='done'], #inspect[data-state='error']")
     assert page.get_attribute("#inspect", "data-state") == "done", page.text_content("#error")
     body = req.value.post_data_json
-    assert body["prompt"] == sent["prompt"] + generated and body["gradients"] and body["ablation"]
+    sent_bytes = bytes(body["tokens"])  # the bytes written, not the text (its U+FFFD are other bytes)
+    assert sent_bytes.startswith(sent["prompt"].encode()) and len(sent_bytes) == len(sent["prompt"].encode()) + 8
+    assert sent_bytes.decode(errors="replace") == sent["prompt"] + generated and body["gradients"] and body["ablation"]
     d = replay(server, "/diagnostics", body)
     layers = d["layers"]
     assert len(layers) == N_LAYER
@@ -470,3 +472,66 @@ def test_api_key_is_asked_once_and_kept_in_session_storage(
         assert not v.foreign and not v.console, (v.foreign, v.console)
     finally:
         v.close()
+
+
+def test_inspect_sends_the_generated_bytes_not_the_text(visit: Callable[..., Visit], server: Server) -> None:
+    """A generation that is not valid UTF-8 (each 0xC2 alone shows as U+FFFD, three bytes) is inspected as the bytes
+    the model wrote: as many tokens as prompt + generated, the same ids (issue #25)."""
+    page = visit().open()
+
+    def force_c2(route: object) -> None:  # the page has no logit_bias control: add one to its request
+        body = route.request.post_data_json
+        route.continue_(post_data=json.dumps({**body, "logit_bias": {"194": 100}}))
+
+    page.route("**/generate", force_c2)
+    fill_write(page, prompt="Bytes ", max_new=5, seed=1, trace=False)
+    run_generation(page)
+    assert page.text_content("#output") == "\ufffd" * 5
+    with page.expect_request(lambda r: r.url.endswith("/diagnostics")) as req:
+        page.click("#inspect-run")
+    page.wait_for_selector("#inspect[data-state='done'], #inspect[data-state='error']")
+    assert page.get_attribute("#inspect", "data-state") == "done", page.text_content("#error")
+    assert req.value.post_data_json["tokens"] == list(b"Bytes ") + [194] * 5
+    assert page.text_content("#inspect-status").startswith("11 tokens")
+
+
+def test_a_wrong_key_is_asked_for_again_and_the_models_then_load(
+    browser: object, start_server: Callable[..., Server]
+) -> None:
+    key = "page-key-again-0123"
+    keyed = start_server(api_key=key)
+    v = Visit(browser, keyed.url)
+    try:
+        v.page.goto("/")
+        v.page.wait_for_selector("#key-dialog[open]")
+        v.page.fill("#key-input", "mistyped")
+        v.page.click("#key-dialog button[value='ok']")
+        v.page.wait_for_selector("#key-dialog[open]")  # the 401 of the wrong key asks again, with the reason
+        assert v.page.text_content("#key-reason")
+        v.page.fill("#key-input", key)
+        v.page.click("#key-dialog button[value='ok']")
+        v.page.wait_for_selector("body[data-ready='1']")
+        assert v.page.locator("#model option").count() >= 1
+        fill_write(v.page, prompt="key ", max_new=3, trace=False)
+        run_generation(v.page)
+        # the key goes stale (another tab, a rotated key): the next 401 asks again; cancelling keeps the error
+        v.page.evaluate("() => sessionStorage.setItem('shortcut.apiKey', 'stale')")
+        v.page.click("#generate")
+        v.page.wait_for_selector("#key-dialog[open]")
+        v.page.fill("#key-input", key)
+        v.page.click("#key-dialog button[value='ok']")
+        v.page.wait_for_function("() => !document.querySelector('#key-dialog[open]')")
+    finally:
+        v.close()
+
+
+def test_first_difference_counts_from_1_like_the_lengths(visit: Callable[..., Visit]) -> None:
+    page = visit().open()
+    fill_write(page, prompt="Switch ", max_new=16, seed=11, trace=False)
+    run_generation(page)
+    page.uncheck("#layer-controls [data-layer='0'] [data-part='block']")
+    run_generation(page, "#again")
+    at = int(page.get_attribute("#diff-note", "data-first"))  # the 0-based index
+    note = page.text_content("#diff-note")
+    assert f"First difference at character {at + 1} (of " in note and "counted from 1" in note
+    assert page.get_attribute("#diff-right mark", "title") == f"first difference: character {at + 1}"

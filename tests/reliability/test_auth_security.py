@@ -39,6 +39,7 @@ PROTECTED = {
     ("GET", "/v1/models"),
     ("POST", "/v1/chat/completions"),
     ("GET", "/v1/models/{model_id}"),
+    ("GET", "/tokenizer_info"),
 }
 VALID = {
     "/generate": {"prompt": "hi", "max_new_tokens": 2},
