@@ -270,6 +270,17 @@
       box.append(row);
     }
     syncLayerControls();
+    layerHint();
+  }
+
+  // The list scrolls when the model has more layers than fit: say so, and which layers there are.
+  function layerHint() {
+    const box = $("#layer-controls");
+    const hint = $("#layer-controls-hint");
+    const n = box.querySelectorAll("[data-layer]").length;
+    const hidden = box.scrollHeight > box.clientHeight + 1 && box.scrollTop + box.clientHeight < box.scrollHeight - 1;
+    hint.hidden = !hidden;
+    hint.textContent = hidden ? `${n} layers, L0–L${n - 1}: scroll the list for the rest ↓` : "";
   }
 
   function syncLayerControls() {
@@ -944,8 +955,10 @@
         const zeros = zeroRuns(g);
         return {
           name: COMPARE_MODELS[i], type: "line", symbolSize: 5, data: g.map(positive),
+          // the label at the bottom, on a white ground: the other model's line runs high across the shaded range
           markArea: zeros.length ? {itemStyle: {color: "rgba(220,50,50,0.10)"},
-            label: {color: "#9b1c1c", fontSize: 11, position: "insideTop"},
+            label: {color: "#9b1c1c", fontSize: 11, position: "insideBottom", backgroundColor: "rgba(255,255,255,0.9)",
+              padding: [1, 3]},
             data: zeros.map(([a, b]) => [{name: `${COMPARE_MODELS[i]}: exactly 0`, xAxis: String(a)},
               {xAxis: String(b)}])} : undefined,
         };
@@ -1020,7 +1033,11 @@
         stop();
       }
     });
-    window.addEventListener("resize", () => Object.values(state.charts).forEach((c) => c.resize()));
+    window.addEventListener("resize", () => {
+      Object.values(state.charts).forEach((c) => c.resize());
+      layerHint();
+    });
+    $("#layer-controls").addEventListener("scroll", layerHint);
     setRunning(null);
     loadModels();
   }

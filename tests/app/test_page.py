@@ -535,3 +535,51 @@ def test_first_difference_counts_from_1_like_the_lengths(visit: Callable[..., Vi
     note = page.text_content("#diff-note")
     assert f"First difference at character {at + 1} (of " in note and "counted from 1" in note
     assert page.get_attribute("#diff-right mark", "title") == f"first difference: character {at + 1}"
+
+
+def test_a_layer_list_that_scrolls_says_so(visit: Callable[..., Visit], server: Server) -> None:
+    """The Intervene list scrolls when the model has more layers than fit: a hint names them until the last is seen."""
+    page = visit().open()
+    box = "#layer-controls"
+    fits = page.evaluate(
+        f"() => {{ const b = document.querySelector('{box}'); return b.scrollHeight <= b.clientHeight; }}"
+    )
+    assert fits and page.is_hidden("#layer-controls-hint")  # the tiny model's few layers fit
+    page.select_option("#model", "residual-32")
+    page.wait_for_function("() => document.querySelectorAll('#layer-controls [data-layer]').length === 32")
+    assert page.is_visible("#layer-controls-hint")
+    assert "32 layers, L0–L31" in page.text_content("#layer-controls-hint")
+    page.evaluate(f"() => {{ const b = document.querySelector('{box}'); b.scrollTop = b.scrollHeight; }}")
+    page.wait_for_selector("#layer-controls-hint", state="hidden")
+
+
+def test_the_compare_zero_label_is_clear_of_the_other_line(visit: Callable[..., Visit], server: Server) -> None:
+    """The "plain-32: exactly 0" label sits where the residual-32 line does not pass (within 24 px of its edge)."""
+    page = visit().open()
+    page.fill("#prompt", "ROMEO: But soft")
+    page.click("#compare-run")
+    page.wait_for_selector("#compare[data-state='done']")
+    got = page.evaluate(
+        """() => {
+      const c = echarts.getInstanceByDom(document.getElementById('chart-compare'));
+      const opt = c.getOption();
+      const plain = opt.series.findIndex(s => s.name === 'plain-32');
+      const other = opt.series.findIndex(s => s.name === 'residual-32');
+      const area = opt.series[plain].markArea;
+      const rect = c.getModel().getComponent('grid').coordinateSystem.getRect();
+      const [a, b] = [Number(area.data[0][0].xAxis), Number(area.data[0][1].xAxis)];
+      const ys = [];
+      for (let l = a; l <= b; l++) {
+        const v = opt.series[other].data[l];
+        if (v !== null && v !== undefined) ys.push(c.convertToPixel({seriesIndex: other}, [l, v])[1]);
+      }
+      return {position: area.label.position, top: rect.y, bottom: rect.y + rect.height, ys};
+    }"""
+    )
+    assert got["ys"], got
+    if got["position"] == "insideBottom":
+        band = (got["bottom"] - 24, got["bottom"])
+    else:
+        assert got["position"] == "insideTop", got
+        band = (got["top"], got["top"] + 24)
+    assert not [y for y in got["ys"] if band[0] <= y <= band[1]], got
