@@ -198,7 +198,10 @@ def _steps(model: Transformer) -> list[tuple[str, object, float]]:
     if float16_weights_available():
         steps.append(("torchscript-f16", FastDecoder(model, weights="float16"), 3e-2))
     if fused_available():
-        steps += [("fused", FusedDecoder(model, weights="float32"), 1e-4), ("fused-f16", FusedDecoder(model, weights="float16"), 3e-2)]
+        steps += [
+            ("fused", FusedDecoder(model, weights="float32"), 1e-4),
+            ("fused-f16", FusedDecoder(model, weights="float16"), 3e-2),
+        ]
     return steps
 
 
