@@ -17,7 +17,6 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     model_serializer,
-    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -135,26 +134,29 @@ VECTOR_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 VectorLookup = Callable[[str, str], torch.Tensor]
 
 
-class AddEntry(BaseModel):
-    """Add `coeff * vector` to the residual stream after block `layer` (its resid_post) at `positions`. The vector
-    inline (d_model numbers) or by `name` (a stored vector, /steering/vectors): exactly one of them."""
-
+class _AddEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     layer: LayerIndex = Field(..., description="0-based layer: the vector is added after this block")
-    vector: list[Annotated[float, JsonNumber]] | None = Field(
-        None, max_length=MAX_VECTOR_LENGTH, description="d_model finite numbers"
-    )
-    name: str | None = Field(None, pattern=VECTOR_NAME_PATTERN, description="a stored vector's name")
     coeff: Annotated[float, JsonNumber] = Field(1.0, description=f"finite, |coeff| <= {MAX_COEFF:g}")
     positions: str = Field(
-        "all", max_length=16, description="all | prompt | generated: the prompt's positions, the generated ones"
+        "all", max_length=16, description="all | prompt | generated: every position, the prompt's, the generated ones"
     )
 
-    @model_validator(mode="after")
-    def _one_source(self) -> AddEntry:
-        if (self.vector is None) == (self.name is None):
-            raise PydanticCustomError("vector_or_name", "give exactly one of vector and name")
-        return self
+
+class AddVector(_AddEntry):
+    """Add `coeff * vector` to the residual stream after block `layer` (its resid_post) at `positions`."""
+
+    vector: list[Annotated[float, JsonNumber]] = Field(..., max_length=MAX_VECTOR_LENGTH, description="d_model numbers")
+
+
+class AddNamed(_AddEntry):
+    """Add `coeff` times the stored vector `name` (/steering/vectors) after block `layer` at `positions`."""
+
+    name: str = Field(..., pattern=VECTOR_NAME_PATTERN, description="a stored vector's name")
+
+
+# exactly one of vector and name: two shapes, each refusing the other's field (so the JSON schema says it too)
+AddEntry = AddVector | AddNamed
 
 
 class InterventionSpec(BaseModel):
@@ -174,13 +176,13 @@ class InterventionSpec(BaseModel):
             return None
         adds = []
         for i, e in enumerate(self.add):
-            if e.name is not None:
+            if isinstance(e, AddNamed):
                 field = f"intervention.add[{i}].name"
                 if lookup is None:
                     raise InvalidRequestError(f"{field}: named steering vectors are not available here", field)
                 adds.append(VectorAdd.of(e.layer, lookup(e.name, field), e.coeff, e.positions, name=e.name))
             else:
-                adds.append(VectorAdd.of(e.layer, e.vector or [], e.coeff, e.positions))
+                adds.append(VectorAdd.of(e.layer, e.vector, e.coeff, e.positions))
         return Intervention(
             skip=tuple((e.layer, e.part) for e in self.skip),
             scale=tuple((e.layer, e.part, e.factor) for e in self.scale),
