@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from model.edits import PARTS
+from model.edits import KINDS
 from model.engine import EngineObserver
 
 # sub-millisecond to tens of seconds: suits a CPU model
@@ -114,7 +114,7 @@ class ModelObserver(EngineObserver):
         self.waiting = metrics.waiting.labels(model)
         self.batch_size = metrics.batch_size.labels(model)
         self.success = {reason: metrics.success.labels(model, reason) for reason in FINISH_REASONS}
-        self.interventions: dict[str, Counter] = {part: metrics.interventions.labels(model, part) for part in PARTS}
+        self.interventions: dict[str, Counter] = {part: metrics.interventions.labels(model, part) for part in KINDS}
 
     def on_prefill(self, prompt_tokens: int, queue_time_s: float) -> None:
         self.prompt_tokens.inc(prompt_tokens)

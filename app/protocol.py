@@ -14,6 +14,7 @@ from pydantic.json_schema import SkipJsonSchema
 from app.openai.protocol import ChatMessage
 from app.sampling import build_sampling_params, stop_tuple
 from app.schemas import (
+    InterventionEcho,
     InterventionSpec,
     JsonNumber,
     LogitBias,
@@ -29,7 +30,9 @@ from app.schemas import (
     TopP,
     Trace,
     Usage,
+    to_engine,
 )
+from model.edits import Intervention
 from model.engine import MAX_LENS_TOP, SamplingParams
 
 
@@ -69,15 +72,21 @@ class GenerateRequest(BaseModel):
     repetition_penalty: RepetitionPenalty = 1.0
     min_p: MinP = 0.0
     logit_bias: LogitBias | None = None
-    intervention: InterventionSpec | None = Field(None, description="skip or scale blocks' F(x) for this request")
+    intervention: InterventionSpec | None = Field(
+        None, description="skip or scale blocks' F(x), or add steering vectors, for this request"
+    )
     trace: StrictBool = Field(False, description="per token: resid_post norm and update ratio of every layer")
     logit_lens_top: Annotated[int, Field(ge=0, le=MAX_LENS_TOP), JsonNumber] = Field(
         0, description="per token and layer: the logit lens's top-K tokens (implies trace)"
     )
 
-    def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
+    def to_sampling_params(
+        self, default_max_new_tokens: int, intervention: Intervention | None = None
+    ) -> SamplingParams:
         """The engine's parameters; `default_max_new_tokens` is what an omitted max_new_tokens becomes (the
-        setting, capped by what the window leaves the prompt)."""
+        setting, capped by what the window leaves the prompt). `intervention`: this request's, resolved
+        (app.steering_lookup.resolve: named vectors looked up, checked against the model); omitted, it is converted
+        here without named vectors."""
         return build_sampling_params(
             max_new_tokens=self.max_new_tokens or default_max_new_tokens,
             temperature=self.temperature,
@@ -91,7 +100,7 @@ class GenerateRequest(BaseModel):
             repetition_penalty=self.repetition_penalty,
             min_p=self.min_p,
             logit_bias=self.logit_bias,
-            intervention=self.intervention,
+            intervention=intervention if intervention is not None else to_engine(self.intervention),
             trace=self.trace,
             logit_lens_top=self.logit_lens_top,
         )
@@ -128,7 +137,7 @@ class GenerateResponse(BaseModel):
     timings: Timings
     seed: int
     checkpoint_sha256: str
-    intervention: InterventionSpec | None = Field(None, description="the intervention applied, if any")
+    intervention: InterventionEcho | None = Field(None, description="the intervention applied, if any")
     trace: Trace | None = None
 
 

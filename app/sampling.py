@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from app.schemas import InterventionSpec
+from model.edits import Intervention
 from model.engine import SamplingParams
 
 _NEUTRAL = SamplingParams()  # the engine's defaults: each knob's "off" value
@@ -37,12 +37,12 @@ def build_sampling_params(
     repetition_penalty: float | None = None,
     min_p: float | None = None,
     logit_bias: Mapping[str, float] | None = None,
-    intervention: InterventionSpec | None = None,
+    intervention: Intervention | None = None,
     trace: bool = False,
     logit_lens_top: int = 0,
 ) -> SamplingParams:
     """Engine parameters of one row; None for a knob = its neutral value. `logit_bias` maps token ids (as JSON's
-    string keys) to biases; `intervention` is the API's form, compiled here to the engine's."""
+    string keys) to biases; `intervention` the engine's form (the request's, resolved: app.steering_lookup)."""
 
     def knob(value: float | None, neutral: float) -> float:
         return neutral if value is None else value
@@ -60,7 +60,7 @@ def build_sampling_params(
         repetition_penalty=knob(repetition_penalty, _NEUTRAL.repetition_penalty),
         min_p=knob(min_p, _NEUTRAL.min_p),
         logit_bias=tuple((int(t), float(b)) for t, b in (logit_bias or {}).items()),
-        intervention=intervention.to_engine() if intervention is not None else None,
+        intervention=intervention,
         trace=trace,
         logit_lens_top=logit_lens_top,
     )

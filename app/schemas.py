@@ -6,13 +6,22 @@ OpenAI's /v1 in app.openai.protocol."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+import torch
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 from pydantic_core import PydanticCustomError
 
-from model.edits import Intervention
-from model.engine import MAX_SEED
+from model.edits import MAX_COEFF, Intervention, VectorAdd
+from model.engine import MAX_SEED, InvalidRequestError
 
 
 def json_number(value: object) -> object:
@@ -118,21 +127,108 @@ class ScaleEntry(BaseModel):
     factor: Annotated[float, JsonNumber] = Field(..., description="finite, |factor| <= 100")
 
 
+MAX_ADD_ENTRIES = 64  # steering vectors per request (they sum where they share a layer)
+MAX_VECTOR_LENGTH = 16384  # numbers in an inline vector, before the model's own d_model is checked
+VECTOR_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+# name -> float32 (d_model,) tensor; `field` is the entry's name field, for the 400 it raises (app.steering_lookup)
+VectorLookup = Callable[[str, str], torch.Tensor]
+
+
+class _AddEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layer: LayerIndex = Field(..., description="0-based layer: the vector is added after this block")
+    coeff: Annotated[float, JsonNumber] = Field(1.0, description=f"finite, |coeff| <= {MAX_COEFF:g}")
+    positions: str = Field(
+        "all", max_length=16, description="all | prompt | generated: every position, the prompt's, the generated ones"
+    )
+
+
+class AddVector(_AddEntry):
+    """Add `coeff * vector` to the residual stream after block `layer` (its resid_post) at `positions`."""
+
+    vector: list[Annotated[float, JsonNumber]] = Field(..., max_length=MAX_VECTOR_LENGTH, description="d_model numbers")
+
+
+class AddNamed(_AddEntry):
+    """Add `coeff` times the stored vector `name` (/steering/vectors) after block `layer` at `positions`."""
+
+    name: str = Field(..., pattern=VECTOR_NAME_PATTERN, description="a stored vector's name")
+
+
+# exactly one of vector and name: two shapes, each refusing the other's field (so the JSON schema says it too)
+AddEntry = AddVector | AddNamed
+
+
 class InterventionSpec(BaseModel):
-    """A per-request change to the residual stream, applied to the prompt and every generated token."""
+    """A per-request change to the residual stream, applied to the prompt and every generated token (vectors at the
+    positions they name)."""
 
     model_config = ConfigDict(extra="forbid")
     skip: list[SkipEntry] = Field(default_factory=list, max_length=MAX_INTERVENTION_ENTRIES)
     scale: list[ScaleEntry] = Field(default_factory=list, max_length=MAX_INTERVENTION_ENTRIES)
+    add: list[AddEntry] = Field(default_factory=list, max_length=MAX_ADD_ENTRIES)
 
-    def to_engine(self) -> Intervention | None:
-        """The engine's form (None when empty: nothing changes)."""
-        if not self.skip and not self.scale:
+    def to_engine(self, lookup: VectorLookup | None = None) -> Intervention | None:
+        """The engine's form (None when empty: nothing changes). Named vectors come from `lookup` (called with the
+        name and the entry's field, it raises the API's error); without one a named vector is a 400 at its field.
+        Use app.steering_lookup.resolve, which also checks the result against the model."""
+        if not self.skip and not self.scale and not self.add:
             return None
+        adds = []
+        for i, e in enumerate(self.add):
+            if isinstance(e, AddNamed):
+                field = f"intervention.add[{i}].name"
+                if lookup is None:
+                    raise InvalidRequestError(f"{field}: named steering vectors are not available here", field)
+                adds.append(VectorAdd.of(e.layer, lookup(e.name, field), e.coeff, e.positions, name=e.name))
+            else:
+                adds.append(VectorAdd.of(e.layer, e.vector, e.coeff, e.positions))
         return Intervention(
             skip=tuple((e.layer, e.part) for e in self.skip),
             scale=tuple((e.layer, e.part, e.factor) for e in self.scale),
+            add=tuple(adds),
         )
+
+
+def to_engine(spec: InterventionSpec | None) -> Intervention | None:
+    """`spec.to_engine()` without named vectors (None for no spec): what a request model converts when its route
+    did not resolve the intervention (app.steering_lookup.resolve)."""
+    return spec.to_engine() if spec is not None else None
+
+
+class VectorEcho(BaseModel):
+    norm: float = Field(..., description="L2 norm of the inline vector (before coeff)")
+    sha256: str = Field(..., description="first 12 hex digits of the sha256 of its float32 bytes (little-endian)")
+
+
+class AddEcho(BaseModel):
+    """An added vector as echoed: by name, or an inline one by its norm and short hash (never the numbers)."""
+
+    layer: int
+    name: str | None = None
+    vector: VectorEcho | None = None
+    coeff: float
+    positions: str
+
+    @model_serializer(mode="wrap")
+    def _one_source(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        out: dict[str, object] = handler(self)
+        return {k: v for k, v in out.items() if v is not None or k not in ("name", "vector")}
+
+
+class InterventionEcho(BaseModel):
+    """The intervention applied, as answers echo it (`add` only when vectors were added)."""
+
+    skip: list[SkipEntry]
+    scale: list[ScaleEntry]
+    add: list[AddEcho] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_empty_add(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        out: dict[str, object] = handler(self)
+        if out.get("add") is None:
+            out.pop("add", None)  # an intervention without vectors echoes as it did before they existed
+        return out
 
 
 class LensToken(BaseModel):
@@ -246,7 +342,7 @@ class DiagnosticsOptionsEcho(_Strict):
     logit_lens: int
     gradients: bool
     ablation: bool
-    intervention: InterventionSpec | None
+    intervention: InterventionEcho | None
 
 
 class DiagnosticsModel(_Strict):

@@ -31,8 +31,9 @@ def step_costs(
 
     baseline: the step before interventions existed; none: today's step, no row intervened or traced (the
     common case); gates: every row intervened (identity gates, same work as any intervention); trace: every
-    row traced, with the engine's per-token figures (`stream_trace`); trace_lens5: and logit_lens_top=5; and, where
-    the fused C step (`model.fast`) is built, fused_none / fused_gates / fused_trace: the same with it.
+    row traced, with the engine's per-token figures (`stream_trace`); trace_lens5: and logit_lens_top=5; add: every
+    row steering (a vector added after every block, half the rows past their prompt); and, where the fused C step
+    (`model.fast`) is built, fused_none / fused_gates / fused_trace / fused_add: the same with it.
     """
     fast = FastDecoder(model, weights=auto_decode_weights())  # as the engine runs it
     out: dict[str, Any] = {"weights": fast.weights, "scripted": fast.scripted, "steps": steps, "rounds": rounds}
@@ -42,9 +43,12 @@ def step_costs(
             out[f"bs{B}_{name}_ms"] = median(t)
             out[f"bs{B}_{name}_reps_ms"] = t
         base = out[f"bs{B}_baseline_ms"]
-        for name in ("none", "gates", "trace", "trace_lens5", "fused_none", "fused_gates", "fused_trace"):
+        for name in ("none", "gates", "trace", "trace_lens5", "add", "fused_none", "fused_gates", "fused_trace"):
             if f"bs{B}_{name}_ms" in out:
                 out[f"bs{B}_{name}_throughput_vs_baseline"] = base / out[f"bs{B}_{name}_ms"]
+        for steer, plain in (("add", "none"), ("fused_add", "fused_none")):  # every row steering vs none
+            if f"bs{B}_{steer}_ms" in out:
+                out[f"bs{B}_{steer}_vs_{plain}"] = out[f"bs{B}_{steer}_ms"] / out[f"bs{B}_{plain}_ms"]
     return out
 
 
@@ -54,6 +58,9 @@ def _step_variants(model: Transformer, fast: FastDecoder, B: int) -> dict[str, C
     cache = KVCache(cfg, B)
     tok = torch.zeros(B, dtype=torch.long)
     gates, rows = StreamEdits(torch.ones(B, cfg.n_layer, 2)), torch.arange(B)
+    steer = StreamEdits(  # a vector after every block of every row; half the rows at generated positions
+        None, 0.01 * torch.randn(B, cfg.n_layer, 2, cfg.d_model), torch.where(torch.arange(B) % 2 == 0, 0, 2**62)
+    )
     old = BaselineDecoder(fast)
 
     def run_old(pos: torch.Tensor) -> None:
@@ -70,6 +77,7 @@ def _step_variants(model: Transformer, fast: FastDecoder, B: int) -> dict[str, C
         "gates": lambda p: run_new(p, gates),
         "trace": lambda p: run_new(p, None, rows, 0),
         "trace_lens5": lambda p: run_new(p, None, rows, 5),
+        "add": lambda p: run_new(p, steer),
     }
     if fused_available() and supports(cfg):
         fused = FusedDecoder(model, weights=fast.weights)
@@ -85,6 +93,7 @@ def _step_variants(model: Transformer, fast: FastDecoder, B: int) -> dict[str, C
                 "fused_none": run_fused,
                 "fused_gates": lambda p: run_fused(p, gates),
                 "fused_trace": lambda p: run_fused(p, None, rows),
+                "fused_add": lambda p: run_fused(p, steer),
             }
         )
     return variants

@@ -138,7 +138,7 @@ def check_step_shapes(
     if tokens.shape != (B,) or pos.shape != (B,) or cache.n_rows != B:
         raise ValueError("a decode step needs tokens and pos of shape (B,) and a cache with B rows")
     if edits is not None:
-        edits.check(B, config.n_layer)
+        edits.check(B, config.n_layer, config.d_model)
 
 
 def _pack(model: "Transformer", packed: bool) -> DecodeWeights:

@@ -35,8 +35,10 @@ from app.schemas import (
     TopP,
     Usage,
     Utf8Only,
+    to_engine,
 )
 from model import tokenizer
+from model.edits import Intervention
 from model.engine import MAX_LENS_TOP, MAX_SEED, SamplingParams
 
 
@@ -86,7 +88,8 @@ class OpenAIRequest(BaseModel):
     min_p: MinP | None = Field(None, description="extension; 0 = off")
     repetition_penalty: RepetitionPenalty | None = Field(None, description="extension; 1 = off")
     intervention: InterventionSpec | None = Field(
-        None, description="extension, as on /generate: skip or scale blocks' F(x) for every choice"
+        None,
+        description="extension, as on /generate: skip or scale blocks' F(x), add steering vectors, for every choice",
     )
     trace: StrictBool = Field(False, description="extension, as on /generate: each choice carries `trace`")
     logit_lens_top: Annotated[int, Field(ge=0, le=MAX_LENS_TOP), JsonNumber] = Field(
@@ -118,7 +121,12 @@ class OpenAIRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def _sampling_params(
-        self, max_tokens: int, choice: int, logprobs: int | None, stop: tuple[str, ...]
+        self,
+        max_tokens: int,
+        choice: int,
+        logprobs: int | None,
+        stop: tuple[str, ...],
+        intervention: Intervention | None,
     ) -> SamplingParams:
         return build_sampling_params(
             max_new_tokens=max_tokens,
@@ -133,7 +141,7 @@ class OpenAIRequest(BaseModel):
             repetition_penalty=self.repetition_penalty,
             min_p=self.min_p,
             logit_bias=self.logit_bias,
-            intervention=self.intervention,
+            intervention=intervention if intervention is not None else to_engine(self.intervention),
             trace=self.trace,
             logit_lens_top=self.logit_lens_top,
         )
@@ -217,11 +225,14 @@ class CompletionRequest(OpenAIRequest):
         """max_tokens 0 with echo: the prompts are scored, nothing is generated."""
         return self.max_tokens == 0 and bool(self.echo)
 
-    def to_sampling_params(self, default_max_tokens: int, choice: int = 0) -> SamplingParams:
+    def to_sampling_params(
+        self, default_max_tokens: int, choice: int = 0, intervention: Intervention | None = None
+    ) -> SamplingParams:
         """Engine parameters of choice `choice` (its own seed); `default_max_tokens` is what an omitted max_tokens
-        becomes for this prompt (DEFAULT_MAX_TOKENS, capped by the window)."""
+        becomes for this prompt (DEFAULT_MAX_TOKENS, capped by the window); `intervention`: the request's, resolved
+        (app.steering_lookup.resolve; omitted: converted here without named vectors)."""
         return self._sampling_params(
-            self.max_tokens or default_max_tokens, choice, self.logprobs, stop_tuple(self.stop)
+            self.max_tokens or default_max_tokens, choice, self.logprobs, stop_tuple(self.stop), intervention
         )
 
 
@@ -297,12 +308,15 @@ class ChatCompletionRequest(OpenAIRequest):
         """The field an error about the length names: the one the client gave."""
         return "max_tokens" if self.max_tokens else "max_completion_tokens"
 
-    def to_sampling_params(self, default_max_tokens: int, turn_end: str, choice: int = 0) -> SamplingParams:
+    def to_sampling_params(
+        self, default_max_tokens: int, turn_end: str, choice: int = 0, intervention: Intervention | None = None
+    ) -> SamplingParams:
         """Engine parameters of choice `choice` (its own seed); `default_max_tokens` is what omitted max tokens
-        become (SHORTCUT_DEFAULT_MAX_NEW_TOKENS, capped by the window); the reply also stops at `turn_end`."""
+        become (SHORTCUT_DEFAULT_MAX_NEW_TOKENS, capped by the window); the reply also stops at `turn_end`;
+        `intervention`: the request's, resolved (app.steering_lookup.resolve)."""
         stop = tuple(dict.fromkeys((turn_end, *stop_tuple(self.stop))))
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
-        return self._sampling_params(max_tokens, choice, self.top_k_logprobs, stop)
+        return self._sampling_params(max_tokens, choice, self.top_k_logprobs, stop, intervention)
 
 
 class CompletionLogprobs(BaseModel):

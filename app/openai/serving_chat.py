@@ -16,6 +16,7 @@ from app.openai.logprobs import Scored, chat_logprobs, scored
 from app.openai.protocol import ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut
 from app.openai.serving import Row, check, chunk_head, extensions, response_fields, stream_rows, submit_rows
 from app.sse import sse_response
+from app.steering_lookup import resolve
 from model import tokenizer
 
 
@@ -31,7 +32,8 @@ async def create_chat_completion(
     ids = tokenizer.encode(prompt)
     default = default_max_new(served, len(ids), settings.default_max_new_tokens)
     k = body.top_k_logprobs
-    rows = [Row(i, 0, ids, prompt, body.to_sampling_params(default, turn_end, choice=i)) for i in range(n)]
+    iv = resolve(body.intervention, request, served)
+    rows = [Row(i, 0, ids, prompt, body.to_sampling_params(default, turn_end, i, iv)) for i in range(n)]
     handles = submit_rows(served, rows, {"max_new_tokens": body.max_tokens_param, "logprobs": "top_logprobs"})
 
     if not body.stream:

@@ -27,6 +27,7 @@ from app.openai.serving import (
     submit_rows,
 )
 from app.sse import sse_response
+from app.steering_lookup import resolve
 
 
 async def create_completion(body: CompletionRequest, request: Request) -> CompletionResponse | StreamingResponse:
@@ -38,12 +39,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Comple
     if body.score_only:
         return await score_prompts(body, request, cid, created, n)
     k = body.logprobs
+    iv = resolve(body.intervention, request, served)
     rows = []
     for p_i, (ids, text) in enumerate(body.prompts(settings.max_prompts)):
         default = default_max_new(served, len(ids), body.DEFAULT_MAX_TOKENS)
         for j in range(n):
             i = p_i * n + j  # OpenAI's order: the choices of prompt 0, then of prompt 1, ...
-            rows.append(Row(i, p_i, ids, text, body.to_sampling_params(default, choice=i)))
+            rows.append(Row(i, p_i, ids, text, body.to_sampling_params(default, i, iv)))
     handles = submit_rows(served, rows)
     prompt_lp: dict[int, list[Scored]] = {}
     try:

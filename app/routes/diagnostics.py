@@ -16,6 +16,7 @@ from app.errors import ERRORS, APIError
 from app.generation import wait_disconnect
 from app.schemas import DiagnosticsResponse, InterventionSpec, JsonNumber, ModelName, not_a_bool, not_a_number
 from app.service import ServedModel
+from app.steering_lookup import resolve
 from model import tokenizer
 from model.diagnostics import DiagnosticsOptions, iter_diagnostics, render_text
 from model.engine import EngineDrainingError
@@ -46,7 +47,9 @@ class DiagnosticsBody(DiagnosticsRequest):
     model_config = ConfigDict(
         extra="forbid", json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["tokens"]}]}
     )
-    intervention: InterventionSpec | None = Field(None, description="as on /generate: skip or scale blocks' F(x)")
+    intervention: InterventionSpec | None = Field(
+        None, description="as on /generate: skip or scale blocks' F(x), add steering vectors"
+    )
     prompt: Annotated[str, Field(min_length=1)] | SkipJsonSchema[None] = Field(  # type: ignore[assignment]
         None, description="text whose residual stream is examined"
     )
@@ -87,10 +90,7 @@ async def _diagnose(req: DiagnosticsRequest, request: Request, intervention: Int
             code="context_length_exceeded",
         )
     c = served.checkpoint.config
-    iv = intervention.to_engine() if intervention is not None else None
-    problem = iv.problem(c.n_layer) if iv is not None else None
-    if problem is not None:
-        raise APIError(400, problem[1], param=problem[0], code="invalid_value")
+    iv = resolve(intervention, request, served)  # checked against the model: a 400 naming the entry
     opts = DiagnosticsOptions(
         per_token=req.per_token,
         logit_lens=req.logit_lens,

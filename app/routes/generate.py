@@ -24,9 +24,10 @@ from app.protocol import (
     TokenizerInfoResponse,
     TopLogprob,
 )
-from app.schemas import InterventionSpec, Trace
+from app.schemas import InterventionEcho, Trace
 from app.service import ServedModel
 from app.sse import sse_event, sse_response
+from app.steering_lookup import resolve
 from model import tokenizer
 from model.engine import FinishEvent, SamplingParams, TokenEvent
 
@@ -61,7 +62,7 @@ def build_response(
             "timings": fin.timings,
             "seed": fin.seed,
             "checkpoint_sha256": served.sha256,
-            "intervention": InterventionSpec.model_validate(iv.to_dict()) if iv is not None else None,
+            "intervention": InterventionEcho.model_validate(iv.to_dict()) if iv is not None else None,
             "trace": Trace.model_validate({"tokens": [t.trace for t in tokens]}) if params.traced else None,
         }
     )
@@ -84,7 +85,8 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse 
     served = get_served(request, body.model)
     n_prompt = len(tokenizer.encode(body.prompt))
     settings = request.app.state.settings
-    params = body.to_sampling_params(default_max_new(served, n_prompt, settings.default_max_new_tokens))
+    intervention = resolve(body.intervention, request, served)
+    params = body.to_sampling_params(default_max_new(served, n_prompt, settings.default_max_new_tokens), intervention)
     handle, _ = submit(served, body.prompt, params)
     rid = f"gen-{uuid.uuid4().hex[:24]}"
     if not body.stream:

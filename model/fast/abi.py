@@ -25,7 +25,7 @@ HEADER = HERE / "fused_step.h"
 # two builds of the same source (model.fast.build); the loader takes the widest one this CPU runs
 LIBRARIES = {"avx2": HERE / "_fused_step.so", "avx512": HERE / "_fused_step_avx512.so"}
 
-ABI_VERSION = 2  # == SHORTCUT_FUSED_ABI_VERSION in fused_step.h
+ABI_VERSION = 3  # == SHORTCUT_FUSED_ABI_VERSION in fused_step.h
 
 _i32, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
 
@@ -82,6 +82,8 @@ class ShortcutEdits(ctypes.Structure):
 
     _fields_ = [
         ("gates", _ptr),  # (B, n_layer, 2) float32
+        ("add", _ptr),  # (B, n_layer, 2, d_model) float32: [.., 0] at prompt positions, [.., 1] at generated ones
+        ("n_prompt", _ptr),  # (B,) int64, with add
     ]
 
 
@@ -123,10 +125,23 @@ ERRORS = {  # return codes of shortcut_fused_step (SHORTCUT_E* in the header); -
 def edits_struct(edits: StreamEdits | None) -> tuple[ShortcutEdits, tuple[torch.Tensor, ...]]:
     """The C view of a step's `edits` (already checked against the step's shape), and the tensors it points into:
     keep those alive until the call returns. The one place that knows both `StreamEdits` and `ShortcutEdits`."""
-    if edits is None or edits.gates is None:
+    if edits is None:
         return ShortcutEdits(), ()
-    gates = edits.gates.to(device="cpu", dtype=torch.float32).contiguous()
-    return ShortcutEdits(gates.data_ptr()), (gates,)
+    alive: list[torch.Tensor] = []
+
+    def pointer(t: torch.Tensor | None, dtype: torch.dtype) -> int | None:
+        if t is None:
+            return None
+        alive.append(t.to(device="cpu", dtype=dtype).contiguous())
+        return alive[-1].data_ptr()
+
+    add = edits.add if edits.n_prompt is not None else None  # `check` holds them together; C reads n_prompt with add
+    c = ShortcutEdits(
+        pointer(edits.gates, torch.float32),
+        pointer(add, torch.float32),
+        pointer(edits.n_prompt if add is not None else None, torch.int64),
+    )
+    return c, tuple(alive)
 
 
 def header_abi_version(header: Path = HEADER) -> int:

@@ -171,7 +171,7 @@ class FusedDecoder:
         if not 1 <= T <= cfg.block_size or cache.n_rows != 1:
             raise ValueError(f"prefill needs 1..{cfg.block_size} tokens (T,) and a one-row cache")
         if edits is not None:
-            edits.check(1, cfg.n_layer)
+            edits.check(1, cfg.n_layer, cfg.d_model)
         if tokens.device.type != "cpu":
             raise ValueError("the fused step runs on CPU tensors")
         self._check_cache(cache)

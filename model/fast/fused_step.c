@@ -68,6 +68,8 @@ static const struct {
     LAYOUT_FIELD(ShortcutWeights, layers),
     LAYOUT_STRUCT(ShortcutEdits),
     LAYOUT_FIELD(ShortcutEdits, gates),
+    LAYOUT_FIELD(ShortcutEdits, add),
+    LAYOUT_FIELD(ShortcutEdits, n_prompt),
     LAYOUT_STRUCT(ShortcutStepArgs),
     LAYOUT_FIELD(ShortcutStepArgs, B),
     LAYOUT_FIELD(ShortcutStepArgs, kv_half),
@@ -444,11 +446,10 @@ static void to_f16(int n, const float *src, uint16_t *dst) {
 
 /* Where the update `f` (C) of part `part` (0 attention, 1 MLP) of block `layer` meets row `b`'s stream `x` (C), the
  * row at position `pos`: the one place the step applies the edits (model/edits.py's `apply` is the torch twin).
- * x + g f (residual), or where(g == 0, x, g f) (a plain stack); no gates: x + f / f. `pos` is for edits that act at
- * some positions only. */
+ * x + g f (residual), or where(g == 0, x, g f) (a plain stack); no gates: x + f / f. Then, after the MLP part (the
+ * block's resid_post), the row's added vector for a prompt or a generated position (`pos` against n_prompt). */
 static inline void edit_update(const ShortcutDims *d, const ShortcutEdits *e, int b, int layer, int part, int64_t pos,
                                float *x, const float *f) {
-    (void)pos;
     const int C = d->d_model, residual = d->residual;
     const float *g = e->gates ? e->gates + ((size_t)b * d->n_layer + layer) * 2 + part : NULL;
     if (g == NULL) {
@@ -459,6 +460,10 @@ static inline void edit_update(const ShortcutDims *d, const ShortcutEdits *e, in
     } else if (*g != 0.0f) {
         float gv = *g;
         for (int i = 0; i < C; i++) x[i] = gv * f[i];
+    }
+    if (part == 1 && e->add != NULL) {
+        const float *v = e->add + (((size_t)b * d->n_layer + layer) * 2 + (pos >= e->n_prompt[b])) * C;
+        for (int i = 0; i < C; i++) x[i] += v[i];
     }
 }
 

@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 #ifndef SHORTCUT_FUSED_ABI_VERSION /* overridable only so that a test can build a deliberately stale library */
-#define SHORTCUT_FUSED_ABI_VERSION 2
+#define SHORTCUT_FUSED_ABI_VERSION 3
 #endif
 
 /* The model's shape and the step's number formats; fixed for a decoder. */
@@ -64,7 +64,10 @@ typedef struct {
 /* A step's changes to the residual stream, per row (model/edits.py's StreamEdits); applied by `edit_update` where
  * each part's update meets the stream. A NULL field changes nothing. */
 typedef struct {
-    const float *gates; /* (B, L, 2) or NULL: the factor on each layer's attention (0) and MLP (1) update */
+    const float *gates;      /* (B, L, 2) or NULL: the factor on each layer's attention (0) and MLP (1) update */
+    const float *add;        /* (B, L, 2, C) or NULL: added to the stream after block l (its resid_post), at the row's
+                              * prompt positions ([b, l, 0]) or its generated ones ([b, l, 1]) */
+    const int64_t *n_prompt; /* (B), with add: position p of row b is generated when p >= n_prompt[b] */
 } ShortcutEdits;
 
 /* One step: a token per row at its position, each row's keys and values read from and written to its cache row. */
