@@ -65,7 +65,10 @@ Utf8Only = BeforeValidator(utf8_only)
 Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False, description="0 = greedy"), JsonNumber]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False), JsonNumber]
 TopK = Annotated[int, Field(ge=0, le=256, description="0 = off"), JsonNumber]
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED), JsonNumber]
+# The schema advertises 2**63 - 1024, the largest double not above MAX_SEED: a client (or a fuzzer) that reads the
+# bound as a JSON number never gets an integer above MAX_SEED past it (2**63 - 1 itself rounds up to 2**63).
+SEED_SCHEMA_MAX = 2**63 - 1024
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, json_schema_extra={"maximum": SEED_SCHEMA_MAX}), JsonNumber]
 MaxTokens = Annotated[int, Field(ge=1, le=65536), JsonNumber]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False, description="0 = off"), JsonNumber]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, allow_inf_nan=False, description="1 = off"), JsonNumber]
