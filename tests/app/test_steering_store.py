@@ -19,7 +19,7 @@ from model import tokenizer
 from model.checkpoint import load_checkpoint
 from model.steering import SteeringVector, load_vector, save_vector
 from tests.helpers import assert_error, parse_metrics, value
-from tests.model.test_steering import independent_resid_post
+from tests.model.test_steering_vectors import independent_resid_post
 
 KEY = "s3cret-key_0123456789"
 POSITIVE = ["TO BE OR NOT", "ALL THE WORLD"]
