@@ -38,16 +38,32 @@ class SteeringVectorCreate(BaseModel):
     """Make a vector from `positive` and `negative` prompts (mean of resid_post[layer] over each prompt's positions,
     or its last position; positive set's mean minus negative set's), or upload `vector` made elsewhere."""
 
-    model_config = ConfigDict(extra="forbid")
+    # the schema says what the validator below checks: positive and negative, or vector (with no reduce)
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["positive", "negative"], "not": {"required": ["vector"]}},
+                {
+                    "required": ["vector"],
+                    "not": {
+                        "anyOf": [{"required": ["positive"]}, {"required": ["negative"]}, {"required": ["reduce"]}]
+                    },
+                },
+            ]
+        },
+    )
 
     name: VectorName
     model: ModelName | None = Field(None, description="a served model; default the main one")
     layer: Annotated[int, Field(ge=0, le=4095), JsonNumber] = Field(..., description="the block it is added after")
-    positive: Prompts | None = Field(None, description="prompts showing the behaviour to add")
-    negative: Prompts | None = Field(None, description="prompts showing its opposite")
-    reduce: Literal["mean", "last"] | None = Field(None, description="each prompt's positions: mean (default) or last")
-    vector: Annotated[list[Float], Field(min_length=1, max_length=MAX_VECTOR_SCHEMA)] | None = Field(
-        None, description="d_model floats (instead of positive/negative)"
+    # optional but never null: omitted is None, an explicit null is refused (422), as the schema says
+    positive: Prompts = Field(None, description="prompts showing the behaviour to add")  # type: ignore[arg-type]
+    negative: Prompts = Field(None, description="prompts showing its opposite")  # type: ignore[arg-type]
+    reduce: Literal["mean", "last"] = Field(None, description="each prompt's positions: mean (default) or last")  # type: ignore[arg-type]
+    vector: Annotated[list[Float], Field(min_length=1, max_length=MAX_VECTOR_SCHEMA)] = Field(
+        None,  # type: ignore[arg-type]
+        description="d_model floats (instead of positive/negative)",
     )
     replace: StrictBool = Field(False, description="overwrite a vector of this name")
 
