@@ -84,7 +84,10 @@ LABEL org.opencontainers.image.title="shortcut-api" \
 
 RUN groupadd --gid 10001 shortcut \
     && useradd --uid 10001 --gid shortcut --create-home --home-dir /home/shortcut \
-       --shell /usr/sbin/nologin shortcut
+       --shell /usr/sbin/nologin shortcut \
+    && install -d -o shortcut -g shortcut -m 0750 /var/lib/shortcut/steering
+# /var/lib/shortcut/steering: where a shared volume for named steering vectors mounts (SHORTCUT_STEERING_DIR,
+# deploy/README.md); owned by the app user so that a new named volume copies that ownership
 
 COPY --from=builder /opt/venv /opt/venv
 

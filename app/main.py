@@ -14,9 +14,10 @@ from app.auth import require_api_key
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware, default_allowed_hosts
-from app.routes import diagnostics, generate, health, openai, page
+from app.routes import diagnostics, generate, health, openai, page, steering
 from app.service import ServedModel
 from app.settings import Settings
+from app.steering import SteeringStore
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ def create_app(
         service.check_aliases(settings.model_aliases, served)
         app.state.models = served
         app.state.device = device
+        app.state.steering.open(served)  # a bad vector file is logged with its name and skipped
         log.info(
             "serving %s on %s with %d threads, %s decode weights, %s decode step, %s KV cache",
             ", ".join(served),
@@ -71,12 +73,14 @@ def create_app(
     app.state.models = {}
     app.state.ready = False
     app.state.draining = False
+    # named steering vectors (`lookup(model, checkpoint_sha256, name, field)` resolves intervention.add names)
+    app.state.steering = SteeringStore(settings.steering_dir, settings.steering_max_vectors, metrics)
     install_error_handlers(app)
     app.include_router(health.router)  # probes, /info and /metrics stay open
     app.include_router(page.router)  # the page at /, /docs and /redoc: open, like the schema
     app.mount("/static", page.static_files(), name="static")
     protected = [Depends(require_api_key(settings.api_key))] if settings.api_key is not None else []
-    protected_routers = (generate.router, openai.router, diagnostics.router)
+    protected_routers = (generate.router, openai.router, diagnostics.router, steering.router)
     for router in protected_routers:
         app.include_router(router, dependencies=protected)
     hosts = settings.allowed_hosts if settings.allowed_hosts is not None else default_allowed_hosts(settings.host)

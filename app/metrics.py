@@ -85,6 +85,12 @@ class Metrics:
         self.interventions = Counter(
             "shortcut_interventions", "Requests served with an intervention, by part.", ["model", "part"], registry=r
         )
+        self.steering_vectors = Gauge(
+            "shortcut_steering_vectors",
+            "Named steering vectors stored, by the served model they were made for (as this replica last read them).",
+            m,
+            registry=r,
+        )
         self.resid_norm = Histogram(
             "shortcut_resid_post_norm",
             "L2 norm of the last-position residual stream after each layer, observed on served prefills.",

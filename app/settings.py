@@ -77,6 +77,19 @@ class Settings(BaseSettings):
     diagnostics_share: float = Field(
         0.5, gt=0, le=1, description="most of the worker's time /diagnostics jobs may take while sequences decode"
     )
+    steering_dir: Path | None = Field(
+        None,
+        description="folder of named steering vectors, one safetensors file each (shared by replicas on a shared "
+        "volume); unset = in memory only",
+    )
+    steering_max_vectors: int = Field(256, ge=0, le=100_000, description="most named steering vectors stored")
+    steering_max_prompts: int = Field(64, ge=1, le=1024, description="most prompts per set making a steering vector")
+    steering_max_prompt_bytes: int = Field(
+        4096, ge=1, le=1_000_000, description="most UTF-8 bytes of one prompt making a steering vector"
+    )
+    steering_max_vector_floats: int = Field(
+        16384, ge=1, le=65536, description="most floats in an uploaded steering vector (it must also be d_model long)"
+    )
     warmup: bool = True
     resid_norm_metrics: bool = Field(True, description="observe per-layer residual norms of served prefills")
     log_json: bool = False
@@ -119,7 +132,7 @@ class Settings(BaseSettings):
                     )
         return value
 
-    @field_validator("extra_checkpoints_dir", "api_key", mode="before")
+    @field_validator("extra_checkpoints_dir", "api_key", "steering_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

@@ -9,6 +9,8 @@
 #               share by its own /metrics; the aggregate tokens/s with 3 replicas
 #   sse         one stream through HAProxy arrives token by token (the first token long before the last)
 #   prometheus  Prometheus scrapes each replica (3 targets up, each with tokens) and the balancer
+#   steering    a named steering vector made through HAProxy is read and used by name (intervention.add) on every
+#               replica (one shared volume, SHORTCUT_STEERING_DIR); deleted through HAProxy, it is gone everywhere
 #   stop        SIGTERM (podman stop) to api1 with requests in flight on it: 0 failures among requests started
 #               after the stop, its in-flight requests finish with 200, it exits 0
 #   kill        SIGKILL to api2 under load: only its in-flight requests fail, new ones succeed (HAProxy retries
@@ -43,7 +45,7 @@ REPLICAS=(api1 api2 api3)
 for v in $(compgen -e | grep -E '^(SHORTCUT_|PROMETHEUS_|HAPROXY_)' || true); do unset "$v"; done
 export SHORTCUT_IMAGE=$IMAGE
 
-STEPS=(images build up ready balanced sse prometheus stop kill single teardown)
+STEPS=(images build up ready balanced sse prometheus steering stop kill single teardown)
 source "$ROOT/deploy/smoke-lib.sh"
 
 compose() { podman-compose -p "$PROJECT" -f "$COMPOSE_FILE" "$@"; }
@@ -138,6 +140,14 @@ if [ "${RESULT[ready]:-}" = PASS ]; then
   # ---- prometheus -----------------------------------------------------------------------------------------------
   t0=$(date +%s)
   if "${CLIENT[@]}" prometheus "$PROM" --replicas 3 --timeout 90; then pass prometheus "each replica scraped, $(elapsed "$t0")"; else fail prometheus; fi
+
+  # ---- steering: one vector, every replica (the shared volume) -------------------------------------------------
+  # shellcheck disable=SC2046  # word splitting of --replica NAME=URL pairs
+  if "${CLIENT[@]}" steering "$LB" $(replica_args "${REPLICAS[@]}"); then
+    pass steering "made through HAProxy, used on api1..api3, deleted everywhere"
+  else
+    dump_logs "${REPLICAS[@]}"; fail steering
+  fi
 
   # ---- stop: SIGTERM to api1 mid-load ---------------------------------------------------------------------------
   # `podman stop` sends the stop signal (SIGTERM) and SIGKILLs only after -t (compose's stop_grace_period);

@@ -16,6 +16,9 @@ X-Shortcut-Replica header. Each subcommand prints what it saw and exits 0 when t
            Prometheus scrapes N api replicas (each up, each with generated tokens) and the balancer
   servers  STATS_URL NAME=STATE...  [--timeout 60]
            wait until HAProxy reports each named server in the state (UP, DOWN, MAINT...)
+  steering LB --replica NAME=URL... [--layer 1]
+           a named steering vector made through the balancer is read, and used by name in /generate's
+           intervention.add, on every replica; deleted through the balancer, it is gone from every replica
 """
 
 from __future__ import annotations
@@ -372,6 +375,53 @@ def cmd_prometheus(prom: str, replicas: int, timeout: float) -> int:
     return fail(f"after {timeout:.0f}s: {seen}")
 
 
+def cmd_steering(base: str, replicas: dict[str, str], layer: int) -> int:
+    """Make a vector through the balancer; every replica serves it (GET, and POST /generate with it by name); delete
+    it through the balancer; every replica answers 404 for it and refuses it in /generate (400 naming the field)."""
+    name = f"smoke-steer-{int(time.time() * 1000) % 10**9}"
+    body = {
+        "name": name,
+        "layer": layer,
+        "positive": ["ROMEO: HARK!", "THE KING"],
+        "negative": ["romeo: hark!", "the king"],
+    }
+    status, raw = request("POST", f"{base}/steering/vectors", body, timeout=120)
+    if status != 201:
+        return fail(f"POST /steering/vectors through the balancer: {status} {raw[:300]!r}")
+    made = json.loads(raw)
+    gen = {"prompt": PROMPT, "max_new_tokens": 8, "temperature": 0}
+    steered = {**gen, "intervention": {"add": [{"layer": layer, "name": name, "coeff": 1.0}]}}
+    problems, used = [], []
+    for replica, url in replicas.items():
+        status, raw = request("GET", f"{url}/steering/vectors/{name}")
+        if status != 200 or json.loads(raw).get("norm") != made["norm"]:
+            problems.append(f"{replica}: GET after the create: {status} {raw[:200]!r}")
+        status, raw = request("POST", f"{url}/generate", steered, timeout=120)
+        if status == 200:
+            used.append(replica)
+        elif not (status == 422 and b"intervention.add" in raw):  # 422: a build without the per-request half
+            problems.append(f"{replica}: /generate with it by name: {status} {raw[:200]!r}")
+    status, raw = request("DELETE", f"{base}/steering/vectors/{name}")
+    if status != 204:
+        problems.append(f"DELETE through the balancer: {status} {raw[:200]!r}")
+    for replica, url in replicas.items():
+        status, raw = request("GET", f"{url}/steering/vectors/{name}")
+        if status != 404:
+            problems.append(f"{replica}: GET after the delete: {status} (wanted 404)")
+        if replica in used:
+            status, raw = request("POST", f"{url}/generate", steered, timeout=120)
+            if status != 400 or b"intervention.add[0].name" not in raw:
+                problems.append(f"{replica}: /generate after the delete: {status} {raw[:200]!r} (wanted 400)")
+        status, raw = request("GET", f"{url}/steering/vectors")
+        if status != 200 or name in [v["name"] for v in json.loads(raw)["data"]]:
+            problems.append(f"{replica}: still listed after the delete ({status})")
+    if problems:
+        return fail("; ".join(problems))
+    how = f"used by name in /generate on {', '.join(used)}" if used else "read (this build has no intervention.add)"
+    print(f"  {name} (norm {made['norm']:.3g}) made through the balancer, {how} and on every replica; deleted: gone")
+    return 0
+
+
 def cmd_servers(stats: str, wanted: dict[str, str], timeout: float) -> int:
     deadline, now = time.monotonic() + timeout, {}
     while time.monotonic() < deadline:
@@ -407,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("prom")
     pr.add_argument("--replicas", type=int, required=True)
     pr.add_argument("--timeout", type=float, default=90)
+    st = sub.add_parser("steering")
+    st.add_argument("base")
+    st.add_argument("--replica", action="append", default=[], required=True)
+    st.add_argument("--layer", type=int, default=1)
     sv = sub.add_parser("servers")
     sv.add_argument("stats")
     sv.add_argument("wanted", nargs="+")
@@ -423,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_balanced(a.base, parse_replicas(a.replica), a.clients, a.seconds, a.tokens, a.out)
         if a.cmd == "sse":
             return cmd_sse(a.base, a.tokens)
+        if a.cmd == "steering":
+            return cmd_steering(a.base, parse_replicas(a.replica), a.layer)
         if not command:
             return fail("no command after --")
         victim = tuple(a.victim.split("=", 1))

@@ -16,6 +16,7 @@
     running: null,       // {controller, kind}
     baseline: null,      // the last run started by Generate (what "Generate again" reruns)
     last: null,          // the last finished run, whichever button started it
+    vectors: [],         // GET /steering/vectors data of the current model
     charts: {},          // element id -> echarts instance
   };
 
@@ -312,10 +313,12 @@
       // factors multiply: 0 stays 0)
       if (factor !== 1 && !(part !== "block" && off[part])) scale.push({layer, part, factor});
     }
-    if (!skip.length && !scale.length) return null;
+    const add = currentSteering();
+    if (!skip.length && !scale.length && !add.length) return null;
     const iv = {};
     if (skip.length) iv.skip = skip;
     if (scale.length) iv.scale = scale;
+    if (add.length) iv.add = add;
     return iv;
   }
 
@@ -326,7 +329,92 @@
     if (iv.scale && iv.scale.length) {
       parts.push("scale " + iv.scale.map((s) => `L${s.layer} ${s.part} ×${s.factor}`).join(", "));
     }
+    if (iv.add && iv.add.length) {
+      parts.push("add " + iv.add.map((a) => {
+        const what = a.name !== undefined ? a.name : `a vector (norm ${Number(a.norm).toPrecision(3)})`;
+        return `${what} ×${a.coeff} after L${a.layer}` + (a.positions && a.positions !== "all" ? ` (${a.positions})` : "");
+      }).join(", "));
+    }
     return parts.join("; ") || "none";
+  }
+
+  // ------------------------------------------------------------------ Steer: named vectors, intervention.add
+
+  // The named vector picked, added after the chosen layer; none when no vector is picked or coeff is 0.
+  function currentSteering() {
+    const name = $("#steer-vector").value;
+    const coeff = Number($("#steer-coeff").value);
+    if (!name || !Number.isFinite(coeff) || coeff === 0) return [];
+    return [{layer: Number($("#steer-layer").value), name, coeff, positions: $("#steer-positions").value}];
+  }
+
+  function buildSteerLayers(nLayer) {
+    const sel = $("#steer-layer");
+    sel.replaceChildren();
+    for (let l = 0; l < nLayer; l++) sel.append(new Option(`after L${l}`, String(l), false, l === nLayer >> 1));
+  }
+
+  function syncSteer() {
+    $("#steer-coeff-value").textContent = Number($("#steer-coeff").value).toFixed(1);
+    $("#intervention-summary").textContent = `intervention: ${describeIntervention(currentIntervention())}`;
+  }
+
+  function linesOf(sel) {
+    return $(sel).value.split("\n").map((l) => l.replace(/\r$/, "")).filter((l) => l.trim() !== "");
+  }
+
+  async function loadVectors(select) {
+    const card = currentModel();
+    const sel = $("#steer-vector");
+    const keep = select !== undefined ? select : sel.value;
+    try {
+      const list = await apiJSON("/steering/vectors");
+      state.vectors = list.data.filter((v) => card && v.model === card.id);
+    } catch (e) {
+      state.vectors = [];
+      showError(e);
+    }
+    sel.replaceChildren(new Option("none", ""));
+    for (const v of state.vectors) {
+      sel.append(new Option(`${v.name} · L${v.layer} · norm ${v.norm.toPrecision(3)}`, v.name, false, v.name === keep));
+    }
+    onVectorPicked();
+  }
+
+  function onVectorPicked() {
+    const v = state.vectors.find((x) => x.name === $("#steer-vector").value);
+    if (v && $(`#steer-layer option[value="${v.layer}"]`)) $("#steer-layer").value = String(v.layer);
+    syncSteer();
+  }
+
+  async function makeVector() {
+    clearError();
+    const card = currentModel();
+    const status = $("#steer-make-status");
+    const body = {
+      name: $("#steer-name").value.trim(),
+      model: card ? card.id : undefined,
+      layer: Number($("#steer-layer").value),
+      positive: linesOf("#steer-positive"),
+      negative: linesOf("#steer-negative"),
+      reduce: $("#steer-reduce").value,
+      replace: $("#steer-replace").checked,
+    };
+    $("#steer-make").disabled = true;
+    status.textContent = "making…";
+    $("#steer").dataset.state = "making";
+    try {
+      const made = await apiJSON("/steering/vectors", body);
+      status.textContent = `${made.name}: norm ${made.norm.toPrecision(4)} from ${made.positive} + ${made.negative} lines`;
+      await loadVectors(made.name);
+      $("#steer").dataset.state = "made";
+    } catch (e) {
+      status.textContent = "";
+      showError(e);
+      $("#steer").dataset.state = "error";
+    } finally {
+      $("#steer-make").disabled = false;
+    }
   }
 
   // ------------------------------------------------------------------ Watch: the live trace heatmap
@@ -557,6 +645,7 @@
     const busy = Boolean(kind);
     $("#generate").disabled = busy;
     $("#again").disabled = busy || !state.baseline;
+    $("#steer-again").disabled = busy || !state.baseline;
     $("#stop").disabled = !busy;
     document.body.dataset.state = busy ? "running" : "idle";
   }
@@ -566,7 +655,7 @@
     clearError();
     let req;
     try {
-      if (kind === "again") {
+      if (kind === "again" || kind === "steer") {
         if (!state.baseline) return;
         req = Object.assign({}, state.baseline.request);
         delete req.intervention;
@@ -615,11 +704,12 @@
       if (req.trace && !run.traced) $("#status").textContent += " · (no trace in the stream)";
       out.dataset.done = "1";
       state.last = run;
-      if (kind === "again") {
-        renderDiff(state.baseline, run);
+      if (kind === "again" || kind === "steer") {
+        renderDiff(state.baseline, run, kind === "steer" ? STEER_DIFF : INTERVENE_DIFF);
       } else {
         state.baseline = run;
-        renderDiff(run, null);
+        renderDiff(run, null, INTERVENE_DIFF);
+        renderDiff(run, null, STEER_DIFF);
       }
     } catch (e) {
       if (e.name === "AbortError") {
@@ -670,16 +760,19 @@
     return `seed ${run.request.seed} · ${run.request.model} · intervention: ${describeIntervention(iv || null)}`;
   }
 
-  function renderDiff(before, after) {
-    const left = $("#diff-left");
-    const right = $("#diff-right");
-    $("#diff-left-label").textContent = before ? runLabel(before) : "";
-    $("#diff-right-label").textContent = after ? runLabel(after) : "";
-    const note = $("#diff-note");
+  const INTERVENE_DIFF = {prefix: "#diff", hint: "Switch parts off or move a slider, then “Generate again”."};
+  const STEER_DIFF = {prefix: "#steer", hint: "Pick or make a vector, set the coefficient, then “Generate again”."};
+
+  function renderDiff(before, after, where) {
+    const left = $(`${where.prefix}-left`);
+    const right = $(`${where.prefix}-right`);
+    $(`${where.prefix}-left-label`).textContent = before ? runLabel(before) : "";
+    $(`${where.prefix}-right-label`).textContent = after ? runLabel(after) : "";
+    const note = $(`${where.prefix}-note`);
     if (!after) {
       left.textContent = before ? before.text : "";
       right.replaceChildren();
-      note.textContent = "Switch parts off or move a slider, then “Generate again”.";
+      note.textContent = where.hint;
       delete note.dataset.first;
       return;
     }
@@ -995,7 +1088,7 @@
         const label = `${m.id} · ${m.n_layer} layers${m.residual ? "" : " · no shortcut"}`;
         sel.append(new Option(label, m.id));
       }
-      onModelChange();
+      await onModelChange();
       document.body.dataset.ready = "1";
     } catch (e) {
       showError(e);
@@ -1006,9 +1099,12 @@
   function onModelChange() {
     const card = currentModel();
     buildLayerControls(card ? card.n_layer : 0);
+    buildSteerLayers(card ? card.n_layer : 0);
     heat.reset(card ? card.n_layer : 0);
     state.baseline = null;  // "Generate again" reruns a request of this model only
     $("#again").disabled = true;
+    $("#steer-again").disabled = true;
+    return loadVectors("");  // vectors are made for one model: those of this one
   }
 
   function init() {
@@ -1019,6 +1115,10 @@
     $("#inspect-run").addEventListener("click", inspect);
     $("#compare-run").addEventListener("click", compare);
     $("#model").addEventListener("change", onModelChange);
+    $("#steer-again").addEventListener("click", () => generate("steer"));
+    $("#steer-make").addEventListener("click", makeVector);
+    $("#steer-vector").addEventListener("change", onVectorPicked);
+    for (const sel of ["#steer-coeff", "#steer-layer", "#steer-positions"]) $(sel).addEventListener("input", syncSteer);
     $("#layer-controls").addEventListener("input", syncLayerControls);
     $("#reset-intervention").addEventListener("click", () => {
       const card = currentModel();

@@ -34,6 +34,7 @@ NAMESPACED = {
     "ServiceMonitor",
     "HorizontalPodAutoscaler",
     "ScaledObject",
+    "PersistentVolumeClaim",
 }
 
 pytestmark = pytest.mark.skipif(kubectl() is None, reason="kubectl (kustomize) missing: install the dev extra")
@@ -118,6 +119,7 @@ def test_overlay_renders_one_stack_with_one_autoscaler(rendered: dict, overlay: 
         "PodDisruptionBudget",
         "NetworkPolicy",
         "ServiceMonitor",
+        "PersistentVolumeClaim",
         autoscaler,
     }
     assert kinds == sorted(expected), kinds  # one of each, and never both autoscalers on one Deployment
@@ -378,3 +380,22 @@ def test_selectors_ports_and_policies_line_up(rendered: dict) -> None:
     assert "replicas" not in deployment["spec"]  # the autoscaler owns it; apply would reset it otherwise
     so = one(rendered["example-keda"], "ScaledObject")["spec"]
     assert so["scaleTargetRef"]["name"] == deployment["metadata"]["name"] and so["minReplicaCount"] >= 2
+
+
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
+def test_every_pod_shares_one_steering_volume(rendered: dict, overlay: str) -> None:
+    """Named steering vectors live in SHORTCUT_STEERING_DIR on a ReadWriteMany claim every pod mounts, so a vector
+    made through one pod works through all of them (docs/steering.md)."""
+    docs = rendered[overlay]
+    c, spec, cm = container(docs), pod_spec(docs), one(docs, "ConfigMap")
+    pvc = one(docs, "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    path = cm["data"]["SHORTCUT_STEERING_DIR"]
+    assert volumes[mounts[path]]["persistentVolumeClaim"] == {"claimName": pvc["metadata"]["name"]}
+    uid = int(re.search(r"useradd --uid (\d+)", DOCKERFILE.read_text()).group(1))
+    assert (
+        f"-o shortcut -g shortcut -m 0750 {path}" in DOCKERFILE.read_text()
+        and spec["securityContext"]["fsGroup"] == uid
+    )

@@ -158,3 +158,13 @@ def test_make_scale_smoke_runs_the_script() -> None:
     target = re.search(r"^scale-smoke:.*\n((?:\t.*\n)+)", text, re.M)
     assert target and "deploy/scale-smoke.sh" in target.group(1)
     assert re.search(r"^\.PHONY:.*\bscale-smoke\b", text, re.M)
+
+
+def test_replicas_share_one_steering_volume(replicas: dict, scale: dict) -> None:
+    """Every replica mounts the same named volume at SHORTCUT_STEERING_DIR: a vector made through one replica is
+    used and deleted through all (`make scale-smoke`'s steering step)."""
+    api = next(iter(replicas.values()))
+    path = api["environment"]["SHORTCUT_STEERING_DIR"]
+    (mount,) = [v for v in api["volumes"] if v.split(":")[1] == path]
+    assert mount.split(":")[0] in scale["volumes"]  # a named volume, not a folder of one host
+    assert ":ro" not in mount

@@ -40,6 +40,10 @@ PROTECTED = {
     ("POST", "/v1/chat/completions"),
     ("GET", "/v1/models/{model_id}"),
     ("GET", "/tokenizer_info"),
+    ("POST", "/steering/vectors"),
+    ("GET", "/steering/vectors"),
+    ("GET", "/steering/vectors/{name}"),
+    ("DELETE", "/steering/vectors/{name}"),
 }
 VALID = {
     "/generate": {"prompt": "hi", "max_new_tokens": 2},
@@ -48,6 +52,7 @@ VALID = {
     "/diagnostics": {"prompt": "hi"},
     "/v1/completions": {"prompt": "hi", "max_tokens": 2},
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    "/steering/vectors": {"name": "made", "layer": 0, "positive": ["HI"], "negative": ["hi"]},
 }
 
 
@@ -62,12 +67,19 @@ def call(client: TestClient, method: str, path: str, token: str | None):
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     body = VALID.get(path) if method == "POST" else None
     params = {"prompt": "hi"} if (method, path) == ("GET", "/diagnostics") else None
-    return client.request(method, path.replace("{model_id}", "tiny"), json=body, params=params, headers=headers)
+    path = path.replace("{model_id}", "tiny").replace("{name}", "deleted" if method == "DELETE" else "kept")
+    return client.request(method, path, json=body, params=params, headers=headers)
 
 
 @pytest.fixture
 def keyed(make_client: Callable[..., TestClient]) -> TestClient:
-    return make_client(api_key=KEY)
+    client = make_client(api_key=KEY)
+    for name in ("kept", "deleted"):  # steering vectors for GET and DELETE /steering/vectors/{name} (see `call`)
+        made = VALID["/steering/vectors"] | {"name": name}
+        assert (
+            client.post("/steering/vectors", json=made, headers={"Authorization": f"Bearer {KEY}"}).status_code == 201
+        )
+    return client
 
 
 def test_every_route_but_the_probes_needs_the_key(keyed: TestClient) -> None:
@@ -80,7 +92,7 @@ def test_every_route_but_the_probes_needs_the_key(keyed: TestClient) -> None:
             assert resp.status_code == 401, (method, path, token, resp.text)
             assert resp.json()["error"]["code"] == code
             assert WRONG not in resp.text and KEY not in resp.text
-        assert call(keyed, method, path, KEY).status_code == 200, (method, path)
+        assert call(keyed, method, path, KEY).status_code in (200, 201, 204), (method, path)
     for method, path in sorted(OPEN & routes):
         assert keyed.request(method, path).status_code == 200, (method, path)
 
@@ -99,7 +111,7 @@ def test_comparison_is_hmac_compare_digest(keyed: TestClient, monkeypatch: pytes
         assert call(keyed, method, path, WRONG).status_code == 401
         assert calls == [(WRONG.encode(), KEY.encode())], (method, path)
         calls.clear()
-        assert call(keyed, method, path, KEY).status_code == 200
+        assert call(keyed, method, path, KEY).status_code in (200, 201, 204)
         assert calls == [(KEY.encode(), KEY.encode())], (method, path)
 
 

@@ -25,14 +25,14 @@ EXAMPLES = 12
 MAX_BODY = 65_536  # small enough that over-size negative bodies reach the 413 path
 
 # Limits that depend on the served model or on settings (context window, stop strings, logprobs), an unknown model
-# name and a full queue are refusals of schema-valid input; each of these statuses is documented with ErrorResponse
-# (and the codes a 400 or 404 may carry then: POSITIVE_CODES).
+# name, a full queue and a steering vector name that is taken (409) are refusals of schema-valid input; each of these
+# statuses is documented with ErrorResponse (and the codes a 400 or 404 may carry then: POSITIVE_CODES).
 KEY = "fuzz-key-0123456789"  # the app is served with a key, so schemathesis also checks that bad auth is refused
 CONFIG = schemathesis.Config.from_dict(
     {
         "auth": {"openapi": {"apiKey": {"bearer": KEY}}},
         "checks": {
-            "positive_data_acceptance": {"expected-statuses": ["2XX", 400, 404, 413, 429]},
+            "positive_data_acceptance": {"expected-statuses": ["2XX", 400, 404, 409, 413, 429]},
             "negative_data_rejection": {"expected-statuses": [400, 401, 404, 413, 422, 429]},  # 401: auth left out
         },
     }
