@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from typing import Annotated, Any, Literal
 
 import torch
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
@@ -270,7 +270,7 @@ async def list_vectors(request: Request) -> dict[str, Any]:
 
 
 @router.get("/steering/vectors/{name}", response_model=SteeringVectorFull)
-async def get_vector(name: str, request: Request) -> dict[str, Any]:
+async def get_vector(name: Annotated[VectorName, Path()], request: Request) -> dict[str, Any]:
     """One vector's metadata and its floats."""
     vec = await run_in_threadpool(_store(request).get, name)
     if vec is None:
@@ -279,7 +279,7 @@ async def get_vector(name: str, request: Request) -> dict[str, Any]:
 
 
 @router.delete("/steering/vectors/{name}", status_code=204, response_class=Response)
-async def delete_vector(name: str, request: Request) -> Response:
+async def delete_vector(name: Annotated[VectorName, Path()], request: Request) -> Response:
     """Delete a vector (on every replica sharing the steering folder)."""
     if not await run_in_threadpool(_store(request).delete, name):
         raise _not_found(name)

@@ -111,7 +111,8 @@ def test_bad_add_entries_are_400s_naming_the_field_on_every_route(steered: TestC
 
 
 def test_named_vectors_without_a_store_are_a_400(client: TestClient) -> None:
-    assert getattr(client.app.state, "steering", None) is None
+    """An app without a store of named vectors (app.state.steering None) says so at the entry's name."""
+    client.app.state.steering = None  # type: ignore[attr-defined]
     for path, body in (
         ("/generate", {"prompt": PROMPT, "intervention": NAMED}),
         ("/diagnostics", {"prompt": PROMPT, "intervention": NAMED}),

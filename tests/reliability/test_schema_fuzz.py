@@ -42,7 +42,7 @@ CONFIG = schemathesis.Config.from_dict(
 # and the 404 of an unknown model name. Any other 400 or 404 code for schema-valid input is a bug.
 POSITIVE_CODES = {
     400: {"context_length_exceeded", "invalid_value", "unsupported_parameter"},
-    404: {"model_not_found"},
+    404: {"model_not_found", "steering_vector_not_found"},
 }
 
 _SPEC = create_app(Settings(extra_checkpoints_dir=None, api_key=KEY)).openapi()  # building the app loads nothing
