@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Mapping
 from typing import Any
 
 from fastapi import Request
@@ -12,7 +12,10 @@ from fastapi import Request
 from app.errors import APIError, engine_error
 from app.service import ServedModel
 from model import tokenizer
-from model.engine import EngineError, FinishEvent, RequestHandle, SamplingParams, TokenEvent
+from model.engine import EngineDrainingError, EngineError, FinishEvent, RequestHandle, SamplingParams, TokenEvent
+from model.transformer import Transformer
+
+Job = Callable[[Transformer], Generator[None, None, Any]]
 
 
 def default_max_new(served: ServedModel, prompt_len: int, default: int) -> int:
@@ -110,3 +113,39 @@ async def merged_events(handles: list[RequestHandle]) -> AsyncGenerator[tuple[in
         if finished < len(handles):
             for h in handles:
                 h.cancel()
+
+
+async def run_job(request: Request, served: ServedModel, job: Job, what: str) -> Any:
+    """Run `job` on the served model's engine worker between decode steps (`Engine.run_job`: its share of the worker)
+    and return its result. The queue of jobs is capped (429); past the request timeout (504) or when the client
+    disconnects (499) the job is cancelled, and the engine drops it before its next slice. A ValueError from the job
+    is the request's fault (400); draining is a 503. `what` names the job in the messages."""
+    engine = served.engine
+    settings = request.app.state.settings
+    if engine.n_jobs >= max(1, settings.max_queue):
+        raise APIError(
+            429, f"too many jobs queued ({what} among them)", code="queue_full", headers={"Retry-After": "1"}
+        )
+    try:
+        fut = engine.run_job(job)
+    except EngineDrainingError as e:
+        raise APIError(503, str(e), code="draining") from None
+    result = asyncio.wrap_future(fut)
+    gone = asyncio.ensure_future(wait_disconnect(request))
+    timeout_s = settings.request_timeout_s
+    try:
+        done, _ = await asyncio.wait({result, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if result in done:
+            try:
+                return result.result()
+            except EngineDrainingError as e:
+                raise APIError(503, str(e), code="draining") from None
+            except ValueError as e:
+                raise APIError(400, str(e), code="invalid_value") from None
+        if gone in done:
+            raise APIError(499, "client closed the request", code="client_closed_request")
+        raise APIError(504, f"{what} ran past the request timeout ({timeout_s:g} s)", code="request_timeout")
+    finally:
+        fut.cancel()
+        result.cancel()
+        gone.cancel()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import Future
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -13,13 +11,12 @@ from pydantic.json_schema import SkipJsonSchema
 
 from app.deps import get_served
 from app.errors import ERRORS, APIError
-from app.generation import wait_disconnect
+from app.generation import run_job
 from app.schemas import DiagnosticsResponse, InterventionSpec, JsonNumber, ModelName, not_a_bool, not_a_number
 from app.service import ServedModel
 from app.steering_lookup import resolve
 from model import tokenizer
 from model.diagnostics import DiagnosticsOptions, iter_diagnostics, render_text
-from model.engine import EngineDrainingError
 
 Flag = Annotated[bool, BeforeValidator(not_a_number)]  # "true" in a query string, true in JSON; never 0/1
 router = APIRouter(tags=["diagnostics"], responses=ERRORS)
@@ -105,37 +102,10 @@ async def _diagnose(req: DiagnosticsRequest, request: Request, intervention: Int
         "residual": c.residual,
         "checkpoint_sha256": served.sha256,
     }
-    engine = served.engine
-    if engine.n_jobs >= max(1, request.app.state.settings.max_queue):
-        raise APIError(429, "too many diagnostics requests queued", code="queue_full", headers={"Retry-After": "1"})
-    try:
-        fut = engine.run_job(lambda model: iter_diagnostics(model, ids, opts, info))
-        result = await _await_job(fut, request, request.app.state.settings.request_timeout_s)
-    except EngineDrainingError as e:
-        raise APIError(503, str(e), code="draining") from None
-    except ValueError as e:
-        raise APIError(400, str(e), code="invalid_value") from None
+    result = await run_job(request, served, lambda model: iter_diagnostics(model, ids, opts, info), "diagnostics")
     if _wants_text(req, request):
         return PlainTextResponse(render_text(result))
     return JSONResponse(result)
-
-
-async def _await_job(fut: Future, request: Request, timeout_s: float) -> dict:
-    """The job's result. Past `timeout_s` (504) or when the client disconnects (499), the job is cancelled: the
-    engine drops it before its next slice."""
-    result = asyncio.wrap_future(fut)
-    gone = asyncio.ensure_future(wait_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({result, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        if result in done:
-            return result.result()
-        if gone in done:
-            raise APIError(499, "client closed the request", code="client_closed_request")
-        raise APIError(504, f"diagnostics ran past the request timeout ({timeout_s:g} s)", code="request_timeout")
-    finally:
-        fut.cancel()
-        result.cancel()
-        gone.cancel()
 
 
 TEXT_OR_JSON: dict[int | str, dict[str, Any]] = {

@@ -3,10 +3,8 @@ named steering vectors; requests use them by name in `intervention.add`."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Generator
-from concurrent.futures import Future
 from typing import Annotated, Any, Literal
 
 import torch
@@ -16,12 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from app.deps import get_served
 from app.errors import ERRORS, APIError
-from app.generation import wait_disconnect
+from app.generation import run_job
 from app.schemas import JsonNumber, ModelName, Utf8Only
 from app.service import ServedModel
 from app.steering import SteeringStore
 from model import tokenizer
-from model.engine import EngineDrainingError
 from model.steering import NAME_PATTERN, ContrastResult, SteeringVector, contrast_job
 from model.transformer import Transformer
 
@@ -228,38 +225,8 @@ async def _compute(
 ) -> ContrastResult:
     """Run the contrast job with the diagnostics rules: its share of the worker, the queue cap, the request timeout
     (504) and the client's disconnect (499) both cancel it."""
-    engine = served.engine
-    settings = request.app.state.settings
-    if engine.n_jobs >= max(1, settings.max_queue):
-        raise APIError(429, "too many jobs queued", code="queue_full", headers={"Retry-After": "1"})
-    try:
-        fut = engine.run_job(job)
-    except EngineDrainingError as e:
-        raise APIError(503, str(e), code="draining") from None
-    return await _await_job(fut, request, settings.request_timeout_s)
-
-
-async def _await_job(fut: Future, request: Request, timeout_s: float) -> Any:
-    result = asyncio.wrap_future(fut)
-    gone = asyncio.ensure_future(wait_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({result, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        if result in done:
-            try:
-                return result.result()
-            except EngineDrainingError as e:
-                raise APIError(503, str(e), code="draining") from None
-            except ValueError as e:
-                raise APIError(400, str(e), code="invalid_value") from None
-        if gone in done:
-            raise APIError(499, "client closed the request", code="client_closed_request")
-        raise APIError(
-            504, f"making the steering vector ran past the request timeout ({timeout_s:g} s)", code="request_timeout"
-        )
-    finally:
-        fut.cancel()
-        result.cancel()
-        gone.cancel()
+    result: ContrastResult = await run_job(request, served, job, "making the steering vector")
+    return result
 
 
 @router.get("/steering/vectors", response_model=SteeringVectorList)
