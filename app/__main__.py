@@ -94,7 +94,14 @@ def main(argv: list[str] | None = None) -> None:
         log.error("cannot start: %s", e)
         sys.exit(2)
     app = create_app(settings, models=models, metrics=metrics)
-    protocol = guarded_protocol(settings.header_timeout_s, settings.body_timeout_s, settings.max_connections)
+    protocol = guarded_protocol(
+        settings.header_timeout_s,
+        settings.body_timeout_s,
+        settings.max_connections,
+        write_timeout_s=settings.write_timeout_s,
+        max_per_address=settings.max_connections_per_address,
+        api_key=settings.api_key,
+    )
     config = uvicorn.Config(
         app,
         host=a.host,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import re
@@ -27,9 +28,13 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
 
 
+# looked up (imported) now: looked up at the first escape, with no file descriptor left, it could not be imported
+_UNICODE_ESCAPE = codecs.lookup("unicode_escape")
+
+
 def escape_controls(text: str) -> str:
     """`text` with every control character written as a visible escape (\\n, \\x1b, \\u2028)."""
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return _CONTROL.sub(lambda m: _UNICODE_ESCAPE.encode(m.group())[0].decode("ascii"), text)
 
 
 def default_allowed_hosts(bind_host: str) -> tuple[str, ...] | None:
@@ -90,7 +95,7 @@ class ServiceMiddleware:
         given = headers.get("x-request-id", "")
         request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        status = {"code": 500}
+        status = {"code": 500, "complete": False}
         length = headers.get("content-length")
         body = _BodyState(pending="transfer-encoding" in headers or (length is not None and length != "0"))
 
@@ -101,6 +106,8 @@ class ServiceMiddleware:
                 if body.pending:  # answered before the body was read: do not wait for the rest of it
                     extra.append((b"connection", b"close"))
                 message["headers"] = list(message.get("headers", [])) + extra
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                status["complete"] = True
             await send(message)
 
         async def counted_receive() -> dict:
@@ -125,6 +132,8 @@ class ServiceMiddleware:
                 await _send_error(send_wrapper, *refusal)
             else:
                 await self.app(scope, counted_receive, send_wrapper)
+            if not status["complete"] and status["code"] < 400:  # the client left before the answer ended (a stream)
+                status["code"] = 499
         finally:
             elapsed = time.perf_counter() - t0
             method = method_label(scope["method"])

@@ -100,6 +100,7 @@ def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> d
             max_stop_strings=settings.max_stop_strings,
             max_stop_length=settings.max_stop_length,
             max_logprobs=settings.max_logprobs,
+            max_pending_events=settings.max_pending_events,
         )
         models[name] = ServedModel(name=name, checkpoint=ck, engine=engine, created=int(time.time()))
         c = ck.config

@@ -69,6 +69,18 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this time")
     body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this time")
     max_connections: int = Field(512, ge=1, description="open connections; a request on one more gets 503")
+    max_connections_per_address: int = Field(
+        128, ge=0, description="open connections from one client address (0 = no limit); one more is closed with 503"
+    )
+    write_timeout_s: float = Field(
+        30.0, gt=0, description="a client that reads nothing of its answer for this long is disconnected (499)"
+    )
+    max_pending_events: int = Field(
+        64, ge=1, le=100_000, description="events of one sequence waiting for a client to read them; past it, 499"
+    )
+    max_answer_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="estimated size of one answer (JSON or the whole stream); over it, 413"
+    )
     allowed_hosts: Annotated[tuple[str, ...] | None, NoDecode] = Field(
         None,
         description="Host header values served (comma-separated, '*' = any); default: localhost names and "

@@ -50,11 +50,12 @@ def submit_rows(served: ServedModel, rows: list[Row], names: Mapping[str, str] =
     """Validate every row, then queue them all (on a refusal, the rows already queued are cancelled); engine
     fields in errors are renamed by `names`."""
     engine, handles = served.engine, []
+    group = object()  # the rows of one request: admitted fairly next to other requests
     try:
         for row in rows:
             engine.validate(row.ids, row.params)
         for row in rows:
-            handles.append(engine.submit(row.ids, row.params))
+            handles.append(engine.submit(row.ids, row.params, group))
     except EngineError as e:
         for h in handles:
             h.cancel()

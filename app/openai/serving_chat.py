@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from app.deps import get_served
-from app.generation import collect, default_max_new
+from app.generation import check_answer_size, collect, default_max_new, json_answer
 from app.openai.chat_template import render_chat
 from app.openai.logprobs import Scored, chat_logprobs, scored
 from app.openai.protocol import ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut
@@ -34,23 +34,28 @@ async def create_chat_completion(
     k = body.top_k_logprobs
     iv = resolve(body.intervention, request, served)
     rows = [Row(i, 0, ids, prompt, body.to_sampling_params(default, turn_end, i, iv)) for i in range(n)]
+    size = check_answer_size(request, served, [(r.params, 0) for r in rows])
     handles = submit_rows(served, rows, {"max_new_tokens": body.max_tokens_param, "logprobs": "top_logprobs"})
 
     if not body.stream:
         results = await collect(request, handles)
-        choices = []
-        for row, (tokens, fin) in zip(rows, results, strict=True):
-            toks = [scored(t) for t in tokens]
-            choices.append(
-                ChatChoice(
-                    index=row.index,
-                    message=ChatMessageOut(content=fin.text),
-                    finish_reason=fin.reason,
-                    logprobs=None if k is None else chat_logprobs(toks, k),
-                    **extensions(row, toks),
+
+        def build() -> ChatCompletionResponse:
+            choices = []
+            for row, (tokens, fin) in zip(rows, results, strict=True):
+                toks = [scored(t) for t in tokens]
+                choices.append(
+                    ChatChoice(
+                        index=row.index,
+                        message=ChatMessageOut(content=fin.text),
+                        finish_reason=fin.reason,
+                        logprobs=None if k is None else chat_logprobs(toks, k),
+                        **extensions(row, toks),
+                    )
                 )
-            )
-        return ChatCompletionResponse(choices=choices, **response_fields(cid, created, served, rows, results))
+            return ChatCompletionResponse(choices=choices, **response_fields(cid, created, served, rows, results))
+
+        return await json_answer(build, size)
 
     head = chunk_head(cid, "chat.completion.chunk", created, served)
 

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from app.deps import get_served
 from app.errors import APIError
-from app.generation import collect, default_max_new
+from app.generation import check_answer_size, collect, default_max_new, json_answer
 from app.openai.logprobs import Offsets, Scored, completion_logprobs, prompt_logprobs, scored
 from app.openai.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from app.openai.serving import (
@@ -46,6 +46,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Comple
         for j in range(n):
             i = p_i * n + j  # OpenAI's order: the choices of prompt 0, then of prompt 1, ...
             rows.append(Row(i, p_i, ids, text, body.to_sampling_params(default, i, iv)))
+    size = check_answer_size(request, served, [(r.params, len(r.ids) if body.echo else 0) for r in rows])
     handles = submit_rows(served, rows)
     prompt_lp: dict[int, list[Scored]] = {}
     try:
@@ -60,23 +61,27 @@ async def create_completion(body: CompletionRequest, request: Request) -> Comple
 
     if not body.stream:
         results = await collect(request, handles)
-        choices = []
-        for row, (tokens, fin) in zip(rows, results, strict=True):
-            toks = [scored(t) for t in tokens]
-            lp = None
-            if k is not None:
-                echoed = prompt_lp[row.prompt_index] if body.echo else []
-                lp = completion_logprobs(echoed + toks, k, Offsets())
-            choices.append(
-                CompletionChoice(
-                    text=(row.text if body.echo else "") + fin.text,
-                    index=row.index,
-                    finish_reason=fin.reason,
-                    logprobs=lp,
-                    **extensions(row, toks),
+
+        def build() -> CompletionResponse:
+            choices = []
+            for row, (tokens, fin) in zip(rows, results, strict=True):
+                toks = [scored(t) for t in tokens]
+                lp = None
+                if k is not None:
+                    echoed = prompt_lp[row.prompt_index] if body.echo else []
+                    lp = completion_logprobs(echoed + toks, k, Offsets())
+                choices.append(
+                    CompletionChoice(
+                        text=(row.text if body.echo else "") + fin.text,
+                        index=row.index,
+                        finish_reason=fin.reason,
+                        logprobs=lp,
+                        **extensions(row, toks),
+                    )
                 )
-            )
-        return CompletionResponse(choices=choices, **response_fields(cid, created, served, rows, results))
+            return CompletionResponse(choices=choices, **response_fields(cid, created, served, rows, results))
+
+        return await json_answer(build, size)
 
     head = chunk_head(cid, "text_completion", created, served)
     offsets = {r.index: Offsets() for r in rows}

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from app.deps import get_served
 from app.errors import ERRORS, error_body
-from app.generation import collect, default_max_new, finish_error, stream_events, submit
+from app.generation import check_answer_size, collect, default_max_new, finish_error, json_answer, stream_events, submit
 from app.openai.chat_template import jinja_template, render_chat
 from app.protocol import (
     DetokenizeRequest,
@@ -87,11 +87,12 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse 
     settings = request.app.state.settings
     intervention = resolve(body.intervention, request, served)
     params = body.to_sampling_params(default_max_new(served, n_prompt, settings.default_max_new_tokens), intervention)
+    size = check_answer_size(request, served, [(params, 0)], repeat=2 if body.stream else 1)  # ("done" repeats)
     handle, _ = submit(served, body.prompt, params)
     rid = f"gen-{uuid.uuid4().hex[:24]}"
     if not body.stream:
         [(tokens, fin)] = await collect(request, [handle])  # raises the API error of an abnormal finish
-        return build_response(rid, served, tokens, fin, params)
+        return await json_answer(lambda: build_response(rid, served, tokens, fin, params), size)
 
     async def events() -> AsyncIterator[str]:
         tokens: list[TokenEvent] = []

@@ -97,7 +97,7 @@ class TokenEvent:
 class FinishEvent:
     """The end of a request, with its full result."""
 
-    reason: str  # length | stop | abort | timeout | error
+    reason: str  # length | stop | abort | timeout | error | overflow (the consumer fell too far behind)
     text: str
     prompt_tokens: int
     completion_tokens: int

@@ -66,10 +66,12 @@ class Engine:
         job_share: float = 1.0,
         decode_backend: str = "auto",
         kv_cache_dtype: str = "auto",
+        max_pending_events: int = 0,
     ) -> None:
         self.model = model.eval()
         self.config = model.config
         self.request_timeout_s = request_timeout_s
+        self.max_pending_events = max_pending_events  # per request; 0 = no limit
         self.observer = observer or EngineObserver()
         self.limits = Limits(model.config, max_stop_strings, max_stop_length, max_logprobs)
         self.runner = ModelRunner(
@@ -180,8 +182,12 @@ class Engine:
         """Raise InvalidRequestError / PromptTooLongError for a request the engine cannot serve."""
         check_request(prompt, params, self.limits)
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
-        """Queue a request (call from the event loop); raise on invalid input, a full queue or draining."""
+    def submit(self, prompt: list[int], params: SamplingParams, group: object = None) -> RequestHandle:
+        """Queue a request (call from the event loop); raise on invalid input, a full queue or draining.
+
+        Requests submitted with the same `group` (e.g. the choices of one HTTP request) are one client's: free rows
+        go first to the waiting group with the fewest running rows, so a small request next to a large one starts
+        at the first row that frees. None: a group of its own."""
         self.validate(prompt, params)
         seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED)
         now = time.perf_counter()
@@ -200,7 +206,9 @@ class Engine:
             if params.intervention
             else None,
             controls=LogitControls.create(list(prompt), params, self.config.vocab_size, self.device),
+            max_pending=self.max_pending_events,
         )
+        req.group = group if group is not None else ("request", req.id)
         with self._cv:
             if not self._accepting:
                 raise EngineDrainingError("server is shutting down and accepts no new requests")

@@ -6,6 +6,7 @@ loop per step); the event loop only puts them on the requests' queues.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,6 +24,7 @@ class OutputProcessor:
     def __init__(self, observer: EngineObserver, on_undeliverable: Callable[[], None]) -> None:
         self.observer = observer
         self._on_undeliverable = on_undeliverable
+        self._put_all = functools.partial(_put_all, on_overflow=on_undeliverable)
 
     def tokens(
         self, batch: Sequence[Request], sampled: Sampled, traces: list[dict[str, Any] | None] | None = None
@@ -92,14 +94,26 @@ class OutputProcessor:
                 groups.setdefault(item[0].loop, []).append(item)
         for loop, group in groups.items():
             try:
-                loop.call_soon_threadsafe(_put_all, group)
+                loop.call_soon_threadsafe(self._put_all, group)
             except RuntimeError:  # the event loop is closed: nobody is listening
                 for r, _ in group:
                     r.cancelled = True
                 self._on_undeliverable()
 
 
-def _put_all(events: list[tuple[Request, Event]]) -> None:
-    """On the requests' event loop: put each event on its request's queue."""
+def _put_all(events: list[tuple[Request, Event]], on_overflow: Callable[[], None]) -> None:
+    """On the requests' event loop: put each event on its request's queue. A request whose consumer has
+    `max_pending` events unread (a client that stopped reading) is cancelled: its queue is emptied (the memory goes
+    back at once) and holds only an `overflow` finish event; later events of it are dropped."""
     for r, ev in events:
-        r.queue.put_nowait(ev)
+        if r.overflowed:
+            continue
+        queue = r.queue
+        if r.max_pending and queue.qsize() >= r.max_pending:
+            while not queue.empty():
+                queue.get_nowait()
+            r.overflowed = r.cancelled = True
+            on_overflow()  # (after `cancelled`) the worker's next reap drops the row
+            error = f"the client fell {r.max_pending} events behind (SHORTCUT_MAX_PENDING_EVENTS); read faster"
+            ev = FinishEvent("overflow", r.text.text, len(r.prompt), r.n_generated, r.seed, {}, error)
+        queue.put_nowait(ev)

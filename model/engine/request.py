@@ -43,6 +43,9 @@ class Request:
     t_prefill: float | None = None
     t_first: float | None = None
     t_last: float | None = None
+    group: object = None  # the requests (rows) of one client request share it: admission is fair between groups
+    max_pending: int = 0  # most events waiting on `queue` (0: no limit); past it the request is cancelled
+    overflowed: bool = False  # its consumer fell `max_pending` events behind: it got its finish event already
 
     @property
     def position(self) -> int:

@@ -75,24 +75,43 @@ class Scheduler:
 
     def admit(self) -> tuple[list[Request], list[Request]]:
         """(the next waiting requests to prefill together, up to `prefill_tokens` padded tokens and the free rows;
-        the cancelled ones found on the way, to finish with `abort`)."""
+        the cancelled ones found on the way, to finish with `abort`).
+
+        Fair between groups (client requests), not only rows: each free row goes to the first waiting request of
+        the group with the fewest rows running or admitted, so one request of many rows cannot hold back a small
+        one for longer than one of its rows runs."""
         batch: list[Request] = []
         dropped: list[Request] = []
         width = 0  # longest prompt in the batch
+        rows = collections.Counter(r.group for r in self.running)
         while len(self.running) + len(batch) < self.max_batch_size:
             with self._lock:
                 if not self.waiting:
                     break
-                req = self.waiting[0]
+                req = self._next(rows)
                 if batch and max(width, len(req.prompt)) * (len(batch) + 1) > self.prefill_tokens:
                     break
-                self.waiting.popleft()
+                self.waiting.remove(req)
             if req.cancelled:
                 dropped.append(req)
                 continue
             batch.append(req)
+            rows[req.group] += 1
             width = max(width, len(req.prompt))
         return batch, dropped
+
+    def _next(self, rows: collections.Counter) -> Request:
+        """The first waiting request of the group with the fewest rows (a cancelled one first: it is dropped)."""
+        best, fewest = self.waiting[0], None
+        for r in self.waiting:
+            if r.cancelled:
+                return r
+            n = rows[r.group]
+            if fewest is None or n < fewest:
+                best, fewest = r, n
+                if n == 0:
+                    break
+        return best
 
     def join(self, batch: list[Request]) -> int:
         """The prefilled `batch` joins the running rows; returns its first row."""
