@@ -139,6 +139,19 @@ class EngineObserver:
 Event = TokenEvent | FinishEvent
 
 
+class EventQueue(asyncio.Queue[Event]):
+    """A request's events on their way to its consumer; knows when the consumer last took one (event-loop time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken_at = asyncio.get_running_loop().time()
+
+    def get_nowait(self) -> Event:  # (`get` ends in it)
+        ev = super().get_nowait()
+        self.taken_at = asyncio.get_running_loop().time()
+        return ev
+
+
 class RequestHandle:
     """A submitted request: iterate it for events; `cancel()` makes it leave the batch within one step."""
 

@@ -29,6 +29,7 @@ from model.engine.api import (
     MAX_SEED,
     EngineDrainingError,
     EngineObserver,
+    EventQueue,
     RequestHandle,
     SamplingParams,
 )
@@ -197,7 +198,7 @@ class Engine:
             params=params,
             seed=seed,
             loop=asyncio.get_running_loop(),
-            queue=asyncio.Queue(),
+            queue=EventQueue(),
             t_submit=now,
             deadline=now + self.request_timeout_s if self.request_timeout_s else None,
             generator=torch.Generator().manual_seed(seed),

@@ -101,15 +101,23 @@ class OutputProcessor:
                 self._on_undeliverable()
 
 
+STALL_S = 1.0  # a consumer that took no event for this long, with `max_pending` waiting, has stopped reading
+
+
 def _put_all(events: list[tuple[Request, Event]], on_overflow: Callable[[], None]) -> None:
     """On the requests' event loop: put each event on its request's queue. A request whose consumer has
-    `max_pending` events unread (a client that stopped reading) is cancelled: its queue is emptied (the memory goes
-    back at once) and holds only an `overflow` finish event; later events of it are dropped."""
+    `max_pending` events unread and took none for STALL_S (a client that stopped reading; a reading one is never
+    cut by a burst) is cancelled: its queue is emptied (the memory goes back at once) and holds only an `overflow`
+    finish event; later events of it are dropped."""
     for r, ev in events:
         if r.overflowed:
             continue
         queue = r.queue
-        if r.max_pending and queue.qsize() >= r.max_pending:
+        if (
+            r.max_pending
+            and queue.qsize() >= r.max_pending
+            and r.loop.time() - getattr(queue, "taken_at", float("-inf")) > STALL_S
+        ):
             while not queue.empty():
                 queue.get_nowait()
             r.overflowed = r.cancelled = True
