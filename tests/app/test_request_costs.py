@@ -114,8 +114,11 @@ def test_an_answer_over_the_cap_is_413_naming_the_setting(
     body = {"prompt": "ROMEO:", "n": 4, "max_tokens": 40, "trace": True, "logit_lens_top": 5}
     err = assert_error(client.post("/v1/completions", json=body), 413, code="answer_too_large")
     assert "SHORTCUT_MAX_ANSWER_BYTES" in err["message"] and "100000" in err["message"]
-    assert_error(client.post("/generate", json={"prompt": "a", "max_new_tokens": 60, "trace": True,
-                                                "logit_lens_top": 5}), 413, code="answer_too_large")
+    assert_error(
+        client.post("/generate", json={"prompt": "a", "max_new_tokens": 60, "trace": True, "logit_lens_top": 5}),
+        413,
+        code="answer_too_large",
+    )
     # the same without the trace fits
     assert client.post("/v1/completions", json={**body, "trace": False, "logit_lens_top": 0}).status_code == 200
 
@@ -133,8 +136,13 @@ def test_an_answer_built_off_the_loop_is_the_same_answer(
         body: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 3}
     else:
         body = {"prompt": "ROMEO:", "logprobs": 3}
-    body.update(seed=5, temperature=1.0, trace=True, logit_lens_top=2, **{"max_new_tokens" if path == "/generate"
-                                                                           else "max_tokens": 20})
+    body.update(
+        seed=5,
+        temperature=1.0,
+        trace=True,
+        logit_lens_top=2,
+        **{"max_new_tokens" if path == "/generate" else "max_tokens": 20},
+    )
     calls: list[int] = []
     real = generation.anyio.to_thread.run_sync
 
