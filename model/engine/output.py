@@ -101,7 +101,7 @@ class OutputProcessor:
                 self._on_undeliverable()
 
 
-STALL_S = 1.0  # a consumer that took no event for this long, with `max_pending` waiting, has stopped reading
+STALL_S = 5.0  # a consumer that took no event for this long, with `max_pending` waiting, has stopped reading
 
 
 def _put_all(events: list[tuple[Request, Event]], on_overflow: Callable[[], None]) -> None:
