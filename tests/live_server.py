@@ -47,7 +47,7 @@ def free_port() -> int:
 
 
 def server_env(checkpoint: Path, **settings: object) -> dict[str, str]:
-    """The environment for `python -m app`: no inherited SHORTCUT_*, one thread, no extra checkpoints, no drain delay."""
+    """The environment for `python -m app`: no inherited SHORTCUT_*, one thread, no extras, no drain delay."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHORTCUT_")}
     env.update(
         PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p), OMP_NUM_THREADS="1"

@@ -210,9 +210,7 @@ def test_sigterm_pre_drain_delay_then_drain(start_server: Callable[..., LiveServ
     )
     url = server.url
     with ThreadPoolExecutor(1) as pool:
-        long = pool.submit(
-            httpx.post, f"{url}/generate", json={"prompt": "long", "max_new_tokens": 200}, timeout=120
-        )
+        long = pool.submit(httpx.post, f"{url}/generate", json={"prompt": "long", "max_new_tokens": 200}, timeout=120)
         wait_for(url, lambda s: value(s, "shortcut_requests_running") == 1)
         t_signal = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
