@@ -25,11 +25,15 @@ SHUTDOWN_GRACE_S = 3  # then uvicorn's own graceful shutdown (connections closin
 
 
 class DrainingServer(uvicorn.Server):
-    """On the first SIGTERM/SIGINT: /ready turns 503, new work gets 503, running requests finish, then exit."""
+    """On the first SIGTERM/SIGINT: /ready turns 503, new work gets 503, running requests finish, then exit.
 
-    def __init__(self, config: uvicorn.Config, app, drain_timeout_s: float) -> None:
+    SIGTERM (an orchestrator's stop) first waits `drain_delay_s` with /ready at 503 and requests still served, so a
+    load balancer's health checks take the server out before it refuses anything; SIGINT (Ctrl-C) drains at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, app, drain_timeout_s: float, drain_delay_s: float = 0.0) -> None:
         super().__init__(config)
-        self.fastapi_app, self.drain_timeout_s = app, drain_timeout_s
+        self.fastapi_app, self.drain_timeout_s, self.drain_delay_s = app, drain_timeout_s, drain_delay_s
         self._draining = False
 
     async def startup(self, sockets: list | None = None) -> None:
@@ -46,6 +50,15 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain(self, name: str) -> None:
         state = self.fastapi_app.state
+        if name == "SIGTERM" and self.drain_delay_s > 0:
+            state.leaving = True
+            log.info(
+                "%s received: /ready answers 503 for %.1f s (SHORTCUT_DRAIN_DELAY_S) while requests are still "
+                "served, so load balancers stop sending; then the drain",
+                name,
+                self.drain_delay_s,
+            )
+            await asyncio.sleep(self.drain_delay_s)
         state.draining = True
         engines = [m.engine for m in state.models.values()]
         log.info(
@@ -111,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         http=protocol,
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
-    server = DrainingServer(config, app, settings.drain_timeout_s)
+    server = DrainingServer(config, app, settings.drain_timeout_s, settings.drain_delay_s)
     server.run()
 
 

@@ -73,6 +73,7 @@ def create_app(
     app.state.models = {}
     app.state.ready = False
     app.state.draining = False
+    app.state.leaving = False  # SIGTERM's pre-drain period: /ready answers 503, requests are still served
     # named steering vectors (`lookup(model, checkpoint_sha256, name, field)` resolves intervention.add names)
     app.state.steering = SteeringStore(settings.steering_dir, settings.steering_max_vectors, metrics)
     install_error_handlers(app)

@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     max_prompts: int = Field(16, ge=1, le=1024, description="most prompts in one /v1/completions request")
     request_timeout_s: float = Field(120.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
+    drain_delay_s: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="on SIGTERM, /ready answers 503 for this long while requests are still served, so a load "
+        "balancer's health checks take the server out before the drain refuses work (0 = drain at once)",
+    )
     header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this time")
     body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this time")
     max_connections: int = Field(512, ge=1, description="open connections; a request on one more gets 503")

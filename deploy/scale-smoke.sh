@@ -14,7 +14,7 @@
 #   stop        SIGTERM (podman stop) to api1 with requests in flight on it: 0 failures among requests started
 #               after the stop, its in-flight requests finish with 200, it exits 0
 #   kill        SIGKILL to api2 under load: only its in-flight requests fail, new ones succeed (HAProxy retries
-#               refused connections and marks it down within its check interval)
+#               refused connections and empty responses elsewhere, and marks it down within its check interval)
 #   single      api2 stopped too: the same load as `balanced` on api3 alone; the 1-replica tokens/s
 #   teardown    `podman-compose down -v`, nothing of the project left
 # One PASS/FAIL line per step; exit 0 only if all pass. Logs and the measured figures (three.json, one.json) go to

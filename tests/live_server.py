@@ -47,7 +47,7 @@ def free_port() -> int:
 
 
 def server_env(checkpoint: Path, **settings: object) -> dict[str, str]:
-    """The environment for `python -m app`: no inherited SHORTCUT_*, one thread, no extra checkpoints."""
+    """The environment for `python -m app`: no inherited SHORTCUT_*, one thread, no extras, no drain delay."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHORTCUT_")}
     env.update(
         PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p), OMP_NUM_THREADS="1"
@@ -59,6 +59,7 @@ def server_env(checkpoint: Path, **settings: object) -> dict[str, str]:
         "threads": 1,
         "extra_checkpoints_dir": "",
         "log_level": "WARNING",
+        "drain_delay_s": 0,  # no balancer in front: SIGTERM drains at once (tests that need the delay set it)
     }
     for k, v in {**base, **settings}.items():
         env[f"SHORTCUT_{k.upper()}"] = str(v).lower() if isinstance(v, bool) else str(v)

@@ -26,10 +26,15 @@ async def health() -> dict[str, str]:
 @router.get("/ready", responses={503: {"model": ErrorResponse, "description": "not loaded yet, or draining"}})
 @router.head("/ready", include_in_schema=False)
 async def ready(request: Request) -> Response:
-    """Readiness: 200 once the model is loaded and warmed up; 503 before that and while draining."""
+    """Readiness: 200 once the model is loaded and warmed up; 503 before that, and from SIGTERM on (through the
+    pre-drain period, SHORTCUT_DRAIN_DELAY_S, in which requests are still served, and the drain)."""
     state = request.app.state
     if state.draining:
         return error_response(503, "server is draining", code="draining")
+    if state.leaving:
+        return error_response(
+            503, "server is shutting down: stop sending it requests (it serves them until it drains)", code="draining"
+        )
     if not state.ready:
         return error_response(503, "model is not loaded yet", code="not_ready")
     return Response('{"status":"ready"}', media_type="application/json")

@@ -69,6 +69,21 @@ def test_ready_then_503_while_draining(client: TestClient) -> None:
     assert client.get("/ready").status_code == 200
 
 
+def test_pre_drain_period_fails_ready_but_serves(client: TestClient) -> None:
+    """SIGTERM's pre-drain period (SHORTCUT_DRAIN_DELAY_S): /ready is 503 so a balancer stops sending, and what it
+    still sends is served."""
+    client.app.state.leaving = True
+    try:
+        assert_error(client.get("/ready"), 503, code="draining")
+        assert client.head("/ready").status_code == 503  # balancers probe with HEAD too
+        r = client.post("/generate", json={"prompt": "hi", "max_new_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
+    finally:
+        client.app.state.leaving = False
+    assert client.get("/ready").status_code == 200
+
+
 # ---------------------------------------------------------------- live: one row, one queue slot
 
 
@@ -138,7 +153,12 @@ def test_non_streaming_client_disconnect_frees_the_slot(limited: str) -> None:
 def test_sigterm_drains_in_flight_requests(start_server: Callable[..., LiveServer], slow_checkpoint: Path) -> None:
     """SIGTERM: /ready turns 503, new work is refused, running and queued requests finish, then exit code 0."""
     server = start_server(
-        slow_checkpoint, max_batch_size=1, drain_timeout_s=60, log_level="INFO", step_delay_s=SLOW_STEP_S
+        slow_checkpoint,
+        max_batch_size=1,
+        drain_timeout_s=60,
+        drain_delay_s=0,  # 0: the drain starts at once, as before the delay existed
+        log_level="INFO",
+        step_delay_s=SLOW_STEP_S,
     )
     url, n = server.url, 4
 
@@ -173,3 +193,48 @@ def test_sigterm_drains_in_flight_requests(start_server: Callable[..., LiveServe
     assert "drain complete" in server.log()  # not "timed out": nothing was cut short
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/ready", timeout=2)
+
+
+def test_sigterm_pre_drain_delay_then_drain(start_server: Callable[..., LiveServer], slow_checkpoint: Path) -> None:
+    """SIGTERM with SHORTCUT_DRAIN_DELAY_S: for that long /ready is 503 while new requests are still served (a
+    balancer's checks take the server out before anything is refused); then the drain as before: new work 503, the
+    running request finishes with 200, exit 0."""
+    delay = 4.0
+    server = start_server(
+        slow_checkpoint,
+        max_batch_size=2,
+        drain_timeout_s=60,
+        drain_delay_s=delay,
+        log_level="INFO",
+        step_delay_s=0.05,  # the long request below runs ~10 s: through the delay and into the drain
+    )
+    url = server.url
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(httpx.post, f"{url}/generate", json={"prompt": "long", "max_new_tokens": 200}, timeout=120)
+        wait_for(url, lambda s: value(s, "shortcut_requests_running") == 1)
+        t_signal = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        deadline = t_signal + delay + 30
+        while httpx.get(f"{url}/ready", timeout=10).status_code == 200:  # the signal reaches the app
+            assert time.monotonic() < deadline, "/ready never turned 503 after SIGTERM"
+            time.sleep(0.02)
+        assert_error(httpx.get(f"{url}/ready", timeout=10), 503, code="draining")
+        served = 0
+        while True:  # new requests are served until the delay ends, then refused
+            r = httpx.post(f"{url}/generate", json={"prompt": "still", "max_new_tokens": 1}, timeout=60)
+            if r.status_code != 200:
+                t_refused = time.monotonic()
+                assert_error(r, 503, code="draining")
+                break
+            served += 1
+            assert time.monotonic() < deadline, "new requests were still served long after the drain delay"
+        assert served >= 1, "the first request after /ready turned 503 was refused: no pre-drain period"
+        assert t_refused - t_signal >= delay  # the drain began no earlier than the delay after the signal
+        assert not long.done()  # still running: the drain waits for it
+        assert_error(httpx.get(f"{url}/ready", timeout=10), 503, code="draining")
+        r = long.result()
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 200
+    assert server.process.wait(timeout=90) == 0, server.log()
+    log = server.log()
+    assert "SHORTCUT_DRAIN_DELAY_S" in log and "drain complete" in log

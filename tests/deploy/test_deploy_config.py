@@ -188,9 +188,12 @@ def test_api_environment_is_valid_settings(compose: dict, monkeypatch: pytest.Mo
 
 def test_stop_grace_outlasts_the_drain(compose: dict) -> None:
     api = compose["services"]["api"]
+    from app.settings import Settings
+
     drain = float(api["environment"]["SHORTCUT_DRAIN_TIMEOUT_S"])
+    delay = float(api["environment"].get("SHORTCUT_DRAIN_DELAY_S") or Settings.model_fields["drain_delay_s"].default)
     assert api.get("stop_signal", "SIGTERM") == "SIGTERM"
-    assert seconds(api["stop_grace_period"]) >= drain + 5
+    assert seconds(api["stop_grace_period"]) >= delay + drain + 5  # SIGTERM: the pre-drain delay, then the drain
 
 
 def test_api_has_resource_limits(compose: dict) -> None:

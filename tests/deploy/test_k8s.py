@@ -277,14 +277,19 @@ def test_probes_use_app_routes(rendered: dict, app_routes: set[str]) -> None:
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 60  # model load + warm-up on a busy node
 
 
-def drain_timeout(docs: list[dict]) -> float:
-    """The pod's effective SHORTCUT_DRAIN_TIMEOUT_S: env, then the ConfigMap, then the app's default."""
+def effective_setting(docs: list[dict], name: str) -> float:
+    """The pod's effective SHORTCUT_<NAME>: env, then the ConfigMap, then the app's default."""
     from app.settings import Settings
 
     env = {e["name"]: e.get("value") for e in container(docs).get("env", [])}
     data = one(docs, "ConfigMap")["data"]
-    value = env.get("SHORTCUT_DRAIN_TIMEOUT_S") or data.get("SHORTCUT_DRAIN_TIMEOUT_S")
-    return float(value) if value is not None else float(Settings.model_fields["drain_timeout_s"].default)
+    key = f"SHORTCUT_{name.upper()}"
+    value = env.get(key) or data.get(key)
+    return float(value) if value is not None else float(Settings.model_fields[name].default)
+
+
+def drain_timeout(docs: list[dict]) -> float:
+    return effective_setting(docs, "drain_timeout_s")
 
 
 @pytest.mark.parametrize("overlay", list(OVERLAYS))
@@ -292,9 +297,12 @@ def test_grace_period_covers_prestop_and_drain(rendered: dict, overlay: str) -> 
     docs = rendered[overlay]
     spec, c = pod_spec(docs), container(docs)
     pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    delay = effective_setting(docs, "drain_delay_s")
     assert pre_stop >= 5  # endpoints and proxies need a few seconds to drop the pod
-    assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain_timeout(docs) + 5, (
-        "kubelet SIGKILLs after the grace period: it must cover the preStop sleep and the app's drain timeout"
+    assert delay <= pre_stop  # the sleep is the pre-drain period; the app's delay would only stack on it
+    assert spec["terminationGracePeriodSeconds"] >= pre_stop + delay + drain_timeout(docs) + 5, (
+        "kubelet SIGKILLs after the grace period: it must cover the preStop sleep, the app's pre-drain delay "
+        "and its drain timeout"
     )
 
 

@@ -91,7 +91,26 @@ def test_replica_stop_grace_outlasts_the_drain(replicas: dict) -> None:
     default = Settings.model_fields["drain_timeout_s"].default
     drain = float(api["environment"].get("SHORTCUT_DRAIN_TIMEOUT_S") or default)
     assert api["stop_signal"] == "SIGTERM"
-    assert seconds(api["stop_grace_period"]) >= drain + 5
+    assert seconds(api["stop_grace_period"]) >= replica_drain_delay(api) + drain + 5
+
+
+def replica_drain_delay(api: dict) -> float:
+    """A replica's effective SHORTCUT_DRAIN_DELAY_S (its environment, else the app's default)."""
+    from app.settings import Settings
+
+    value = api["environment"].get("SHORTCUT_DRAIN_DELAY_S")
+    return float(value if value is not None else Settings.model_fields["drain_delay_s"].default)
+
+
+def test_drain_delay_outlasts_the_balancers_checks(replicas: dict, haproxy: dict) -> None:
+    """SIGTERM: /ready fails for SHORTCUT_DRAIN_DELAY_S before the drain refuses work; HAProxy must have taken the
+    replica out by then (fall x inter, plus one check's timeout for a check answered late), or it passes 503s on."""
+    (defaults,) = directive(haproxy["backend shortcut"], "default-server")
+    inter = seconds(re.search(r"\binter (\S+)", defaults).group(1))
+    fall = int(re.search(r"\bfall (\d+)", defaults).group(1))
+    (check_timeout,) = directive(haproxy["defaults"], "timeout check")
+    delay = replica_drain_delay(next(iter(replicas.values())))
+    assert delay >= fall * inter + seconds(check_timeout.split()[-1])
 
 
 def test_balancer_serves_every_replica_by_least_connections(haproxy: dict, replicas: dict, scale: dict) -> None:
@@ -130,9 +149,14 @@ def test_streams_pass_unbuffered_and_refusals_are_retried(haproxy: dict) -> None
     defaults = haproxy["defaults"]
     assert "option http-no-delay" in defaults  # without it the sse step saw tokens in ~200 ms bursts
     assert not [ln for ln in everything if ln.startswith(("compression", "filter compression"))]
-    assert "option http-buffer-request" not in everything
     (retry_on,) = directive(defaults, "retry-on")
-    assert {"conn-failure", "503"} <= set(retry_on.split()[1:])  # 503: draining or loading, nothing ran
+    assert {"conn-failure", "empty-response", "503"} <= set(retry_on.split()[1:])  # 503: draining, nothing ran
+    # HAProxy retries (L7) only a request it had whole when it sent it; without this, a request whose body came in
+    # a second write was forwarded on its headers and its 503 passed to the client (scale smoke, stop step)
+    assert "option http-buffer-request" in defaults + haproxy["backend shortcut"]
+    # writes of named steering vectors are not replayed after an empty response (they may have been done)
+    (no_retry,) = directive(haproxy["backend shortcut"], "http-request disable-l7-retry")
+    assert "path_beg /steering/vectors" in no_retry and "!METH_GET" in no_retry
     assert "429" not in retry_on.split()  # queue full: tell the client (Retry-After), do not hammer the others
     assert "option redispatch 1" in defaults
     timeout_server = seconds(directive(defaults, "timeout server")[0].split()[-1])
