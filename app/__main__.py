@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, RuntimeError, OSError, ValueError) as e:  # ValueError: settings the engine refuses
         log.error("cannot start: %s", e)
         sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - load_models names the file in a CheckpointError; this is the last net
+        log.error("cannot start: %s: %s", type(e).__name__, e)
+        sys.exit(2)
     app = create_app(settings, models=models, metrics=metrics)
     protocol = guarded_protocol(settings.header_timeout_s, settings.body_timeout_s, settings.max_connections)
     config = uvicorn.Config(
