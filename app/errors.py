@@ -148,7 +148,8 @@ def engine_error(e: EngineError, names: Mapping[str, str] | None = None) -> APIE
 
 
 def _loc_param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # a union's branch tag (`list[ChatMessage]`, `function-wrap[first_problem()]`) is no field: left out
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header") and "[" not in str(p)]
     return ".".join(parts) or None
 
 

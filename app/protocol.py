@@ -11,9 +11,11 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from app.openai.protocol import ChatMessage
+from app.openai.protocol import Messages
 from app.sampling import build_sampling_params, stop_tuple
 from app.schemas import (
+    MAX_TOKEN_IDS,
+    ByteId,
     InterventionEcho,
     InterventionSpec,
     JsonNumber,
@@ -30,6 +32,8 @@ from app.schemas import (
     TopP,
     Trace,
     Usage,
+    first_problem,
+    int_in,
     to_engine,
 )
 from model.edits import Intervention
@@ -153,7 +157,7 @@ class TokenizeRequest(BaseModel):
     prompt: Annotated[str, Field(max_length=1_000_000)] | SkipJsonSchema[None] = Field(
         None, description="vLLM's name for `text`"
     )
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)] | SkipJsonSchema[None] = Field(
+    messages: Messages | SkipJsonSchema[None] = Field(
         None, description="vLLM's chat form: the prompt /v1/chat/completions would build from these messages"
     )
     add_special_tokens: StrictBool = Field(
@@ -184,7 +188,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    tokens: list[Annotated[int, Field(ge=0, le=255), JsonNumber]] = Field(..., max_length=1_000_000)
+    tokens: Annotated[list[ByteId], Field(max_length=MAX_TOKEN_IDS), first_problem(MAX_TOKEN_IDS, int_in(0, 255), int)]
     model: ModelName | None = None
 
 

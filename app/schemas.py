@@ -6,8 +6,9 @@ OpenAI's /v1 in app.openai.protocol."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import (
@@ -16,9 +17,12 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     model_serializer,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from model.edits import MAX_COEFF, Intervention, VectorAdd
 from model.engine import MAX_SEED, InvalidRequestError
@@ -46,12 +50,15 @@ def not_a_number(value: object) -> object:
 
 
 def utf8_only(value: object) -> object:
-    """Refuse text with lone surrogates (it has no UTF-8 form), in a string or a list of strings. A plain `str` field
-    already does; inside a union (`str | list[str]`) pydantic lets them through."""
+    """Refuse text with lone surrogates (it has no UTF-8 form), in a string, a list of strings or the string values of
+    a list of objects (chat content parts). A plain `str` field already does; inside a union (`str | list[str]`) or
+    a `dict[str, Any]` pydantic lets them through."""
     for item in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
-        if isinstance(item, str):
+        for text in [*item, *item.values()] if isinstance(item, dict) else [item]:
+            if not isinstance(text, str):
+                continue
             try:
-                item.encode("utf-8")
+                text.encode("utf-8")
             except UnicodeEncodeError:
                 raise PydanticCustomError(
                     "string_unicode", "Input should be a valid string, unable to parse raw data as a unicode string"
@@ -61,6 +68,95 @@ def utf8_only(value: object) -> object:
 
 JsonNumber = BeforeValidator(json_number)
 Utf8Only = BeforeValidator(utf8_only)
+
+
+def too_long(max_length: int, actual: int) -> PydanticCustomError:
+    """Pydantic's own error for a list over its max_length."""
+    return PydanticCustomError(
+        "too_long",
+        "List should have at most {max_length} items, not {actual_length}",
+        {"max_length": max_length, "actual_length": actual},
+    )
+
+
+def first_problem(
+    max_length: int, quick_ok: Callable[[Any], bool] | None = None, convert: Callable[[Any], Any] | None = None
+) -> WrapValidator:
+    """For a list field (placed after its `Field(max_length=...)`): its length checked first, then a refusal at the
+    first bad item with only that item's errors. Pydantic validates items up to max_length + 1 before it looks at the
+    length, and builds one error per bad item (a 1 MB body of bad ids: ~200,000 errors, seconds of event loop).
+
+    Items that pass `quick_ok` (a cheap check that implies pydantic accepts the item) are not validated one by one;
+    the others (every item without `quick_ok`) are validated alone, and the first that fails is the error, at its
+    index. When every item passes `quick_ok` and `convert` is given, the list is `convert` of each item, without
+    pydantic's per-item validators (what it would return: e.g. `float` for a float field given ints)."""
+
+    def first_problem(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if not isinstance(value, list):
+            return handler(value)
+        if len(value) > max_length:
+            raise too_long(max_length, len(value))
+        quick = quick_ok is not None
+        for i, item in enumerate(value):
+            if quick_ok is not None and quick_ok(item):
+                continue
+            quick = False
+            try:
+                handler([item])
+            except ValidationError as e:
+                raise item_error(e, i) from None
+        if quick and convert is not None and value:
+            return [convert(v) for v in value]
+        return handler(value)
+
+    return WrapValidator(first_problem)
+
+
+MAX_ITEM_ERRORS = 4  # errors reported for the first bad item of a list (a bad object can have several)
+
+
+def item_error(e: ValidationError, index: int) -> ValidationError:
+    """`e`, raised for a list holding one item, as the error of the item at `index` (its first few problems)."""
+    details: list[InitErrorDetails] = [
+        {
+            "type": PydanticCustomError(err["type"], err["msg"]),
+            "loc": (index, *err["loc"][1:]) if err["loc"][:1] == (0,) else err["loc"],
+            "input": err["input"],
+        }
+        for err in e.errors(include_url=False)[:MAX_ITEM_ERRORS]
+    ]
+    return ValidationError.from_exception_data(e.title, details)
+
+
+def int_in(lo: int, hi: int) -> Callable[[Any], bool]:
+    """A quick check for `first_problem`: a JSON integer (or integral number) in lo..hi."""
+    return lambda v: (type(v) is int or (type(v) is float and v.is_integer())) and lo <= v <= hi
+
+
+def finite_number(v: Any) -> bool:
+    """A quick check for `first_problem`: a finite JSON number (a float's range)."""
+    return (type(v) is float and math.isfinite(v)) or (type(v) is int and -(2**53) <= v <= 2**53)
+
+
+def utf8_text(v: Any) -> bool:
+    """A quick check for `first_problem`: a non-empty string with a UTF-8 form."""
+    if type(v) is not str or not v:
+        return False
+    if v.isascii():
+        return True
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def any_number(v: Any) -> bool:
+    """A quick check for `first_problem`: a JSON number, infinities and NaN included (a float field that takes
+    them)."""
+    return type(v) is float or (type(v) is int and -(2**53) <= v <= 2**53)
+
+
 # constraints first: a validator placed before them would hide them from the JSON schema
 Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False, description="0 = greedy"), JsonNumber]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False), JsonNumber]
@@ -105,6 +201,12 @@ Stop = Annotated[
     StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None, BeforeValidator(stop_shape)
 ]
 ModelName = Annotated[str, Field(min_length=1, max_length=64)]
+# A schema cap on a list of token ids, above any served context window (each route checks the model's own window)
+MAX_TOKEN_IDS = 65536
+ByteId = Annotated[int, Field(ge=0, le=255), JsonNumber]
+ByteIds = Annotated[
+    list[ByteId], Field(min_length=1, max_length=MAX_TOKEN_IDS), first_problem(MAX_TOKEN_IDS, int_in(0, 255), int)
+]
 
 
 MAX_INTERVENTION_ENTRIES = 1024  # a schema cap; the model's own limit (3 parts x n_layer, no repeats) is checked too
@@ -149,7 +251,11 @@ class _AddEntry(BaseModel):
 class AddVector(_AddEntry):
     """Add `coeff * vector` to the residual stream after block `layer` (its resid_post) at `positions`."""
 
-    vector: list[Annotated[float, JsonNumber]] = Field(..., max_length=MAX_VECTOR_LENGTH, description="d_model numbers")
+    vector: Annotated[
+        list[Annotated[float, JsonNumber]],
+        Field(max_length=MAX_VECTOR_LENGTH),
+        first_problem(MAX_VECTOR_LENGTH, any_number, float),
+    ] = Field(..., description="d_model numbers")
 
 
 class AddNamed(_AddEntry):
@@ -167,9 +273,15 @@ class InterventionSpec(BaseModel):
     positions they name)."""
 
     model_config = ConfigDict(extra="forbid")
-    skip: list[SkipEntry] = Field(default_factory=list, max_length=MAX_INTERVENTION_ENTRIES)
-    scale: list[ScaleEntry] = Field(default_factory=list, max_length=MAX_INTERVENTION_ENTRIES)
-    add: list[AddEntry] = Field(default_factory=list, max_length=MAX_ADD_ENTRIES)
+    skip: Annotated[
+        list[SkipEntry], Field(max_length=MAX_INTERVENTION_ENTRIES), first_problem(MAX_INTERVENTION_ENTRIES)
+    ] = Field(default_factory=list)
+    scale: Annotated[
+        list[ScaleEntry], Field(max_length=MAX_INTERVENTION_ENTRIES), first_problem(MAX_INTERVENTION_ENTRIES)
+    ] = Field(default_factory=list)
+    add: Annotated[list[AddEntry], Field(max_length=MAX_ADD_ENTRIES), first_problem(MAX_ADD_ENTRIES)] = Field(
+        default_factory=list
+    )
 
     def to_engine(self, lookup: VectorLookup | None = None) -> Intervention | None:
         """The engine's form (None when empty: nothing changes). Named vectors come from `lookup` (called with the

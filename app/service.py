@@ -6,6 +6,7 @@ import ctypes
 import dataclasses
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from app.metrics import Metrics
 from app.settings import Settings
 from model import tokenizer
-from model.checkpoint import Checkpoint, load_checkpoint
+from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from model.diagnostics import DiagnosticsOptions, run_diagnostics
 from model.engine import Engine
 
@@ -71,41 +72,64 @@ def release_free_memory() -> bool:
     return True
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # as SHORTCUT_MODEL_NAME: what a name in URLs, JSON and logs holds
+
+
 def checkpoint_paths(settings: Settings) -> dict[str, Path]:
-    """Name -> checkpoint path of every model to serve; the main model first."""
+    """Name -> checkpoint path of every model to serve; the main model first. A file in the extra folder whose stem
+    is not a model name (letters, digits, `._-`, 1..64 characters) is skipped with a warning naming it."""
     paths = {settings.model_name: settings.checkpoint}
     if settings.extra_checkpoints_dir is not None:
         for p in sorted(Path(settings.extra_checkpoints_dir).glob("*.safetensors")):
             if p.resolve() != settings.checkpoint.resolve() and not p.name.endswith(".resume.safetensors"):
+                if not MODEL_NAME.fullmatch(p.stem):
+                    log.warning(
+                        "skipping %s: its name %s is not a model name (letters, digits, . _ -; 1..64 characters)",
+                        ascii(str(p)),
+                        ascii(p.stem),
+                    )
+                    continue
                 paths.setdefault(p.stem, p)
     return paths
 
 
 def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> dict[str, ServedModel]:
-    """Load every checkpoint and start an engine for each (raises CheckpointError on a bad file)."""
+    """Load every checkpoint and make an engine for each. Any problem raises CheckpointError naming the file: the
+    file's own (model.checkpoint), or the engine's refusal of it (a window under the warm-up's, a shape the fused
+    step does not run, a KV cache that cannot be mapped, a setting that does not fit it)."""
     models: dict[str, ServedModel] = {}
     for name, path in checkpoint_paths(settings).items():
-        ck = load_checkpoint(path, device=device)
-        engine = Engine(
-            ck.model,
-            max_batch_size=settings.max_batch_size,
-            max_queue=settings.max_queue,
-            prefill_tokens=settings.max_prefill_tokens,
-            decode_weights=settings.decode_weights,
-            decode_backend=settings.decode_backend,
-            kv_cache_dtype=settings.kv_cache_dtype,
-            request_timeout_s=settings.request_timeout_s,
-            observer=metrics.observer(name),
-            job_share=settings.diagnostics_share,
-            max_stop_strings=settings.max_stop_strings,
-            max_stop_length=settings.max_stop_length,
-            max_logprobs=settings.max_logprobs,
-            max_pending_events=settings.max_pending_events,
-        )
-        models[name] = ServedModel(name=name, checkpoint=ck, engine=engine, created=int(time.time()))
-        c = ck.config
-        metrics.model_info.labels(name, ck.sha256, str(c.n_layer), str(c.d_model), device.type).set(1)
+        try:
+            models[name] = _serve(name, path, settings, metrics, device)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever a file (or a setting with it) does, the error names the file
+            raise CheckpointError(f"{path}: cannot serve it: {str(e) or type(e).__name__}") from e
     return models
+
+
+def _serve(name: str, path: Path, settings: Settings, metrics: Metrics, device: torch.device) -> ServedModel:
+    """Load one checkpoint and make its engine."""
+    ck = load_checkpoint(path, device=device)
+    engine = Engine(
+        ck.model,
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        prefill_tokens=settings.max_prefill_tokens,
+        decode_weights=settings.decode_weights,
+        decode_backend=settings.decode_backend,
+        kv_cache_dtype=settings.kv_cache_dtype,
+        request_timeout_s=settings.request_timeout_s,
+        observer=metrics.observer(name),
+        job_share=settings.diagnostics_share,
+        max_stop_strings=settings.max_stop_strings,
+        max_stop_length=settings.max_stop_length,
+        max_logprobs=settings.max_logprobs,
+        max_pending_events=settings.max_pending_events,
+    )
+    c = ck.config
+    metrics.model_info.labels(name, ck.sha256, str(c.n_layer), str(c.d_model), device.type).set(1)
+    return ServedModel(name=name, checkpoint=ck, engine=engine, created=int(time.time()))
 
 
 def check_aliases(aliases: dict[str, str], models: dict[str, ServedModel]) -> None:

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 FORMAT = "shortcut-lm/1"
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # far above any real header; refuses "huge header" files early
 MAX_FILE_BYTES = 2 * 1024**3
+MAX_METADATA_BYTES = 4 * 1024 * 1024  # the provenance JSON (a resume file's history included) is a few KB
+MAX_METADATA_DEPTH = 32  # nesting of the provenance JSON (real files: 3); deeper, answering it (GET /info) fails
 
 
 class CheckpointError(Exception):
@@ -148,22 +150,50 @@ def _load_raw(path: Path, data: bytes) -> tuple[dict[str, Any], ModelConfig, dic
     if meta_raw.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a shortcut-lm checkpoint (format={meta_raw.get('format')!r})")
     try:
-        config = ModelConfig.from_dict(json.loads(meta_raw["config"]))
-        metadata = json.loads(meta_raw.get("metadata", "{}"))
-        if not isinstance(metadata, dict):
-            raise ValueError("metadata is not a JSON object")
+        config_raw = json.loads(meta_raw["config"])
+        if not isinstance(config_raw, dict):
+            raise ValueError("config is not a JSON object")
+        config = ModelConfig.from_dict(config_raw)
     except (KeyError, TypeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: bad config in header: {e}") from None
+    text = meta_raw.get("metadata", "{}")
+    if len(text) > MAX_METADATA_BYTES:
+        raise CheckpointError(f"{path}: metadata is {len(text)} characters, more than {MAX_METADATA_BYTES}")
+    try:
+        metadata = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: bad metadata in header: {e}") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: bad metadata in header: not a JSON object")
+    if json_depth(metadata) > MAX_METADATA_DEPTH:
+        raise CheckpointError(f"{path}: metadata is nested more than {MAX_METADATA_DEPTH} levels deep")
     return header, config, metadata
+
+
+def json_depth(value: Any) -> int:
+    """How deeply `value` (parsed JSON) nests objects and arrays (a scalar: 0, `{"a": 1}`: 1), without recursion."""
+    depth, level = 0, [value]
+    while containers := [v for v in level if isinstance(v, dict | list)]:
+        depth += 1
+        level = [child for v in containers for child in (v.values() if isinstance(v, dict) else v)]
+    return depth
 
 
 def _check_header_shapes(path: Path, header: dict[str, Any], config: ModelConfig) -> None:
     """Compare the tensor names and shapes declared in the header with those the config implies.
 
-    Only the header is read: a config that lies about its size costs no memory.
+    Only the header is read: a config that lies about its size costs no memory. The tensor count comes first: a
+    config declaring far more tensors than the file holds (2,000,000 layers in a small file) is refused before the
+    names of its tensors are listed; a near miss is refused below, with the names missing or unexpected.
     """
-    expected = parameter_shapes(config)
     declared = {k: v.get("shape") for k, v in header.items() if k != "__metadata__" and not k.startswith("extra.")}
+    count = tensor_count(config)
+    if count > 2 * len(declared) + 64:  # listing the names would cost more than the header did: the count says it
+        raise CheckpointError(
+            f"{path}: tensors do not match config (n_layer={config.n_layer}): it implies {count} tensors, "
+            f"the file holds {len(declared)}"
+        )
+    expected = parameter_shapes(config)
     missing, unexpected = sorted(set(expected) - set(declared)), sorted(set(declared) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
@@ -176,6 +206,12 @@ def _check_header_shapes(path: Path, header: dict[str, Any], config: ModelConfig
             raise CheckpointError(
                 f"{path}: tensor {name} has shape {tuple(declared[name] or ())}, config implies {ref}"
             )
+
+
+def tensor_count(config: ModelConfig) -> int:
+    """How many tensors `parameter_shapes(config)` lists, without listing them."""
+    per_module = 2 if config.bias else 1  # weight, and bias if any
+    return 2 + per_module * (6 * config.n_layer + 1)  # wte, wpe; 6 modules a block; ln_f
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:

@@ -6,6 +6,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+MAX_DIM = 2**24  # above any real width, depth or window; refuses absurd sizes before any arithmetic on them
+
+
+def _short(value: object) -> str:
+    """`value`'s repr, cut to 40 characters (it may come from a crafted file)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -23,16 +31,21 @@ class ModelConfig:
     residual: bool = True
 
     def __post_init__(self) -> None:
+        # every field's type is checked, not assumed: a config comes from a checkpoint file's JSON
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+            if type(value) is not int or not 0 < value <= MAX_DIM:
+                raise ValueError(f"ModelConfig.{name} must be an integer in 1..{MAX_DIM}, got {_short(value)}")
         if self.d_model % self.n_head != 0:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         for name in ("dropout", "attn_dropout"):
             value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {value!r}")
+            if type(value) not in (int, float) or not 0.0 <= value < 1.0:
+                raise ValueError(f"ModelConfig.{name} must be a number in [0, 1), got {_short(value)}")
+        for name in ("bias", "residual"):
+            value = getattr(self, name)
+            if type(value) is not bool:
+                raise ValueError(f"ModelConfig.{name} must be true or false, got {_short(value)}")
 
     @property
     def head_dim(self) -> int:

@@ -206,9 +206,31 @@ def _fbgemm_fp16_works() -> bool:
     return ok
 
 
-def auto_decode_weights(device: torch.device | str = "cpu") -> str:
-    """What decode weights `auto` means: float16 where FBGEMM runs them (same val loss), else float32."""
-    return "float16" if float16_weights_available(device) else "float32"
+FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
+def float16_overflow(model: nn.Module) -> tuple[str, float] | None:
+    """The first parameter holding a value beyond float16's range (as float16 it would be inf, and the step's numbers
+    NaN), with its largest |value|; None when every weight fits."""
+    for name, p in model.named_parameters():
+        top = float(p.detach().abs().max()) if p.numel() else 0.0
+        if top > FLOAT16_MAX:
+            return name, top
+    return None
+
+
+def auto_decode_weights(device: torch.device | str = "cpu", model: nn.Module | None = None) -> str:
+    """What decode weights `auto` means: float16 where FBGEMM runs them (same val loss), else float32; float32 too,
+    with a warning, for a `model` whose weights float16 cannot hold."""
+    if not float16_weights_available(device):
+        return "float32"
+    over = float16_overflow(model) if model is not None else None
+    if over is not None:
+        log.warning(
+            "decode weights: float32, not float16: %s holds %.3g, beyond float16's range (%.0f)", *over, FLOAT16_MAX
+        )
+        return "float32"
+    return "float16"
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, packed: bool) -> torch.Tensor:

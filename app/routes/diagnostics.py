@@ -12,7 +12,7 @@ from pydantic.json_schema import SkipJsonSchema
 from app.deps import get_served
 from app.errors import ERRORS, APIError
 from app.generation import run_job
-from app.schemas import DiagnosticsResponse, InterventionSpec, JsonNumber, ModelName, not_a_bool, not_a_number
+from app.schemas import ByteIds, DiagnosticsResponse, InterventionSpec, ModelName, not_a_bool, not_a_number
 from app.service import ServedModel
 from app.steering_lookup import resolve
 from model import tokenizer
@@ -50,10 +50,7 @@ class DiagnosticsBody(DiagnosticsRequest):
     prompt: Annotated[str, Field(min_length=1)] | SkipJsonSchema[None] = Field(  # type: ignore[assignment]
         None, description="text whose residual stream is examined"
     )
-    tokens: (
-        Annotated[list[Annotated[int, Field(ge=0, le=255), JsonNumber]], Field(min_length=1, max_length=65536)]
-        | SkipJsonSchema[None]
-    ) = Field(
+    tokens: ByteIds | SkipJsonSchema[None] = Field(
         None,
         description="instead of prompt: the token ids (bytes) to examine, e.g. a generation's own tokens, which "
         "need not be valid UTF-8",

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from app.deps import get_served
 from app.errors import ERRORS, APIError
 from app.generation import run_job
-from app.schemas import JsonNumber, ModelName, Utf8Only
+from app.schemas import JsonNumber, ModelName, Utf8Only, finite_number, first_problem, utf8_text
 from app.service import ServedModel
 from app.steering import SteeringStore
 from model import tokenizer
@@ -27,7 +27,9 @@ router = APIRouter(tags=["steering"], responses={**ERRORS, 409: ERRORS[400]})
 MAX_PROMPTS_SCHEMA, MAX_VECTOR_SCHEMA = 1024, 65536  # schema caps; the settings' limits are lower or equal
 VectorName = Annotated[str, Field(pattern=NAME_PATTERN, description="letters, digits, _ . -; 1..64 characters")]
 Prompt = Annotated[str, Field(min_length=1), Utf8Only]
-Prompts = Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS_SCHEMA)]
+Prompts = Annotated[
+    list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS_SCHEMA), first_problem(MAX_PROMPTS_SCHEMA, utf8_text)
+]
 Float = Annotated[float, Field(allow_inf_nan=False), JsonNumber]
 
 
@@ -58,7 +60,11 @@ class SteeringVectorCreate(BaseModel):
     positive: Prompts = Field(None, description="prompts showing the behaviour to add")  # type: ignore[arg-type]
     negative: Prompts = Field(None, description="prompts showing its opposite")  # type: ignore[arg-type]
     reduce: Literal["mean", "last"] = Field(None, description="each prompt's positions: mean (default) or last")  # type: ignore[arg-type]
-    vector: Annotated[list[Float], Field(min_length=1, max_length=MAX_VECTOR_SCHEMA)] = Field(
+    vector: Annotated[
+        list[Float],
+        Field(min_length=1, max_length=MAX_VECTOR_SCHEMA),
+        first_problem(MAX_VECTOR_SCHEMA, finite_number, float),
+    ] = Field(
         None,  # type: ignore[arg-type]
         description="d_model floats (instead of positive/negative)",
     )

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from model import tokenizer
-from model.decode import auto_decode_weights
+from model.decode import auto_decode_weights, float16_overflow
 from model.diagnostics import stream_norms, stream_trace
 from model.edits import Intervention
 from model.engine.batch import BatchPlan
@@ -26,6 +26,9 @@ from model.transformer import Transformer
 log = logging.getLogger(__name__)
 
 KV_CACHE_DTYPES = ("auto", "float32", "float16")
+WARM_UP_PROMPT = tokenizer.encode("Warm up.")
+WARM_UP_STEPS = 3  # decode steps of each kind: plain, then edited and traced
+MIN_BLOCK_SIZE = len(WARM_UP_PROMPT) + 2 * WARM_UP_STEPS  # the positions a warm-up fills
 Traces = list[dict[str, Any] | None]
 
 
@@ -45,7 +48,18 @@ class ModelRunner:
         self.config = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.decode_weights = auto_decode_weights(self.device) if decode_weights == "auto" else decode_weights
+        if self.config.block_size < MIN_BLOCK_SIZE:
+            raise ValueError(
+                f"block_size {self.config.block_size} is under {MIN_BLOCK_SIZE}, the positions the engine's warm-up "
+                f"fills ({len(WARM_UP_PROMPT)} prompt tokens, {2 * WARM_UP_STEPS} decode steps)"
+            )
+        self.decode_weights = auto_decode_weights(self.device, model) if decode_weights == "auto" else decode_weights
+        over = float16_overflow(model) if self.decode_weights == "float16" else None
+        if over is not None:
+            raise ValueError(
+                f"decode weights float16: {over[0]} holds {over[1]:.3g}, beyond float16's range; "
+                "use SHORTCUT_DECODE_WEIGHTS=float32 (or auto)"
+            )
         # the fast path (warm-up runs it too): the fused C step where it is built, else TorchScript (model/fast)
         self.decode_step = make_decoder(model, self.decode_weights, decode_backend)
         self.decode_backend = "fused" if isinstance(self.decode_step, FusedDecoder) else "torchscript"
@@ -67,11 +81,12 @@ class ModelRunner:
             raise ValueError(f"a {name} KV cache needs the fused decode step (this engine runs TorchScript)")
         return dtype
 
-    def warm_up(self, rows: int, steps: int) -> None:
+    def warm_up(self, rows: int, steps: int = WARM_UP_STEPS) -> None:
         """A prefill and a few decode steps (plain, then edited and traced), so first requests skip lazy
         initialisation (TorchScript specialises a step on its first calls)."""
         cache = self.cache.rows(0, rows)
-        prompt = torch.tensor([tokenizer.encode("Warm up.")] * rows, device=self.device)  # (R, T)
+        steps = min(steps, (self.config.block_size - len(WARM_UP_PROMPT)) // 2)  # all within the window
+        prompt = torch.tensor([WARM_UP_PROMPT] * rows, device=self.device)  # (R, T)
         edits = Intervention().compile(self.config.n_layer, self.device).expand(rows)  # the identity, edited path
         with torch.inference_mode():
             self.model(prompt, cache=cache, pos=torch.zeros(rows, dtype=torch.long, device=self.device), last_only=True)

@@ -11,8 +11,11 @@ Playwright's own browser download is not used.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -526,11 +529,27 @@ def test_docs_pages_render_offline(visit: Callable[..., Visit]) -> None:
     page.wait_for_selector("h1", timeout=TIMEOUT_MS)
     assert "Shortcut" in page.text_content("h1")
     # ReDoc's sidebar shows its vendor's logo from their CDN, an <img> it hides when the load fails (as it does
-    # offline; here the route aborts it): the one outside request of the vendored file, and no script
-    assert v.foreign == [REDOC_LOGO]
-    v.foreign.clear()
-    v.requests.remove(REDOC_LOGO)
-    v.console.remove("Failed to load resource: net::ERR_FAILED")  # that aborted image
+    # offline): the page's CSP refuses it before any request leaves (the one outside load of the vendored file)
+    assert not v.foreign  # it never reached the network (Chromium still reports the request it refused)
+    v.requests = [u for u in v.requests if u != REDOC_LOGO]
+    refused = [m for m in v.console if REDOC_LOGO in m and "Content Security Policy" in m]
+    assert len(refused) == 1, v.console
+    v.console.remove(refused[0])
+
+
+def test_docs_pages_send_a_csp_that_forbids_framing(server: Server) -> None:
+    """/docs, /redoc and the OAuth2 helper: a CSP (their inline script allowed by its hash only) and no framing; the
+    test above renders both pages under it without a violation."""
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        r = httpx.get(server.url + path, timeout=30)
+        csp = r.headers.get("content-security-policy", "")
+        assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp, (path, csp)
+        assert "'unsafe-inline'" not in csp.split("script-src", 1)[1].split(";", 1)[0], (path, csp)
+        scripts = re.findall(r"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", r.text, re.S)
+        for body in scripts:  # every inline script's hash is listed, independently worked out here
+            digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+            assert f"'sha256-{digest}'" in csp, (path, csp)
+        assert bool(scripts) == (path != "/redoc"), path
 
 
 def test_api_key_is_asked_once_and_kept_in_session_storage(
