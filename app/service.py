@@ -18,6 +18,7 @@ from model import tokenizer
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.diagnostics import DiagnosticsOptions, run_diagnostics
 from model.engine import Engine
+from model.lens import TunedLens, find_lens, is_lens_file, no_lens_message
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class ServedModel:
     checkpoint: Checkpoint
     engine: Engine
     created: int
+    lens: TunedLens | None = None  # the tuned lens beside the checkpoint (model.lens), if it has one
 
     @property
     def sha256(self) -> str:
@@ -76,16 +78,20 @@ def checkpoint_paths(settings: Settings) -> dict[str, Path]:
     paths = {settings.model_name: settings.checkpoint}
     if settings.extra_checkpoints_dir is not None:
         for p in sorted(Path(settings.extra_checkpoints_dir).glob("*.safetensors")):
-            if p.resolve() != settings.checkpoint.resolve() and not p.name.endswith(".resume.safetensors"):
+            if p.resolve() == settings.checkpoint.resolve() or is_lens_file(p):  # a lens (model.lens): no model
+                continue
+            if not p.name.endswith(".resume.safetensors"):
                 paths.setdefault(p.stem, p)
     return paths
 
 
 def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> dict[str, ServedModel]:
-    """Load every checkpoint and start an engine for each (raises CheckpointError on a bad file)."""
+    """Load every checkpoint and its tuned lens, if it has one, and start an engine for each (raises
+    CheckpointError on a bad file, LensError, a CheckpointError, on a lens that is not the checkpoint's)."""
     models: dict[str, ServedModel] = {}
     for name, path in checkpoint_paths(settings).items():
         ck = load_checkpoint(path, device=device)
+        lens = find_lens(path, ck.config, ck.sha256, device)  # LensError if it is not this checkpoint's
         engine = Engine(
             ck.model,
             max_batch_size=settings.max_batch_size,
@@ -100,8 +106,10 @@ def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> d
             max_stop_strings=settings.max_stop_strings,
             max_stop_length=settings.max_stop_length,
             max_logprobs=settings.max_logprobs,
+            lens=lens,
+            no_tuned_lens=no_lens_message(name, path),
         )
-        models[name] = ServedModel(name=name, checkpoint=ck, engine=engine, created=int(time.time()))
+        models[name] = ServedModel(name=name, checkpoint=ck, engine=engine, created=int(time.time()), lens=lens)
         c = ck.config
         metrics.model_info.labels(name, ck.sha256, str(c.n_layer), str(c.d_model), device.type).set(1)
     return models
