@@ -398,6 +398,9 @@ class ModelCard(BaseModel):
     context_window: int
     residual: bool
     checkpoint_sha256: str
+    tuned_lens: bool = Field(
+        False, description="the model has a tuned lens: /diagnostics' tuned_lens and the trace's lens \"tuned\""
+    )
 
 
 class ModelList(BaseModel):
