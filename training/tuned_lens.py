@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import math
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from torch import nn
 from model.checkpoint import load_checkpoint
 from model.lens import TunedLens, lens_path, save_lens
 from model.transformer import Transformer
+from training.plotting import figure
 from training.train import get_batch, load_splits
 
 log = logging.getLogger("training.tuned_lens")
@@ -167,11 +169,35 @@ def format_table(kl: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
+def plot_lenses(lens_files: list[Path], out: Path) -> None:
+    """Per-layer validation KL to final, logit vs tuned lens, of each lens file's model (from its metadata), one
+    panel per model, log scale."""
+    panels = []
+    for path in lens_files:
+        data = path.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["metadata"])
+        panels.append((path.name.removesuffix(".lens.safetensors"), meta["val_kl"]))
+    with figure(out, ncols=len(panels), figsize=(4.2 * len(panels), 3.6)) as (_, axes):
+        for ax, (name, kl) in zip(axes if len(panels) > 1 else [axes], panels, strict=True):
+            layers = range(len(kl["logit"]) - 1)  # the last layer is 0 for both: nothing to draw on a log scale
+            ax.plot(layers, kl["logit"][:-1], "o-", ms=3, label="logit lens")
+            ax.plot(layers, kl["tuned"][:-1], "s-", ms=3, label="tuned lens")
+            ax.set_yscale("log")
+            ax.set_title(name)
+            ax.set_xlabel("layer (resid_post)")
+            ax.set_ylabel("KL(final || lens), nats")
+            ax.grid(alpha=0.3)
+            ax.legend()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, train, report, write the lens file."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint path (.safetensors)")
-    p.add_argument("--data", required=True, help="text file (UTF-8 bytes); split as in training.train")
+    p.add_argument("--checkpoint", help="checkpoint path (.safetensors)")
+    p.add_argument("--data", help="text file (UTF-8 bytes); split as in training.train")
+    p.add_argument("--plot", type=Path, help="instead of training: plot the validation KL stored in --lens files")
+    p.add_argument("--lens", type=Path, nargs="*", default=[], help="lens files to plot (with --plot)")
     p.add_argument("--out", default=None, help="lens file (default: <checkpoint>.lens.safetensors beside it)")
     p.add_argument("--steps", type=int, default=250, help="optimiser steps")
     p.add_argument("--lr", type=float, default=1e-2, help="peak Adam learning rate")
@@ -181,6 +207,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    if a.plot:
+        if not a.lens:
+            p.error("--plot needs --lens files")
+        plot_lenses(a.lens, a.plot)
+        return
+    if not a.checkpoint or not a.data:
+        p.error("--checkpoint and --data are required (or --plot with --lens)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
     t0 = time.monotonic()

@@ -63,6 +63,9 @@ def test_cli_writes_a_lens_beside_the_checkpoint(
     assert lens.metadata["val_kl"] == summary["val_kl"] and len(summary["val_kl"]["tuned"]) == ck.config.n_layer
     with pytest.raises(LensError, match="retrain"):
         load_lens(lens_path(tiny_checkpoint), ck.config, "0" * 64)
+    png = tiny_checkpoint.parent / "kl.png"
+    tuned_lens.main(["--plot", str(png), "--lens", str(lens_path(tiny_checkpoint))])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_one_layer_model_has_nothing_to_train(make_model, text_file: Path) -> None:  # type: ignore[no-untyped-def]
