@@ -10,6 +10,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from app.schemas import DiagnosticsResponse
 from app.service import checkpoint_paths
 from model import tokenizer
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -45,6 +46,7 @@ def test_diagnostics_tuned_lens_equals_the_hand_computation(with_lens: TestClien
     logq, logp = hand_lens(ck.model, lens, tokenizer.encode(PROMPT))
     kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)
     top = logq.exp().topk(3, dim=-1)
+    DiagnosticsResponse.model_validate(r.json())  # the documented schema has the tuned_lens block
     layers = r.json()["layers"]
     for layer, entry in enumerate(layers):
         got = entry["tuned_lens"]
