@@ -83,6 +83,9 @@ class GenerateRequest(BaseModel):
     logit_lens_top: Annotated[int, Field(ge=0, le=MAX_LENS_TOP), JsonNumber] = Field(
         0, description="per token and layer: the logit lens's top-K tokens (implies trace)"
     )
+    lens: Literal["logit", "tuned"] = Field(
+        "logit", description="which lens logit_lens_top reads: the logit lens, or the model's tuned lens"
+    )
 
     def to_sampling_params(
         self, default_max_new_tokens: int, intervention: Intervention | None = None
@@ -107,6 +110,7 @@ class GenerateRequest(BaseModel):
             intervention=intervention if intervention is not None else to_engine(self.intervention),
             trace=self.trace,
             logit_lens_top=self.logit_lens_top,
+            lens=self.lens,
         )
 
 

@@ -358,7 +358,10 @@ class TokenTrace(BaseModel):
     position: int = Field(..., description="0-based position in prompt + generated tokens")
     resid_norm: list[float] = Field(..., description="per layer: L2 norm of resid_post")
     update_ratio: list[float] = Field(..., description="per layer: |resid_post - resid_pre| / |resid_pre|")
-    logit_lens: list[list[LensToken]] | None = Field(None, description="per layer: the logit lens's top tokens")
+    logit_lens: list[list[LensToken]] | None = Field(
+        None, description="per layer: the top tokens of the lens named by `lens` (logit_lens_top=K)"
+    )
+    lens: Literal["logit", "tuned"] | None = Field(None, description="which lens `logit_lens` read, when present")
 
 
 class Trace(BaseModel):
@@ -437,6 +440,9 @@ class LayerDiagnostics(_Strict):
     cos_update: Stat
     block_influence: Stat = Field(..., description="1 - cos(resid_pre, resid_post) (ShortGPT's BI)")
     logit_lens: LogitLensLayer | None = Field(None, description="with logit_lens=K")
+    tuned_lens: LogitLensLayer | None = Field(
+        None, description="with tuned_lens=K: the same through the layer's trained translator (docs/tuned_lens.md)"
+    )
     grad_norm: Stat = Field(None, description="with gradients=true: |dL/d resid_pre|")
     delta_loss: DeltaLoss | None = Field(None, description="with ablation=true: loss change with the part skipped")
 
@@ -455,6 +461,7 @@ class DiagnosticsSummary(_Strict):
 class DiagnosticsOptionsEcho(_Strict):
     per_token: bool
     logit_lens: int
+    tuned_lens: int
     gradients: bool
     ablation: bool
     intervention: InterventionEcho | None

@@ -19,6 +19,7 @@ from model import tokenizer
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from model.diagnostics import DiagnosticsOptions, run_diagnostics
 from model.engine import Engine
+from model.lens import TunedLens, find_lens, is_lens_file, no_lens_message
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class ServedModel:
     checkpoint: Checkpoint
     engine: Engine
     created: int
+    lens: TunedLens | None = None  # the tuned lens beside the checkpoint (model.lens), if it has one
 
     @property
     def sha256(self) -> str:
@@ -81,7 +83,9 @@ def checkpoint_paths(settings: Settings) -> dict[str, Path]:
     paths = {settings.model_name: settings.checkpoint}
     if settings.extra_checkpoints_dir is not None:
         for p in sorted(Path(settings.extra_checkpoints_dir).glob("*.safetensors")):
-            if p.resolve() != settings.checkpoint.resolve() and not p.name.endswith(".resume.safetensors"):
+            if p.resolve() == settings.checkpoint.resolve() or is_lens_file(p):  # a lens (model.lens): no model
+                continue
+            if not p.name.endswith(".resume.safetensors"):
                 if not MODEL_NAME.fullmatch(p.stem):
                     log.warning(
                         "skipping %s: its name %s is not a model name (letters, digits, . _ -; 1..64 characters)",
@@ -94,9 +98,10 @@ def checkpoint_paths(settings: Settings) -> dict[str, Path]:
 
 
 def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> dict[str, ServedModel]:
-    """Load every checkpoint and make an engine for each. Any problem raises CheckpointError naming the file: the
-    file's own (model.checkpoint), or the engine's refusal of it (a window under the warm-up's, a shape the fused
-    step does not run, a KV cache that cannot be mapped, a setting that does not fit it)."""
+    """Load every checkpoint (and its tuned lens, if it has one) and make an engine for each. Any problem raises
+    CheckpointError naming the file: the file's own (model.checkpoint), or the engine's refusal of it (a lens that
+    is not the checkpoint's, a window under the warm-up's, a shape the fused step does not run, a KV cache that
+    cannot be mapped, a setting that does not fit it)."""
     models: dict[str, ServedModel] = {}
     for name, path in checkpoint_paths(settings).items():
         try:
@@ -111,6 +116,7 @@ def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> d
 def _serve(name: str, path: Path, settings: Settings, metrics: Metrics, device: torch.device) -> ServedModel:
     """Load one checkpoint and make its engine."""
     ck = load_checkpoint(path, device=device)
+    lens = find_lens(path, ck.config, ck.sha256, device)  # LensError if it is not this checkpoint's
     engine = Engine(
         ck.model,
         max_batch_size=settings.max_batch_size,
@@ -126,10 +132,12 @@ def _serve(name: str, path: Path, settings: Settings, metrics: Metrics, device: 
         max_stop_length=settings.max_stop_length,
         max_logprobs=settings.max_logprobs,
         max_pending_events=settings.max_pending_events,
+        lens=lens,
+        no_tuned_lens=no_lens_message(name, path),
     )
     c = ck.config
     metrics.model_info.labels(name, ck.sha256, str(c.n_layer), str(c.d_model), device.type).set(1)
-    return ServedModel(name=name, checkpoint=ck, engine=engine, created=int(time.time()))
+    return ServedModel(name=name, checkpoint=ck, engine=engine, created=int(time.time()), lens=lens)
 
 
 def check_aliases(aliases: dict[str, str], models: dict[str, ServedModel]) -> None:

@@ -16,6 +16,7 @@ from model.diagnostics import DiagnosticsOptions, run_diagnostics
 from model.engine import Engine, FinishEvent, SamplingParams
 from model.fast import FusedDecoder, auto_kv_dtype, fused_available, supports
 from model.kv_cache import KVCache
+from model.lens import TunedLens
 from model.transformer import Transformer
 
 
@@ -116,6 +117,33 @@ def diagnostics_vs_forward(model: Transformer, ids: list[int], reps: int) -> dic
         "forward_cpu_ms": median(fwd_cpu),
         "reps_diagnostics_ms": diag,
         "reps_forward_ms": fwd,
+    }
+
+
+def lens_cost(model: Transformer, lens: TunedLens, ids: list[int], reps: int, k: int = 5) -> dict[str, Any]:
+    """Median wall and CPU time of `run_diagnostics` with logit_lens=k and with tuned_lens=k (interleaved)."""
+    plain, tuned = DiagnosticsOptions(logit_lens=k), DiagnosticsOptions(tuned_lens=k)
+    runs: dict[str, list[float]] = {"logit": [], "tuned": [], "logit_cpu": [], "tuned_cpu": []}
+    with torch.inference_mode():
+        run_diagnostics(model, ids, plain)  # warm-up
+        run_diagnostics(model, ids, tuned, lens=lens)
+        for _ in range(reps):
+            for name, opts in (("logit", plain), ("tuned", tuned)):
+                t0, c0 = time.perf_counter(), time.process_time()
+                run_diagnostics(model, ids, opts, lens=lens)
+                runs[name].append(1e3 * (time.perf_counter() - t0))
+                runs[f"{name}_cpu"].append(1e3 * (time.process_time() - c0))
+    logit, tuned_ms = median(runs["logit"]), median(runs["tuned"])
+    return {
+        "prompt_tokens": len(ids),
+        "top_k": k,
+        "diagnostics_logit_lens_ms": logit,
+        "diagnostics_tuned_lens_ms": tuned_ms,
+        "diagnostics_logit_lens_cpu_ms": median(runs["logit_cpu"]),
+        "diagnostics_tuned_lens_cpu_ms": median(runs["tuned_cpu"]),
+        "tuned_over_logit": tuned_ms / logit,
+        "reps_logit_ms": runs["logit"],
+        "reps_tuned_ms": runs["tuned"],
     }
 
 

@@ -1,4 +1,4 @@
-"""Residual-stream diagnostics for one prompt: norms, update ratios, logit lens, gradients, ablations.
+"""Residual-stream diagnostics for one prompt: norms, update ratios, logit and tuned lens, gradients, ablations.
 
 The computation core of the `/diagnostics` endpoint; it knows nothing about HTTP.
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.edits import Intervention, StreamEdits
+from model.lens import TunedLens
 from model.tokenizer import token_text
 from model.transformer import RESID_NAMES, Transformer
 
@@ -34,6 +35,7 @@ SIG_DIGITS = 6
 COMPONENTS = ("block", "attn", "mlp")
 UPDATE_PARTS = ("attn", "mlp", "block")
 _EIGHTHS = " ▏▎▍▌▋▊▉"  # partial bar cells, 0/8 .. 7/8
+MIN_BAR = 4  # the text report drops its lens top-1 columns before its bar gets narrower than this
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class DiagnosticsOptions:
 
     per_token: bool = False
     logit_lens: int = 0
+    tuned_lens: int = 0  # top-K of the tuned lens (needs the model's `TunedLens`)
     gradients: bool = False
     ablation: bool = False
     intervention: Intervention | None = None  # applied to every forward (ablations are on top of it)
@@ -50,24 +53,36 @@ class DiagnosticsOptions:
         for name in ("per_token", "gradients", "ablation"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DiagnosticsOptions.{name} must be a bool, got {getattr(self, name)!r}")
-        k = self.logit_lens
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise ValueError(f"DiagnosticsOptions.logit_lens must be an int >= 0, got {k!r}")
+        for name in ("logit_lens", "tuned_lens"):
+            k = getattr(self, name)
+            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                raise ValueError(f"DiagnosticsOptions.{name} must be an int >= 0, got {k!r}")
 
-    def validate_for(self, config: ModelConfig) -> None:
-        """Check the options against a model (logit_lens at most vocab_size, an intervention it can apply)."""
-        if self.logit_lens > config.vocab_size:
-            raise ValueError(f"logit_lens={self.logit_lens} exceeds the vocabulary size {config.vocab_size}")
+    def validate_for(self, config: ModelConfig, lens: TunedLens | None = None) -> None:
+        """Check the options against a model (lens sizes at most vocab_size, a tuned lens if asked for, an
+        intervention it can apply)."""
+        for name in ("logit_lens", "tuned_lens"):
+            if getattr(self, name) > config.vocab_size:
+                raise ValueError(f"{name}={getattr(self, name)} exceeds the vocabulary size {config.vocab_size}")
+        if self.tuned_lens > 0 and lens is None:
+            raise ValueError("tuned_lens needs the model's tuned lens (python -m training.tuned_lens trains one)")
+        if lens is not None and lens.n_layer != config.n_layer:
+            raise ValueError(f"the tuned lens reads {lens.n_layer} layers, the model has {config.n_layer}")
         problem = self.intervention.problem(config.n_layer) if self.intervention is not None else None
         if problem is not None:
             raise ValueError(problem[1])
 
 
 def run_diagnostics(
-    model: Transformer, ids: list[int], opts: DiagnosticsOptions, model_info: Mapping[str, Any] | None = None
+    model: Transformer,
+    ids: list[int],
+    opts: DiagnosticsOptions,
+    model_info: Mapping[str, Any] | None = None,
+    lens: TunedLens | None = None,
 ) -> dict[str, Any]:
-    """Diagnose the residual stream of `model` on one prompt; a JSON-serialisable dict (see module docstring)."""
-    steps = iter_diagnostics(model, ids, opts, model_info)
+    """Diagnose the residual stream of `model` on one prompt; a JSON-serialisable dict (see module docstring).
+    `lens`: the model's tuned lens, needed for `opts.tuned_lens`."""
+    steps = iter_diagnostics(model, ids, opts, model_info, lens)
     while True:
         try:
             next(steps)
@@ -76,12 +91,16 @@ def run_diagnostics(
 
 
 def iter_diagnostics(
-    model: Transformer, ids: list[int], opts: DiagnosticsOptions, model_info: Mapping[str, Any] | None = None
+    model: Transformer,
+    ids: list[int],
+    opts: DiagnosticsOptions,
+    model_info: Mapping[str, Any] | None = None,
+    lens: TunedLens | None = None,
 ) -> Generator[None, None, dict[str, Any]]:
     """`run_diagnostics` as a generator that yields after each forward pass (so a server can interleave it
     with batched decoding); its return value is the result. No grad/inference context is held across a yield."""
     config = model.config
-    opts.validate_for(config)
+    opts.validate_for(config, lens)
     _check_ids(ids, config)
     if model.training and config.dropout > 0:
         raise ValueError("diagnostics need deterministic forwards: call model.eval() first (dropout > 0)")
@@ -124,7 +143,8 @@ def iter_diagnostics(
         if grads is not None:
             g = torch.stack([t[0] for t in grads]).float()  # (L, T, C)
             grad_norms = torch.linalg.vector_norm(g, dim=-1).mean(-1).tolist()  # L
-        lens = _logit_lens(model, resid, logits, opts.logit_lens) if opts.logit_lens > 0 else None
+        logit_lens = _logit_lens(model, resid, logits, opts.logit_lens) if opts.logit_lens > 0 else None
+        tuned_lens = _logit_lens(model, resid, logits, opts.tuned_lens, lens) if opts.tuned_lens > 0 else None
         delta = None
         if ablated is not None and clean_loss is not None:
             delta = (ablated - clean_loss).tolist()  # (L, 3)
@@ -146,8 +166,10 @@ def iter_diagnostics(
             }
         entry["cos_update"] = stats.cos_update[layer].item()
         entry["block_influence"] = stats.block_influence[layer].item()
-        if lens is not None:
-            entry["logit_lens"] = lens[layer]
+        if logit_lens is not None:
+            entry["logit_lens"] = logit_lens[layer]
+        if tuned_lens is not None:
+            entry["tuned_lens"] = tuned_lens[layer]
         if opts.gradients:
             entry["grad_norm"] = grad_norms[layer] if grad_norms is not None else None
         if opts.ablation:
@@ -180,14 +202,22 @@ def stream_norms(stream: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(stream.float(), dim=-1)
 
 
-def stream_trace(model: Transformer, stream: torch.Tensor, lens_top: list[int]) -> list[dict[str, Any]]:
+def stream_trace(
+    model: Transformer,
+    stream: torch.Tensor,
+    lens_top: list[int],
+    lenses: list[str] | None = None,
+    tuned: TunedLens | None = None,
+) -> list[dict[str, Any]]:
     """The per-token trace of R positions from their residual stream `stream` (L + 1, R, C): the embedding,
     then resid_post of every layer.
 
     Per row: `resid_norm` (L,) = |resid_post|, `update_ratio` (L,) = |resid_post - resid_pre| / |resid_pre| (as
     `/diagnostics` computes them per token) and, where lens_top[r] > 0, `logit_lens` (L lists of the top tokens
-    of ln_f(resid_post) unembedded, with their probabilities).
+    of ln_f(resid_post) unembedded, with their probabilities) and `lens`: lenses[r] ("logit" by default), or
+    "tuned", which reads ln_f(tuned.apply(layer, resid_post)) instead.
     """
+    lenses = lenses if lenses is not None else ["logit"] * len(lens_top)
     with torch.inference_mode():
         s = stream.float()
         norms = stream_norms(s)  # (L + 1, R)
@@ -197,15 +227,22 @@ def stream_trace(model: Transformer, stream: torch.Tensor, lens_top: list[int]) 
         ]
         k = max(lens_top, default=0)
         if k > 0:
-            probs = F.softmax(model.unembed(model.ln_f(s[1:])).float(), dim=-1)  # (L, R, V)
+            h = s[1:]  # (L, R, C)
+            if "tuned" in lenses:
+                if tuned is None:
+                    raise ValueError("a trace through the tuned lens needs the model's TunedLens")
+                wants = torch.tensor([name == "tuned" for name in lenses], device=h.device)  # (R,)
+                h = torch.where(wants[None, :, None], tuned.apply_all(h.to(tuned.weight.dtype)).to(h.dtype), h)
+            probs = F.softmax(model.unembed(model.ln_f(h)).float(), dim=-1)  # (L, R, V)
             top_p, top_i = probs.topk(k, dim=-1)  # (L, R, k)
             top_p_l, top_i_l = top_p.transpose(0, 1).tolist(), top_i.transpose(0, 1).tolist()  # (R, L, k)
-            for r, (row, kr) in enumerate(zip(rows, lens_top, strict=True)):
+            for r, (row, kr, name) in enumerate(zip(rows, lens_top, lenses, strict=True)):
                 if kr > 0:
                     row["logit_lens"] = [
                         [{"id": i, "text": _token_text(i), "prob": p} for i, p in zip(ids[:kr], ps[:kr], strict=True)]
                         for ids, ps in zip(top_i_l[r], top_p_l[r], strict=True)
                     ]
+                    row["lens"] = name
     return rows
 
 
@@ -241,7 +278,16 @@ def render_text(result: dict[str, Any], width: int = 80) -> str:
     if "delta_loss" in first:
         cols.append(("dL blk", 8, lambda e: e["delta_loss"]["block"] if e["delta_loss"] else None))
     if "logit_lens" in first:
-        cols.append(("lens", 8, lambda e: _top1(e["logit_lens"])))
+        cols.append(("KL log", 6, lambda e: e["logit_lens"]["kl_to_final"]))
+    if "tuned_lens" in first:
+        cols.append(("KL tun", 6, lambda e: e["tuned_lens"]["kl_to_final"]))
+    tops = [(name, key) for name, key in (("lens", "logit_lens"), ("tuned", "tuned_lens")) if key in first]
+    for name, key in tops:
+        cols.append((name, 6, lambda e, key=key: _top1(e[key])))
+    while tops and sum(w for _, w, _ in cols) + len(cols) + MIN_BAR > width:  # top-1 tokens go before the bar
+        name, _ = tops.pop()
+        cols = [c for c in cols if c[0] != name]
+    shown = {name for name, _, _ in cols}
     used = sum(w for _, w, _ in cols) + len(cols) - 1
     bar_width = max(width - used - 1, 0)
     bar_values = [e["update_ratio"]["block"] or 0.0 for e in layers]
@@ -257,7 +303,10 @@ def render_text(result: dict[str, Any], width: int = 80) -> str:
         "columns: |post| mean resid_post norm; upd/attn/mlp update ratios; BI block influence"
         + ("; grad |dL/d resid_pre|" if "grad_norm" in first else "")
         + ("; dL blk loss change with the block ablated" if "delta_loss" in first else "")
-        + ("; lens logit-lens top-1 at the last token" if "logit_lens" in first else "")
+        + ("; KL log logit lens's KL to final at the last token" if "logit_lens" in first else "")
+        + ("; KL tun tuned lens's" if "tuned_lens" in first else "")
+        + ("; lens logit-lens top-1" if "lens" in shown else "")
+        + ("; tuned tuned-lens top-1" if "tuned" in shown else "")
         + ("; bar: upd" if bar_width else ""),
     ]
     iv = result.get("options", {}).get("intervention")
@@ -381,10 +430,17 @@ def _layer_stats(resid: list[dict[str, torch.Tensor]]) -> LayerStats:
 
 
 def _logit_lens(
-    model: Transformer, resid: list[dict[str, torch.Tensor]], logits: torch.Tensor, k: int
+    model: Transformer,
+    resid: list[dict[str, torch.Tensor]],
+    logits: torch.Tensor,
+    k: int,
+    tuned: TunedLens | None = None,
 ) -> list[dict[str, Any]]:
-    """Per layer at the last position: top-k tokens of ln_f(resid_post) unembedded, entropy, KL(final || layer)."""
-    last = torch.stack([r["resid_post"][0, -1] for r in resid])  # (L, C)
+    """Per layer at the last position: top-k tokens of ln_f(resid_post) unembedded, entropy, KL(final || layer);
+    with `tuned`, of ln_f(tuned.apply(layer, resid_post)) (the tuned lens)."""
+    last = torch.stack([r["resid_post"][0, -1] for r in resid]).detach()  # (L, C)
+    if tuned is not None:
+        last = tuned.apply_all(last.to(tuned.weight.dtype)).to(last.dtype)
     logq = F.log_softmax(model.unembed(model.ln_f(last)).float(), dim=-1)  # (L, V)
     logp = F.log_softmax(logits[0, -1].float(), dim=-1)  # (V,)
     q = logq.exp()  # (L, V)
@@ -479,7 +535,7 @@ def _cell(value: float | str | None, width: int) -> str:
 
 
 def _top1(lens: dict[str, Any]) -> str:
-    return _clip(repr(lens["top"][0]["text"]), 8) if lens and lens["top"] else "-"
+    return _clip(repr(lens["top"][0]["text"]), 6) if lens and lens["top"] else "-"
 
 
 def _clip(text: str, width: int) -> str:

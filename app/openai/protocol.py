@@ -103,6 +103,7 @@ class OpenAIRequest(BaseModel):
     logit_lens_top: Annotated[int, Field(ge=0, le=MAX_LENS_TOP), JsonNumber] = Field(
         0, description="extension, as on /generate (implies trace)"
     )
+    lens: Literal["logit", "tuned"] = Field("logit", description="extension, as on /generate: logit_lens_top's lens")
 
     def check(self, max_n: int) -> int:
         """Refuse what is not served (400 `unsupported_parameter`) and an `n` over `max_n`; return n."""
@@ -152,6 +153,7 @@ class OpenAIRequest(BaseModel):
             intervention=intervention if intervention is not None else to_engine(self.intervention),
             trace=self.trace,
             logit_lens_top=self.logit_lens_top,
+            lens=self.lens,
         )
 
 
@@ -468,6 +470,9 @@ class ModelCard(BaseModel):
     context_window: int
     residual: bool
     checkpoint_sha256: str
+    tuned_lens: bool = Field(
+        False, description="the model has a tuned lens: /diagnostics' tuned_lens and the trace's lens \"tuned\""
+    )
 
 
 class ModelList(BaseModel):

@@ -170,6 +170,7 @@ def model_card(m: ServedModel, root: str | None = None) -> ModelCard:
         context_window=c.block_size,
         residual=c.residual,
         checkpoint_sha256=m.sha256,
+        tuned_lens=m.lens is not None,
     )
 
 

@@ -17,6 +17,7 @@ from app.service import ServedModel
 from app.steering_lookup import resolve
 from model import tokenizer
 from model.diagnostics import DiagnosticsOptions, iter_diagnostics, render_text
+from model.lens import no_lens_message
 
 Flag = Annotated[bool, BeforeValidator(not_a_number)]  # "true" in a query string, true in JSON; never 0/1
 router = APIRouter(tags=["diagnostics"], responses=ERRORS)
@@ -32,6 +33,9 @@ class DiagnosticsRequest(BaseModel):
     per_token: Flag = Field(False, description="include per-position norms")
     logit_lens: Annotated[int, Field(ge=0, le=256), BeforeValidator(not_a_bool)] = Field(
         0, description="top-K tokens per layer from the logit lens; 0 = off"
+    )
+    tuned_lens: Annotated[int, Field(ge=0, le=256), BeforeValidator(not_a_bool)] = Field(
+        0, description="top-K tokens per layer from the tuned lens (the model's trained translators); 0 = off"
     )
     gradients: Flag = Field(False, description="gradient norm reaching each layer's input")
     ablation: Flag = Field(False, description="loss change when each block / attention / MLP is skipped")
@@ -83,11 +87,16 @@ async def _diagnose(req: DiagnosticsRequest, request: Request, intervention: Int
             param=name,
             code="context_length_exceeded",
         )
+    if req.tuned_lens > 0 and served.lens is None:
+        raise APIError(
+            400, no_lens_message(served.name, served.checkpoint.path), param="tuned_lens", code="invalid_value"
+        )
     c = served.checkpoint.config
     iv = resolve(intervention, request, served)  # checked against the model: a 400 naming the entry
     opts = DiagnosticsOptions(
         per_token=req.per_token,
         logit_lens=req.logit_lens,
+        tuned_lens=req.tuned_lens,
         gradients=req.gradients,
         ablation=req.ablation,
         intervention=iv,
@@ -99,7 +108,8 @@ async def _diagnose(req: DiagnosticsRequest, request: Request, intervention: Int
         "residual": c.residual,
         "checkpoint_sha256": served.sha256,
     }
-    result = await run_job(request, served, lambda model: iter_diagnostics(model, ids, opts, info), "diagnostics")
+    lens = served.lens if req.tuned_lens > 0 else None
+    result = await run_job(request, served, lambda model: iter_diagnostics(model, ids, opts, info, lens), "diagnostics")
     if _wants_text(req, request):
         return PlainTextResponse(render_text(result))
     return JSONResponse(result)

@@ -18,6 +18,7 @@
     last: null,          // the last finished run, whichever button started it
     vectors: [],         // GET /steering/vectors data of the current model
     charts: {},          // element id -> echarts instance
+    lensView: null,      // the last Inspect's (diagnostics, traced run, bytes): the lens chart redraws from it
   };
 
   // ------------------------------------------------------------------ errors and status
@@ -215,6 +216,7 @@
       req.trace = true;
       const k = Number($("#lens-top").value);
       if (k > 0) req.logit_lens_top = k;
+      if (k > 0 && $("#lens-kind").value === "tuned") req.lens = "tuned";
     }
     const iv = currentIntervention();
     if (iv) req.intervention = iv;
@@ -609,7 +611,7 @@
       ];
       const lens = tr.logit_lens && tr.logit_lens[cell.row];
       if (lens && lens.length) {
-        lines.push("logit lens: " + lens.map((t) => `${JSON.stringify(t.text)} ${fmt(t.prob)}`).join(", "));
+        lines.push(`${tr.lens || "logit"} lens: ` + lens.map((t) => `${JSON.stringify(t.text)} ${fmt(t.prob)}`).join(", "));
       }
       const tip = $("#heatmap-tip");
       tip.textContent = lines.join("\n");
@@ -905,25 +907,30 @@
     return b < 0x80 ? String.fromCharCode(b) : `<0x${b.toString(16).toUpperCase().padStart(2, "0")}>`;
   }
 
-  // Layer × position. /diagnostics reports the logit lens at the last position only; the positions before it come
-  // from the last generation's trace (logit_lens_top), when that generation is the text being inspected.
+  // Layer × position, through the lens #lens-view names (logit or tuned). /diagnostics reports a lens at the last
+  // position only; the positions before it come from the last generation's trace (logit_lens_top), when that
+  // generation is the text being inspected and its trace read the same lens.
   function drawLens(d, traceRun, fullBytes) {
     const L = d.layers;
+    const kind = $("#lens-view").value;
+    const key = kind === "tuned" ? "tuned_lens" : "logit_lens";
     const cols = [];
     if (traceRun) {
       traceRun.done.trace.tokens.forEach((t, i) => {
-        if (!t.logit_lens) return;
+        if (!t.logit_lens || (t.lens || "logit") !== kind) return;
         cols.push({position: t.position, reads: byteLabel(fullBytes, t.position), lens: t.logit_lens.map((top) => ({top}))});
       });
     }
-    if (L[0].logit_lens) {
+    if (L[0][key]) {
       const last = fullBytes.length - 1;
-      cols.push({position: last, reads: byteLabel(fullBytes, last), lens: L.map((e) => e.logit_lens), diag: true});
+      cols.push({position: last, reads: byteLabel(fullBytes, last), lens: L.map((e) => e[key]), diag: true});
     }
     const note = $("#lens-note");
-    note.textContent = cols.length > 1
+    note.textContent = !L[0][key]
+      ? "— this model has no tuned lens (python -m training.tuned_lens trains one)"
+      : cols.length > 1
       ? `— columns 1..${cols.length - 1}: the generation's trace; last column: /diagnostics (with KL to final)`
-      : "— /diagnostics gives the last position only; generate with trace + logit lens top ≥ 1 for one column per token";
+      : `— /diagnostics gives the last position only; generate with trace + logit lens top ≥ 1 and lens ${kind} for one column per token`;
     const data = [];
     cols.forEach((c, x) => L.forEach((_, l) => {
       const top = c.lens[l] && c.lens[l].top && c.lens[l].top[0];
@@ -953,7 +960,7 @@
         itemWidth: 10, text: ["p = 1", "top-1 probability  0"],
         inRange: {color: VIRIDIS.map((c) => `rgb(${c.join(",")})`)}},
       series: [{
-        name: "logit lens", type: "heatmap", data,
+        name: `${kind} lens`, type: "heatmap", data,
         label: {show: true, fontSize: 10, color: "#fff", textBorderColor: "#000", textBorderWidth: 2, formatter: (p) => {
           const top = cols[p.data[0]].lens[p.data[1]].top[0];
           return visible(top.text.length === 1 ? top.text : "·");
@@ -997,6 +1004,7 @@
     }
     const body = {tokens: Array.from(part.bytes), model: card.id, logit_lens: 3,
       gradients: $("#inspect-gradients").checked, ablation: $("#inspect-ablation").checked};
+    if (card.tuned_lens) body.tuned_lens = 3;
     const iv = currentIntervention();
     if (iv && $("#inspect-intervention").checked) body.intervention = iv;
     setPanel("inspect", "running", `running /diagnostics on ${part.bytes.length} tokens…`);
@@ -1007,6 +1015,7 @@
       drawUpdate(d);
       const traced = fromRun && !part.dropped && last.done.trace && last.done.trace.tokens &&
         last.done.trace.tokens.some((t) => t.logit_lens) ? last : null;
+      state.lensView = {d, traced, fullBytes};
       drawLens(d, traced, fullBytes);
       drawGrad(d);
       drawAblation(d);
@@ -1096,8 +1105,19 @@
     }
   }
 
+  // the tuned lens is offered where the model has one (its card's tuned_lens)
+  function syncLensChoices(card) {
+    for (const sel of ["#lens-kind", "#lens-view"]) {
+      const tuned = $(`${sel} option[value='tuned']`);
+      tuned.disabled = !(card && card.tuned_lens);
+      if (tuned.disabled && $(sel).value === "tuned") $(sel).value = "logit";
+    }
+  }
+
   function onModelChange() {
     const card = currentModel();
+    syncLensChoices(card);
+    state.lensView = null;
     buildLayerControls(card ? card.n_layer : 0);
     buildSteerLayers(card ? card.n_layer : 0);
     heat.reset(card ? card.n_layer : 0);
@@ -1115,6 +1135,9 @@
     $("#inspect-run").addEventListener("click", inspect);
     $("#compare-run").addEventListener("click", compare);
     $("#model").addEventListener("change", onModelChange);
+    $("#lens-view").addEventListener("change", () => {
+      if (state.lensView) drawLens(state.lensView.d, state.lensView.traced, state.lensView.fullBytes);
+    });
     $("#steer-again").addEventListener("click", () => generate("steer"));
     $("#steer-make").addEventListener("click", makeVector);
     $("#steer-vector").addEventListener("change", onVectorPicked);

@@ -1,14 +1,18 @@
-"""Sections that run the engine or the model in this process: engine, profile, gil, hf, diagnostics."""
+"""Sections that run the engine or the model in this process: engine, profile, gil, hf, diagnostics, tuned_lens."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
+import torch
+
 from bench import inproc
 from bench.prompts import make_prompts
 from bench.sections.registry import Context, Part, section, timed
 from bench.stats import median
+from model.checkpoint import sha256_file
+from model.lens import TunedLens, find_lens
 
 log = logging.getLogger("bench")
 
@@ -124,3 +128,28 @@ def diagnostics(ctx: Context) -> Part:
             "forward_cpu_ms": dg["forward_cpu_ms"],
         },
     )
+
+
+@section("tuned_lens", "/diagnostics with tuned_lens=5 against logit_lens=5 on a 256-byte prompt, in-process")
+def tuned_lens(ctx: Context) -> Part:
+    lens, trained = checkpoint_lens(ctx)
+    diag_ids = list(make_prompts(1, min(256, ctx.cfg.block_size))[0].encode())
+    out = timed("tuned vs logit lens", lambda: inproc.lens_cost(ctx.model, lens, diag_ids, ctx.a.diag_reps))
+    out["lens"] = "trained, beside the checkpoint" if trained else "none beside the checkpoint: zero translators"
+    return Part(
+        details={"tuned_lens": out},
+        metrics={
+            "diagnostics_logit_lens_ms": out["diagnostics_logit_lens_ms"],
+            "diagnostics_tuned_lens_ms": out["diagnostics_tuned_lens_ms"],
+            "tuned_over_logit_lens": out["tuned_over_logit"],
+        },
+    )
+
+
+def checkpoint_lens(ctx: Context) -> tuple[TunedLens, bool]:
+    """The tuned lens beside the bench's checkpoint, or (its cost is the same) zero translators; and which."""
+    found = find_lens(ctx.ckpt, ctx.cfg, sha256_file(ctx.ckpt))
+    if found is not None:
+        return found, True
+    L, C = ctx.cfg.n_layer, ctx.cfg.d_model
+    return TunedLens(torch.zeros(L - 1, C, C), torch.zeros(L - 1, C)), False

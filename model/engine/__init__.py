@@ -6,6 +6,7 @@ The public names live here; the parts: `api` (what callers see), `request` (a re
 """
 
 from model.engine.api import (
+    LENSES,
     MAX_LENS_TOP,
     MAX_SEED,
     EngineDrainingError,
@@ -24,6 +25,7 @@ from model.engine.runner import KV_CACHE_DTYPES
 
 __all__ = [
     "KV_CACHE_DTYPES",
+    "LENSES",
     "MAX_LENS_TOP",
     "MAX_SEED",
     "Engine",

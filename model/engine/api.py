@@ -11,6 +11,7 @@ from model.edits import Intervention
 
 MAX_SEED = 2**63 - 1
 MAX_LENS_TOP = 5  # logit-lens tokens per layer in a trace
+LENSES = ("logit", "tuned")  # what a trace's lens tokens are read through (SamplingParams.lens)
 
 
 class EngineError(Exception):
@@ -75,6 +76,7 @@ class SamplingParams:
     intervention: Intervention | None = None  # applied to this request's prefill and every decode step
     trace: bool = False  # per token: resid_post norm and block update ratio of every layer
     logit_lens_top: int = 0  # per token and layer: the logit lens's top-K tokens (implies trace)
+    lens: str = "logit"  # which lens logit_lens_top reads: "logit" (ln_f, unembed) or "tuned" (model.lens first)
 
     @property
     def traced(self) -> bool:

@@ -41,6 +41,7 @@ from model.engine.runner import ModelRunner, Traces
 from model.engine.sampler import Sampled, sample
 from model.engine.scheduler import Scheduler
 from model.kv_cache import KVCache
+from model.lens import TunedLens
 from model.sampling import LogitControls
 from model.textstream import TextStream
 from model.transformer import Transformer
@@ -68,19 +69,23 @@ class Engine:
         decode_backend: str = "auto",
         kv_cache_dtype: str = "auto",
         max_pending_events: int = 0,
+        lens: TunedLens | None = None,
+        no_tuned_lens: str = "this model has no tuned lens",
     ) -> None:
         self.model = model.eval()
         self.config = model.config
         self.request_timeout_s = request_timeout_s
         self.max_pending_events = max_pending_events  # per request; 0 = no limit
         self.observer = observer or EngineObserver()
-        self.limits = Limits(model.config, max_stop_strings, max_stop_length, max_logprobs)
+        no_lens = None if lens is not None else no_tuned_lens  # `no_tuned_lens`: what lens="tuned" answers without one
+        self.limits = Limits(model.config, max_stop_strings, max_stop_length, max_logprobs, no_lens)
         self.runner = ModelRunner(
             self.model,
             max_batch_size,
             decode_weights=decode_weights,
             decode_backend=decode_backend,
             kv_cache_dtype=kv_cache_dtype,
+            lens=lens,
         )
         self.device = self.runner.device
         self._cv = threading.Condition(threading.Lock())

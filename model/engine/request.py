@@ -10,6 +10,7 @@ import torch
 from model.config import ModelConfig
 from model.edits import StreamEdits
 from model.engine.api import (
+    LENSES,
     MAX_LENS_TOP,
     MAX_SEED,
     Event,
@@ -61,6 +62,7 @@ class Limits:
     max_stop_strings: int = 16
     max_stop_length: int = 64
     max_logprobs: int = 20
+    no_tuned_lens: str | None = None  # the answer to lens="tuned" when the model has no tuned lens; None: it has one
 
 
 def check_request(prompt: list[int], params: SamplingParams, limits: Limits) -> None:
@@ -90,6 +92,10 @@ def check_request(prompt: list[int], params: SamplingParams, limits: Limits) -> 
         raise InvalidRequestError(*problem)
     if not 0 <= params.logit_lens_top <= MAX_LENS_TOP:
         raise InvalidRequestError(f"logit_lens_top must be in 0..{MAX_LENS_TOP}", "logit_lens_top")
+    if params.lens not in LENSES:
+        raise InvalidRequestError(f"lens must be one of {', '.join(LENSES)}, not {params.lens!r}", "lens")
+    if params.lens == "tuned" and limits.no_tuned_lens is not None:
+        raise InvalidRequestError(limits.no_tuned_lens, "lens")
     problem = params.intervention.problem(config.n_layer) if params.intervention else None
     if problem is not None:
         raise InvalidRequestError(problem[1], problem[0])

@@ -21,6 +21,7 @@ from model.engine.batch import BatchPlan
 from model.engine.request import Request
 from model.fast import FusedDecoder, auto_kv_dtype, make_decoder
 from model.kv_cache import KVCache
+from model.lens import TunedLens
 from model.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,10 @@ class ModelRunner:
         decode_weights: str = "auto",
         decode_backend: str = "auto",
         kv_cache_dtype: str = "auto",
+        lens: TunedLens | None = None,
     ) -> None:
         self.model = model
+        self.lens = lens  # the tuned lens traces with lens="tuned" read through (the engine refuses them without)
         self.config = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -184,7 +187,10 @@ class ModelRunner:
         `stream` (L + 1, R, C) holds the traced rows' embedding and resid_post of every layer at `positions`.
         """
         traced = plan.traced
-        per_row = stream_trace(self.model, stream, [batch[i].params.logit_lens_top for i in traced])
+        params = [batch[i].params for i in traced]
+        per_row = stream_trace(
+            self.model, stream, [p.logit_lens_top for p in params], [p.lens for p in params], self.lens
+        )
         out: Traces = [None] * len(batch)
         for i, t in zip(traced, per_row, strict=True):
             out[i] = {"position": positions[i], **t}

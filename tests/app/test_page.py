@@ -71,13 +71,16 @@ CHART_SERIES_JS = """id => {
 
 @pytest.fixture(scope="module")
 def server(start_server: Callable[..., Server], tmp_path_factory: pytest.TempPathFactory) -> Server:
-    """The tiny test model as "tiny", plus the shipped plain-32 and residual-32 for Compare.
+    """The tiny test model as "tiny", plus the shipped plain-32 and residual-32 for Compare (residual-32 with its
+    tuned lens).
 
     Every decode step is held 10 ms (tests/slow_app.py) so that a generation is still running when Esc is pressed.
     """
     extra = tmp_path_factory.mktemp("page_models")
     for name in ("plain-32", "residual-32"):
         (extra / f"{name}.safetensors").symlink_to(CHECKPOINTS_DIR / f"{name}.safetensors")
+    lens = "residual-32.lens.safetensors"
+    (extra / lens).symlink_to(CHECKPOINTS_DIR / lens)
     return start_server(extra_checkpoints_dir=extra, step_delay_s=0.01)
 
 
@@ -691,3 +694,44 @@ def test_the_compare_zero_label_is_clear_of_the_other_line(visit: Callable[..., 
         assert got["position"] == "insideTop", got
         band = (got["top"], got["top"] + 24)
     assert not [y for y in got["ys"] if band[0] <= y <= band[1]], got
+
+
+def test_the_lens_chart_and_the_heatmap_tooltip_switch_to_the_tuned_lens(
+    visit: Callable[..., Visit], server: Server
+) -> None:
+    v = visit()
+    page = v.open()
+    page.select_option("#model", "tiny")  # no tuned lens: the choice is not offered
+    assert page.is_disabled("#lens-kind option[value='tuned']") and page.is_disabled("#lens-view option[value='tuned']")
+    fill_write(page, prompt="ROMEO:", model="residual-32", max_new=5, seed=2, lens_top=2)
+    page.select_option("#lens-kind", "tuned")
+    sent = run_generation(page)
+    assert sent["lens"] == "tuned" and sent["logit_lens_top"] == 2
+    expected = replay(server, "/generate", sent, stream=False)
+    hover_cell(page, 1, 3)
+    tip = page.text_content("#heatmap-tip")
+    tops = expected["trace"]["tokens"][1]["logit_lens"][3]
+    assert expected["trace"]["tokens"][1]["lens"] == "tuned"
+    assert "tuned lens: " + ", ".join(f"{json.dumps(t['text'])} {t['prob']:.4g}" for t in tops) in tip, tip
+
+    with page.expect_request(lambda r: r.url.endswith("/diagnostics")) as req:
+        page.click("#inspect-run")
+    page.wait_for_selector("#inspect[data-state='done'], #inspect[data-state='error']")
+    assert page.get_attribute("#inspect", "data-state") == "done", page.text_content("#error")
+    body = req.value.post_data_json
+    assert body["tuned_lens"] == 3 and body["logit_lens"] == 3
+    layers = replay(server, "/diagnostics", body)["layers"]
+
+    def columns() -> tuple[str, dict[tuple[int, int], float]]:
+        (series,) = chart_series(page, "chart-lens")
+        return series["name"], {(x, y): p for x, y, p in series["data"]}
+
+    name, cells = columns()  # the logit lens: the trace read the tuned one, so /diagnostics' column alone
+    assert name == "logit lens" and sorted({x for x, _ in cells}) == [0]
+    assert [cells[(0, layer)] for layer in range(32)] == [e["logit_lens"]["top"][0]["prob"] for e in layers]
+    page.select_option("#lens-view", "tuned")
+    name, cells = columns()  # one column per generated token, then /diagnostics' last position
+    assert name == "tuned lens" and sorted({x for x, _ in cells}) == list(range(5 + 1))
+    assert [cells[(5, layer)] for layer in range(32)] == [e["tuned_lens"]["top"][0]["prob"] for e in layers]
+    for col, token in enumerate(expected["trace"]["tokens"]):
+        assert [cells[(col, layer)] for layer in range(32)] == [top[0]["prob"] for top in token["logit_lens"]]

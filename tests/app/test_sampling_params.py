@@ -39,12 +39,13 @@ def test_every_field_reaches_the_engine_the_same_way_on_both_apis() -> None:
         intervention={"skip": [{"layer": 0, "part": "mlp"}], "scale": [{"layer": 1, "part": "attn", "factor": 2}]},
         trace=True,
         logit_lens_top=2,
+        lens="tuned",
     )
     native = GenerateRequest(prompt="a", max_new_tokens=5, logprobs=2, **fields).to_sampling_params(64)
     v1 = CompletionRequest(prompt="a", max_tokens=5, logprobs=2, **fields).to_sampling_params(16)
     assert native == v1
     assert native.logit_bias == ((65, 2.0), (66, -1.5))
-    assert native.stop == ("x", "y") and native.seed == 11 and native.traced
+    assert native.stop == ("x", "y") and native.seed == 11 and native.traced and native.lens == "tuned"
     assert native.intervention is not None and native.intervention.to_dict() == {
         "skip": [{"layer": 0, "part": "mlp"}],
         "scale": [{"layer": 1, "part": "attn", "factor": 2.0}],

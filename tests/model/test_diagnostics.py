@@ -356,6 +356,7 @@ def test_result_is_rounded_json(diag_model: Transformer, ids: list[int]) -> None
     assert result["options"] == {
         "per_token": True,
         "logit_lens": 3,
+        "tuned_lens": 0,
         "gradients": True,
         "ablation": True,
         "intervention": None,
