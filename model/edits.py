@@ -11,12 +11,15 @@
   `ShortcutEdits` struct.
 
 Kinds of edit: skip and scale (gates on a part's update) and add (a steering vector added to the stream after a
-block, `VectorAdd`). Activation patching (`StreamPatch`: replace one activation per row with a given vector) is a
-separate, optional value that only the reference forward takes (`Transformer.forward(patch=)`, for `model.readout`):
-the decode steps never receive it, so they need not refuse it; `apply` acts on it too (and `replace`, which it
-calls, is the one place a patch acts: `Block` calls it once more for resid_pre, before the block reads its input). To add another: a field on `Intervention` with its check in `problem`, a tensor on
+block, `VectorAdd`). To add another: a field on `Intervention` with its check in `problem`, a tensor on
 `StreamEdits` filled by `compile` and handled by `stack` / `expand` / `combine` / `check` / `to`, its effect in
 `apply`, and the same in C (`ShortcutEdits` and `edit_update`, mirrored in model/fast/abi.py).
+
+Activation patching (`StreamPatch`: one activation per row replaced by a given vector) is a separate, optional value
+that only the reference forward takes (`Transformer.forward(patch=)`, for `model.readout`), not a field of
+`StreamEdits`: the decode steps (TorchScript, the fused C step) never receive it, so they need not refuse it.
+`replace` is the one place a patch acts; `apply` calls it for a part's write and the stream after it, and `Block`
+once more for resid_pre, before the block reads its input.
 
 No `from __future__ import annotations` here: TorchScript reads `StreamEdits`'s annotations as types.
 """

@@ -38,7 +38,9 @@ def hook_name(layer: int, site: str) -> str:
     return f"blocks.{layer}.hook_{site}"
 
 
-def resolve_positions(positions: str | Sequence[int], n_tokens: int, where: str = "positions") -> list[int]:
+def resolve_positions(
+    positions: Literal["all", "last"] | Sequence[int], n_tokens: int, where: str = "positions"
+) -> list[int]:
     """The positions ("all", "last", or indices, negative from the end as in Python) of a prompt of `n_tokens` tokens,
     as indices 0..n_tokens-1; ValueError naming the entry out of range."""
     if positions == "all":
@@ -47,9 +49,9 @@ def resolve_positions(positions: str | Sequence[int], n_tokens: int, where: str 
         return [n_tokens - 1]
     out = []
     for i, p in enumerate(positions):
-        if not -n_tokens <= int(p) < n_tokens:
+        if not -n_tokens <= p < n_tokens:
             raise ValueError(f"{where}[{i}] is {p}; a prompt of {n_tokens} tokens has positions 0..{n_tokens - 1}")
-        out.append(int(p) % n_tokens)
+        out.append(p % n_tokens)
     return out
 
 
@@ -185,8 +187,11 @@ def patching(
     T, L = len(clean), config.n_layer
     edits = intervention.compile(L, device, n_prompt=T) if intervention else None
     with torch.inference_mode():
-        both = model(torch.tensor([list(clean), list(corrupt)], device=device), return_resid=True,
-                     edits=edits.expand(2) if edits is not None else None)
+        both = model(
+            torch.tensor([list(clean), list(corrupt)], device=device),
+            return_resid=True,
+            edits=edits.expand(2) if edits is not None else None,
+        )
         assert both.resid is not None
         last = both.logits[:, -1]  # (2, V)
         if target is None:

@@ -42,7 +42,9 @@ def hooked_acts(model: Transformer, ids: list[int]) -> tuple[dict[str, list[torc
     return acts, logits
 
 
-def hooked_patch(model: Transformer, ids: list[int], layer: int, site: str, pos: int, value: torch.Tensor) -> torch.Tensor:
+def hooked_patch(
+    model: Transformer, ids: list[int], layer: int, site: str, pos: int, value: torch.Tensor
+) -> torch.Tensor:
     """Last-position logits (V,) of `ids` with one activation replaced, by a hook on the module that makes it."""
     block = model.layers[layer]
 
@@ -102,7 +104,9 @@ def test_safetensors_names_like_transformer_lens() -> None:
     arrays = [torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8)]
     data = to_safetensors(arrays, [5, 1], ["resid_pre", "attn_out", "resid_post"], {"token_ids": [[1], [2]]})
     loaded = load(data)
-    assert sorted(loaded) == sorted(f"blocks.{l}.hook_{s}" for l in (5, 1) for s in ("resid_pre", "attn_out", "resid_post"))
+    assert sorted(loaded) == sorted(
+        f"blocks.{l}.hook_{s}" for l in (5, 1) for s in ("resid_pre", "attn_out", "resid_post")
+    )
     torch.testing.assert_close(loaded["blocks.1.hook_attn_out"], torch.stack([a[1, 1] for a in arrays]))
     with pytest.raises(ValueError, match="same number of positions"):
         to_safetensors([torch.zeros(1, 1, 2, 8), torch.zeros(1, 1, 3, 8)], [0], ["resid_pre"], {})
@@ -115,8 +119,11 @@ def test_batched_patching_equals_a_naive_hooked_loop(make_model: Callable[..., T
     sites = ("resid_pre", "attn_out", "mlp_out", "resid_post")
     target, contrast = 7, (9 if metric == "logit_diff" else None)
     # 5 rows per forward: chunks that cut across layers and sites
-    res = run(patching(model, clean, corrupt, target=target, metric=metric, contrast=contrast, sites=sites,
-                       tokens_per_forward=30))
+    res = run(
+        patching(
+            model, clean, corrupt, target=target, metric=metric, contrast=contrast, sites=sites, tokens_per_forward=30
+        )
+    )
     clean_acts, clean_logits = hooked_acts(model, clean)
     _, corrupt_logits = hooked_acts(model, corrupt)
 
