@@ -245,3 +245,47 @@ def encode_one(array: torch.Tensor, encoding: str, dtype: str) -> Any:
     if encoding == "base64":
         return encode([array], encoding, dtype)
     return to_numpy(array, dtype).tolist()
+
+
+class GeneratedHiddenStates(BaseModel):
+    """/generate's answer with `return_hidden_states`: per generated token, the stream at the position that produced
+    it (the prompt's last position for the first token), from the same forward that chose the token."""
+
+    layers: list[int]
+    sites: list[str]
+    shape: list[int] = Field(..., description="[tokens, layers, sites, d_model]")
+    dtype: str
+    encoding: str
+    data: Any = Field(..., description="per token nested lists, or base64 of the little-endian C-order array")
+
+
+def stream_points(spec: ReturnHiddenStates, n_layer: int) -> tuple[list[int], tuple[int, ...]]:
+    """(layers, the points of the stream the engine returns, layer-major): resid_pre of layer l is the stream before
+    block l (point l), resid_post after it (point l + 1). 400 naming the field for a layer out of range or a site
+    inside a block, which the decode step does not return."""
+    for i, site in enumerate(spec.sites):
+        if site not in GENERATE_SITES:
+            raise APIError(
+                400,
+                f"return_hidden_states.sites[{i}] is {site!r}; generation returns the stream between blocks "
+                "(resid_pre, resid_post): for the inside of a block use POST /hidden_states on the prompt and the "
+                "generated text",
+                param=f"return_hidden_states.sites[{i}]",
+                code="invalid_value",
+            )
+    layers = check_layers(spec.layers, n_layer, "return_hidden_states.layers")
+    return layers, tuple(layer + (site == "resid_post") for layer in layers for site in spec.sites)
+
+
+def generated_hidden_states(spec: ReturnHiddenStates, layers: list[int], vectors: list[torch.Tensor]) -> dict[str, Any]:
+    """The final answer's `hidden_states` from each token's (layers x sites, d_model) vectors."""
+    arrays = [v.view(len(layers), len(spec.sites), -1) for v in vectors]
+    d_model = arrays[0].shape[-1] if arrays else 0
+    return {
+        "layers": layers,
+        "sites": list(spec.sites),
+        "shape": [len(arrays), len(layers), len(spec.sites), d_model],
+        "dtype": spec.dtype,
+        "encoding": spec.encoding,
+        "data": encode(arrays, spec.encoding, spec.dtype),
+    }

@@ -40,6 +40,7 @@ def build_sampling_params(
     intervention: Intervention | None = None,
     trace: bool = False,
     logit_lens_top: int = 0,
+    return_stream: tuple[int, ...] = (),
 ) -> SamplingParams:
     """Engine parameters of one row; None for a knob = its neutral value. `logit_bias` maps token ids (as JSON's
     string keys) to biases; `intervention` the engine's form (the request's, resolved: app.steering_lookup)."""
@@ -63,4 +64,5 @@ def build_sampling_params(
         intervention=intervention,
         trace=trace,
         logit_lens_top=logit_lens_top,
+        return_stream=return_stream,
     )

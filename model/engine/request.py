@@ -87,6 +87,8 @@ def check_request(prompt: list[int], params: SamplingParams, limits: Limits) -> 
         raise InvalidRequestError(*problem)
     if not 0 <= params.logit_lens_top <= MAX_LENS_TOP:
         raise InvalidRequestError(f"logit_lens_top must be in 0..{MAX_LENS_TOP}", "logit_lens_top")
+    if any(not 0 <= i <= config.n_layer for i in params.return_stream):
+        raise InvalidRequestError(f"return_stream holds points 0..{config.n_layer} of the stream", "return_stream")
     problem = params.intervention.problem(config.n_layer) if params.intervention else None
     if problem is not None:
         raise InvalidRequestError(problem[1], problem[0])
