@@ -98,7 +98,8 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse 
     n_prompt = len(tokenizer.encode(body.prompt))
     settings = request.app.state.settings
     intervention = resolve(body.intervention, request, served)
-    spec, layers, points = body.return_hidden_states, None, ()
+    spec, layers = body.return_hidden_states, None
+    points: tuple[int, ...] = ()
     max_new = default_max_new(served, n_prompt, settings.default_max_new_tokens)
     if spec is not None:
         c = served.checkpoint.config

@@ -172,7 +172,7 @@ class ModelRunner:
         per_row = stream_trace(self.model, stream, [batch[i].params.logit_lens_top for i in traced])
         out: Traces = [None] * len(batch)
         for j, (i, t) in enumerate(zip(traced, per_row, strict=True)):
-            out[i] = {"position": positions[i], **t}
+            row = out[i] = {"position": positions[i], **t}
             if batch[i].params.return_stream:  # the vectors, from the same step: handed to the event, not the trace
-                out[i]["stream"] = stream[list(batch[i].params.return_stream), j].float().clone()  # (n, C)
+                row["stream"] = stream[list(batch[i].params.return_stream), j].float().clone()  # (n, C)
         return out
