@@ -672,3 +672,32 @@ def test_the_compare_zero_label_is_clear_of_the_other_line(visit: Callable[..., 
         assert got["position"] == "insideTop", got
         band = (got["top"], got["top"] + 24)
     assert not [y for y in got["ys"] if band[0] <= y <= band[1]], got
+
+
+def test_patch_draws_what_patching_returns(visit: Callable[..., Visit], server: Server) -> None:
+    page = visit().open()
+    page.fill("#patch-clean", "The cat sat")
+    page.fill("#patch-corrupt", "The bat sat")
+    page.fill("#patch-target", "e")
+    page.check(".patch-site[value='resid_post']")
+    with page.expect_request(lambda r: r.url.endswith("/patching")) as req:
+        page.click("#patch-run")
+    page.wait_for_selector("#patch[data-state='done'], #patch[data-state='error']")
+    assert page.get_attribute("#patch", "data-state") == "done", page.text_content("#error")
+    body = req.value.post_data_json
+    assert body == {
+        "model": "tiny",
+        "clean": "The cat sat",
+        "corrupt": "The bat sat",
+        "target": "e",
+        "sites": ["resid_pre", "resid_post"],
+    }
+    r = replay(server, "/patching", body)
+    for site in ("resid_pre", "resid_post"):
+        (series,) = chart_series(page, f"chart-patch-{site}")
+        want = [[p, l, v] for l, row in enumerate(r["sites"][site]) for p, v in enumerate(row)]
+        assert series["type"] == "heatmap" and series["data"] == want
+    assert page.locator("#patch-charts figure").count() == 2
+    assert "4:c/b" in page.evaluate(
+        "() => echarts.getInstanceByDom(document.getElementById('chart-patch-resid_pre')).getOption().xAxis[0].data"
+    )
