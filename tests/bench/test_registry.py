@@ -19,6 +19,7 @@ ALL = (  # every section, in the order `run()` has always run them (metrics and 
     "gil",
     "hf",
     "diagnostics",
+    "readout",
     "http",
     "resid",
     "contention",
