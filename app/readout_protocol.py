@@ -57,15 +57,21 @@ class HiddenStatesRequest(BaseModel):
     prompts: Annotated[list[Prompt], Field(min_length=1, max_length=1024)] | SkipJsonSchema[None] = Field(
         None, description="several texts, at most SHORTCUT_MAX_PROMPTS"
     )
-    layers: Literal["all"] | Annotated[list[LayerIndex], Field(min_length=1, max_length=MAX_SCHEMA_LIST)] = Field(
-        "all", description="block indices, or all"
-    )
-    sites: Annotated[list[Site], Field(min_length=1, max_length=5)] = Field(
+    layers: (
+        Literal["all"]
+        | Annotated[
+            list[LayerIndex], Field(min_length=1, max_length=MAX_SCHEMA_LIST, json_schema_extra={"uniqueItems": True})
+        ]
+    ) = Field("all", description="block indices, or all")
+    sites: Annotated[list[Site], Field(min_length=1, max_length=5, json_schema_extra={"uniqueItems": True})] = Field(
         ["resid_post"], description="TransformerLens names: resid_pre, attn_out, resid_mid, mlp_out, resid_post"
     )
-    positions: Literal["all", "last"] | Annotated[list[Position], Field(min_length=1, max_length=MAX_SCHEMA_LIST)] = (
-        Field("all", description="all, last, or indices (negative count from the end) applied to every prompt")
-    )
+    positions: (
+        Literal["all", "last"]
+        | Annotated[
+            list[Position], Field(min_length=1, max_length=MAX_SCHEMA_LIST, json_schema_extra={"uniqueItems": True})
+        ]
+    ) = Field("all", description="all, last, or indices (negative count from the end) applied to every prompt")
     encoding: Encoding = Field("list", description="list: nested JSON lists; base64: one little-endian C-order array")
     dtype: DType = "float32"
     format: Literal["json", "safetensors"] | SkipJsonSchema[None] = Field(
@@ -93,8 +99,13 @@ class ReturnHiddenStates(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    layers: Literal["all"] | Annotated[list[LayerIndex], Field(min_length=1, max_length=MAX_SCHEMA_LIST)] = "all"
-    sites: Annotated[list[Site], Field(min_length=1, max_length=5)] = Field(
+    layers: (
+        Literal["all"]
+        | Annotated[
+            list[LayerIndex], Field(min_length=1, max_length=MAX_SCHEMA_LIST, json_schema_extra={"uniqueItems": True})
+        ]
+    ) = "all"
+    sites: Annotated[list[Site], Field(min_length=1, max_length=5, json_schema_extra={"uniqueItems": True})] = Field(
         ["resid_post"],
         description="resid_pre or resid_post (the stream between blocks, what the decode step returns); the "
         "inside of a block (attn_out, resid_mid, mlp_out) is POST /hidden_states's",
@@ -125,8 +136,8 @@ class PatchingRequest(BaseModel):
     contrast: Annotated[str, Field(min_length=1, max_length=8)] | None = Field(
         None, description="the token logit_diff subtracts (one byte)"
     )
-    sites: Annotated[list[PatchSite], Field(min_length=1, max_length=4)] = Field(
-        ["resid_pre"], description="resid_pre, attn_out, mlp_out, resid_post"
+    sites: Annotated[list[PatchSite], Field(min_length=1, max_length=4, json_schema_extra={"uniqueItems": True})] = (
+        Field(["resid_pre"], description="resid_pre, attn_out, mlp_out, resid_post")
     )
     intervention: InterventionSpec | None = Field(
         None, description="as on /generate, applied to the clean, corrupt and every patched run"
@@ -135,8 +146,6 @@ class PatchingRequest(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> PatchingRequest:
         _unique(self.sites, "sites")
-        if self.metric == "logit_diff" and self.contrast is None:
-            raise ValueError("metric logit_diff needs contrast (the token whose logit is subtracted)")
         return self
 
 

@@ -162,6 +162,13 @@ async def post_patching(body: PatchingRequest, request: Request) -> dict[str, An
             param="sites",
             code="patching_grid_too_large",
         )
+    if body.metric == "logit_diff" and body.contrast is None:
+        raise APIError(
+            400,
+            "metric logit_diff needs contrast (the token whose logit is subtracted)",
+            param="contrast",
+            code="invalid_value",
+        )
     target = one_token(body.target, "target") if body.target is not None else None
     contrast = one_token(body.contrast, "contrast") if body.contrast is not None else None
     iv = resolve(body.intervention, request, served)

@@ -211,7 +211,8 @@ def test_patching_400s(make_client: Callable[..., TestClient]) -> None:
     )
     assert "SHORTCUT_PATCHING_MAX_GRID" in err["message"] and "42" in err["message"]
     assert_error(client.post("/patching", json={"clean": "ab", "corrupt": "ac", "target": "é"}), 400, param="target")
-    assert client.post("/patching", json={"clean": "ab", "corrupt": "ac", "metric": "logit_diff"}).status_code == 422
+    no_contrast = client.post("/patching", json={"clean": "ab", "corrupt": "ac", "metric": "logit_diff"})
+    assert_error(no_contrast, 400, "invalid_value", "contrast")
     assert client.post("/patching", json={"clean": "ab", "corrupt": "ac", "sites": ["resid_mid"]}).status_code == 422
 
 
