@@ -45,10 +45,15 @@ def answer_bytes(rows: Iterable[tuple[SamplingParams, int]], n_layer: int, repea
 
 
 def check_answer_size(
-    request: Request, served: ServedModel, rows: list[tuple[SamplingParams, int]], repeat: int = 1
+    request: Request,
+    served: ServedModel,
+    rows: list[tuple[SamplingParams, int]],
+    repeat: int = 1,
+    extra: int = 0,
 ) -> int:
-    """The answer's estimated size (`answer_bytes`); a 413 naming SHORTCUT_MAX_ANSWER_BYTES when it is over, and a
-    400 when the request has more rows than the queue can ever hold (SHORTCUT_MAX_QUEUE)."""
+    """The answer's estimated size (`answer_bytes`, plus `extra`: e.g. the encoded hidden states); a 413 naming
+    SHORTCUT_MAX_ANSWER_BYTES when it is over, and a 400 when the request has more rows than the queue can ever hold
+    (SHORTCUT_MAX_QUEUE)."""
     settings = request.app.state.settings
     if len(rows) > served.engine.max_queue:
         raise APIError(
@@ -58,7 +63,7 @@ def check_answer_size(
             "smaller n",
             code="request_too_large",
         )
-    size = answer_bytes(rows, served.checkpoint.config.n_layer, repeat)
+    size = answer_bytes(rows, served.checkpoint.config.n_layer, repeat) + repeat * extra
     if size > settings.max_answer_bytes:
         raise APIError(
             413,

@@ -14,7 +14,7 @@ from app.auth import require_api_key
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware, default_allowed_hosts
-from app.routes import diagnostics, generate, health, openai, page, steering
+from app.routes import diagnostics, generate, health, openai, page, readout, steering
 from app.service import ServedModel
 from app.settings import Settings
 from app.steering import SteeringStore
@@ -81,7 +81,7 @@ def create_app(
     app.include_router(page.router)  # the page at /, /docs and /redoc: open, like the schema
     app.mount("/static", page.static_files(), name="static")
     protected = [Depends(require_api_key(settings.api_key))] if settings.api_key is not None else []
-    protected_routers = (generate.router, openai.router, diagnostics.router, steering.router)
+    protected_routers = (generate.router, openai.router, diagnostics.router, steering.router, readout.router)
     for router in protected_routers:
         app.include_router(router, dependencies=protected)
     hosts = settings.allowed_hosts if settings.allowed_hosts is not None else default_allowed_hosts(settings.host)

@@ -13,6 +13,7 @@ TOKEN_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 NORM_BUCKETS = (0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 FINISH_REASONS = ("length", "stop", "abort", "timeout", "error")
+READOUT_KINDS = ("hidden_states", "generate_hidden_states", "patching")  # what read the stream out
 HTTP_METHODS = ("GET", "POST", "HEAD", "OPTIONS")  # any other method is labelled "other"
 
 
@@ -91,6 +92,19 @@ class Metrics:
             m,
             registry=r,
         )
+        self.readout = Counter(
+            "shortcut_readout_requests",
+            "Answered requests that read the residual stream out: POST /hidden_states, /generate with "
+            "return_hidden_states, POST /patching.",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.hidden_state_bytes = Counter(
+            "shortcut_hidden_state_bytes",
+            "Bytes of hidden-state arrays answered (before base64 or JSON).",
+            m,
+            registry=r,
+        )
         self.resid_norm = Histogram(
             "shortcut_resid_post_norm",
             "L2 norm of the last-position residual stream after each layer, observed on served prefills.",
@@ -98,6 +112,13 @@ class Metrics:
             buckets=NORM_BUCKETS,
             registry=r,
         )
+
+    def count_readout(self, model: str, kind: str, array_bytes: int = 0) -> None:
+        """One answered readout request of `kind` (READOUT_KINDS) and the bytes of the array it carried."""
+        if kind in READOUT_KINDS:
+            self.readout.labels(model, kind).inc()
+        if array_bytes:
+            self.hidden_state_bytes.labels(model).inc(array_bytes)
 
     def observer(self, model: str) -> ModelObserver:
         """The engine observer of the served model `model`; its series exist (at 0) from now on."""

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from app.openai.protocol import Messages
+from app.readout_protocol import GeneratedHiddenStates, ReturnHiddenStates
 from app.sampling import build_sampling_params, stop_tuple
 from app.schemas import (
     MAX_TOKEN_IDS,
@@ -86,14 +87,23 @@ class GenerateRequest(BaseModel):
     lens: Literal["logit", "tuned"] = Field(
         "logit", description="which lens logit_lens_top reads: the logit lens, or the model's tuned lens"
     )
+    return_hidden_states: ReturnHiddenStates | None = Field(
+        None,
+        description="per token: the residual stream's vectors (resid_pre, resid_post) at the position that produced "
+        "it, from the same forward; capped by SHORTCUT_HIDDEN_STATES_MAX_BYTES",
+    )
 
     def to_sampling_params(
-        self, default_max_new_tokens: int, intervention: Intervention | None = None
+        self,
+        default_max_new_tokens: int,
+        intervention: Intervention | None = None,
+        return_stream: tuple[int, ...] = (),
     ) -> SamplingParams:
         """The engine's parameters; `default_max_new_tokens` is what an omitted max_new_tokens becomes (the
         setting, capped by what the window leaves the prompt). `intervention`: this request's, resolved
         (app.steering_lookup.resolve: named vectors looked up, checked against the model); omitted, it is converted
-        here without named vectors."""
+        here without named vectors. `return_stream`: the points of the stream `return_hidden_states` asks for
+        (app.readout_protocol.stream_points, which checks them against the model)."""
         return build_sampling_params(
             max_new_tokens=self.max_new_tokens or default_max_new_tokens,
             temperature=self.temperature,
@@ -111,6 +121,7 @@ class GenerateRequest(BaseModel):
             trace=self.trace,
             logit_lens_top=self.logit_lens_top,
             lens=self.lens,
+            return_stream=return_stream,
         )
 
 
@@ -147,6 +158,7 @@ class GenerateResponse(BaseModel):
     checkpoint_sha256: str
     intervention: InterventionEcho | None = Field(None, description="the intervention applied, if any")
     trace: Trace | None = None
+    hidden_states: GeneratedHiddenStates | None = Field(None, description="with return_hidden_states")
 
 
 class TokenizeRequest(BaseModel):

@@ -41,6 +41,7 @@ def build_sampling_params(
     trace: bool = False,
     logit_lens_top: int = 0,
     lens: str = "logit",
+    return_stream: tuple[int, ...] = (),
 ) -> SamplingParams:
     """Engine parameters of one row; None for a knob = its neutral value. `logit_bias` maps token ids (as JSON's
     string keys) to biases; `intervention` the engine's form (the request's, resolved: app.steering_lookup)."""
@@ -65,4 +66,5 @@ def build_sampling_params(
         trace=trace,
         logit_lens_top=logit_lens_top,
         lens=lens,
+        return_stream=return_stream,
     )

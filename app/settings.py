@@ -109,6 +109,16 @@ class Settings(BaseSettings):
     steering_max_vector_floats: int = Field(
         16384, ge=1, le=65536, description="most floats in an uploaded steering vector (it must also be d_model long)"
     )
+    hidden_states_max_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024,
+        le=2**31,
+        description="most bytes of the hidden-state array one answer carries (POST /hidden_states, /generate's "
+        "return_hidden_states): floats x 4 (float32) or x 2 (float16), before base64 or JSON",
+    )
+    patching_max_grid: int = Field(
+        4096, ge=1, le=1_000_000, description="most patched runs (sites x layers x positions) in one POST /patching"
+    )
     warmup: bool = True
     resid_norm_metrics: bool = Field(True, description="observe per-layer residual norms of served prefills")
     log_json: bool = False

@@ -15,6 +15,12 @@ block, `VectorAdd`). To add another: a field on `Intervention` with its check in
 `StreamEdits` filled by `compile` and handled by `stack` / `expand` / `combine` / `check` / `to`, its effect in
 `apply`, and the same in C (`ShortcutEdits` and `edit_update`, mirrored in model/fast/abi.py).
 
+Activation patching (`StreamPatch`: one activation per row replaced by a given vector) is a separate, optional value
+that only the reference forward takes (`Transformer.forward(patch=)`, for `model.readout`), not a field of
+`StreamEdits`: the decode steps (TorchScript, the fused C step) never receive it, so they need not refuse it.
+`replace` is the one place a patch acts; `apply` calls it for a part's write and the stream after it, and `Block`
+once more for resid_pre, before the block reads its input.
+
 No `from __future__ import annotations` here: TorchScript reads `StreamEdits`'s annotations as types.
 """
 
@@ -37,6 +43,8 @@ POSITIONS: tuple[Positions, ...] = ("all", "prompt", "generated")
 MAX_COEFF = 1000.0  # |coeff| of an added vector; far past where text degenerates (docs/steering.md)
 KINDS: tuple[str, ...] = (*PARTS, "add")  # what `Intervention.parts` counts (a fixed metric label set)
 ALL_PROMPT = 2**62  # n_prompt when every position is the prompt's
+SITES: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")  # a patch's site codes
+RESID_PRE, ATTN_OUT, RESID_MID, MLP_OUT, RESID_POST = 0, 1, 2, 3, 4
 
 
 class StreamEdits(NamedTuple):
@@ -118,6 +126,43 @@ class StreamEdits(NamedTuple):
         return StreamEdits(*(t.to(device) if t is not None else None for t in self))
 
 
+class StreamPatch(NamedTuple):
+    """Activation patching, one patch per row: row b's activation at site `site[b]` (a code into `SITES`) of layer
+    `layer[b]`, at position `pos[b]`, is replaced by `value[b]` (B, C). A row with layer -1 is not patched (a
+    baseline row). Only the reference forward takes it (`Transformer.forward(patch=)`)."""
+
+    layer: Tensor  # (B,) int64
+    site: Tensor  # (B,) int64
+    pos: Tensor  # (B,) int64
+    value: Tensor  # (B, C), the stream's dtype
+
+    def check(self, n_rows: int, n_layer: int, d_model: int) -> None:
+        """Raise ValueError unless this patches `n_rows` rows of a model of `n_layer` layers, `d_model` wide."""
+        for name in ("layer", "site", "pos"):
+            t = getattr(self, name)
+            if t.shape != (n_rows,) or t.dtype != torch.int64:
+                raise ValueError(f"a patch's {name} must be int64 of shape ({n_rows},)")
+        if self.value.shape != (n_rows, d_model):
+            raise ValueError(f"a patch's value must have shape ({n_rows}, {d_model})")
+        if bool(((self.layer < -1) | (self.layer >= n_layer)).any()):
+            raise ValueError(f"a patch's layer must be -1 (none) or in 0..{n_layer - 1}")
+        if bool(((self.site < 0) | (self.site >= len(SITES))).any()):
+            raise ValueError(f"a patch's site must be a code 0..{len(SITES) - 1} ({', '.join(SITES)})")
+
+
+def replace(patch: Optional[StreamPatch], layer: int, site: int, t: Tensor, pos: Tensor) -> Tensor:  # noqa: UP045
+    """`t` (B, T, C) or (B, C), the activation at `site` of block `layer`, with each row's patch put in where it
+    names this layer, this site and the row's position (`pos` (B, T) or (B,))."""
+    if patch is None:
+        return t
+    rows = (patch.layer == layer) & (patch.site == site)  # (B,)
+    if pos.dim() == 1:
+        hit = rows & (pos == patch.pos)  # (B,)
+        return torch.where(hit[:, None], patch.value.to(t.dtype), t)
+    hit = rows[:, None] & (pos == patch.pos[:, None])  # (B, T)
+    return torch.where(hit[:, :, None], patch.value.to(t.dtype)[:, None, :], t)
+
+
 def apply(
     edits: Optional[StreamEdits],  # noqa: UP045 - TorchScript
     layer: int,
@@ -126,24 +171,27 @@ def apply(
     f: Tensor,
     residual: bool,
     pos: Tensor,
+    patch: Optional[StreamPatch] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor]:
     """(what the part writes, the stream after it) for the stream `x` before part `part` (ATTN_PART, MLP_PART) of block
     `layer` and that part's F(x) `f`, both (B, C) or (B, T, C); `pos` (B,) or (B, T): each token's position.
 
     x + g*F(x), or g*F(x) in a plain stack (no shortcut), where a skipped part (g = 0) leaves x as it is. After the
     MLP part (the block's resid_post), the row's added vector for prompt or generated positions, skipped block or
-    not."""
+    not. With `patch` (the reference forward only), a patched part's write (attn_out, mlp_out) replaces what it
+    computed before the stream adds it, and a patched stream after it (resid_mid, resid_post) replaces the sum."""
     if edits is None:
-        if residual:
-            return f, x + f
-        return f, f
+        f = replace(patch, layer, 1 + 2 * part, f, pos)  # part 0 writes attn_out (code 1), part 1 mlp_out (3)
+        out = x + f if residual else f
+        return f, replace(patch, layer, 2 + 2 * part, out, pos)  # the stream after: resid_mid (2), resid_post (4)
     gates = edits.gates
     if gates is not None:
         g = gates[:, layer, part]  # (B,)
         g = g.view([g.shape[0]] + [1] * (x.dim() - 1))  # (B, 1) or (B, 1, 1)
-        f = g * f
+        f = replace(patch, layer, 1 + 2 * part, g * f, pos)
         out = x + f if residual else torch.where(g == 0, x, f)
     else:
+        f = replace(patch, layer, 1 + 2 * part, f, pos)
         out = x + f if residual else f
     add, n_prompt = edits.add, edits.n_prompt
     if part == 1 and add is not None and n_prompt is not None:  # 1: MLP_PART (TorchScript reads no globals)
@@ -153,7 +201,7 @@ def apply(
         else:
             generated = (pos >= n_prompt[:, None])[:, :, None]  # (B, T, 1)
             out = out + torch.where(generated, a[:, 1, None], a[:, 0, None])  # (B, T, C)
-    return f, out
+    return f, replace(patch, layer, 2 + 2 * part, out, pos)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import ModelConfig
-from model.edits import ATTN_PART, MLP_PART, StreamEdits, apply
+from model.edits import ATTN_PART, MLP_PART, RESID_PRE, StreamEdits, StreamPatch, apply, replace
 from model.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,13 @@ class Block(nn.Module):
         edits: StreamEdits | None = None,
         layer: int = 0,
         pos: torch.Tensor | None = None,
+        patch: StreamPatch | None = None,
         **attn_kw: object,
     ) -> torch.Tensor:
-        """`edits` (B rows) change what this block, layer `layer` of the model, writes at positions `pos` (B, T)."""
-        if edits is not None:
-            return self.forward_traced(x, edits, layer, pos, **attn_kw)[0]
+        """`edits` (B rows) change what this block, layer `layer` of the model, writes at positions `pos` (B, T);
+        `patch` (B rows) replaces one activation per row (`model.edits.StreamPatch`)."""
+        if edits is not None or patch is not None:
+            return self.forward_traced(x, edits, layer, pos, patch, **attn_kw)[0]
         if self.residual:
             x = x + self.resid_dropout(self.attn(self.ln_1(x), **attn_kw))
             x = x + self.mlp(self.ln_2(x))
@@ -121,6 +123,7 @@ class Block(nn.Module):
         edits: StreamEdits | None = None,
         layer: int = 0,
         pos: torch.Tensor | None = None,
+        patch: StreamPatch | None = None,
         **attn_kw: object,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Same maths as `forward`, returning every named point of the residual stream.
@@ -130,11 +133,11 @@ class Block(nn.Module):
         """
         if pos is None:
             pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)  # (B, T)
-        resid_pre = x
+        resid_pre = x = replace(patch, layer, RESID_PRE, x, pos)  # a patched input, before the block reads it
         attn_out = self.resid_dropout(self.attn(self.ln_1(x), **attn_kw))  # (B, T, C); fills the cache if skipped too
-        attn_out, resid_mid = apply(edits, layer, ATTN_PART, resid_pre, attn_out, self.residual, pos)
+        attn_out, resid_mid = apply(edits, layer, ATTN_PART, resid_pre, attn_out, self.residual, pos, patch)
         mlp_out = self.mlp(self.ln_2(resid_mid))  # (B, T, C)
-        mlp_out, resid_post = apply(edits, layer, MLP_PART, resid_mid, mlp_out, self.residual, pos)
+        mlp_out, resid_post = apply(edits, layer, MLP_PART, resid_mid, mlp_out, self.residual, pos, patch)
         trace = dict(
             resid_pre=resid_pre, attn_out=attn_out, resid_mid=resid_mid, mlp_out=mlp_out, resid_post=resid_post
         )
@@ -206,6 +209,7 @@ class Transformer(nn.Module):
         edits: StreamEdits | None = None,
         last_only: bool = False,
         at: torch.Tensor | None = None,
+        patch: StreamPatch | None = None,
     ) -> ModelOutput:
         """Run the model on `idx` (B, T).
 
@@ -213,9 +217,12 @@ class Transformer(nn.Module):
         attend to everything that row has cached before them. `last_only` returns logits for the
         final position only (decode); `at` (B,) returns logits and residual stream at one index of
         each row only, as (B, 1, ...) (the last real token of right-padded prompts). `edits`
-        (`model.edits.StreamEdits`, B rows) change what each block writes per row.
+        (`model.edits.StreamEdits`, B rows) change what each block writes per row; `patch`
+        (`model.edits.StreamPatch`, B rows) replaces one activation per row (activation patching).
         """
         B, T = idx.shape
+        if patch is not None:
+            patch.check(B, self.config.n_layer, self.config.d_model)
         if at is not None and (last_only or at.shape != (B,) or bool(((at < 0) | (at >= T)).any())):
             raise ValueError(f"`at` needs shape ({B},) with indices in 0..{T - 1}, and no last_only")
         attn_kw: dict[str, object] = {}
@@ -239,10 +246,10 @@ class Transformer(nn.Module):
             if cache is not None:
                 attn_kw["k_cache"], attn_kw["v_cache"] = cache.k[layer], cache.v[layer]
             if return_resid:
-                x, trace = block.forward_traced(x, edits, layer, positions, **attn_kw)
+                x, trace = block.forward_traced(x, edits, layer, positions, patch, **attn_kw)
                 traces.append(trace if at is None else {k: _take(v, at) for k, v in trace.items()})
             else:
-                x = block(x, edits, layer, positions, **attn_kw)
+                x = block(x, edits, layer, positions, patch, **attn_kw)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         elif at is not None:

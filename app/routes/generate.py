@@ -24,6 +24,7 @@ from app.protocol import (
     TokenizerInfoResponse,
     TopLogprob,
 )
+from app.readout_protocol import ITEMSIZE, check_bytes, encode_one, generated_hidden_states, stream_points
 from app.schemas import InterventionEcho, Trace
 from app.service import ServedModel
 from app.sse import sse_event, sse_response
@@ -43,10 +44,20 @@ def token_info(ev: TokenEvent) -> TokenInfo:
 
 
 def build_response(
-    rid: str, served: ServedModel, tokens: list[TokenEvent], fin: FinishEvent, params: SamplingParams
+    rid: str,
+    served: ServedModel,
+    tokens: list[TokenEvent],
+    fin: FinishEvent,
+    params: SamplingParams,
+    body: GenerateRequest | None = None,
+    layers: list[int] | None = None,
 ) -> GenerateResponse:
-    """The /generate result object."""
+    """The /generate result object (with the tokens' vectors when `body` asks for them, of `layers`)."""
     iv = params.intervention
+    spec = body.return_hidden_states if body is not None else None
+    hidden = None
+    if spec is not None and layers is not None:
+        hidden = generated_hidden_states(spec, layers, [t.stream for t in tokens])
     return GenerateResponse.model_validate(
         {
             "id": rid,
@@ -64,6 +75,7 @@ def build_response(
             "checkpoint_sha256": served.sha256,
             "intervention": InterventionEcho.model_validate(iv.to_dict()) if iv is not None else None,
             "trace": Trace.model_validate({"tokens": [t.trace for t in tokens]}) if params.traced else None,
+            "hidden_states": hidden,
         }
     )
 
@@ -86,13 +98,25 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse 
     n_prompt = len(tokenizer.encode(body.prompt))
     settings = request.app.state.settings
     intervention = resolve(body.intervention, request, served)
-    params = body.to_sampling_params(default_max_new(served, n_prompt, settings.default_max_new_tokens), intervention)
-    size = check_answer_size(request, served, [(params, 0)], repeat=2 if body.stream else 1)  # ("done" repeats)
+    spec, layers = body.return_hidden_states, None
+    points: tuple[int, ...] = ()
+    encoded = 0  # the hidden states' bytes in the answer: base64 4/3 of the array, JSON lists up to 24 per number
+    max_new = default_max_new(served, n_prompt, settings.default_max_new_tokens)
+    if spec is not None:
+        c = served.checkpoint.config
+        layers, points = stream_points(spec, c.n_layer)
+        n_bytes = (body.max_new_tokens or max_new) * len(points) * c.d_model * ITEMSIZE[spec.dtype]
+        check_bytes(n_bytes, settings.hidden_states_max_bytes, "this generation")  # before it is queued
+        encoded = n_bytes * 4 // 3 + 4 if spec.encoding == "base64" else n_bytes // ITEMSIZE[spec.dtype] * 24
+    params = body.to_sampling_params(max_new, intervention, points)
+    size = check_answer_size(request, served, [(params, 0)], repeat=2 if body.stream else 1, extra=encoded)
     handle, _ = submit(served, body.prompt, params)
     rid = f"gen-{uuid.uuid4().hex[:24]}"
     if not body.stream:
         [(tokens, fin)] = await collect(request, [handle])  # raises the API error of an abnormal finish
-        return await json_answer(lambda: build_response(rid, served, tokens, fin, params), size)
+        if spec is not None:
+            request.app.state.metrics.count_readout(served.name, "generate_hidden_states", _bytes(tokens, spec.dtype))
+        return await json_answer(lambda: build_response(rid, served, tokens, fin, params, body, layers), size)
 
     async def events() -> AsyncIterator[str]:
         tokens: list[TokenEvent] = []
@@ -106,17 +130,29 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse 
                 }
                 if ev.trace is not None:
                     data["trace"] = ev.trace
+                if spec is not None and layers is not None and ev.stream is not None:
+                    data["hidden_states"] = encode_one(
+                        ev.stream.view(len(layers), len(spec.sites), -1), spec.encoding, spec.dtype
+                    )
                 yield sse("token", data)
                 continue
             err = finish_error(ev)
             if err is not None:
                 yield sse("error", error_body(err.status, err.message, err.param, err.code))
             else:
-                yield sse(
-                    "done", {"type": "done", **build_response(rid, served, tokens, ev, params).model_dump(mode="json")}
-                )
+                if spec is not None:
+                    request.app.state.metrics.count_readout(
+                        served.name, "generate_hidden_states", _bytes(tokens, spec.dtype)
+                    )
+                done = build_response(rid, served, tokens, ev, params, body, layers)
+                yield sse("done", {"type": "done", **done.model_dump(mode="json")})
 
     return sse_response(events())
+
+
+def _bytes(tokens: list[TokenEvent], dtype: str) -> int:
+    """The bytes of the tokens' vectors as answered."""
+    return sum(t.stream.numel() for t in tokens if t.stream is not None) * ITEMSIZE[dtype]
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, response_model_exclude_none=True)

@@ -1085,6 +1085,76 @@
     }
   }
 
+  // ------------------------------------------------------------------ Patch: activation patching heatmaps
+
+  async function runPatching() {
+    clearError();
+    const card = currentModel();
+    if (!card) return;
+    const sites = [...document.querySelectorAll(".patch-site")].filter((b) => b.checked).map((b) => b.value);
+    if (!sites.length) {
+      showError("pick at least one site to patch");
+      return;
+    }
+    const target = $("#patch-target").value;
+    const body = {model: card.id, clean: $("#patch-clean").value, corrupt: $("#patch-corrupt").value,
+      target: target === "" ? null : target, sites};
+    setPanel("patch", "running", "patching…");
+    $("#patch-run").disabled = true;
+    try {
+      const r = await apiJSON("/patching", body);
+      drawPatching(r);
+      setPanel("patch", "done", `target ${JSON.stringify(r.target.text[0])}: logprob clean ${fmt(r.clean_metric)}, ` +
+        `corrupt ${fmt(r.corrupt_metric)} · ${r.forwards} forwards`);
+    } catch (e) {
+      showError(e);
+      setPanel("patch", "error", "");
+    } finally {
+      $("#patch-run").disabled = false;
+    }
+  }
+
+  // One heatmap per site: layer (rows) x position (columns), colour = normalized effect (raw values if null).
+  function drawPatching(r) {
+    const box = $("#patch-charts");
+    for (const id of Object.keys(state.charts).filter((k) => k.startsWith("chart-patch-"))) {
+      state.charts[id].dispose();
+      delete state.charts[id];
+    }
+    box.replaceChildren();
+    const effect = r.sites !== null;
+    const grids = effect ? r.sites : r.raw;
+    const cols = r.tokens.corrupt.text.map((t, i) => `${i}:${visible(r.tokens.clean.text[i])}` +
+      (t === r.tokens.clean.text[i] ? "" : `/${visible(t)}`));
+    for (const [site, grid] of Object.entries(grids)) {
+      const fig = document.createElement("figure");
+      fig.className = "wide";
+      const cap = document.createElement("figcaption");
+      cap.textContent = `${site}: ${effect ? "normalized effect" : "raw metric (clean = corrupt: nothing to restore)"}`;
+      const div = document.createElement("div");
+      div.id = `chart-patch-${site}`;
+      div.className = "chart";
+      fig.append(cap, div);
+      box.append(fig);
+      const data = [];
+      grid.forEach((row, l) => row.forEach((v, p) => data.push([p, l, v])));
+      const values = data.map((d) => d[2]);
+      draw(div.id, {
+        grid: {left: 48, right: 16, top: 10, bottom: 84},
+        tooltip: {trigger: "item", confine: true, renderMode: "richText",
+          formatter: (p) => `${site} L${p.data[1]} position ${cols[p.data[0]]}\n${effect ? "effect" : "metric"} ` +
+            `${fmt(p.data[2])} · raw ${fmt(r.raw[site][p.data[1]][p.data[0]])}`},
+        xAxis: {type: "category", data: cols, name: "position: clean/corrupt", nameLocation: "middle", nameGap: 26},
+        yAxis: {type: "category", inverse: true, data: grid.map((_, l) => `L${l}`)},
+        visualMap: {min: effect ? Math.min(0, ...values) : Math.min(...values),
+          max: effect ? Math.max(1, ...values) : Math.max(...values), calculable: false, orient: "horizontal",
+          left: "center", bottom: 2, itemHeight: 160, itemWidth: 10,
+          inRange: {color: VIRIDIS.map((c) => `rgb(${c.join(",")})`)}},
+        series: [{name: site, type: "heatmap", data}],
+      });
+    }
+  }
+
   // ------------------------------------------------------------------ start
 
   async function loadModels() {
@@ -1134,6 +1204,7 @@
     $("#stop").addEventListener("click", stop);
     $("#inspect-run").addEventListener("click", inspect);
     $("#compare-run").addEventListener("click", compare);
+    $("#patch-run").addEventListener("click", runPatching);
     $("#model").addEventListener("change", onModelChange);
     $("#lens-view").addEventListener("change", () => {
       if (state.lensView) drawLens(state.lensView.d, state.lensView.traced, state.lensView.fullBytes);

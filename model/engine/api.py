@@ -77,11 +77,18 @@ class SamplingParams:
     trace: bool = False  # per token: resid_post norm and block update ratio of every layer
     logit_lens_top: int = 0  # per token and layer: the logit lens's top-K tokens (implies trace)
     lens: str = "logit"  # which lens logit_lens_top reads: "logit" (ln_f, unembed) or "tuned" (model.lens first)
+    # per token: these points of the stream (index 0: before block 0, l + 1: after block l), float32 (len, d_model)
+    return_stream: tuple[int, ...] = ()
 
     @property
     def traced(self) -> bool:
         """Whether this request's tokens carry a trace."""
         return self.trace or self.logit_lens_top > 0
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the step returns this row's stream (for a trace, or its vectors)."""
+        return self.traced or bool(self.return_stream)
 
 
 @dataclass(slots=True)
@@ -93,6 +100,7 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     trace: dict[str, Any] | None = None  # the position that produced the token: see `stream_trace`
+    stream: Any = None  # float32 tensor (len(return_stream), d_model): the stream at that position, when asked
 
 
 @dataclass

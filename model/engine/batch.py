@@ -46,7 +46,7 @@ class BatchPlan:
     """What a step of these rows needs, in row order."""
 
     edits: StreamEdits | None  # one row per row of the batch, None when no row has edits
-    traced: list[int]  # rows whose tokens carry a trace
+    traced: list[int]  # rows whose tokens carry a trace or their stream's vectors
     trace_rows: torch.Tensor | None  # the same as a tensor, None when no row is traced
     controls: list[LogitControls | None] | None  # per row, None when no row uses a logit control
     sampling: SamplingBatch | None  # None when every row is greedy
@@ -56,7 +56,7 @@ class BatchPlan:
     @staticmethod
     def of(batch: Sequence[Request], device: torch.device) -> BatchPlan:
         """The plan of `batch`."""
-        traced = [i for i, r in enumerate(batch) if r.params.traced]
+        traced = [i for i, r in enumerate(batch) if r.params.streamed]
         controls: list[LogitControls | None] | None = [r.controls for r in batch]
         if all(c is None for c in controls or ()):
             controls = None

@@ -46,7 +46,9 @@ class OutputProcessor:
             r.t_last = now
             last = n >= r.params.max_new_tokens
             text, stopped = r.text.push(tok, last)
-            ev = TokenEvent(tok, text, None, None, traces[i] if traces is not None else None)
+            trace = traces[i] if traces is not None else None
+            vectors = trace.pop("stream", None) if trace is not None else None
+            ev = TokenEvent(tok, text, None, None, trace if r.params.traced else None, vectors)
             if lp is not None and (k := r.params.logprobs) > 0:
                 ev.logprob = lp[0][i]
                 ev.top_logprobs = list(zip(lp[2][i][:k], lp[1][i][:k], strict=True))

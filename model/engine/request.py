@@ -96,6 +96,8 @@ def check_request(prompt: list[int], params: SamplingParams, limits: Limits) -> 
         raise InvalidRequestError(f"lens must be one of {', '.join(LENSES)}, not {params.lens!r}", "lens")
     if params.lens == "tuned" and limits.no_tuned_lens is not None:
         raise InvalidRequestError(limits.no_tuned_lens, "lens")
+    if any(not 0 <= i <= config.n_layer for i in params.return_stream):
+        raise InvalidRequestError(f"return_stream holds points 0..{config.n_layer} of the stream", "return_stream")
     problem = params.intervention.problem(config.n_layer) if params.intervention else None
     if problem is not None:
         raise InvalidRequestError(problem[1], problem[0])

@@ -192,6 +192,8 @@ class ModelRunner:
             self.model, stream, [p.logit_lens_top for p in params], [p.lens for p in params], self.lens
         )
         out: Traces = [None] * len(batch)
-        for i, t in zip(traced, per_row, strict=True):
-            out[i] = {"position": positions[i], **t}
+        for j, (i, t) in enumerate(zip(traced, per_row, strict=True)):
+            row = out[i] = {"position": positions[i], **t}
+            if batch[i].params.return_stream:  # the vectors, from the same step: handed to the event, not the trace
+                row["stream"] = stream[list(batch[i].params.return_stream), j].float().clone()  # (n, C)
         return out

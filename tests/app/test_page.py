@@ -735,3 +735,32 @@ def test_the_lens_chart_and_the_heatmap_tooltip_switch_to_the_tuned_lens(
     assert [cells[(5, layer)] for layer in range(32)] == [e["tuned_lens"]["top"][0]["prob"] for e in layers]
     for col, token in enumerate(expected["trace"]["tokens"]):
         assert [cells[(col, layer)] for layer in range(32)] == [top[0]["prob"] for top in token["logit_lens"]]
+
+
+def test_patch_draws_what_patching_returns(visit: Callable[..., Visit], server: Server) -> None:
+    page = visit().open()
+    page.fill("#patch-clean", "The cat sat")
+    page.fill("#patch-corrupt", "The bat sat")
+    page.fill("#patch-target", "e")
+    page.check(".patch-site[value='resid_post']")
+    with page.expect_request(lambda r: r.url.endswith("/patching")) as req:
+        page.click("#patch-run")
+    page.wait_for_selector("#patch[data-state='done'], #patch[data-state='error']")
+    assert page.get_attribute("#patch", "data-state") == "done", page.text_content("#error")
+    body = req.value.post_data_json
+    assert body == {
+        "model": "tiny",
+        "clean": "The cat sat",
+        "corrupt": "The bat sat",
+        "target": "e",
+        "sites": ["resid_pre", "resid_post"],
+    }
+    r = replay(server, "/patching", body)
+    for site in ("resid_pre", "resid_post"):
+        (series,) = chart_series(page, f"chart-patch-{site}")
+        want = [[p, l, v] for l, row in enumerate(r["sites"][site]) for p, v in enumerate(row)]
+        assert series["type"] == "heatmap" and series["data"] == want
+    assert page.locator("#patch-charts figure").count() == 2
+    assert "4:c/b" in page.evaluate(
+        "() => echarts.getInstanceByDom(document.getElementById('chart-patch-resid_pre')).getOption().xAxis[0].data"
+    )

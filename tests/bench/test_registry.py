@@ -20,6 +20,7 @@ ALL = (  # every section, in the order `run()` has always run them (metrics and 
     "hf",
     "diagnostics",
     "tuned_lens",
+    "readout",
     "http",
     "resid",
     "contention",

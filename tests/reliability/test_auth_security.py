@@ -44,6 +44,8 @@ PROTECTED = {
     ("GET", "/steering/vectors"),
     ("GET", "/steering/vectors/{name}"),
     ("DELETE", "/steering/vectors/{name}"),
+    ("POST", "/hidden_states"),
+    ("POST", "/patching"),
 }
 VALID = {
     "/generate": {"prompt": "hi", "max_new_tokens": 2},
@@ -53,6 +55,8 @@ VALID = {
     "/v1/completions": {"prompt": "hi", "max_tokens": 2},
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
     "/steering/vectors": {"name": "made", "layer": 0, "positive": ["HI"], "negative": ["hi"]},
+    "/hidden_states": {"prompt": "hi"},
+    "/patching": {"clean": "hi", "corrupt": "ho"},
 }
 
 

@@ -41,7 +41,13 @@ CONFIG = schemathesis.Config.from_dict(
 # README's error table: the 400s a schema-valid body can get (a value the engine cannot serve, a /v1 field not served),
 # and the 404 of an unknown model name. Any other 400 or 404 code for schema-valid input is a bug.
 POSITIVE_CODES = {
-    400: {"context_length_exceeded", "invalid_value", "unsupported_parameter"},
+    400: {
+        "context_length_exceeded",
+        "invalid_value",
+        "unsupported_parameter",
+        "too_many_prompts",  # /hidden_states: more than SHORTCUT_MAX_PROMPTS
+        "patching_grid_too_large",  # /patching: more cells than SHORTCUT_PATCHING_MAX_GRID
+    },
     404: {"model_not_found", "steering_vector_not_found"},
 }
 
