@@ -94,6 +94,7 @@ def load_models(settings: Settings, metrics: Metrics, device: torch.device) -> d
             decode_weights=settings.decode_weights,
             decode_backend=settings.decode_backend,
             kv_cache_dtype=settings.kv_cache_dtype,
+            decode_threads=settings.decode_threads,
             request_timeout_s=settings.request_timeout_s,
             observer=metrics.observer(name),
             job_share=settings.diagnostics_share,

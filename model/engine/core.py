@@ -66,6 +66,7 @@ class Engine:
         job_share: float = 1.0,
         decode_backend: str = "auto",
         kv_cache_dtype: str = "auto",
+        decode_threads: int = 1,
     ) -> None:
         self.model = model.eval()
         self.config = model.config
@@ -78,6 +79,7 @@ class Engine:
             decode_weights=decode_weights,
             decode_backend=decode_backend,
             kv_cache_dtype=kv_cache_dtype,
+            decode_threads=decode_threads,
         )
         self.device = self.runner.device
         self._cv = threading.Condition(threading.Lock())

@@ -40,6 +40,7 @@ class ModelRunner:
         decode_weights: str = "auto",
         decode_backend: str = "auto",
         kv_cache_dtype: str = "auto",
+        decode_threads: int = 1,
     ) -> None:
         self.model = model
         self.config = model.config
@@ -47,7 +48,7 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.decode_weights = auto_decode_weights(self.device) if decode_weights == "auto" else decode_weights
         # the fast path (warm-up runs it too): the fused C step where it is built, else TorchScript (model/fast)
-        self.decode_step = make_decoder(model, self.decode_weights, decode_backend)
+        self.decode_step = make_decoder(model, self.decode_weights, decode_backend, threads=decode_threads)
         self.decode_backend = "fused" if isinstance(self.decode_step, FusedDecoder) else "torchscript"
         self.kv_cache_dtype = self._kv_dtype(kv_cache_dtype)
         self.cache = KVCache(self.config, max_batch_size, device=self.device, dtype=self.kv_cache_dtype)
