@@ -86,9 +86,7 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) 
     return None
 
 
-def available_cpus(
-    root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP, affinity: int | None = None
-) -> int:
+def available_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP, affinity: int | None = None) -> int:
     """The CPUs this process may use: its affinity mask's size (`affinity` overrides it, for tests), capped by the
     cgroup quota rounded down; at least 1."""
     n = affinity if affinity is not None else _affinity()

@@ -99,7 +99,8 @@ class FusedDecoder:
     """The decode step of `FastDecoder` as one C call. `weights`: float16 (block matrices rounded to float16,
     float32 arithmetic, like FastDecoder's float16), float32, or int8 (a scale per output column; each row of a
     matrix's input quantized alone per step, int32 sums). Copies the weights (float16: 6.3 MB for the shipped model;
-    float32: 12.6 MB; int8: 3.2 MB). `threads`: the step's threads (a pool in C; the numbers do not depend on it). Takes and returns what `FastDecoder` does, and also reads and writes a float16 cache
+    float32: 12.6 MB; int8: 3.2 MB). `threads`: the step's threads (a pool in C; the numbers do not depend on
+    it). Takes and returns what `FastDecoder` does, and also reads and writes a float16 cache
     (`model.fast.auto_kv_dtype`) and prefills a prompt through the same kernels (`prefill`)."""
 
     def __init__(

@@ -159,8 +159,16 @@ def _cgroup(tmp_path: Path, proc: str, files: dict[str, str]) -> tuple[Path, Pat
         ("0::/\n", {"cpu.max": "max 100000\n"}, None),  # no limit
         ("0::/kubepods/pod1/c1\n", {"kubepods/pod1/cpu.max": "150000 100000", "kubepods/pod1/c1/cpu.max": "max"}, 1.5),
         ("0::/a/b\n", {"a/cpu.max": "300000 100000", "a/b/cpu.max": "500000 100000"}, 3.0),  # the tightest above
-        ("4:cpu,cpuacct:/docker/abc\n", {"cpu,cpuacct/cpu.cfs_quota_us": "400000", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, 4.0),
-        ("4:cpu,cpuacct:/x\n", {"cpu,cpuacct/x/cpu.cfs_quota_us": "-1", "cpu,cpuacct/x/cpu.cfs_period_us": "100000"}, None),
+        (
+            "4:cpu,cpuacct:/docker/abc\n",
+            {"cpu,cpuacct/cpu.cfs_quota_us": "400000", "cpu,cpuacct/cpu.cfs_period_us": "100000"},
+            4.0,
+        ),
+        (
+            "4:cpu,cpuacct:/x\n",
+            {"cpu,cpuacct/x/cpu.cfs_quota_us": "-1", "cpu,cpuacct/x/cpu.cfs_period_us": "100000"},
+            None,
+        ),
         ("0::/\n", {}, None),  # no controller files at all
         ("", {}, None),  # no /proc/self/cgroup
     ],
