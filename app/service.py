@@ -125,6 +125,7 @@ def _serve(name: str, path: Path, settings: Settings, metrics: Metrics, device: 
         decode_weights=settings.decode_weights,
         decode_backend=settings.decode_backend,
         kv_cache_dtype=settings.kv_cache_dtype,
+        decode_threads=settings.decode_threads,
         request_timeout_s=settings.request_timeout_s,
         observer=metrics.observer(name),
         job_share=settings.diagnostics_share,

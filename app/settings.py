@@ -40,8 +40,17 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_queue: int = Field(256, ge=0)
-    decode_weights: Literal["auto", "float32", "float16"] = Field(
-        "auto", description="weights of the decode step; auto = float16 where FBGEMM runs it (x86 CPU)"
+    decode_weights: Literal["auto", "float32", "float16", "int8"] = Field(
+        "auto",
+        description="weights of the decode step; auto = float16 where FBGEMM runs it (x86 CPU); int8 (a scale per "
+        "output, activations quantized per row per step) needs the fused step",
+    )
+    decode_threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="threads of the fused decode step (the numbers do not depend on them); 0 = the CPUs this "
+        "process may use (affinity and cgroup CPU quota)",
     )
     decode_backend: Literal["auto", "fused", "torchscript"] = Field(
         "auto",

@@ -1,6 +1,11 @@
 """`python -m bench.fused`: what each part of the fused C step buys, in CPU ms (medians of interleaved rounds, one
 thread): the prefill through its kernels against the torch forward, and a step per build (AVX2, AVX-512 where the CPU
-runs it) and cache dtype at several batch sizes and positions. Prints one JSON object."""
+runs it) and cache dtype at several batch sizes and positions. Prints one JSON object.
+
+`python -m bench.fused --threads 1,2` instead times the step of the installed build on 1 and 2 threads (and
+`--weights float16,int8`): wall and CPU ms per step at each batch (`step_threads`), and each thread count's wall
+speed-up over one thread (the issue #28 goal: >= 1.7x at batch 32 on 2 threads). Also the `step_threads` section of
+`python -m bench.run`."""
 
 from __future__ import annotations
 
@@ -85,6 +90,55 @@ def run(
     return out
 
 
+def wall_cpu_ms(fns: dict[str, Callable[[], object]], reps: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Median wall and CPU ms per call of each function (all threads' CPU), interleaved rounds of `reps` calls."""
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(reps):
+                fn()
+            wall[name].append(1e3 * (time.perf_counter() - w0) / reps)
+            cpu[name].append(1e3 * (time.process_time() - c0) / reps)
+    return {k: {"wall_ms": round(median(wall[k]), 4), "cpu_ms": round(median(cpu[k]), 4)} for k in fns}
+
+
+def step_threads(
+    model: Transformer,
+    threads: tuple[int, ...] = (1, 2),
+    batches: tuple[int, ...] = (1, 32),
+    weights: tuple[str, ...] = ("float16",),
+    position: int = 64,
+    reps: int = 40,
+    rounds: int = 7,
+) -> dict[str, Any]:
+    """The installed fused step on each thread count: wall and CPU ms per step (float16 cache for float16 and int8
+    weights, steps from `position`), and the wall speed-up over the first thread count, per batch and weights."""
+    cfg = model.config
+    out: dict[str, Any] = {"position": position, "rounds": rounds, "threads": list(threads)}
+    with torch.inference_mode():
+        decs = {(w, t): FusedDecoder(model, weights=w, threads=t) for w in weights for t in threads}
+        for w in weights:
+            for B in batches:
+                kv = torch.float32 if w == "float32" else torch.float16
+                caches = {t: KVCache(cfg, B, dtype=kv) for t in threads}
+                tok, pos = torch.zeros(B, dtype=torch.long), torch.full((B,), position)
+                fns = {
+                    f"threads{t}": (lambda d=decs[w, t], c=caches[t], tok=tok, pos=pos: d(tok, c, pos)) for t in threads
+                }
+                res = wall_cpu_ms(fns, max(2, reps * 4 // B), rounds)
+                base = res[f"threads{threads[0]}"]["wall_ms"]
+                for t in threads:
+                    res[f"threads{t}"]["wall_speedup"] = round(base / res[f"threads{t}"]["wall_ms"], 3)
+                out[f"{w}_bs{B}"] = res
+    for d in decs.values():
+        d.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
@@ -93,9 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--positions", default="1,160")
     p.add_argument("--reps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--threads", default="", help="e.g. 1,2: time the step on these thread counts instead")
+    p.add_argument("--weights", default="float16", help="with --threads: float32,float16,int8")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     model = load_checkpoint(a.checkpoint).model.eval()
+    if a.threads:
+        res = step_threads(
+            model,
+            tuple(int(t) for t in a.threads.split(",")),
+            tuple(int(b) for b in a.batches.split(",")),
+            tuple(a.weights.split(",")),
+            reps=a.reps,
+            rounds=a.rounds,
+        )
+        json.dump(res, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
     res = run(
         model,
         a.prompt_tokens,

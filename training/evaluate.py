@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint
+from model.fast import FusedDecoder
 from model.kv_cache import KVCache
 from model.transformer import Transformer
 from training.train import load_splits
@@ -111,6 +112,39 @@ def evaluate(
     }
 
 
+@torch.no_grad()
+def evaluate_fused(
+    decoder: FusedDecoder, data: torch.Tensor, kv_dtype: torch.dtype = torch.float32
+) -> dict[str, float | int]:
+    """`evaluate` through the served fused C step (`FusedDecoder.prefill`, every position's logits), one window at a
+    time: the same windows and targets, the numbers of the step the server runs (e.g. its int8 weights)."""
+    if data.dim() != 1 or len(data) < 2:
+        raise ValueError(f"need a 1-D tensor of at least 2 bytes, got shape {tuple(data.shape)}")
+    cfg = decoder.config
+    windows = plan_windows(len(data), cfg.block_size)
+    tokens = data.to(torch.long)
+    total, count = 0.0, 0
+    for i, w in enumerate(windows):
+        chunk = tokens[w.start : w.start + w.length + 1]
+        cache = KVCache(cfg, 1, dtype=kv_dtype)
+        logits = decoder.prefill(chunk[:-1], cache, all_logits=True).logits  # (L, V)
+        nll = F.cross_entropy(logits[w.skip :], chunk[1 + w.skip :], reduction="sum")
+        total += float(nll.double())
+        count += w.length - w.skip
+        if i % 200 == 0:
+            log.info("evaluated %d/%d windows (fused step)", i + 1, len(windows))
+    nats = total / count
+    return {
+        "nats_per_byte": nats,
+        "bits_per_byte": nats / math.log(2),
+        "bytes_scored": count,
+        "sum_nats": total,
+        "windows": len(windows),
+        "block_size": cfg.block_size,
+        "stride": max(1, cfg.block_size // 2),
+    }
+
+
 def select_split(path: str | Path, split: str) -> tuple[torch.Tensor, str]:
     """Bytes of the requested split ('train', 'val' or 'all') as a uint8 tensor, and the file's sha256."""
     train_split, val_split, sha = load_splits(path)
@@ -141,11 +175,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument(
         "--weights",
-        choices=("float32", "float16"),
+        choices=("float32", "float16", "int8"),
         default="float32",
         help="float16: round every Linear weight to float16 first, as SHORTCUT_DECODE_WEIGHTS=float16 "
-        "stores them (the arithmetic stays float32)",
+        "stores them (the arithmetic stays float32); int8: through the fused C step with int8 weights "
+        "(SHORTCUT_DECODE_WEIGHTS=int8; implies --fused)",
     )
+    p.add_argument(
+        "--fused",
+        action="store_true",
+        help="score through the served fused C step (its prefill; one window at a time) instead of the reference "
+        "forward (needs `python -m model.fast.build`)",
+    )
+    p.add_argument("--decode-threads", type=int, default=1, help="the fused step's threads (same numbers)")
     p.add_argument(
         "--kv-cache",
         choices=("none", "float32", "float16"),
@@ -162,15 +204,21 @@ def main(argv: list[str] | None = None) -> None:
     data, data_sha = select_split(a.data, a.split)
     if len(data) < 2:
         p.error(f"the {a.split} split of {a.data} has {len(data)} bytes; at least 2 are needed")
-    if a.weights == "float16":
-        round_linear_weights_to_float16(ck.model)
     kv = None if a.kv_cache == "none" else getattr(torch, a.kv_cache)
-    result = evaluate(ck.model, data, batch_size=a.batch_size, kv_dtype=kv)
+    fused = a.fused or a.weights == "int8"
+    if fused:
+        dec = FusedDecoder(ck.model.eval(), weights=a.weights, threads=a.decode_threads)
+        result = evaluate_fused(dec, data, kv_dtype=kv or torch.float32)
+    else:
+        if a.weights == "float16":
+            round_linear_weights_to_float16(ck.model)
+        result = evaluate(ck.model, data, batch_size=a.batch_size, kv_dtype=kv)
     summary = {
         **result,
         "split": a.split,
         "weights": a.weights,
         "kv_cache": a.kv_cache,
+        "path": "fused" if fused else "reference",
         "checkpoint": str(a.checkpoint),
         "checkpoint_sha256": ck.sha256,
         "data": str(a.data),

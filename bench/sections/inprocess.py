@@ -1,4 +1,5 @@
-"""Sections that run the engine or the model in this process: engine, profile, gil, hf, diagnostics, tuned_lens."""
+"""Sections that run the engine or the model in this process: engine, profile, gil, step_threads, hf, diagnostics,
+tuned_lens."""
 
 from __future__ import annotations
 
@@ -51,6 +52,31 @@ def gil(ctx: Context) -> Part:
         lambda: inproc.gil_contention(ctx.model, ctx.ids0, ctx.a.profile_steps, (1, ctx.batch)),
     )
     return Part(details={"gil": out})
+
+
+@section("step_threads", "the fused step on 1 and 2 threads (float16 and int8 weights), wall and CPU ms per step")
+def step_threads(ctx: Context) -> Part:
+    from bench.fused import step_threads as run
+    from model.fast import fused_available
+
+    if not fused_available():
+        log.warning("step_threads: the fused step is not built here; skipped")
+        return Part(details={"step_threads": None})
+    out = timed(
+        "the fused step on 1 and 2 threads",
+        lambda: run(ctx.model, (1, 2), (1, ctx.batch), ("float16", "int8"), rounds=max(3, ctx.a.reps)),
+    )
+    B = ctx.batch
+    return Part(
+        details={"step_threads": out},
+        metrics={
+            f"step_bs{B}_threads2_wall_speedup": out[f"float16_bs{B}"]["threads2"]["wall_speedup"],
+            "step_bs1_threads2_wall_speedup": out["float16_bs1"]["threads2"]["wall_speedup"],
+            f"step_bs{B}_int8_over_float16_wall": round(
+                out[f"float16_bs{B}"]["threads1"]["wall_ms"] / out[f"int8_bs{B}"]["threads1"]["wall_ms"], 3
+            ),
+        },
+    )
 
 
 @section("hf", "Hugging Face GPT2LMHeadModel.generate with our weights copied in (needs transformers)")

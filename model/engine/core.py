@@ -71,6 +71,7 @@ class Engine:
         max_pending_events: int = 0,
         lens: TunedLens | None = None,
         no_tuned_lens: str = "this model has no tuned lens",
+        decode_threads: int = 1,
     ) -> None:
         self.model = model.eval()
         self.config = model.config
@@ -86,6 +87,7 @@ class Engine:
             decode_backend=decode_backend,
             kv_cache_dtype=kv_cache_dtype,
             lens=lens,
+            decode_threads=decode_threads,
         )
         self.device = self.runner.device
         self._cv = threading.Condition(threading.Lock())

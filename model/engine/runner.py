@@ -45,6 +45,7 @@ class ModelRunner:
         decode_backend: str = "auto",
         kv_cache_dtype: str = "auto",
         lens: TunedLens | None = None,
+        decode_threads: int = 1,
     ) -> None:
         self.model = model
         self.lens = lens  # the tuned lens traces with lens="tuned" read through (the engine refuses them without)
@@ -64,7 +65,7 @@ class ModelRunner:
                 "use SHORTCUT_DECODE_WEIGHTS=float32 (or auto)"
             )
         # the fast path (warm-up runs it too): the fused C step where it is built, else TorchScript (model/fast)
-        self.decode_step = make_decoder(model, self.decode_weights, decode_backend)
+        self.decode_step = make_decoder(model, self.decode_weights, decode_backend, threads=decode_threads)
         self.decode_backend = "fused" if isinstance(self.decode_step, FusedDecoder) else "torchscript"
         self.kv_cache_dtype = self._kv_dtype(kv_cache_dtype)
         self.cache = KVCache(self.config, max_batch_size, device=self.device, dtype=self.kv_cache_dtype)

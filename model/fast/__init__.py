@@ -9,6 +9,7 @@
 - `decoder`: `FusedDecoder`, which takes and returns what `model.decode.FastDecoder` does (tokens, a `KVCache`,
   positions, `StreamEdits`, traced rows -> `StepOutput`) and computes the same maths, also with a float16 cache, and
   prefills a prompt through the same kernels.
+- `cpus`: the CPUs this process may use (affinity, cgroup quota): the step's default thread count.
 - here: the backend policy (`make_decoder`, `auto_kv_dtype`) and the names the rest of the code imports.
 
 Never needed at run time: without a built, current library, or on a CPU without AVX2/FMA/F16C, `fused_available()`
@@ -25,7 +26,8 @@ import torch
 
 from model.decode import FastDecoder
 from model.fast.abi import LIBRARIES
-from model.fast.decoder import KV_DTYPES, FusedDecoder, supports
+from model.fast.cpus import available_cpus
+from model.fast.decoder import KV_DTYPES, WEIGHTS, FusedDecoder, supports
 from model.fast.loader import cpu_supported, default_library, fused_available, library_isa
 
 if TYPE_CHECKING:
@@ -35,24 +37,37 @@ if TYPE_CHECKING:
 BACKENDS = ("auto", "fused", "torchscript")
 
 
+def decode_threads(threads: int) -> int:
+    """The fused step's threads for a setting: `threads`, or 0 for the CPUs this process may use
+    (`model.fast.cpus.available_cpus`: affinity and cgroup quota)."""
+    if threads < 0:
+        raise ValueError(f"decode threads must be 0 (the CPUs this process may use) or more, not {threads}")
+    return threads or available_cpus()
+
+
 def make_decoder(
-    model: Transformer, weights: str, backend: str = "auto", library: Path | None = None
+    model: Transformer, weights: str, backend: str = "auto", library: Path | None = None, threads: int = 1
 ) -> FusedDecoder | FastDecoder:
     """The engine's decode step: `fused` (an error where it is not built or cannot run the model), `torchscript`
     (`FastDecoder`), or `auto`: fused where a current build is there, runs on this CPU and handles the shape, else
-    TorchScript."""
+    TorchScript. `threads`: the fused step's (0: the CPUs this process may use). int8 weights need the fused step."""
     if backend not in BACKENDS:
         raise ValueError(f"decode backend must be one of {BACKENDS}, not {backend!r}")
     on_cpu = model.wte.weight.device.type == "cpu"
     if backend == "fused" or (backend == "auto" and on_cpu and supports(model.config) and fused_available(library)):
-        return FusedDecoder(model, weights=weights, library=library)
+        return FusedDecoder(model, weights=weights, library=library, threads=decode_threads(threads))
+    if weights == "int8":
+        raise ValueError(
+            "int8 decode weights need the fused C step (build it with `python -m model.fast.build`, on an x86-64 CPU "
+            "with AVX2/FMA/F16C), or set SHORTCUT_DECODE_WEIGHTS to float16 or float32"
+        )
     return FastDecoder(model, weights=weights)
 
 
 def auto_kv_dtype(decoder: object, model_dtype: torch.dtype = torch.float32) -> torch.dtype:
-    """The KV cache dtype `auto` means for a decode step: float16 for the fused step with float16 weights (the keys
-    and values rounded once, as the weights are; attention then reads half the bytes), else the model's."""
-    if isinstance(decoder, FusedDecoder) and decoder.weights == "float16" and model_dtype == torch.float32:
+    """The KV cache dtype `auto` means for a decode step: float16 for the fused step with float16 or int8 weights (the
+    keys and values rounded once, as the weights are; attention then reads half the bytes), else the model's."""
+    if isinstance(decoder, FusedDecoder) and decoder.weights != "float32" and model_dtype == torch.float32:
         return torch.float16
     return model_dtype
 
@@ -75,12 +90,15 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BACKENDS",
     "KV_DTYPES",
+    "WEIGHTS",
     "LIBRARIES",
     "FusedDecoder",
     "auto_kv_dtype",
+    "available_cpus",
     "build",
     "build_all",
     "cpu_supported",
+    "decode_threads",
     "default_library",
     "fused_available",
     "library_isa",

@@ -25,9 +25,11 @@ HEADER = HERE / "fused_step.h"
 # two builds of the same source (model.fast.build); the loader takes the widest one this CPU runs
 LIBRARIES = {"avx2": HERE / "_fused_step.so", "avx512": HERE / "_fused_step_avx512.so"}
 
-ABI_VERSION = 3  # == SHORTCUT_FUSED_ABI_VERSION in fused_step.h
+ABI_VERSION = 4  # == SHORTCUT_FUSED_ABI_VERSION in fused_step.h
 
 _i32, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+
+WEIGHT_FORMATS = {"float32": 0, "float16": 1, "int8": 2}  # SHORTCUT_WEIGHTS_* in the header
 
 
 class ShortcutDims(ctypes.Structure):
@@ -40,7 +42,7 @@ class ShortcutDims(ctypes.Structure):
         ("d_ff", _i32),
         ("vocab_size", _i32),
         ("block_size", _i32),
-        ("half", _i32),  # block matrices float16
+        ("weights", _i32),  # the block matrices' format: WEIGHT_FORMATS
         ("residual", _i32),
     ]
 
@@ -61,6 +63,10 @@ class ShortcutLayerWeights(ctypes.Structure):
         ("ln_2_b", _ptr),
         ("b_fc", _ptr),
         ("b_p", _ptr),
+        ("s_qkv", _ptr),  # int8 weights' scales per output column (float32), else NULL
+        ("s_o", _ptr),
+        ("s_fc", _ptr),
+        ("s_p", _ptr),
     ]
 
 
@@ -104,6 +110,7 @@ class ShortcutStepArgs(ctypes.Structure):
         ("R", _i32),
         ("stream", _ptr),
         ("logits", _ptr),
+        ("pool", _ptr),  # a ShortcutPool (shortcut_fused_pool_new) or NULL: one thread
     ]
 
 

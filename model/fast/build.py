@@ -25,7 +25,7 @@ from model.fast.loader import default_library, fused_available
 log = logging.getLogger(__name__)
 
 # -ffp-contract=off: only the explicit FMAs fuse, so both builds sum in the same order (bitwise-equal numbers)
-CFLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared")
+CFLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-pthread")
 ISA_CFLAGS = {  # 8-wide AVX2 kernels, and 16-wide AVX-512 ones for the CPUs that have it
     "avx2": ("-mavx2", "-mfma", "-mf16c"),
     "avx512": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq"),

@@ -10,6 +10,8 @@ dims and weights structs are built once; a call fills one `ShortcutStepArgs`.
 from __future__ import annotations
 
 import ctypes
+import logging
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,10 +27,17 @@ if TYPE_CHECKING:
     from model.config import ModelConfig
     from model.transformer import Block, Transformer
 
+log = logging.getLogger(__name__)
+
 KV_DTYPES = (torch.float32, torch.float16)  # the cache dtypes the fused step reads and writes
-# ShortcutLayerWeights' fields: the block matrices (float16|32, (in, out)), then the float32 vectors
+WEIGHTS = tuple(abi.WEIGHT_FORMATS)  # float32, float16, int8
+# ShortcutLayerWeights' fields: the block matrices ((in, out) float16|32, or int8 packed), the float32 vectors, and the
+# int8 matrices' scales per output column (NULL for float weights)
 LAYER_MATRICES = ("w_qkv", "w_o", "w_fc", "w_p")
-LAYER_VECTORS = tuple(f[0] for f in abi.ShortcutLayerWeights._fields_ if f[0] not in LAYER_MATRICES)
+LAYER_SCALES = ("s_qkv", "s_o", "s_fc", "s_p")
+LAYER_VECTORS = tuple(
+    f[0] for f in abi.ShortcutLayerWeights._fields_ if f[0] not in LAYER_MATRICES and f[0] not in LAYER_SCALES
+)
 
 
 def supports(config: ModelConfig) -> bool:
@@ -62,6 +71,20 @@ def _layer_params(block: Block, C: int, F: int) -> dict[str, torch.Tensor]:
     }
 
 
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float (in, out) matrix as int8 with a float32 scale per output column: w ~ q * scale, |q| <= 127 (the
+    nearest integer, ties to even), scale = max |w[:, j]| / 127 (a column of zeros: scale 0)."""
+    scale = w.abs().amax(dim=0) / 127.0  # (out,)
+    q = torch.where(scale > 0, w / torch.where(scale > 0, scale, 1.0), 0.0).round().clamp(-127, 127)
+    return q.to(torch.int8), scale.float()
+
+
+def pack_int8_pairs(q: torch.Tensor) -> torch.Tensor:
+    """int8 (in, out) as the C step reads it: (in / 2, out, 2), the weights of inputs 2i and 2i + 1 side by side."""
+    k, n = q.shape
+    return q.reshape(k // 2, 2, n).transpose(1, 2).contiguous()
+
+
 def _pack(parts: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
     """`parts` flattened into one contiguous `dtype` tensor, and the address of each part in it."""
     flat = torch.cat([p.to(dtype).reshape(-1) for p in parts]).contiguous()
@@ -74,13 +97,19 @@ def _pack(parts: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, 
 
 class FusedDecoder:
     """The decode step of `FastDecoder` as one C call. `weights`: float16 (block matrices rounded to float16,
-    float32 arithmetic, like FastDecoder's float16) or float32. Copies the weights (float16: 6.3 MB for the shipped
-    model; float32: 12.6 MB). Takes and returns what `FastDecoder` does, and also reads and writes a float16 cache
+    float32 arithmetic, like FastDecoder's float16), float32, or int8 (a scale per output column; each row of a
+    matrix's input quantized alone per step, int32 sums). Copies the weights (float16: 6.3 MB for the shipped model;
+    float32: 12.6 MB; int8: 3.2 MB). `threads`: the step's threads (a pool in C; the numbers do not depend on
+    it). Takes and returns what `FastDecoder` does, and also reads and writes a float16 cache
     (`model.fast.auto_kv_dtype`) and prefills a prompt through the same kernels (`prefill`)."""
 
-    def __init__(self, model: Transformer, *, weights: str = "float16", library: Path | None = None) -> None:
-        if weights not in ("float32", "float16"):
-            raise ValueError(f"weights must be 'float32' or 'float16', not {weights!r}")
+    def __init__(
+        self, model: Transformer, *, weights: str = "float16", library: Path | None = None, threads: int = 1
+    ) -> None:
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, not {weights!r}")
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, not {threads}")
         library = library or default_library()
         lib = load(str(library))
         if lib is None:
@@ -98,9 +127,15 @@ class FusedDecoder:
         self._step = lib.shortcut_fused_step
         C, L = cfg.d_model, cfg.n_layer
         params = [_layer_params(b, C, cfg.d_ff) for b in model.layers]
-        self._mats, mat_ptrs = _pack(
-            [p[n] for p in params for n in LAYER_MATRICES], torch.half if self.packed else torch.float
-        )
+        mats = [p[n] for p in params for n in LAYER_MATRICES]
+        scale_ptrs: list[int] = []
+        if weights == "int8":
+            quantized = [quantize_int8(m) for m in mats]
+            self._mats, mat_ptrs = _pack([pack_int8_pairs(q) for q, _ in quantized], torch.int8)
+            self._scales, scale_ptrs = _pack([sc for _, sc in quantized], torch.float)
+        else:
+            self._mats, mat_ptrs = _pack(mats, torch.half if weights == "float16" else torch.float)
+            self._scales = torch.zeros(0)
         self._vecs, vec_ptrs = _pack([p[n] for p in params for n in LAYER_VECTORS], torch.float)
         self._layers = (abi.ShortcutLayerWeights * L)()
         nm, nv = len(LAYER_MATRICES), len(LAYER_VECTORS)
@@ -109,13 +144,15 @@ class FusedDecoder:
                 setattr(layer, name, ptr)
             for name, ptr in zip(LAYER_VECTORS, vec_ptrs[i * nv : (i + 1) * nv], strict=True):
                 setattr(layer, name, ptr)
+            for name, ptr in zip(LAYER_SCALES, scale_ptrs[i * nm : (i + 1) * nm], strict=False):
+                setattr(layer, name, ptr)  # int8 only (float weights: no scales, NULL)
         self._wte = model.wte.weight.detach().float().contiguous()
         self._wpe = model.wpe.weight.detach().float().contiguous()
         self._unembed_t = self._wte.t().contiguous()  # (C, V)
         self._ln_f_w = _vec(model.ln_f.weight, C).contiguous()
         self._ln_f_b = _vec(model.ln_f.bias, C).contiguous()
         self._dims = abi.ShortcutDims(
-            C, cfg.n_head, L, cfg.d_ff, cfg.vocab_size, cfg.block_size, int(self.packed), int(cfg.residual)
+            C, cfg.n_head, L, cfg.d_ff, cfg.vocab_size, cfg.block_size, abi.WEIGHT_FORMATS[weights], int(cfg.residual)
         )
         self._weights = abi.ShortcutWeights(
             self._wte.data_ptr(),
@@ -126,6 +163,17 @@ class FusedDecoder:
             ctypes.addressof(self._layers),
         )
         self._dims_ref, self._weights_ref = ctypes.byref(self._dims), ctypes.byref(self._weights)
+        # the step's threads: a pool in C (threads - 1 workers asleep between steps), stopped when the decoder goes
+        self._pool: int | None = lib.shortcut_fused_pool_new(threads) if threads > 1 else None
+        if threads > 1 and not self._pool:
+            log.warning("fused decode step: %d threads could not be started; running on one", threads)
+        self.threads: int = lib.shortcut_fused_pool_threads(self._pool)
+        self._finalizer = weakref.finalize(self, lib.shortcut_fused_pool_free, self._pool)
+
+    def close(self) -> None:
+        """Stop the step's threads now (they also stop when the decoder is collected); later steps run on one."""
+        self._finalizer()
+        self._pool, self.threads = None, 1
 
     @property
     def packed(self) -> bool:
@@ -133,10 +181,15 @@ class FusedDecoder:
         return self.weights == "float16"
 
     @property
+    def quantized(self) -> bool:
+        """Whether the block matrices are int8 (activations quantized per row per step)."""
+        return self.weights == "int8"
+
+    @property
     def weight_tensors(self) -> tuple[torch.Tensor, ...]:
         """The large tensors the decoder holds its weights in (the block matrices and vectors, the embeddings and the
         unembedding)."""
-        return (self._mats, self._vecs, self._wte, self._wpe, self._unembed_t)
+        return (self._mats, self._scales, self._vecs, self._wte, self._wpe, self._unembed_t)
 
     def __call__(
         self,
@@ -157,11 +210,16 @@ class FusedDecoder:
         return self._run(tokens, pos, cache, cache.k.stride(1), edits, trace_rows)
 
     def prefill(
-        self, tokens: torch.Tensor, cache: KVCache, edits: StreamEdits | None = None, trace: bool = False
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        edits: StreamEdits | None = None,
+        trace: bool = False,
+        all_logits: bool = False,
     ) -> StepOutput:
         """A prompt `tokens` (T,) of one row from position 0, through the step's own kernels: writes its keys and
-        values into the one-row `cache` and returns the last position's logits (1, vocab) and, with `trace`, its
-        stream (n_layer + 1, 1, C). `edits`: the row's (one row).
+        values into the one-row `cache` and returns the last position's logits (1, vocab) (with `all_logits`, every
+        position's: (T, vocab)) and, with `trace`, its stream (n_layer + 1, 1, C). `edits`: the row's (one row).
 
         The T positions go as T rows of one step that share the cache row (row stride 0) at positions 0..T-1:
         layer by layer, the step writes a row's key and value right before that row attends, in row order, so each
@@ -179,7 +237,7 @@ class FusedDecoder:
         shared = KVCache.over(cache.k.expand(-1, T, -1, -1, -1), cache.v.expand(-1, T, -1, -1, -1))
         rows = torch.tensor([T - 1]) if trace else None
         out = self._run(tokens, torch.arange(T), shared, 0, edits.expand(T) if edits is not None else None, rows)
-        return StepOutput(out.logits[T - 1 :], out.stream)
+        return StepOutput(out.logits if all_logits else out.logits[T - 1 :], out.stream)
 
     def _check_cache(self, cache: KVCache) -> None:
         cfg = self.config
@@ -231,6 +289,7 @@ class FusedDecoder:
             R,
             stream.data_ptr() if stream is not None else None,
             logits.data_ptr(),
+            self._pool,
         )
         rc = self._step(self._dims_ref, self._weights_ref, ctypes.byref(args))
         if rc != 0:

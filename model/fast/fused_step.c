@@ -20,6 +20,12 @@
 #include "fused_step.h"
 
 #include <immintrin.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -44,7 +50,7 @@ static const struct {
     LAYOUT_FIELD(ShortcutDims, d_ff),
     LAYOUT_FIELD(ShortcutDims, vocab_size),
     LAYOUT_FIELD(ShortcutDims, block_size),
-    LAYOUT_FIELD(ShortcutDims, half),
+    LAYOUT_FIELD(ShortcutDims, weights),
     LAYOUT_FIELD(ShortcutDims, residual),
     LAYOUT_STRUCT(ShortcutLayerWeights),
     LAYOUT_FIELD(ShortcutLayerWeights, w_qkv),
@@ -59,6 +65,10 @@ static const struct {
     LAYOUT_FIELD(ShortcutLayerWeights, ln_2_b),
     LAYOUT_FIELD(ShortcutLayerWeights, b_fc),
     LAYOUT_FIELD(ShortcutLayerWeights, b_p),
+    LAYOUT_FIELD(ShortcutLayerWeights, s_qkv),
+    LAYOUT_FIELD(ShortcutLayerWeights, s_o),
+    LAYOUT_FIELD(ShortcutLayerWeights, s_fc),
+    LAYOUT_FIELD(ShortcutLayerWeights, s_p),
     LAYOUT_STRUCT(ShortcutWeights),
     LAYOUT_FIELD(ShortcutWeights, wte),
     LAYOUT_FIELD(ShortcutWeights, wpe),
@@ -84,6 +94,7 @@ static const struct {
     LAYOUT_FIELD(ShortcutStepArgs, R),
     LAYOUT_FIELD(ShortcutStepArgs, stream),
     LAYOUT_FIELD(ShortcutStepArgs, logits),
+    LAYOUT_FIELD(ShortcutStepArgs, pool),
 };
 
 const char *shortcut_fused_layout(int i, int64_t *offset, int64_t *size) {
@@ -132,7 +143,7 @@ static inline float hsum8(__m256 v) {
 
 #ifndef __AVX512F__
 #define DEFINE_MM(NAME, WT, LOAD)                                                                              \
-    static void NAME(int rows, int K, int N, const float *x, const WT *w, const float *bias, float *y) {     \
+    static void NAME(int rows, int K, int N, int ld, const float *x, const WT *w, const float *bias, float *y) {     \
         int b = 0;                                                                                            \
         for (; b + 6 <= rows; b += 6) { /* 6 rows x 16 outputs: 12 sums in registers, the weights read once */ \
             const float *x0 = x + (size_t)b * K;                                                              \
@@ -140,7 +151,7 @@ static inline float hsum8(__m256 v) {
                 __m256 c[6][2];                                                                               \
                 for (int r = 0; r < 6; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();                          \
                 const WT *wp = w + n;                                                                         \
-                for (int k = 0; k < K; k++, wp += N) {                                                        \
+                for (int k = 0; k < K; k++, wp += ld) {                                                        \
                     __m256 w0 = LOAD(wp), w1 = LOAD(wp + 8);                                                  \
                     for (int r = 0; r < 6; r++) {                                                             \
                         __m256 xb = _mm256_broadcast_ss(x0 + (size_t)r * K + k);                              \
@@ -150,7 +161,7 @@ static inline float hsum8(__m256 v) {
                 }                                                                                             \
                 __m256 b0 = _mm256_loadu_ps(bias + n), b1 = _mm256_loadu_ps(bias + n + 8);                    \
                 for (int r = 0; r < 6; r++) {                                                                 \
-                    float *yr = y + (size_t)(b + r) * N + n;                                                  \
+                    float *yr = y + (size_t)(b + r) * ld + n;                                                  \
                     _mm256_storeu_ps(yr, _mm256_add_ps(c[r][0], b0));                                         \
                     _mm256_storeu_ps(yr + 8, _mm256_add_ps(c[r][1], b1));                                     \
                 }                                                                                             \
@@ -162,7 +173,7 @@ static inline float hsum8(__m256 v) {
                 __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;                            \
                 __m256 a20 = a00, a21 = a00, a30 = a00, a31 = a00;                                            \
                 const WT *wp = w + n;                                                                         \
-                for (int k = 0; k < K; k++, wp += N) {                                                        \
+                for (int k = 0; k < K; k++, wp += ld) {                                                        \
                     __m256 w0 = LOAD(wp), w1 = LOAD(wp + 8), xb;                                              \
                     xb = _mm256_broadcast_ss(x0 + k); a00 = _mm256_fmadd_ps(xb, w0, a00);                     \
                     a01 = _mm256_fmadd_ps(xb, w1, a01);                                                       \
@@ -174,25 +185,25 @@ static inline float hsum8(__m256 v) {
                     a31 = _mm256_fmadd_ps(xb, w1, a31);                                                       \
                 }                                                                                             \
                 __m256 b0 = _mm256_loadu_ps(bias + n), b1 = _mm256_loadu_ps(bias + n + 8);                    \
-                float *y0 = y + (size_t)b * N + n;                                                            \
+                float *y0 = y + (size_t)b * ld + n;                                                            \
                 _mm256_storeu_ps(y0, _mm256_add_ps(a00, b0)); _mm256_storeu_ps(y0 + 8, _mm256_add_ps(a01, b1)); \
-                y0 += N;                                                                                      \
+                y0 += ld;                                                                                      \
                 _mm256_storeu_ps(y0, _mm256_add_ps(a10, b0)); _mm256_storeu_ps(y0 + 8, _mm256_add_ps(a11, b1)); \
-                y0 += N;                                                                                      \
+                y0 += ld;                                                                                      \
                 _mm256_storeu_ps(y0, _mm256_add_ps(a20, b0)); _mm256_storeu_ps(y0 + 8, _mm256_add_ps(a21, b1)); \
-                y0 += N;                                                                                      \
+                y0 += ld;                                                                                      \
                 _mm256_storeu_ps(y0, _mm256_add_ps(a30, b0)); _mm256_storeu_ps(y0 + 8, _mm256_add_ps(a31, b1)); \
             }                                                                                                 \
         }                                                                                                     \
         for (; b < rows; b++) { /* one row: 64 outputs at a time (8 independent sums), then 16 */            \
             const float *xr = x + (size_t)b * K;                                                              \
-            float *yr = y + (size_t)b * N;                                                                    \
+            float *yr = y + (size_t)b * ld;                                                                    \
             int n = 0;                                                                                        \
             for (; n + 64 <= N; n += 64) {                                                                    \
                 __m256 a[8];                                                                                  \
                 for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();                                       \
                 const WT *wp = w + n;                                                                         \
-                for (int k = 0; k < K; k++, wp += N) {                                                        \
+                for (int k = 0; k < K; k++, wp += ld) {                                                        \
                     __m256 xb = _mm256_broadcast_ss(xr + k);                                                  \
                     for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(xb, LOAD(wp + 8 * j), a[j]);           \
                 }                                                                                             \
@@ -202,7 +213,7 @@ static inline float hsum8(__m256 v) {
             for (; n < N; n += 16) {                                                                          \
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0;                                                     \
                 const WT *wp = w + n;                                                                         \
-                for (int k = 0; k < K; k++, wp += N) {                                                        \
+                for (int k = 0; k < K; k++, wp += ld) {                                                        \
                     __m256 xb = _mm256_broadcast_ss(xr + k);                                                  \
                     a0 = _mm256_fmadd_ps(xb, LOAD(wp), a0);                                                   \
                     a1 = _mm256_fmadd_ps(xb, LOAD(wp + 8), a1);                                               \
@@ -221,12 +232,12 @@ static inline float hsum8(__m256 v) {
 
 #define DEFINE_MM(NAME, WT, LOAD)                                                                              \
     /* R rows x 32 outputs from column n (R <= 8): 2R sums in registers, each weight read once for R rows */   \
-    static inline __attribute__((always_inline)) void NAME##_tile32(int R, int K, int N, int n, const float *x0, \
+    static inline __attribute__((always_inline)) void NAME##_tile32(int R, int K, int ld, int n, const float *x0, \
                                                                     const WT *w, const float *bias, float *y0) { \
         __m512 c[8][2];                                                                                       \
         for (int r = 0; r < R; r++) c[r][0] = c[r][1] = _mm512_setzero_ps();                                  \
         const WT *wp = w + n;                                                                                 \
-        for (int k = 0; k < K; k++, wp += N) {                                                                \
+        for (int k = 0; k < K; k++, wp += ld) {                                                                \
             __m512 w0 = LOAD(wp), w1 = LOAD(wp + 16);                                                         \
             for (int r = 0; r < R; r++) {                                                                     \
                 __m512 xb = _mm512_set1_ps(x0[(size_t)r * K + k]);                                            \
@@ -236,52 +247,52 @@ static inline float hsum8(__m256 v) {
         }                                                                                                     \
         __m512 b0 = _mm512_loadu_ps(bias + n), b1 = _mm512_loadu_ps(bias + n + 16);                           \
         for (int r = 0; r < R; r++) {                                                                         \
-            _mm512_storeu_ps(y0 + (size_t)r * N + n, _mm512_add_ps(c[r][0], b0));                             \
-            _mm512_storeu_ps(y0 + (size_t)r * N + n + 16, _mm512_add_ps(c[r][1], b1));                        \
+            _mm512_storeu_ps(y0 + (size_t)r * ld + n, _mm512_add_ps(c[r][0], b0));                             \
+            _mm512_storeu_ps(y0 + (size_t)r * ld + n + 16, _mm512_add_ps(c[r][1], b1));                        \
         }                                                                                                     \
     }                                                                                                         \
     /* R rows x 16 outputs from column n (the last 16 when N % 32 == 16) */                                   \
-    static inline __attribute__((always_inline)) void NAME##_tile16(int R, int K, int N, int n, const float *x0, \
+    static inline __attribute__((always_inline)) void NAME##_tile16(int R, int K, int ld, int n, const float *x0, \
                                                                     const WT *w, const float *bias, float *y0) { \
         __m512 c[8];                                                                                          \
         for (int r = 0; r < R; r++) c[r] = _mm512_setzero_ps();                                               \
         const WT *wp = w + n;                                                                                 \
-        for (int k = 0; k < K; k++, wp += N) {                                                                \
+        for (int k = 0; k < K; k++, wp += ld) {                                                                \
             __m512 w0 = LOAD(wp);                                                                             \
             for (int r = 0; r < R; r++) c[r] = _mm512_fmadd_ps(_mm512_set1_ps(x0[(size_t)r * K + k]), w0, c[r]); \
         }                                                                                                     \
         __m512 b0 = _mm512_loadu_ps(bias + n);                                                                \
-        for (int r = 0; r < R; r++) _mm512_storeu_ps(y0 + (size_t)r * N + n, _mm512_add_ps(c[r], b0));        \
+        for (int r = 0; r < R; r++) _mm512_storeu_ps(y0 + (size_t)r * ld + n, _mm512_add_ps(c[r], b0));        \
     }                                                                                                         \
-    static void NAME##_rows(int R, int K, int N, const float *x0, const WT *w, const float *bias, float *y0) { \
+    static void NAME##_rows(int R, int K, int N, int ld, const float *x0, const WT *w, const float *bias, float *y0) { \
         int n = 0;                                                                                            \
-        for (; n + 32 <= N; n += 32) NAME##_tile32(R, K, N, n, x0, w, bias, y0);                              \
-        if (n < N) NAME##_tile16(R, K, N, n, x0, w, bias, y0);                                                \
+        for (; n + 32 <= N; n += 32) NAME##_tile32(R, K, ld, n, x0, w, bias, y0);                              \
+        if (n < N) NAME##_tile16(R, K, ld, n, x0, w, bias, y0);                                                \
     }                                                                                                         \
-    static void NAME(int rows, int K, int N, const float *x, const WT *w, const float *bias, float *y) {     \
+    static void NAME(int rows, int K, int N, int ld, const float *x, const WT *w, const float *bias, float *y) {     \
         int b = 0;                                                                                            \
-        for (; b + 8 <= rows; b += 8) NAME##_rows(8, K, N, x + (size_t)b * K, w, bias, y + (size_t)b * N);    \
+        for (; b + 8 <= rows; b += 8) NAME##_rows(8, K, N, ld, x + (size_t)b * K, w, bias, y + (size_t)b * ld);    \
         if (b + 4 <= rows) {                                                                                  \
-            NAME##_rows(4, K, N, x + (size_t)b * K, w, bias, y + (size_t)b * N);                              \
+            NAME##_rows(4, K, N, ld, x + (size_t)b * K, w, bias, y + (size_t)b * ld);                              \
             b += 4;                                                                                           \
         }                                                                                                     \
         for (; b < rows; b++) { /* one row: 128 outputs at a time (8 independent sums), then 32, 16 */       \
             const float *xr = x + (size_t)b * K;                                                              \
-            float *yr = y + (size_t)b * N;                                                                    \
+            float *yr = y + (size_t)b * ld;                                                                    \
             int n = 0;                                                                                        \
             for (; n + 128 <= N; n += 128) {                                                                  \
                 __m512 a[8];                                                                                  \
                 for (int j = 0; j < 8; j++) a[j] = _mm512_setzero_ps();                                       \
                 const WT *wp = w + n;                                                                         \
-                for (int k = 0; k < K; k++, wp += N) {                                                        \
+                for (int k = 0; k < K; k++, wp += ld) {                                                        \
                     __m512 xb = _mm512_set1_ps(xr[k]);                                                        \
                     for (int j = 0; j < 8; j++) a[j] = _mm512_fmadd_ps(xb, LOAD(wp + 16 * j), a[j]);          \
                 }                                                                                             \
                 for (int j = 0; j < 8; j++)                                                                   \
                     _mm512_storeu_ps(yr + n + 16 * j, _mm512_add_ps(a[j], _mm512_loadu_ps(bias + n + 16 * j))); \
             }                                                                                                 \
-            for (; n + 32 <= N; n += 32) NAME##_tile32(1, K, N, n, xr, w, bias, yr);                          \
-            if (n < N) NAME##_tile16(1, K, N, n, xr, w, bias, yr);                                            \
+            for (; n + 32 <= N; n += 32) NAME##_tile32(1, K, ld, n, xr, w, bias, yr);                          \
+            if (n < N) NAME##_tile16(1, K, ld, n, xr, w, bias, yr);                                            \
         }                                                                                                     \
     }
 #endif
@@ -294,11 +305,125 @@ DEFINE_MM(mm_f16, uint16_t, LOAD_F16)
 DEFINE_MM(mm_f32, float, LOAD_F32)
 #endif
 
-static void matmul(int half, int rows, int K, int N, const float *x, const void *w, const float *bias, float *y) {
-    if (half)
-        mm_f16(rows, K, N, x, (const uint16_t *)w, bias, y);
+/* ---- int8 weights: y (rows, N) = (xq (rows, K) . Wq (K, N)) * (sx[row] sw[col]) + bias, exact int32 sums ----
+ * Wq is packed (K/2, ld, 2): the two weights of a k pair side by side for each column, so one 16-byte load widened
+ * to int16 (vpmovsxbw) meets a broadcast (x[2i], x[2i+1]) pair in vpmaddwd: 8 columns' x[2i] w + x[2i+1] w as int32,
+ * no saturation (|x|, |w| <= 127, K * 127^2 << 2^31). vpmaddubsw (u8 x s8, twice the products per instruction) is
+ * not used: with the +128 offset on x a pair of products overflows int16 and saturates. Integer sums do not depend
+ * on their order, and each output's float epilogue is the same in every tile (and both builds): rows stay
+ * independent of their batch. The AVX-512 build runs these same AVX2 kernels; a VNNI path (vpdpbusd) is not here:
+ * it could not be tested on the machine this was written on. */
+static inline __attribute__((always_inline)) void i8_tile16(const int R, int K, int ld, int n, const int16_t *xq,
+                                                            const float *sx, const int8_t *w, const float *sw,
+                                                            const float *bias, float *y) {
+    __m256i c[6][2];
+    for (int r = 0; r < R; r++) c[r][0] = c[r][1] = _mm256_setzero_si256();
+    const int8_t *wp = w + (size_t)n * 2;
+    const int32_t *xp = (const int32_t *)xq; /* k pairs */
+    for (int i = 0; i < K / 2; i++, wp += (size_t)ld * 2) {
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wp));
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wp + 16)));
+        for (int r = 0; r < R; r++) {
+            __m256i xb = _mm256_set1_epi32(xp[(size_t)r * (K / 2) + i]);
+            c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(xb, w0));
+            c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(xb, w1));
+        }
+    }
+    __m256 s0 = _mm256_loadu_ps(sw + n), s1 = _mm256_loadu_ps(sw + n + 8);
+    __m256 b0 = _mm256_loadu_ps(bias + n), b1 = _mm256_loadu_ps(bias + n + 8);
+    for (int r = 0; r < R; r++) {
+        __m256 xs = _mm256_set1_ps(sx[r]);
+        float *yr = y + (size_t)r * ld + n;
+        _mm256_storeu_ps(yr, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[r][0]), _mm256_mul_ps(xs, s0), b0));
+        _mm256_storeu_ps(yr + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[r][1]), _mm256_mul_ps(xs, s1), b1));
+    }
+}
+
+/* one row, 64 columns from n: 8 independent sums */
+static inline void i8_row64(int K, int ld, int n, const int16_t *xq, float sx, const int8_t *w, const float *sw,
+                            const float *bias, float *y) {
+    __m256i c[8];
+    for (int j = 0; j < 8; j++) c[j] = _mm256_setzero_si256();
+    const int8_t *wp = w + (size_t)n * 2;
+    const int32_t *xp = (const int32_t *)xq;
+    for (int i = 0; i < K / 2; i++, wp += (size_t)ld * 2) {
+        __m256i xb = _mm256_set1_epi32(xp[i]);
+        for (int j = 0; j < 8; j++)
+            c[j] = _mm256_add_epi32(
+                c[j], _mm256_madd_epi16(xb, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wp + 16 * j)))));
+    }
+    __m256 xs = _mm256_set1_ps(sx);
+    for (int j = 0; j < 8; j++)
+        _mm256_storeu_ps(y + n + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[j]),
+                                                        _mm256_mul_ps(xs, _mm256_loadu_ps(sw + n + 8 * j)),
+                                                        _mm256_loadu_ps(bias + n + 8 * j)));
+}
+
+/* columns [n0, n1) (multiples of 16) of every row */
+static void mm_i8(int rows, int K, int n0, int n1, int ld, const int16_t *xq, const float *sx, const int8_t *w,
+                  const float *sw, const float *bias, float *y) {
+    int b = 0;
+    for (; b + 6 <= rows; b += 6)
+        for (int n = n0; n < n1; n += 16)
+            i8_tile16(6, K, ld, n, xq + (size_t)b * K, sx + b, w, sw, bias, y + (size_t)b * ld);
+    for (; b + 4 <= rows; b += 4)
+        for (int n = n0; n < n1; n += 16)
+            i8_tile16(4, K, ld, n, xq + (size_t)b * K, sx + b, w, sw, bias, y + (size_t)b * ld);
+    for (; b < rows; b++) {
+        int n = n0;
+        for (; n + 64 <= n1; n += 64) i8_row64(K, ld, n, xq + (size_t)b * K, sx[b], w, sw, bias, y + (size_t)b * ld);
+        for (; n < n1; n += 16) i8_tile16(1, K, ld, n, xq + (size_t)b * K, sx + b, w, sw, bias, y + (size_t)b * ld);
+    }
+}
+
+/* Each row of x (rows, K) quantized alone: sx = max|x| / 127, xq = round(x / sx) (nearest even) in [-127, 127];
+ * a row of zeros gets sx = 0. K % 16 == 0. */
+static void quantize_rows(int rows, int K, const float *x, int16_t *xq, float *sx) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int b = 0; b < rows; b++) {
+        const float *xr = x + (size_t)b * K;
+        __m256 m = _mm256_setzero_ps();
+        for (int k = 0; k < K; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)));
+        float tmp[8], amax = 0.f;
+        _mm256_storeu_ps(tmp, m);
+        for (int t = 0; t < 8; t++) amax = tmp[t] > amax ? tmp[t] : amax;
+        sx[b] = amax / 127.0f;
+        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.0f / amax : 0.f);
+        const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+        int16_t *qr = xq + (size_t)b * K;
+        for (int k = 0; k < K; k += 16) {
+            __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), inv));
+            __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), inv));
+            q0 = _mm256_min_epi32(_mm256_max_epi32(q0, lo), hi);
+            q1 = _mm256_min_epi32(_mm256_max_epi32(q1, lo), hi);
+            /* packs works per 128-bit lane: [q0 lo, q1 lo, q0 hi, q1 hi] -> put the 64-bit quarters back in order */
+            __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);
+            _mm256_storeu_si256((__m256i *)(qr + k), p);
+        }
+    }
+}
+
+/* A matrix's input as the format needs it: int8 weights take the rows quantized (once per input, then any columns) */
+typedef struct {
+    const float *x;
+    int16_t *xq;
+    float *sx;
+} MatIn;
+
+static void mat_in(int fmt, int rows, int K, MatIn *in) {
+    if (fmt == SHORTCUT_WEIGHTS_INT8) quantize_rows(rows, K, in->x, in->xq, in->sx);
+}
+
+/* y[:, n0:n1) = x @ W[:, n0:n1) + bias[n0:n1) for every row; W (K, ld) in `fmt`; y rows `ld` apart; n0, n1 % 16 == 0 */
+static void matmul(int fmt, int rows, int K, int n0, int n1, int ld, const MatIn *in, const void *w, const float *sw,
+                   const float *bias, float *y) {
+    if (n1 <= n0) return;
+    if (fmt == SHORTCUT_WEIGHTS_INT8)
+        mm_i8(rows, K, n0, n1, ld, in->xq, in->sx, (const int8_t *)w, sw, bias, y);
+    else if (fmt == SHORTCUT_WEIGHTS_F16)
+        mm_f16(rows, K, n1 - n0, ld, in->x, (const uint16_t *)w + n0, bias + n0, y + n0);
     else
-        mm_f32(rows, K, N, x, (const float *)w, bias, y);
+        mm_f32(rows, K, n1 - n0, ld, in->x, (const float *)w + n0, bias + n0, y + n0);
 }
 
 /* LayerNorm of one row of C (two passes, biased variance, as torch) */
@@ -467,76 +592,379 @@ static inline void edit_update(const ShortcutDims *d, const ShortcutEdits *e, in
     }
 }
 
-/* One step (fused_step.h). The cache: (L, rows, nh, S, hd) with the given layer and row strides (elements); a row
- * stride of 0 makes every row share one cache row: rows go in order, each writing its key and value right before it
- * attends, so rows at positions 0..B-1 are a causal prefill of one sequence. A float16 cache (kv_half) halves the
- * bytes attention reads, the keys and values rounded once when written. */
-int shortcut_fused_step(const ShortcutDims *d, const ShortcutWeights *w, const ShortcutStepArgs *a) {
-    const int B = a->B, C = d->d_model, nh = d->n_head, L = d->n_layer, F = d->d_ff, V = d->vocab_size;
-    const int S = d->block_size, half = d->half, R = a->R, kv_half = a->kv_half;
-    const int64_t *tokens = a->tokens, *pos = a->pos, *trace_rows = a->trace_rows;
-    float *stream = a->stream;
-    for (int b = 0; b < B; b++) {
-        if (tokens[b] < 0 || tokens[b] >= V) return SHORTCUT_EBAD_TOKEN;
-        if (pos[b] < 0 || pos[b] >= S) return SHORTCUT_EBAD_POS;
+/* ---- the thread pool: persistent workers, woken per step, spinning briefly before they sleep on a futex ---- */
+#define SPIN_ITERS 4000 /* ~0.1 ms of pause instructions before a waiter sleeps (a step's phases are shorter) */
+
+static void futex_wait(atomic_int *word, int old) { syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, old, NULL, NULL, 0); }
+static void futex_wake_all(atomic_int *word) { syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0); }
+
+/* Wait until *word != old: spin, then sleep (`sleepers` counts the sleepers so that wakers skip the syscall) */
+static void wait_change(atomic_int *word, int old, atomic_int *sleepers) {
+    for (int i = 0; i < SPIN_ITERS; i++) {
+        if (atomic_load_explicit(word, memory_order_acquire) != old) return;
+        _mm_pause();
     }
-    for (int r = 0; r < R; r++)
-        if (trace_rows[r] < 0 || trace_rows[r] >= B) return SHORTCUT_EBAD_TRACE;
-    const int hd = C / nh, C3 = 3 * C;
+    while (atomic_load(word) == old) {
+        atomic_fetch_add(sleepers, 1);
+        futex_wait(word, old); /* returns at once if *word is no longer old */
+        atomic_fetch_sub(sleepers, 1);
+    }
+}
+
+static void bump_and_wake(atomic_int *word, atomic_int *sleepers) {
+    atomic_fetch_add(word, 1);
+    if (atomic_load(sleepers) > 0) futex_wake_all(word);
+}
+
+struct ShortcutPool {
+    int n; /* threads, the caller's included */
+    pthread_t *threads;
+    void (*fn)(void *, int, int);
+    void *arg;
+    atomic_int job, job_sleepers;   /* generation of the job to run; bumped to start one */
+    atomic_int done, done_sleepers; /* workers done with the current job (bumped by each) */
+    atomic_int bar_count, bar_gen, bar_sleepers;
+    atomic_int stop;
+    pthread_mutex_t lock; /* one step at a time */
+};
+typedef struct ShortcutPool Pool;
+
+typedef struct {
+    Pool *pool;
+    int tid;
+} Worker;
+
+static void *worker_main(void *p_) {
+    Worker *me = (Worker *)p_;
+    Pool *p = me->pool;
+    int tid = me->tid, seen = 0;
+    free(me);
+    for (;;) {
+        wait_change(&p->job, seen, &p->job_sleepers);
+        seen = atomic_load(&p->job);
+        if (atomic_load(&p->stop)) return NULL;
+        p->fn(p->arg, tid, p->n);
+        bump_and_wake(&p->done, &p->done_sleepers);
+    }
+}
+
+/* Every thread of the running job waits here until all have come */
+static void pool_barrier(Pool *p) {
+    if (p == NULL || p->n == 1) return;
+    int gen = atomic_load(&p->bar_gen);
+    if (atomic_fetch_add(&p->bar_count, 1) == p->n - 1) {
+        atomic_store(&p->bar_count, 0);
+        bump_and_wake(&p->bar_gen, &p->bar_sleepers);
+    } else {
+        wait_change(&p->bar_gen, gen, &p->bar_sleepers);
+    }
+}
+
+/* fn(arg, tid, n) on every thread (the caller is thread 0); returns when all are done */
+static void pool_run(Pool *p, void (*fn)(void *, int, int), void *arg) {
+    pthread_mutex_lock(&p->lock);
+    unsigned before = (unsigned)atomic_load(&p->done);
+    p->fn = fn;
+    p->arg = arg;
+    bump_and_wake(&p->job, &p->job_sleepers); /* seq_cst: the workers see fn and arg */
+    fn(arg, 0, p->n);
+    int target = (int)(before + (unsigned)(p->n - 1));
+    for (int v; (v = atomic_load(&p->done)) != target;) wait_change(&p->done, v, &p->done_sleepers);
+    pthread_mutex_unlock(&p->lock);
+}
+
+ShortcutPool *shortcut_fused_pool_new(int threads) {
+    /* (on failure: shortcut_fused_pool_free stops the workers started so far) */
+    if (threads < 2) return NULL;
+    Pool *p = (Pool *)calloc(1, sizeof(Pool));
+    if (p == NULL) return NULL;
+    p->threads = (pthread_t *)calloc((size_t)threads, sizeof(pthread_t));
+    if (p->threads == NULL) {
+        free(p);
+        return NULL;
+    }
+    p->n = threads;
+    pthread_mutex_init(&p->lock, NULL);
+    for (int t = 1; t < threads; t++) {
+        Worker *w = (Worker *)malloc(sizeof(Worker));
+        if (w != NULL) *w = (Worker){p, t};
+        if (w == NULL || pthread_create(&p->threads[t], NULL, worker_main, w) != 0) {
+            free(w);
+            p->n = t; /* the workers started so far: stop them */
+            shortcut_fused_pool_free(p);
+            return NULL;
+        }
+    }
+    return p;
+}
+
+int shortcut_fused_pool_threads(const ShortcutPool *p) { return p == NULL ? 1 : p->n; }
+
+void shortcut_fused_pool_free(ShortcutPool *p) {
+    if (p == NULL) return;
+    atomic_store(&p->stop, 1);
+    bump_and_wake(&p->job, &p->job_sleepers);
+    for (int t = 1; t < p->n; t++) pthread_join(p->threads[t], NULL);
+    pthread_mutex_destroy(&p->lock);
+    free(p->threads);
+    free(p);
+}
+
+/* ---- the step ---- */
+typedef struct {
+    const ShortcutDims *d;
+    const ShortcutWeights *w;
+    const ShortcutStepArgs *a;
+    Pool *pool;
+    char *scratch; /* per thread: `per_thread` bytes each */
+    size_t per_thread;
+    float *shared; /* the column split's shared buffers */
+} Step;
+
+/* Per-thread scratch for `rows` rows (bytes): x, h, y, qkv, ff, the attention scores, the unembedding's zero bias,
+ * and the quantized input of a matrix */
+static size_t scratch_bytes(const ShortcutDims *d, int rows) {
+    const size_t C = d->d_model, F = d->d_ff, K = F > C ? F : C;
+    size_t floats = (size_t)rows * (3 * C + 3 * C + F) + d->block_size + d->vocab_size + rows;
+    return floats * sizeof(float) + (size_t)rows * K * sizeof(int16_t) + 64;
+}
+
+typedef struct {
+    float *x, *h, *y, *qkv, *ff, *sc, *zero;
+    MatIn in;
+} Scratch;
+
+static Scratch carve(const ShortcutDims *d, int rows, char *base) {
+    const size_t C = d->d_model, F = d->d_ff;
+    Scratch s;
+    s.x = (float *)base;
+    s.h = s.x + rows * C;
+    s.y = s.h + rows * C;
+    s.qkv = s.y + rows * C;
+    s.ff = s.qkv + rows * 3 * C;
+    s.sc = s.ff + rows * F;
+    s.zero = s.sc + d->block_size;
+    s.in.sx = s.zero + d->vocab_size;
+    s.in.xq = (int16_t *)(s.in.sx + rows);
+    s.in.x = NULL;
+    memset(s.zero, 0, sizeof(float) * d->vocab_size); /* the unembedding has no bias */
+    return s;
+}
+
+static const void *mat(const ShortcutLayerWeights *lw, int which, const float **sw) {
+    switch (which) {
+    case 0: *sw = lw->s_qkv; return lw->w_qkv;
+    case 1: *sw = lw->s_o; return lw->w_o;
+    case 2: *sw = lw->s_fc; return lw->w_fc;
+    default: *sw = lw->s_p; return lw->w_p;
+    }
+}
+
+/* Row b's head hh at position p: write its key and value into the cache, then attend over positions 0..p */
+static void attend_head(const Step *st, int b, int hh, const float *qr, float *sc, float *out, char *kl, char *vl) {
+    const ShortcutDims *d = st->d;
+    const ShortcutStepArgs *a = st->a;
+    const int C = d->d_model, S = d->block_size, hd = C / d->n_head;
+    const size_t kv_esz = a->kv_half ? 2 : 4;
     const float scale = 1.0f / sqrtf((float)hd);
-    float *buf = (float *)malloc(sizeof(float) * ((size_t)B * (3 * C + C3 + F) + S + V));
-    if (buf == NULL) return SHORTCUT_ENOMEM;
-    float *x = buf, *h = x + (size_t)B * C, *y = h + (size_t)B * C, *qkv = y + (size_t)B * C;
-    float *ff = qkv + (size_t)B * C3, *sc = ff + (size_t)B * F;
+    const int64_t p = a->pos[b];
+    size_t off = ((size_t)b * a->row_stride + (size_t)hh * S * hd) * kv_esz;
+    if (a->kv_half) {
+        uint16_t *K = (uint16_t *)(kl + off), *Vh = (uint16_t *)(vl + off);
+        to_f16(hd, qr + C + hh * hd, K + (size_t)p * hd);
+        to_f16(hd, qr + 2 * C + hh * hd, Vh + (size_t)p * hd);
+        attend_f16((int)p + 1, hd, scale, qr + hh * hd, K, Vh, sc, out);
+    } else {
+        float *K = (float *)(kl + off), *Vh = (float *)(vl + off);
+        memcpy(K + (size_t)p * hd, qr + C + hh * hd, sizeof(float) * hd);
+        memcpy(Vh + (size_t)p * hd, qr + 2 * C + hh * hd, sizeof(float) * hd);
+        attend_f32((int)p + 1, hd, scale, qr + hh * hd, K, Vh, sc, out);
+    }
+}
 
-    for (int b = 0; b < B; b++)
-        for (int i = 0; i < C; i++) x[(size_t)b * C + i] = w->wte[tokens[b] * C + i] + w->wpe[pos[b] * C + i];
-    for (int r = 0; r < R; r++) memcpy(stream + (size_t)r * C, x + (size_t)trace_rows[r] * C, sizeof(float) * C);
+static void embed_rows(const Step *st, int b0, int n, float *x) {
+    const int C = st->d->d_model;
+    for (int i = 0; i < n; i++) {
+        int64_t t = st->a->tokens[b0 + i], p = st->a->pos[b0 + i];
+        for (int c = 0; c < C; c++) x[(size_t)i * C + c] = st->w->wte[t * C + c] + st->w->wpe[p * C + c];
+    }
+}
 
-    const size_t kv_esz = kv_half ? 2 : 4;
+/* The traced rows among [b0, b0 + n) into the stream at slot `at` (0: before block 0, l + 1: after block l) */
+static void trace_rows(const Step *st, int b0, int n, int at, const float *x) {
+    const ShortcutStepArgs *a = st->a;
+    const int C = st->d->d_model;
+    for (int r = 0; r < a->R; r++)
+        if (a->trace_rows[r] >= b0 && a->trace_rows[r] < b0 + n)
+            memcpy(a->stream + ((size_t)at * a->R + r) * C, x + (size_t)(a->trace_rows[r] - b0) * C, sizeof(float) * C);
+}
+
+/* The whole step for rows [b0, b0 + n), alone (one thread, or one of the row split's): rows never meet, and each
+ * row's numbers are those of any other split (every matrix output is one sum in a fixed order). */
+static void step_rows(const Step *st, int b0, int n, char *buf) {
+    if (n <= 0) return;
+    const ShortcutDims *d = st->d;
+    const ShortcutWeights *w = st->w;
+    const ShortcutStepArgs *a = st->a;
+    const int C = d->d_model, nh = d->n_head, L = d->n_layer, F = d->d_ff, V = d->vocab_size, C3 = 3 * C;
+    const int fmt = d->weights;
+    const size_t kv_esz = a->kv_half ? 2 : 4;
+    Scratch s = carve(d, n, buf);
+    const float *sw;
+    embed_rows(st, b0, n, s.x);
+    trace_rows(st, b0, n, 0, s.x);
     for (int l = 0; l < L; l++) {
         const ShortcutLayerWeights *lw = &w->layers[l];
         char *kl = (char *)a->k_cache + (size_t)l * a->layer_stride * kv_esz;
         char *vl = (char *)a->v_cache + (size_t)l * a->layer_stride * kv_esz;
-
         /* attention */
-        for (int b = 0; b < B; b++) layer_norm(C, x + (size_t)b * C, lw->ln_1_w, lw->ln_1_b, h + (size_t)b * C);
-        matmul(half, B, C, C3, h, lw->w_qkv, lw->b_qkv, qkv);
-        for (int b = 0; b < B; b++) {
-            const float *qr = qkv + (size_t)b * C3;
-            int64_t p = pos[b];
-            for (int hh = 0; hh < nh; hh++) {
-                size_t off = ((size_t)b * a->row_stride + (size_t)hh * S * hd) * kv_esz;
-                float *out = y + (size_t)b * C + hh * hd;
-                if (kv_half) {
-                    uint16_t *K = (uint16_t *)(kl + off), *Vh = (uint16_t *)(vl + off);
-                    to_f16(hd, qr + C + hh * hd, K + (size_t)p * hd);
-                    to_f16(hd, qr + 2 * C + hh * hd, Vh + (size_t)p * hd);
-                    attend_f16((int)p + 1, hd, scale, qr + hh * hd, K, Vh, sc, out);
-                } else {
-                    float *K = (float *)(kl + off), *Vh = (float *)(vl + off);
-                    memcpy(K + (size_t)p * hd, qr + C + hh * hd, sizeof(float) * hd);
-                    memcpy(Vh + (size_t)p * hd, qr + 2 * C + hh * hd, sizeof(float) * hd);
-                    attend_f32((int)p + 1, hd, scale, qr + hh * hd, K, Vh, sc, out);
-                }
-            }
-        }
-        matmul(half, B, C, C, y, lw->w_o, lw->b_o, h); /* h = F(x) of the attention part */
-        for (int b = 0; b < B; b++) edit_update(d, &a->edits, b, l, 0, pos[b], x + (size_t)b * C, h + (size_t)b * C);
-
+        for (int b = 0; b < n; b++) layer_norm(C, s.x + (size_t)b * C, lw->ln_1_w, lw->ln_1_b, s.h + (size_t)b * C);
+        s.in.x = s.h;
+        mat_in(fmt, n, C, &s.in);
+        const void *wm = mat(lw, 0, &sw);
+        matmul(fmt, n, C, 0, C3, C3, &s.in, wm, sw, lw->b_qkv, s.qkv);
+        for (int b = 0; b < n; b++)
+            for (int hh = 0; hh < nh; hh++)
+                attend_head(st, b0 + b, hh, s.qkv + (size_t)b * C3, s.sc, s.y + (size_t)b * C + hh * (C / nh), kl, vl);
+        s.in.x = s.y;
+        mat_in(fmt, n, C, &s.in);
+        wm = mat(lw, 1, &sw);
+        matmul(fmt, n, C, 0, C, C, &s.in, wm, sw, lw->b_o, s.h); /* h = F(x) of the attention part */
+        for (int b = 0; b < n; b++)
+            edit_update(d, &a->edits, b0 + b, l, 0, a->pos[b0 + b], s.x + (size_t)b * C, s.h + (size_t)b * C);
         /* MLP */
-        for (int b = 0; b < B; b++) layer_norm(C, x + (size_t)b * C, lw->ln_2_w, lw->ln_2_b, h + (size_t)b * C);
-        matmul(half, B, C, F, h, lw->w_fc, lw->b_fc, ff);
-        gelu_tanh(B * F, ff);
-        matmul(half, B, F, C, ff, lw->w_p, lw->b_p, y);
-        for (int b = 0; b < B; b++) edit_update(d, &a->edits, b, l, 1, pos[b], x + (size_t)b * C, y + (size_t)b * C);
-        for (int r = 0; r < R; r++)
-            memcpy(stream + ((size_t)(l + 1) * R + r) * C, x + (size_t)trace_rows[r] * C, sizeof(float) * C);
+        for (int b = 0; b < n; b++) layer_norm(C, s.x + (size_t)b * C, lw->ln_2_w, lw->ln_2_b, s.h + (size_t)b * C);
+        s.in.x = s.h;
+        mat_in(fmt, n, C, &s.in);
+        wm = mat(lw, 2, &sw);
+        matmul(fmt, n, C, 0, F, F, &s.in, wm, sw, lw->b_fc, s.ff);
+        gelu_tanh(n * F, s.ff);
+        s.in.x = s.ff;
+        mat_in(fmt, n, F, &s.in);
+        wm = mat(lw, 3, &sw);
+        matmul(fmt, n, F, 0, C, C, &s.in, wm, sw, lw->b_p, s.y);
+        for (int b = 0; b < n; b++)
+            edit_update(d, &a->edits, b0 + b, l, 1, a->pos[b0 + b], s.x + (size_t)b * C, s.y + (size_t)b * C);
+        trace_rows(st, b0, n, l + 1, s.x);
     }
-    for (int b = 0; b < B; b++) layer_norm(C, x + (size_t)b * C, w->ln_f_w, w->ln_f_b, h + (size_t)b * C);
-    float *zero = sc + S; /* the unembedding has no bias */
-    memset(zero, 0, sizeof(float) * V);
-    mm_f32(B, C, V, h, w->unembed_t, zero, a->logits);
+    for (int b = 0; b < n; b++) layer_norm(C, s.x + (size_t)b * C, w->ln_f_w, w->ln_f_b, s.h + (size_t)b * C);
+    mm_f32(n, C, V, V, s.h, w->unembed_t, s.zero, a->logits + (size_t)b0 * V);
+}
+
+/* The row split: thread t takes a contiguous share of the rows */
+static void rows_job(void *arg, int t, int T) {
+    const Step *st = (const Step *)arg;
+    int B = st->a->B, b0 = (int)((int64_t)B * t / T), b1 = (int)((int64_t)B * (t + 1) / T);
+    step_rows(st, b0, b1 - b0, st->scratch + (size_t)t * st->per_thread);
+}
+
+/* [lo, hi) of `units` units for thread t of T */
+static void share(int units, int t, int T, int *lo, int *hi) {
+    *lo = (int)((int64_t)units * t / T);
+    *hi = (int)((int64_t)units * (t + 1) / T);
+}
+
+/* The column split (one row, or a prefill's rows that share a cache row): every thread keeps its own copy of the
+ * stream x (the same numbers: the same updates in the same order) and computes a share of each matrix's output
+ * columns (16 at a time) and of the heads (each head's q, k, v columns, its cache and attention: the rows in order,
+ * so a prefill's causal order holds per head). Four barriers per layer: after attention, the attention's output
+ * projection, the MLP's up projection and its down projection. */
+static void cols_job(void *arg, int t, int T) {
+    const Step *st = (const Step *)arg;
+    const ShortcutDims *d = st->d;
+    const ShortcutWeights *w = st->w;
+    const ShortcutStepArgs *a = st->a;
+    const int B = a->B, C = d->d_model, nh = d->n_head, L = d->n_layer, F = d->d_ff, V = d->vocab_size, C3 = 3 * C;
+    const int hd = C / nh, fmt = d->weights;
+    const size_t kv_esz = a->kv_half ? 2 : 4;
+    Scratch s = carve(d, B, st->scratch + (size_t)t * st->per_thread);
+    float *y_att = st->shared, *h_att = y_att + (size_t)B * C, *ff = h_att + (size_t)B * C;
+    float *y_mlp = ff + (size_t)B * F;
+    const int hg = hd % 16 == 0 ? 1 : 2; /* heads per unit: a unit's columns are a multiple of 16 */
+    int h0, h1, c0, c1, f0, f1, v0, v1;
+    share(nh / hg, t, T, &h0, &h1);
+    h0 *= hg, h1 *= hg;
+    share(C / 16, t, T, &c0, &c1);
+    share(F / 16, t, T, &f0, &f1);
+    share(V / 16, t, T, &v0, &v1);
+    c0 *= 16, c1 *= 16, f0 *= 16, f1 *= 16, v0 *= 16, v1 *= 16;
+    const float *sw;
+    embed_rows(st, 0, B, s.x);
+    if (t == 0) trace_rows(st, 0, B, 0, s.x);
+    for (int l = 0; l < L; l++) {
+        const ShortcutLayerWeights *lw = &w->layers[l];
+        char *kl = (char *)a->k_cache + (size_t)l * a->layer_stride * kv_esz;
+        char *vl = (char *)a->v_cache + (size_t)l * a->layer_stride * kv_esz;
+        for (int b = 0; b < B; b++) layer_norm(C, s.x + (size_t)b * C, lw->ln_1_w, lw->ln_1_b, s.h + (size_t)b * C);
+        s.in.x = s.h;
+        mat_in(fmt, B, C, &s.in);
+        const void *wm = mat(lw, 0, &sw);
+        for (int part = 0; part < 3; part++) /* this thread's heads' q, k and v columns */
+            matmul(fmt, B, C, part * C + h0 * hd, part * C + h1 * hd, C3, &s.in, wm, sw, lw->b_qkv, s.qkv);
+        for (int b = 0; b < B; b++)
+            for (int hh = h0; hh < h1; hh++)
+                attend_head(st, b, hh, s.qkv + (size_t)b * C3, s.sc, y_att + (size_t)b * C + hh * hd, kl, vl);
+        pool_barrier(st->pool);
+        s.in.x = y_att;
+        mat_in(fmt, B, C, &s.in);
+        wm = mat(lw, 1, &sw);
+        matmul(fmt, B, C, c0, c1, C, &s.in, wm, sw, lw->b_o, h_att);
+        pool_barrier(st->pool);
+        for (int b = 0; b < B; b++) {
+            edit_update(d, &a->edits, b, l, 0, a->pos[b], s.x + (size_t)b * C, h_att + (size_t)b * C);
+            layer_norm(C, s.x + (size_t)b * C, lw->ln_2_w, lw->ln_2_b, s.h + (size_t)b * C);
+        }
+        s.in.x = s.h;
+        mat_in(fmt, B, C, &s.in);
+        wm = mat(lw, 2, &sw);
+        matmul(fmt, B, C, f0, f1, F, &s.in, wm, sw, lw->b_fc, ff);
+        for (int b = 0; b < B; b++) gelu_tanh(f1 - f0, ff + (size_t)b * F + f0);
+        pool_barrier(st->pool);
+        s.in.x = ff;
+        mat_in(fmt, B, F, &s.in);
+        wm = mat(lw, 3, &sw);
+        matmul(fmt, B, F, c0, c1, C, &s.in, wm, sw, lw->b_p, y_mlp);
+        pool_barrier(st->pool);
+        for (int b = 0; b < B; b++)
+            edit_update(d, &a->edits, b, l, 1, a->pos[b], s.x + (size_t)b * C, y_mlp + (size_t)b * C);
+        if (t == 0) trace_rows(st, 0, B, l + 1, s.x);
+    }
+    for (int b = 0; b < B; b++) layer_norm(C, s.x + (size_t)b * C, w->ln_f_w, w->ln_f_b, s.h + (size_t)b * C);
+    if (v1 > v0) mm_f32(B, C, v1 - v0, V, s.h, w->unembed_t + v0, s.zero + v0, a->logits + v0);
+}
+
+/* One step (fused_step.h). The cache: (L, rows, nh, S, hd) with the given layer and row strides (elements); a row
+ * stride of 0 makes every row share one cache row: rows go in order, each writing its key and value right before it
+ * attends, so rows at positions 0..B-1 are a causal prefill of one sequence. A float16 cache (kv_half) halves the
+ * bytes attention reads, the keys and values rounded once when written.
+ *
+ * Threads (args->pool): rows are split across them when there are several rows with their own cache rows (each
+ * thread runs the whole step for its rows; no barrier), columns and heads otherwise (one row, or a prefill). Either
+ * way every output is the same sum in the same order as with one thread: the numbers do not depend on the threads. */
+int shortcut_fused_step(const ShortcutDims *d, const ShortcutWeights *w, const ShortcutStepArgs *a) {
+    const int B = a->B, V = d->vocab_size, S = d->block_size, R = a->R;
+    for (int b = 0; b < B; b++) {
+        if (a->tokens[b] < 0 || a->tokens[b] >= V) return SHORTCUT_EBAD_TOKEN;
+        if (a->pos[b] < 0 || a->pos[b] >= S) return SHORTCUT_EBAD_POS;
+    }
+    for (int r = 0; r < R; r++)
+        if (a->trace_rows[r] < 0 || a->trace_rows[r] >= B) return SHORTCUT_EBAD_TRACE;
+    if (B == 0) return SHORTCUT_OK;
+    Pool *pool = a->pool != NULL && a->pool->n > 1 ? a->pool : NULL;
+    const int T = pool ? pool->n : 1;
+    const int by_rows = T == 1 || (B >= 2 && a->row_stride != 0);
+    Step st = {d, w, a, pool, NULL, 0, NULL};
+    const int rows_each = by_rows ? (B + T - 1) / T : B;
+    st.per_thread = (scratch_bytes(d, rows_each) + 63) & ~(size_t)63;
+    size_t shared = by_rows ? 0 : sizeof(float) * (size_t)B * (3 * d->d_model + d->d_ff);
+    char *buf = (char *)aligned_alloc(64, st.per_thread * T + ((shared + 63) & ~(size_t)63));
+    if (buf == NULL) return SHORTCUT_ENOMEM;
+    st.scratch = buf;
+    st.shared = (float *)(buf + st.per_thread * T);
+    if (pool == NULL)
+        step_rows(&st, 0, B, buf);
+    else
+        pool_run(pool, by_rows ? rows_job : cols_job, &st);
     free(buf);
     return SHORTCUT_OK;
 }

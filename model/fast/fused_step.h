@@ -6,7 +6,9 @@
  * SHORTCUT_FUSED_ABI_VERSION here and there whenever a struct, a field's meaning or a prototype changes.
  *
  * Names: C d_model, nh n_head, L n_layer, F d_ff, V vocab_size, S block_size (the cache's length), hd = C / nh,
- * B the rows of one step. Matrices are (in, out) row-major; "float16|32" ones follow ShortcutDims.half.
+ * B the rows of one step. Block matrices follow ShortcutDims.weights: float32 or float16 (in, out) row-major, or int8
+ * packed (in / 2, out, 2) (the two weights of a pair of inputs side by side per output) with a float32 scale per
+ * output (the s_* fields: w = int8 * s).
  *
  * To add a kind of stream edit (say, a vector added to the stream at some positions), touch exactly:
  *   1. model/edits.py: a field on StreamEdits (and Intervention), its effect in `apply` (the torch paths);
@@ -20,8 +22,12 @@
 #include <stdint.h>
 
 #ifndef SHORTCUT_FUSED_ABI_VERSION /* overridable only so that a test can build a deliberately stale library */
-#define SHORTCUT_FUSED_ABI_VERSION 3
+#define SHORTCUT_FUSED_ABI_VERSION 4
 #endif
+
+/* ShortcutDims.weights: float32; float16 (arithmetic in float32); int8 with a scale per output, each row of a matrix's
+ * input quantized alone per step (scale max|x| / 127), sums in int32 */
+enum { SHORTCUT_WEIGHTS_F32 = 0, SHORTCUT_WEIGHTS_F16 = 1, SHORTCUT_WEIGHTS_INT8 = 2 };
 
 /* The model's shape and the step's number formats; fixed for a decoder. */
 typedef struct {
@@ -31,16 +37,16 @@ typedef struct {
     int32_t d_ff;       /* F */
     int32_t vocab_size; /* V */
     int32_t block_size; /* S: positions 0..S-1 */
-    int32_t half;       /* 1: block matrices float16 (arithmetic in float32); 0: float32 */
+    int32_t weights;    /* SHORTCUT_WEIGHTS_*: the block matrices' format */
     int32_t residual;   /* 1: x + F(x) (a residual stack); 0: F(x) replaces x (a plain stack) */
 } ShortcutDims;
 
 /* One block's parameters. Vectors are float32; a block without biases or LayerNorm affine gets zeros / ones. */
 typedef struct {
-    const void *w_qkv;   /* (C, 3C) float16|32: q, k, v side by side */
-    const void *w_o;     /* (C, C) float16|32: attention output projection */
-    const void *w_fc;    /* (C, F) float16|32: MLP up */
-    const void *w_p;     /* (F, C) float16|32: MLP down */
+    const void *w_qkv;   /* (C, 3C): q, k, v side by side */
+    const void *w_o;     /* (C, C): attention output projection */
+    const void *w_fc;    /* (C, F): MLP up */
+    const void *w_p;     /* (F, C): MLP down */
     const float *ln_1_w; /* (C) */
     const float *ln_1_b; /* (C) */
     const float *b_qkv;  /* (3C) */
@@ -49,6 +55,10 @@ typedef struct {
     const float *ln_2_b; /* (C) */
     const float *b_fc;   /* (F) */
     const float *b_p;    /* (C) */
+    const float *s_qkv;  /* (3C) int8 weights' scales per output; NULL otherwise */
+    const float *s_o;    /* (C) */
+    const float *s_fc;   /* (F) */
+    const float *s_p;    /* (C) */
 } ShortcutLayerWeights;
 
 /* Every parameter of the model; fixed for a decoder. */
@@ -70,6 +80,9 @@ typedef struct {
     const int64_t *n_prompt; /* (B), with add: position p of row b is generated when p >= n_prompt[b] */
 } ShortcutEdits;
 
+/* A pool of threads for steps (shortcut_fused_pool_new), opaque; one step at a time uses it */
+typedef struct ShortcutPool ShortcutPool;
+
 /* One step: a token per row at its position, each row's keys and values read from and written to its cache row. */
 typedef struct {
     int32_t B;                 /* rows */
@@ -85,6 +98,7 @@ typedef struct {
     int32_t R;
     float *stream;             /* out: (L + 1, R, C), the traced rows' stream before block 0 and after each block */
     float *logits;             /* out: (B, V) */
+    ShortcutPool *pool;        /* threads to run the step on, or NULL: the caller's thread alone */
 } ShortcutStepArgs;
 
 /* Error codes of shortcut_fused_step (0: done). Input is checked before anything is read or written. */
@@ -103,6 +117,13 @@ const char *shortcut_fused_isa(void);
 /* The `i`th entry of the struct layout table ("Struct" with its size, or "Struct.field" with its offset and size);
  * NULL past the end. For the test that holds the ctypes mirrors to this header. */
 const char *shortcut_fused_layout(int i, int64_t *offset, int64_t *size);
+/* A pool of `threads` threads, the caller of a step counted (threads - 1 workers, started now, asleep between steps);
+ * NULL for threads < 2 or when they cannot be started. */
+ShortcutPool *shortcut_fused_pool_new(int threads);
+/* The threads of a pool, the caller's included (1 for NULL) */
+int shortcut_fused_pool_threads(const ShortcutPool *pool);
+/* Stops and joins the pool's workers; NULL is fine. Not while a step runs on it. */
+void shortcut_fused_pool_free(ShortcutPool *pool);
 /* One decode step; returns SHORTCUT_OK or an error code above. */
 int shortcut_fused_step(const ShortcutDims *dims, const ShortcutWeights *weights, const ShortcutStepArgs *args);
 

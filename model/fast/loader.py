@@ -62,7 +62,9 @@ def load(path: str) -> ctypes.CDLL | None:
     if isa not in ISA_CPU_FLAGS or not cpu_supported(isa):
         return None
     version = _abi_version(lib)
-    if version != ABI_VERSION or not all(hasattr(lib, f) for f in ("shortcut_fused_step", "shortcut_fused_layout")):
+    if version != ABI_VERSION or not all(
+        hasattr(lib, f) for f in ("shortcut_fused_step", "shortcut_fused_layout", "shortcut_fused_pool_new")
+    ):
         log.warning(
             "fused decode step library %s is stale (ABI %s, need %d): rebuild with `python -m model.fast.build`; "
             "using the TorchScript step",
@@ -74,6 +76,9 @@ def load(path: str) -> ctypes.CDLL | None:
     fn = lib.shortcut_fused_step
     fn.argtypes = [ctypes.POINTER(ShortcutDims), ctypes.POINTER(ShortcutWeights), ctypes.POINTER(ShortcutStepArgs)]
     fn.restype = ctypes.c_int
+    lib.shortcut_fused_pool_new.argtypes, lib.shortcut_fused_pool_new.restype = [ctypes.c_int], ctypes.c_void_p
+    lib.shortcut_fused_pool_free.argtypes, lib.shortcut_fused_pool_free.restype = [ctypes.c_void_p], None
+    lib.shortcut_fused_pool_threads.argtypes, lib.shortcut_fused_pool_threads.restype = [ctypes.c_void_p], ctypes.c_int
     layout = lib.shortcut_fused_layout
     layout.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]
     layout.restype = ctypes.c_char_p

@@ -25,3 +25,19 @@ def test_reports_prefill_and_steps_per_build_and_cache() -> None:
             assert set(got) == {f"{i}_{dt}" for i in isas for dt in ("float32", "float16")}
             assert all(v > 0 for v in got.values())
     assert all(v > 0 for v in res["prefill_ms"].values())
+
+
+def test_step_threads_reports_wall_and_cpu_per_thread_count_and_the_speedup() -> None:
+    from model.fast import fused_available
+
+    if not fused_available():
+        pytest.skip("the fused step is not built here (python -m model.fast.build)")
+    res = fused.step_threads(build_model(seed=0), (1, 2), (1, 3), ("float16", "int8"), position=4, reps=1, rounds=1)
+    assert res["threads"] == [1, 2]
+    for key in ("float16_bs1", "float16_bs3", "int8_bs1", "int8_bs3"):
+        got = res[key]
+        assert set(got) == {"threads1", "threads2"}
+        assert got["threads1"]["wall_speedup"] == 1.0
+        for fig in got.values():
+            assert fig["wall_ms"] > 0 and fig["cpu_ms"] > 0
+            assert fig["wall_speedup"] == pytest.approx(got["threads1"]["wall_ms"] / fig["wall_ms"], abs=1e-3)

@@ -17,6 +17,7 @@ ALL = (  # every section, in the order `run()` has always run them (metrics and 
     "engine",
     "profile",
     "gil",
+    "step_threads",
     "hf",
     "diagnostics",
     "tuned_lens",

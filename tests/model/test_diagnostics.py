@@ -464,7 +464,8 @@ def test_render_text_every_option_combination(
     header = next(line for line in text.splitlines() if line.split()[:1] == ["layer"]).split()
     assert ("grad" in header) == gradients
     assert ("blk" in header) == ablation
-    assert ("lens" in header) == (logit_lens > 0)
+    # the logit lens shows as its KL column, and its top-1 column where the line has room for it
+    assert ("KL" in header) == (logit_lens > 0) and ("lens" in header) <= (logit_lens > 0)
     assert all(line.isprintable() for line in text.splitlines())
     assert ("spearman" in text) == ablation
     assert ("at least 2 tokens" in text) == (len(encode(prompt)) < 2 and (gradients or ablation))

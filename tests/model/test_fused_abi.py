@@ -16,7 +16,7 @@ import torch
 from model.decode import FastDecoder
 from model.edits import StreamEdits
 from model.fast import FusedDecoder, abi, build, cpu_supported, fused_available, make_decoder
-from model.fast.decoder import LAYER_MATRICES, LAYER_VECTORS
+from model.fast.decoder import LAYER_MATRICES, LAYER_SCALES, LAYER_VECTORS
 from model.fast.loader import layout, load
 from tests.conftest import build_model
 
@@ -108,11 +108,36 @@ def test_each_layers_named_pointers_point_at_its_parameters(library: Path) -> No
                 "b_fc": block.mlp.c_fc.bias,
                 "b_p": block.mlp.c_proj.bias,
             }
-            assert set(want) == set(LAYER_MATRICES + LAYER_VECTORS) == {n for n, _ in abi.ShortcutLayerWeights._fields_}
+            fields = {n for n, _ in abi.ShortcutLayerWeights._fields_}
+            assert set(want) | set(LAYER_SCALES) == set(LAYER_MATRICES + LAYER_VECTORS + LAYER_SCALES) == fields
+            assert all(getattr(layer, s) is None for s in LAYER_SCALES)  # float weights: no scales (NULL)
             for name, param in want.items():
                 t = param.detach().float().contiguous().to(dtype if name in LAYER_MATRICES else torch.float32)
                 raw = ctypes.string_at(getattr(layer, name), t.numel() * t.element_size())
                 assert raw == t.numpy().tobytes(), (weights, name)
+
+
+def test_int8_matrices_and_their_scales_are_where_the_pointers_say(library: Path) -> None:
+    """int8: each matrix read back through its pointer as (in / 2, out, 2) pairs and its scales through theirs give
+    the parameter back to within half a step of its column's scale (an independent unpacking)."""
+    model = build_model(seed=4)
+    dec = FusedDecoder(model, weights="int8", library=library)
+    for block, layer in zip(model.blocks, dec._layers, strict=True):
+        for name, sname, lin in (
+            ("w_qkv", "s_qkv", block.attn.c_attn),
+            ("w_o", "s_o", block.attn.c_proj),
+            ("w_fc", "s_fc", block.mlp.c_fc),
+            ("w_p", "s_p", block.mlp.c_proj),
+        ):
+            w = lin.weight.detach().float().t()  # (in, out)
+            k, n = w.shape
+            raw = ctypes.string_at(getattr(layer, name), k * n)
+            pairs = torch.frombuffer(bytearray(raw), dtype=torch.int8).view(k // 2, n, 2)
+            q = torch.stack([pairs[:, :, 0], pairs[:, :, 1]], dim=1).reshape(k, n).float()  # row 2i, then 2i + 1
+            scale = torch.frombuffer(bytearray(ctypes.string_at(getattr(layer, sname), 4 * n)), dtype=torch.float32)
+            assert q.abs().max() <= 127
+            torch.testing.assert_close(scale, w.abs().amax(0) / 127)
+            assert ((q * scale - w).abs() <= scale / 2 + 1e-7).all(), name
 
 
 def test_edits_reach_c_through_one_function() -> None:
