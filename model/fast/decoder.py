@@ -10,6 +10,7 @@ dims and weights structs are built once; a call fills one `ShortcutStepArgs`.
 from __future__ import annotations
 
 import ctypes
+import os
 import logging
 import weakref
 from pathlib import Path
@@ -95,6 +96,19 @@ def _pack(parts: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, 
     return flat, addrs
 
 
+_POOLED: "weakref.WeakSet[FusedDecoder]" = weakref.WeakSet()  # decoders with a thread pool (see `_forked`)
+
+
+def _after_fork_in_child() -> None:
+    for decoder in list(_POOLED):
+        decoder._forked()
+    _POOLED.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class FusedDecoder:
     """The decode step of `FastDecoder` as one C call. `weights`: float16 (block matrices rounded to float16,
     float32 arithmetic, like FastDecoder's float16), float32, or int8 (a scale per output column; each row of a
@@ -169,6 +183,14 @@ class FusedDecoder:
             log.warning("fused decode step: %d threads could not be started; running on one", threads)
         self.threads: int = lib.shortcut_fused_pool_threads(self._pool)
         self._finalizer = weakref.finalize(self, lib.shortcut_fused_pool_free, self._pool)
+        if self._pool:
+            _POOLED.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child: the pool's threads stayed in the parent (joining them would wait forever), so the
+        child's steps run on one thread."""
+        self._finalizer.detach()
+        self._pool, self.threads = None, 1
 
     def close(self) -> None:
         """Stop the step's threads now (they also stop when the decoder is collected); later steps run on one."""

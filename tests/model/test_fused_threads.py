@@ -191,3 +191,34 @@ def test_available_cpus_is_at_least_one_and_within_the_affinity_mask(tmp_path: P
     assert decode_threads(3) == 3 and decode_threads(0) == available_cpus()
     with pytest.raises(ValueError, match="threads"):
         decode_threads(-1)
+
+
+def test_a_forked_child_steps_on_one_thread(library: Path) -> None:
+    """The pool's threads stay in the parent across fork(): a child that steps with the parent's decoder must run on
+    one thread (a pooled step would wait for workers that do not exist) and give the same logits."""
+    import os
+    import select
+
+    cfg = CONFIGS["tiny"]
+    dec = FusedDecoder(build_model(cfg, seed=3).eval(), weights="float32", library=library, threads=2)
+    assert dec.threads == 2
+    want = _run_steps(dec, 4, torch.float32, seed=9)[0]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its thread count and whether its step matched, then leave at once
+        try:
+            got = _run_steps(dec, 4, torch.float32, seed=9)[0]
+            os.write(write, f"{dec.threads} {int(torch.equal(got, want))}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], 60)
+        answer = os.read(read, 64).decode() if ready else "hung"
+    finally:
+        os.close(read)
+        if not ready:
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert answer == "1 1", answer
+    assert dec.threads == 2  # the parent keeps its pool
