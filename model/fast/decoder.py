@@ -10,8 +10,8 @@ dims and weights structs are built once; a call fills one `ShortcutStepArgs`.
 from __future__ import annotations
 
 import ctypes
-import os
 import logging
+import os
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,7 +96,7 @@ def _pack(parts: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, 
     return flat, addrs
 
 
-_POOLED: "weakref.WeakSet[FusedDecoder]" = weakref.WeakSet()  # decoders with a thread pool (see `_forked`)
+_POOLED: weakref.WeakSet[FusedDecoder] = weakref.WeakSet()  # decoders with a thread pool (see `_forked`)
 
 
 def _after_fork_in_child() -> None:
