@@ -401,20 +401,24 @@ def test_a_request_ended_mid_prefill_leaves_cleanly(model: Transformer, how: str
 
 
 def test_drain_waits_for_a_request_mid_prefill(model: Transformer) -> None:
-    """The drain begins after the first chunk: the request mid-prefill is still served in full, and the engine is
-    idle only after it."""
+    """The running row ends after the first chunk; the drain begins after the second (the rest), before the request
+    joins the running rows: no row runs and none waits, yet the engine is not idle; the request is served in full,
+    and the engine is idle only after it."""
     idle: dict[str, bool] = {}
     looked = threading.Event()
+    spy = Spy(PROMPT)
 
     def act(engine: Engine, req: Request, n: int) -> None:
-        if n == 1:
+        if n == 2:
+            assert not engine.scheduler.running and engine.scheduler.staged is not None
             engine.begin_drain()
             assert looked.wait(10), "the test never looked"  # (the request stays mid-prefill meanwhile)
 
     async def body() -> Events:
         gate = Gate()
         engine = Engine(model, max_batch_size=3, prefill_chunk=CHUNK, decode_weights="float32", observer=gate)
-        Spy(PROMPT, after_chunk=act).attach(engine)
+        spy.after_chunk = act
+        spy.attach(engine)
         try:
             await start_behind(engine, gate, [(BACKGROUND, SamplingParams(max_new_tokens=3, temperature=0.0))])
             handle = engine.submit(PROMPT, SamplingParams(max_new_tokens=6, temperature=0.0))
@@ -429,5 +433,6 @@ def test_drain_waits_for_a_request_mid_prefill(model: Transformer) -> None:
             engine.stop()
 
     tokens, fin = asyncio.run(body())
+    assert spy.chunks == [(0, CHUNK), (CHUNK, len(PROMPT))]
     assert not idle["early"]  # mid-prefill, the request counts as running
     assert fin.reason == "length" and [t.token_id for t in tokens] == greedy_reference(model, PROMPT, 6)[0]
