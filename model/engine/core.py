@@ -356,6 +356,7 @@ class Engine:
             return
         sampled = sample(logits, chunk.plan, dest)  # into the staging row's next-token slot
         row = sched.chunk_done(chunk)
+        assert row is not None  # (the last chunk: the request joined the running rows)
         if row != chunk.row:
             self.runner.move_rows([(chunk.row, row)])
         self._prefilled([req], norms)

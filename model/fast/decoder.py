@@ -185,7 +185,9 @@ class FusedDecoder:
         # T rows, every one of them the cache's one row (stride 0)
         shared = KVCache.over(cache.k.expand(-1, T, -1, -1, -1), cache.v.expand(-1, T, -1, -1, -1))
         rows = torch.tensor([T - 1]) if trace else None
-        out = self._run(tokens, torch.arange(start, start + T), shared, 0, edits.expand(T) if edits is not None else None, rows)
+        out = self._run(
+            tokens, torch.arange(start, start + T), shared, 0, edits.expand(T) if edits is not None else None, rows
+        )
         return StepOutput(out.logits[T - 1 :], out.stream)
 
     def _check_cache(self, cache: KVCache) -> None:

@@ -19,6 +19,8 @@ ALL = (  # every section, in the order `run()` has always run them (metrics and 
     "gil",
     "hf",
     "diagnostics",
+    "chunked",
+    "fairness",
     "http",
     "resid",
     "contention",

@@ -209,7 +209,9 @@ def test_chunked_equals_one_piece(model: Transformer, backend: str, weights: str
     through the fused step, to tolerance through the reference forward; and (float32) the text of a full forward."""
     need(backend)
     iv = intervention() if edited else None
-    params = SamplingParams(max_new_tokens=12, temperature=0.0, trace=True, logit_lens_top=2, logprobs=3, intervention=iv)
+    params = SamplingParams(
+        max_new_tokens=12, temperature=0.0, trace=True, logit_lens_top=2, logprobs=3, intervention=iv
+    )
     chunked, bg_c, _, spy_c = run(model, CHUNK, params, backend=backend, weights=weights)
     whole, bg_w, _, spy_w = run(model, 0, params, backend=backend, weights=weights)
 
@@ -233,7 +235,9 @@ def test_chunked_equals_one_piece(model: Transformer, backend: str, weights: str
         torch.testing.assert_close(spy_c.logits, spy_w.logits, rtol=1e-4, atol=1e-4)
         for a, b in zip(traces_c, traces_w, strict=True):
             assert a is not None and b is not None
-            torch.testing.assert_close(torch.tensor(a["resid_norm"]), torch.tensor(b["resid_norm"]), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                torch.tensor(a["resid_norm"]), torch.tensor(b["resid_norm"]), rtol=1e-4, atol=1e-4
+            )
         torch.testing.assert_close(
             torch.tensor([lp for lp, _ in lp_c]), torch.tensor([lp for lp, _ in lp_w]), rtol=1e-4, atol=1e-4
         )
@@ -395,7 +399,9 @@ def test_a_request_ended_mid_prefill_leaves_cleanly(model: Transformer, how: str
     if how != "abort_all":
         assert len(spy.chunks) == 2 + (len(PROMPT) + CHUNK - 1) // CHUNK  # none after the end; all of the next one
     if how == "cancel":
-        assert bg_fin.reason == "length" and [t.token_id for t in bg_tokens] == greedy_reference(model, BACKGROUND, 40)[0]
+        assert (
+            bg_fin.reason == "length" and [t.token_id for t in bg_tokens] == greedy_reference(model, BACKGROUND, 40)[0]
+        )
     if how != "abort_all":
         assert again == greedy_reference(model, PROMPT, 5)[0]
 
