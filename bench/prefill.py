@@ -186,11 +186,17 @@ def long_prompt_next_to_streams(
 
 
 class _Steps(EngineObserver):
+    """Counts decode steps; notes the step at which a prompt of each length was first prefilled (worker side)."""
+
     def __init__(self) -> None:
         self.steps = 0
+        self.prefilled_at: dict[int, int] = {}
 
     def on_step(self, batch_size: int) -> None:
         self.steps += 1
+
+    def on_prefill(self, prompt_tokens: int, queue_time_s: float) -> None:
+        self.prefilled_at.setdefault(prompt_tokens, self.steps)
 
 
 async def _small_run(
@@ -217,7 +223,7 @@ async def _small_run(
         handle = engine.submit(small_prompt, SamplingParams(max_new_tokens=small_tokens, temperature=0.0))
         async for ev in handle:
             if not isinstance(ev, FinishEvent):
-                ttft, ttft_steps = time.perf_counter() - t0, steps.steps - step0
+                ttft, ttft_steps = time.perf_counter() - t0, steps.prefilled_at[len(small_prompt)] - step0
                 break
         for h in (handle, *big):
             h.cancel()
@@ -257,6 +263,8 @@ def small_next_to_largest(
         logit_lens_top=lens_top,
         logprobs=logprobs,
     )
+    if small_prompt_len == prompt_len:
+        raise ValueError("the small request's prompt length must differ from the big one's (told apart by it)")
     small_prompt = list(range(97, 97 + small_prompt_len))
     args = (small_prompt, small_tokens, after_steps, max_batch_size)
     beside = asyncio.run(_small_run(model, prompts * n, big_prompt, big_params, *args))
