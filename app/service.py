@@ -122,6 +122,7 @@ def _serve(name: str, path: Path, settings: Settings, metrics: Metrics, device: 
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         prefill_tokens=settings.max_prefill_tokens,
+        prefill_chunk=settings.prefill_chunk,
         decode_weights=settings.decode_weights,
         decode_backend=settings.decode_backend,
         kv_cache_dtype=settings.kv_cache_dtype,

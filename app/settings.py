@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(
         512, ge=1, description="padded prompt tokens prefilled together in one forward (longer prompts go alone)"
     )
+    prefill_chunk: int = Field(
+        32,
+        ge=0,
+        description="while sequences decode, prompt tokens prefilled per step: a longer prompt is prefilled in chunks "
+        "of this many tokens between decode steps (streams wait at most one chunk); 0 = off (whole prompts)",
+    )
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_stop_strings: int = Field(16, ge=0)
     max_stop_length: int = Field(64, ge=1)

@@ -11,7 +11,7 @@ import importlib
 
 from bench.sections.registry import SECTIONS, Context, Part, Section, run_sections, section, timed
 
-MODULES = ("inprocess", "readout", "served", "compare")  # in the order their sections run
+MODULES = ("inprocess", "readout", "prefill", "served", "compare")  # in the order their sections run
 for _module in MODULES:
     importlib.import_module(f"{__name__}.{_module}")
 

@@ -9,6 +9,9 @@ The parts, each with its own state: the `Scheduler` (waiting and running request
 `ModelRunner` (the decode step, the cache, prefills), `sampler.sample` (logits to tokens), the `OutputProcessor`
 (tokens to events, delivery) and the `JobQueue` (time-shared jobs). A steady batch (no job, no waiting request, no
 row that may have ended) goes straight to its decode.
+
+A long prompt that arrives while rows run is prefilled in chunks of `prefill_chunk` tokens, one after each decode
+step (chunked prefill, see `model.engine.scheduler`), so the running streams never wait for a whole prompt.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class Engine:
         lens: TunedLens | None = None,
         no_tuned_lens: str = "this model has no tuned lens",
         decode_threads: int = 1,
+        prefill_chunk: int = 32,
     ) -> None:
         self.model = model.eval()
         self.config = model.config
@@ -97,6 +101,7 @@ class Engine:
             max_batch_size=max_batch_size,
             max_queue=max_queue,
             prefill_tokens=prefill_tokens,
+            prefill_chunk=prefill_chunk,
         )
         self.output = OutputProcessor(self.observer, self.scheduler.mark_dirty)
         self.jobs = JobQueue(self.model, job_share)
@@ -123,6 +128,10 @@ class Engine:
         return self.scheduler.prefill_tokens
 
     @property
+    def prefill_chunk(self) -> int:
+        return self.scheduler.prefill_chunk
+
+    @property
     def decode_step(self) -> Any:
         """The decode step (`model.fast.FusedDecoder` or `model.decode.FastDecoder`)."""
         return self.runner.decode_step
@@ -145,8 +154,8 @@ class Engine:
 
     @property
     def n_running(self) -> int:
-        """Sequences in the running batch."""
-        return len(self.scheduler.running)
+        """Sequences in the running batch, and one whose prompt is being prefilled in chunks."""
+        return len(self.scheduler.running) + (self.scheduler.staged is not None)
 
     @property
     def n_waiting(self) -> int:
@@ -278,7 +287,7 @@ class Engine:
         while True:
             if not sched.running:  # (rows decoding are work enough: no need to take the lock to look for more)
                 with self._cv:
-                    while not (self._stop or sched.running or sched.waiting or self.jobs):
+                    while not (self._stop or sched.running or sched.staged or sched.waiting or self.jobs):
                         self._cv.wait()
             if self._stop:
                 break
@@ -311,34 +320,69 @@ class Engine:
             else:
                 self._decode()
             self._reap()
+        if sched.staged is not None:  # (after the decode: the running rows' tokens go out first)
+            self._prefill_chunk()
+            self._reap()
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows, in batches of up to `prefill_tokens` padded tokens."""
+        """Prefill waiting requests into free rows, in batches of up to `prefill_tokens` padded tokens; while rows
+        run and prompts are chunked, one batch of up to `prefill_chunk` tokens (or a prompt staged) per step."""
         sched = self.scheduler
         while sched.waiting and len(sched.running) < self.max_batch_size:
+            chunking = sched.chunking
             batch, dropped = sched.admit()
             self.output.finish([(r, "abort", None) for r in dropped])
             if not batch:
                 return
             self._prefill(batch)
+            if chunking:
+                return
 
     def _prefill(self, batch: list[Request]) -> None:
-        now = time.perf_counter()
-        observer = self.observer
-        for req in batch:
-            req.t_prefill = now
-            observer.on_prefill(len(req.prompt), now - req.t_submit)
+        self._prefill_started(batch)
         plan = BatchPlan.of(batch, self.device)
         row = len(self.scheduler.running)
-        logits, dest, traces, norms = self.runner.prefill(batch, row, plan, observer.wants_resid_norms)
+        logits, dest, traces, norms = self.runner.prefill(batch, row, plan, self.observer.wants_resid_norms)
+        self.scheduler.join(batch)
+        self._prefilled(batch, norms)
+        self._emit(batch, sample(logits, plan, dest), traces)
+
+    def _prefill_chunk(self) -> None:
+        """The staged request's next chunk; after its last, the request samples its first token and joins the
+        running rows (its cache row, next token and position copied from the staging row to its row there)."""
+        sched = self.scheduler
+        chunk = sched.next_chunk()
+        req = chunk.req
+        if chunk.start == 0:
+            self._prefill_started([req])
+        logits, dest, traces, norms = self.runner.prefill_chunk(
+            req, chunk.row, chunk.start, chunk.stop, chunk.plan, self.observer.wants_resid_norms
+        )
+        if not chunk.last:
+            sched.chunk_done(chunk)
+            return
+        sampled = sample(logits, chunk.plan, dest)  # into the staging row's next-token slot
+        row = sched.chunk_done(chunk)
+        assert row is not None  # (the last chunk: the request joined the running rows)
+        if row != chunk.row:
+            self.runner.move_rows([(chunk.row, row)])
+        self._prefilled([req], norms)
+        self._emit([req], sampled, traces)
+
+    def _prefill_started(self, batch: list[Request]) -> None:
+        now = time.perf_counter()
+        for req in batch:
+            req.t_prefill = now
+            self.observer.on_prefill(len(req.prompt), now - req.t_submit)
+
+    def _prefilled(self, batch: list[Request], norms: list[list[float]] | None) -> None:
+        observer = self.observer
         for row_norms in norms or ():
             observer.on_resid_norms(row_norms)
-        self.scheduler.join(batch)
         for req in batch:
             if req.params.intervention is not None:
                 observer.on_intervention(req.params.intervention.parts())
         self._report_queue()
-        self._emit(batch, sample(logits, plan, dest), traces)
 
     def _decode(self) -> None:
         batch = self.scheduler.running

@@ -106,47 +106,71 @@ class ModelRunner:
         """The prompts of `batch` into cache rows `row`.. : (logits (n, V) at each last prompt position, the slots of
         the rows' next tokens to sample into, the traces of the traced rows, per row |resid_post| of every layer if
         `want_norms`)."""
+        return self._prefill(batch, [r.prompt for r in batch], row, 0, plan, want_norms)
+
+    def prefill_chunk(
+        self, req: Request, row: int, start: int, stop: int, plan: BatchPlan, want_norms: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, Traces | None, list[list[float]] | None]:
+        """Prompt positions start..stop-1 of `req` into cache row `row`, which holds its positions before `start`
+        (chunked prefill). What `prefill` returns for the one request, meaningful once `stop` is the prompt's end
+        (the logits, trace and norms of its last position; the next token's slot and position set for that row)."""
+        return self._prefill([req], [req.prompt[start:stop]], row, start, plan, want_norms)
+
+    def _prefill(
+        self,
+        batch: Sequence[Request],
+        prompts: list[list[int]],
+        row: int,
+        start: int,
+        plan: BatchPlan,
+        want_norms: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, Traces | None, list[list[float]] | None]:
+        """`prompts` (the batch's prompts, or one chunk of one) at positions start.. into cache rows `row`.."""
         n = len(batch)
-        streams = want_norms or bool(plan.traced)
+        last = all(start + len(p) == len(r.prompt) for r, p in zip(batch, prompts, strict=True))
+        want_norms = want_norms and last  # (the trace and the norms are those of the last position)
+        traced = plan.traced if last else []
+        streams = want_norms or bool(traced)
         prefill = getattr(self.decode_step, "prefill", None)  # a step that prefills through its own kernels
         if prefill is not None:
-            logits, stream = self._prefill_each(prefill, batch, row, streams)
+            logits, stream = self._prefill_each(prefill, batch, prompts, row, start, streams)
         else:
-            logits, stream = self._prefill_padded(batch, row, streams, plan)
+            logits, stream = self._prefill_padded(prompts, row, start, streams, plan)
         norms = stream_norms(stream)[1:].T.tolist() if want_norms and stream is not None else None  # (L + 1, n, C)
         traces = None
-        if plan.traced and stream is not None:
-            traces = self._traces(batch, plan, stream[:, plan.traced], [len(r.prompt) - 1 for r in batch])
-        self._positions[row : row + n] = torch.tensor([len(r.prompt) for r in batch])  # where each next token goes
+        if traced and stream is not None:
+            traces = self._traces(batch, plan, stream[:, traced], [len(r.prompt) - 1 for r in batch])
+        if last:
+            self._positions[row : row + n] = torch.tensor([len(r.prompt) for r in batch])  # where each next token goes
         return logits, self._tokens[row : row + n], traces, norms
 
     def _prefill_each(
-        self, prefill: Any, batch: Sequence[Request], row: int, streams: bool
+        self, prefill: Any, batch: Sequence[Request], prompts: list[list[int]], row: int, start: int, streams: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each prompt through the step's own kernels (`FusedDecoder.prefill`): the numbers of the decode step (its
         weights and cache), no padding."""
         outs = [
-            prefill(torch.tensor(r.prompt), self.cache.rows(row + i, row + i + 1), r.edits, trace=streams)
-            for i, r in enumerate(batch)
+            prefill(torch.tensor(p), self.cache.rows(row + i, row + i + 1), r.edits, trace=streams, start=start)
+            for i, (r, p) in enumerate(zip(batch, prompts, strict=True))
         ]
         logits = torch.cat([o.logits for o in outs])  # (n, V)
         return logits, torch.cat([o.stream for o in outs], dim=1) if streams else None  # (L + 1, n, C)
 
     def _prefill_padded(
-        self, batch: Sequence[Request], row: int, streams: bool, plan: BatchPlan
+        self, prompts: list[list[int]], row: int, start: int, streams: bool, plan: BatchPlan
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The prompts through the reference forward in one batch, right-padded to the longest.
+        """The prompts through the reference forward in one batch, right-padded to the longest, at positions start..
 
         Padding is exact: a causal model's outputs at real positions never see later (padded) ones, and the
         cache entries written at padded positions are overwritten by the row's decode steps before any
         query can attend to them (the decode mask covers keys up to each row's own position)."""
-        n, width = len(batch), max(len(r.prompt) for r in batch)
-        idx = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in batch], device=self.device)  # (n, T)
-        last = torch.tensor([len(r.prompt) - 1 for r in batch], device=self.device)  # (n,)
+        n, width = len(prompts), max(len(p) for p in prompts)
+        idx = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)  # (n, T)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)  # (n,)
         out = self.model(
             idx,
             cache=self.cache.rows(row, row + n),
-            pos=torch.zeros(n, dtype=torch.long, device=self.device),
+            pos=torch.full((n,), start, dtype=torch.long, device=self.device),
             return_resid=streams,
             at=last,
             edits=plan.edits,

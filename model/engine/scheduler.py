@@ -3,6 +3,13 @@
 Row i of the running batch is row i of the KV cache. Rows that end leave at once and live rows stay contiguous: each
 hole below the new size takes one of the live rows above it. The scheduler decides those moves and returns them; the
 engine has the runner carry them out (the scheduler never touches the cache), and sends the finish events.
+
+Chunked prefill (`prefill_chunk` tokens, 0: off): while rows run, a step prefills at most `prefill_chunk` prompt
+tokens, so running streams wait at most one chunk for a newcomer. A longer prompt is *staged*: it holds the last
+cache row (the staging row, which admission of others never takes: running + staged <= max_batch_size) and is
+prefilled one chunk per step (`next_chunk`, `chunk_done`) after the running rows' decode; one at a time. On its last
+chunk it joins the running rows at row len(running) (the engine has the runner copy the staging row there). With no
+row running, prompts are prefilled in one piece (the best time to first token), a staged one's rest too.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -30,6 +38,30 @@ class Reaped(NamedTuple):
 NOTHING = Reaped([], [])  # (never appended to)
 
 
+@dataclass
+class Staged:
+    """A request whose prompt is prefilled in chunks into the staging row; `done`: its prompt tokens prefilled."""
+
+    req: Request
+    row: int
+    plan: BatchPlan  # the request's own (one row)
+    done: int = 0
+
+
+class Chunk(NamedTuple):
+    """Prompt positions [start, stop) of the staged request, to prefill into cache row `row`."""
+
+    req: Request
+    row: int
+    start: int
+    stop: int
+    plan: BatchPlan
+
+    @property
+    def last(self) -> bool:
+        return self.stop == len(self.req.prompt)
+
+
 class Scheduler:
     """Admits waiting requests into free rows and reaps ended ones. `lock` guards the waiting queue (submitters
     append to it from the event loop); everything else is the worker's."""
@@ -42,10 +74,13 @@ class Scheduler:
         max_batch_size: int,
         max_queue: int,
         prefill_tokens: int,
+        prefill_chunk: int = 0,
     ) -> None:
         self._lock, self._device = lock, device
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.prefill_tokens = prefill_tokens  # padded prompt tokens per batched prefill (bounds the decode stall)
+        self.prefill_chunk = prefill_chunk  # prompt tokens a step prefills while rows run (0: no chunking)
+        self.staged: Staged | None = None  # the request being prefilled in chunks, in the staging row
         self.running: list[Request] = []  # row i of the cache belongs to running[i]
         self.waiting: collections.deque[Request] = collections.deque()
         self._plan: BatchPlan | None = None  # the running batch's, None: to work out again
@@ -71,7 +106,19 @@ class Scheduler:
         """Whether the next step can go straight to its decode: rows run, their plan stands, none may have ended, no
         deadline passed, nobody waits."""
         plan = self._plan
-        return plan is not None and not self._dirty and not self.waiting and bool(self.running) and now <= plan.deadline
+        return (
+            plan is not None
+            and not self._dirty
+            and not self.waiting
+            and self.staged is None
+            and bool(self.running)
+            and now <= plan.deadline
+        )
+
+    @property
+    def chunking(self) -> bool:
+        """Whether prompts are chunked now: chunking is on and rows run (a step then prefills one budget)."""
+        return self.prefill_chunk > 0 and bool(self.running)
 
     def admit(self) -> tuple[list[Request], list[Request]]:
         """(the next waiting requests to prefill together, up to `prefill_tokens` padded tokens and the free rows;
@@ -79,22 +126,37 @@ class Scheduler:
 
         Fair between groups (client requests), not only rows: each free row goes to the first waiting request of
         the group with the fewest rows running or admitted, so one request of many rows cannot hold back a small
-        one for longer than one of its rows runs."""
+        one for longer than one of its rows runs.
+
+        While rows run and chunking is on, the step's budget is `prefill_chunk` padded tokens, and a staged prompt
+        has it all (nothing is admitted); a prompt longer than the budget that comes first is staged (`staged`)."""
         batch: list[Request] = []
         dropped: list[Request] = []
+        chunking = self.chunking
+        if chunking and self.staged is not None:
+            return batch, dropped
+        budget = min(self.prefill_tokens, self.prefill_chunk) if chunking else self.prefill_tokens
         width = 0  # longest prompt in the batch
         rows = collections.Counter(r.group for r in self.running)
-        while len(self.running) + len(batch) < self.max_batch_size:
+        if self.staged is not None:
+            rows[self.staged.req.group] += 1
+        while len(self.running) + len(batch) + (self.staged is not None) < self.max_batch_size:
+            stage = False
             with self._lock:
                 if not self.waiting:
                     break
                 req = self._next(rows)
-                if batch and max(width, len(req.prompt)) * (len(batch) + 1) > self.prefill_tokens:
-                    break
+                if not req.cancelled and max(width, len(req.prompt)) * (len(batch) + 1) > budget:
+                    if batch:
+                        break
+                    stage = chunking  # (else a longer prompt goes alone, in one piece)
                 self.waiting.remove(req)
             if req.cancelled:
                 dropped.append(req)
                 continue
+            if stage:
+                self.staged = Staged(req, self.max_batch_size - 1, BatchPlan.of([req], self._device))
+                break
             batch.append(req)
             rows[req.group] += 1
             width = max(width, len(req.prompt))
@@ -113,6 +175,25 @@ class Scheduler:
                     break
         return best
 
+    def next_chunk(self) -> Chunk:
+        """The staged request's next chunk: `prefill_chunk` tokens while rows run, else the rest of its prompt."""
+        s = self.staged
+        assert s is not None, "no staged prefill"
+        rest = len(s.req.prompt) - s.done
+        n = min(rest, self.prefill_chunk) if self.running and self.prefill_chunk else rest
+        return Chunk(s.req, s.row, s.done, s.done + n, s.plan)
+
+    def chunk_done(self, chunk: Chunk) -> int | None:
+        """`chunk` was prefilled. After the last one the request joins the running rows: returns its row there
+        (None before)."""
+        s = self.staged
+        assert s is not None and s.req is chunk.req and s.done == chunk.start, "not the staged request's next chunk"
+        s.done = chunk.stop
+        if not chunk.last:
+            return None
+        self.staged = None
+        return self.join([chunk.req])
+
     def join(self, batch: list[Request]) -> int:
         """The prefilled `batch` joins the running rows; returns its first row."""
         row = len(self.running)
@@ -123,14 +204,14 @@ class Scheduler:
     def cancel_all(self) -> None:
         """Mark every running and waiting request cancelled (the drain deadline passed)."""
         with self._lock:
-            for r in itertools.chain(self.running, self.waiting):
+            for r in itertools.chain(self.running, self.waiting, [self.staged.req] if self.staged else ()):
                 r.cancelled = True
         self._dirty = True
 
     def reap(self, now: float) -> Reaped:
-        """Remove finished, cancelled and timed-out requests, running or waiting."""
+        """Remove finished, cancelled and timed-out requests, running, staged or waiting."""
         plan = self._plan
-        if not self._dirty and not self.waiting and plan is not None and now <= plan.deadline:
+        if not self._dirty and not self.waiting and self.staged is None and plan is not None and now <= plan.deadline:
             return NOTHING  # the common case after a step: no row can have ended
         ended: list[tuple[Request, str]] = []
         moves: list[tuple[int, int]] = []
@@ -150,6 +231,11 @@ class Scheduler:
                     ended.append((r, reason))
             if rows:
                 moves = self._remove_rows(rows)
+        if self.staged is not None:
+            r = self.staged.req
+            if r.cancelled or (r.deadline is not None and now > r.deadline):
+                self.staged = None  # (its staging row's contents are never read: the next use writes from position 0)
+                ended.append((r, "abort" if r.cancelled else "timeout"))
         if self.waiting:
             with self._lock:
                 expired = [r for r in self.waiting if r.cancelled or (r.deadline is not None and now > r.deadline)]
@@ -176,8 +262,9 @@ class Scheduler:
     def clear(self) -> list[Request]:
         """Take every running and waiting request out (the worker failed or stops); returns them."""
         with self._lock:
-            out = list(self.running) + list(self.waiting)
+            out = list(self.running) + ([self.staged.req] if self.staged else []) + list(self.waiting)
             self.running.clear()
             self.waiting.clear()
+            self.staged = None
         self._plan = None
         return out

@@ -238,18 +238,21 @@ class FusedDecoder:
         edits: StreamEdits | None = None,
         trace: bool = False,
         all_logits: bool = False,
+        start: int = 0,
     ) -> StepOutput:
-        """A prompt `tokens` (T,) of one row from position 0, through the step's own kernels: writes its keys and
-        values into the one-row `cache` and returns the last position's logits (1, vocab) (with `all_logits`, every
-        position's: (T, vocab)) and, with `trace`, its stream (n_layer + 1, 1, C). `edits`: the row's (one row).
+        """A prompt `tokens` (T,) of one row from position `start`, through the step's own kernels: writes its keys
+        and values into the one-row `cache` and returns the last position's logits (1, vocab) (with `all_logits`,
+        every position's: (T, vocab)) and, with `trace`, its stream (n_layer + 1, 1, C). `edits`: the row's (one row).
 
-        The T positions go as T rows of one step that share the cache row (row stride 0) at positions 0..T-1:
-        layer by layer, the step writes a row's key and value right before that row attends, in row order, so each
-        position attends to itself and every position before it, as a causal forward does."""
+        The T positions go as T rows of one step that share the cache row (row stride 0) at positions
+        start..start+T-1: layer by layer, the step writes a row's key and value right before that row attends, in row
+        order, so each position attends to itself and every position before it, as a causal forward does. With
+        `start` > 0 the cache row must already hold positions 0..start-1 (a chunk of a prompt: each row is computed
+        alone, so chunks give the numbers of one piece bit for bit)."""
         cfg = self.config
         T = tokens.shape[0] if tokens.dim() == 1 else -1
-        if not 1 <= T <= cfg.block_size or cache.n_rows != 1:
-            raise ValueError(f"prefill needs 1..{cfg.block_size} tokens (T,) and a one-row cache")
+        if not 1 <= T <= cfg.block_size - start or start < 0 or cache.n_rows != 1:
+            raise ValueError(f"prefill needs 1..{cfg.block_size} - start tokens (T,), start >= 0 and a one-row cache")
         if edits is not None:
             edits.check(1, cfg.n_layer, cfg.d_model)
         if tokens.device.type != "cpu":
@@ -258,7 +261,9 @@ class FusedDecoder:
         # T rows, every one of them the cache's one row (stride 0)
         shared = KVCache.over(cache.k.expand(-1, T, -1, -1, -1), cache.v.expand(-1, T, -1, -1, -1))
         rows = torch.tensor([T - 1]) if trace else None
-        out = self._run(tokens, torch.arange(T), shared, 0, edits.expand(T) if edits is not None else None, rows)
+        out = self._run(
+            tokens, torch.arange(start, start + T), shared, 0, edits.expand(T) if edits is not None else None, rows
+        )
         return StepOutput(out.logits if all_logits else out.logits[T - 1 :], out.stream)
 
     def _check_cache(self, cache: KVCache) -> None:

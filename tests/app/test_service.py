@@ -34,9 +34,10 @@ def test_release_free_memory_uses_malloc_trim_where_glibc_has_it() -> None:
 
 
 def test_engine_limits_come_from_settings(make_client) -> None:
-    client = make_client(max_batch_size=3, max_queue=5, max_prefill_tokens=40)
+    client = make_client(max_batch_size=3, max_queue=5, max_prefill_tokens=40, prefill_chunk=7)
     engine = client.app.state.models["tiny"].engine
     assert (engine.max_batch_size, engine.max_queue, engine.prefill_tokens) == (3, 5, 40)
+    assert engine.prefill_chunk == 7
     assert client.post("/generate", json={"prompt": "abc", "max_new_tokens": 2}).status_code == 200
 
 

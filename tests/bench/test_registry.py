@@ -22,6 +22,8 @@ ALL = (  # every section, in the order `run()` has always run them (metrics and 
     "diagnostics",
     "tuned_lens",
     "readout",
+    "chunked",
+    "fairness",
     "http",
     "resid",
     "contention",
