@@ -281,7 +281,7 @@ def test_auto_decode_weights_are_float16_where_fbgemm_runs_them(model: Transform
     fin = run_with_engine(model, body, decode_weights="auto")
     assert fin.reason == "length" and fin.completion_tokens == 12
     with pytest.raises(ValueError, match="weights must be"):
-        Engine(model, decode_weights="int8")
+        Engine(model, decode_weights="int4")
 
 
 def test_max_new_tokens_gives_length(model: Transformer) -> None:
