@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,18 +22,47 @@ from bench.stats import median, percentile
 HEAVY = {"gradients": True, "ablation": True, "logit_lens": 3}
 
 
-async def _diagnose(client: httpx.AsyncClient, url: str, prompt: str) -> tuple[float, int]:
+# other jobs to put next to the streams (`python -m bench.contention --job export|patching`): a hidden-state export of
+# every site of every layer at every position of the prompt (base64), and a patching grid of every layer and position
+JOBS: dict[str, tuple[str, dict[str, Any]]] = {
+    "diagnostics": ("/diagnostics", HEAVY),
+    "export": (
+        "/hidden_states",
+        {
+            "layers": "all",
+            "sites": ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"],
+            "encoding": "base64",
+        },
+    ),
+    "patching": ("/patching", {"sites": ["resid_pre"]}),
+}
+
+
+async def _diagnose(
+    client: httpx.AsyncClient, url: str, prompt: str, body: dict[str, Any] | None = None
+) -> tuple[float, int]:
     t0 = time.perf_counter()
-    resp = await client.post(url, json={"prompt": prompt, **HEAVY})
+    if body is not None and url.endswith("/patching"):  # the prompt, and the same with its first byte changed
+        payload = {"clean": prompt, "corrupt": ("A" if prompt[0] != "A" else "B") + prompt[1:], **body}
+    else:
+        payload = {"prompt": prompt, **(HEAVY if body is None else body)}
+    resp = await client.post(url, json=payload)
     return time.perf_counter() - t0, resp.status_code
 
 
 async def _round(
-    base_url: str, prompts: list[str], diag_prompt: str, streams: int, diags: int, max_new_tokens: int
+    base_url: str,
+    prompts: list[str],
+    diag_prompt: str,
+    streams: int,
+    diags: int,
+    max_new_tokens: int,
+    job: str = "diagnostics",
 ) -> tuple[list[RequestResult], list[tuple[float, int]], float]:
     limits = httpx.Limits(max_connections=streams + diags + 2)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600), limits=limits, trust_env=False) as client:
-        jobs = [asyncio.ensure_future(_diagnose(client, base_url + "/diagnostics", diag_prompt)) for _ in range(diags)]
+        path, body = JOBS[job]
+        jobs = [asyncio.ensure_future(_diagnose(client, base_url + path, diag_prompt, body)) for _ in range(diags)]
         if jobs:
             await asyncio.sleep(0.5)  # the jobs are queued (and one runs) before the streams start
         t0 = time.perf_counter()
@@ -65,17 +95,20 @@ def run(
     forward_ms: float | None,
     streams: int = 8,
     diags: int = 16,
+    job: str = "diagnostics",
 ) -> dict[str, Any]:
-    """Both rounds against a running server; `forward_ms` (one forward of the diagnostics prompt) sets the bound."""
+    """Both rounds against a running server; `forward_ms` (one forward of the diagnostics prompt) sets the bound.
+    `job`: what runs next to the streams (JOBS)."""
     alone = _summary(*asyncio.run(_round(base_url, prompts, diag_prompt, streams, 0, max_new_tokens))[::2])
-    results, diag, wall = asyncio.run(_round(base_url, prompts, diag_prompt, streams, diags, max_new_tokens))
+    results, diag, wall = asyncio.run(_round(base_url, prompts, diag_prompt, streams, diags, max_new_tokens, job))
     busy = _summary(results, wall)
     latencies = [1e3 * s for s, status in diag if status == 200]
     bound = 2 * busy["itl_p50_ms"] + forward_ms if forward_ms and busy["itl_p50_ms"] else None
     return {
         "streams": streams,
         "diagnostics": diags,
-        "diagnostics_options": HEAVY,
+        "job": job,
+        "diagnostics_options": JOBS[job][1],
         "diagnostics_prompt_bytes": len(diag_prompt.encode()),
         "alone": alone,
         "with_diagnostics": busy,
@@ -86,3 +119,28 @@ def run(
         "forward_ms": forward_ms,
         "p99_within_bound": None if bound is None else busy["itl_p99_ms"] <= bound,
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m bench.contention --job export`: the shipped checkpoint on a fresh server, 8 streams (64-byte
+    prompts, 128 new tokens) alone and next to 16 of the job (a 256-byte prompt); prints the JSON."""
+    import argparse
+    import json
+
+    from bench.servers import shortcut_server
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--job", choices=sorted(JOBS), default="export")
+    p.add_argument("--diags", type=int, default=16)
+    p.add_argument("--prompt-bytes", type=int, default=256)
+    a = p.parse_args(argv)
+    checkpoint = Path(__file__).resolve().parent.parent / "model" / "checkpoints" / "shakespeare.safetensors"
+    text = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. " * 8
+    prompts = [text[i : i + 64] for i in range(0, 8 * 64, 64)]
+    with shortcut_server(checkpoint, threads=1, max_batch_size=32) as server:
+        out = run(server.base_url, prompts, text[: a.prompt_bytes], 128, None, diags=a.diags, job=a.job)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

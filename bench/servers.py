@@ -199,6 +199,9 @@ def shortcut_server(
         "SHORTCUT_REQUEST_TIMEOUT_S": "3600",
         "SHORTCUT_MAX_QUEUE": "1024",
         "SHORTCUT_RESID_NORM_METRICS": "true" if resid_norm_metrics else "false",
+        # the fused step's threads and weights: the server's defaults unless the bench is told otherwise
+        "SHORTCUT_DECODE_THREADS": os.environ.get("BENCH_DECODE_THREADS", "0"),
+        "SHORTCUT_DECODE_WEIGHTS": os.environ.get("BENCH_DECODE_WEIGHTS", "auto"),
     }
     return serve(name, ["-m", "app", "--host", "127.0.0.1", "--port", str(port)], env, port, "/ready")
 

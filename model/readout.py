@@ -29,7 +29,7 @@ from model.transformer import RESID_NAMES, Transformer
 PATCH_SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 METRICS: tuple[str, ...] = ("logprob", "logit_diff")
 Metric = Literal["logprob", "logit_diff"]
-PATCH_TOKENS_PER_FORWARD = 1024  # grid rows x prompt tokens in one patched forward: one slice of the job
+PATCH_TOKENS_PER_FORWARD = 256  # grid rows x prompt tokens in one patched forward: one slice of the job
 SAFETENSORS_FORMAT = "shortcut-hidden-states/1"
 
 

@@ -19,6 +19,7 @@ from app.readout_protocol import (
     HiddenStatesResponse,
     PatchingRequest,
     PatchingResponse,
+    base64_pieces,
     check_bytes,
     check_layers,
     encode,
@@ -128,6 +129,9 @@ async def post_hidden_states(body: HiddenStatesRequest, request: Request) -> Res
     }
 
     def render() -> bytes:  # off the event loop: an answer may be tens of megabytes
+        if body.encoding == "base64":  # `data` last, spliced in piece by piece (no one long hold of the GIL)
+            head = json.dumps(answer, separators=(",", ":"), allow_nan=False).encode()
+            return b"".join([head[:-1], b',"data":"', *base64_pieces(arrays, body.dtype), b'"}'])
         answer["data"] = encode(arrays, body.encoding, body.dtype)
         return json.dumps(answer, separators=(",", ":"), allow_nan=False).encode()
 
