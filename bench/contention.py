@@ -38,15 +38,19 @@ JOBS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-async def _diagnose(
-    client: httpx.AsyncClient, url: str, prompt: str, body: dict[str, Any] | None = None
-) -> tuple[float, int]:
+def job_payload(job: str, prompt: str) -> tuple[str, dict[str, Any]]:
+    """The path and body of one `job` (JOBS) on `prompt`: patching gets the prompt and the same with its first byte
+    changed (the same token count)."""
+    path, body = JOBS[job]
+    if path == "/patching":
+        return path, {"clean": prompt, "corrupt": ("A" if prompt[0] != "A" else "B") + prompt[1:], **body}
+    return path, {"prompt": prompt, **body}
+
+
+async def _diagnose(client: httpx.AsyncClient, base_url: str, prompt: str, job: str) -> tuple[float, int]:
+    path, payload = job_payload(job, prompt)
     t0 = time.perf_counter()
-    if body is not None and url.endswith("/patching"):  # the prompt, and the same with its first byte changed
-        payload = {"clean": prompt, "corrupt": ("A" if prompt[0] != "A" else "B") + prompt[1:], **body}
-    else:
-        payload = {"prompt": prompt, **(HEAVY if body is None else body)}
-    resp = await client.post(url, json=payload)
+    resp = await client.post(base_url + path, json=payload)
     return time.perf_counter() - t0, resp.status_code
 
 
@@ -61,8 +65,7 @@ async def _round(
 ) -> tuple[list[RequestResult], list[tuple[float, int]], float]:
     limits = httpx.Limits(max_connections=streams + diags + 2)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600), limits=limits, trust_env=False) as client:
-        path, body = JOBS[job]
-        jobs = [asyncio.ensure_future(_diagnose(client, base_url + path, diag_prompt, body)) for _ in range(diags)]
+        jobs = [asyncio.ensure_future(_diagnose(client, base_url, diag_prompt, job)) for _ in range(diags)]
         if jobs:
             await asyncio.sleep(0.5)  # the jobs are queued (and one runs) before the streams start
         t0 = time.perf_counter()
