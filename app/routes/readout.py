@@ -3,6 +3,7 @@ patching), each a time-shared job on the model's worker (`app.generation.run_job
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -32,6 +33,10 @@ from model import tokenizer
 from model.readout import PatchingResult, export_floats, hidden_states, patching, resolve_positions, to_safetensors
 
 router = APIRouter(tags=["readout"], responses=ERRORS)
+
+# Exports are encoded on a worker thread one at a time: each encoding thread competes for the GIL with the engine's
+# worker (every decode step needs it), and N of them at once make a step wait up to N switch intervals (5 ms each).
+_ENCODING = asyncio.Semaphore(1)
 
 
 def _ids(text: str, field: str, served: ServedModel) -> list[int]:
@@ -111,7 +116,8 @@ async def post_hidden_states(body: HiddenStatesRequest, request: Request) -> Res
             "sites": sites,
         }
         arrays = [a.half() if body.dtype == "float16" else a for a in arrays]
-        data = await run_in_threadpool(to_safetensors, arrays, layers, sites, meta)
+        async with _ENCODING:
+            data = await run_in_threadpool(to_safetensors, arrays, layers, sites, meta)
         return Response(content=data, media_type=SAFETENSORS)
     P = {len(p) for p in positions}
     answer = {
@@ -135,7 +141,9 @@ async def post_hidden_states(body: HiddenStatesRequest, request: Request) -> Res
         answer["data"] = encode(arrays, body.encoding, body.dtype)
         return json.dumps(answer, separators=(",", ":"), allow_nan=False).encode()
 
-    return Response(content=await run_in_threadpool(render), media_type="application/json")
+    async with _ENCODING:
+        data = await run_in_threadpool(render)
+    return Response(content=data, media_type="application/json")
 
 
 @router.post("/patching", response_model=PatchingResponse)
