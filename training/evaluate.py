@@ -100,13 +100,18 @@ def evaluate(
                 log.info("evaluated %d/%d windows", min(b0 + batch_size, len(windows)), len(windows))
     finally:
         model.train(was_training)
+    return _scores(total, count, len(windows), block_size)
+
+
+def _scores(total: float, count: int, n_windows: int, block_size: int) -> dict[str, float | int]:
+    """An evaluation's answer from its summed negative log-likelihood (nats) over `count` scored bytes."""
     nats = total / count
     return {
         "nats_per_byte": nats,
         "bits_per_byte": nats / math.log(2),
         "bytes_scored": count,
         "sum_nats": total,
-        "windows": len(windows),
+        "windows": n_windows,
         "block_size": block_size,
         "stride": max(1, block_size // 2),
     }
@@ -133,16 +138,7 @@ def evaluate_fused(
         count += w.length - w.skip
         if i % 200 == 0:
             log.info("evaluated %d/%d windows (fused step)", i + 1, len(windows))
-    nats = total / count
-    return {
-        "nats_per_byte": nats,
-        "bits_per_byte": nats / math.log(2),
-        "bytes_scored": count,
-        "sum_nats": total,
-        "windows": len(windows),
-        "block_size": cfg.block_size,
-        "stride": max(1, cfg.block_size // 2),
-    }
+    return _scores(total, count, len(windows), cfg.block_size)
 
 
 def select_split(path: str | Path, split: str) -> tuple[torch.Tensor, str]:

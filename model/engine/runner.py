@@ -58,7 +58,8 @@ class ModelRunner:
                 f"fills ({len(WARM_UP_PROMPT)} prompt tokens, {2 * WARM_UP_STEPS} decode steps)"
             )
         self.decode_weights = auto_decode_weights(self.device, model) if decode_weights == "auto" else decode_weights
-        over = float16_overflow(model) if self.decode_weights == "float16" else None
+        # (auto already chose float32 for such a model, with a warning: only an explicit float16 is checked here)
+        over = float16_overflow(model) if decode_weights == "float16" else None
         if over is not None:
             raise ValueError(
                 f"decode weights float16: {over[0]} holds {over[1]:.3g}, beyond float16's range; "
