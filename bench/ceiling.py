@@ -48,15 +48,18 @@ def gemv(reps: int = 200, runs: int = 5) -> dict[str, Any]:
             )
             for _ in range(runs)
         ]
-    keys = [k for k, v in outs[0].items() if k.endswith(("_ms", "_gb_s"))]
+    keys = [k for k in outs[0] if k.endswith(("_ms", "_gb_s"))]
     res: dict[str, Any] = {k: median([o[k] for o in outs]) for k in keys}
+    res["f16_max_err"] = max(o["f16_max_err"] for o in outs)  # against a scalar GEMV: the loops compute a GEMV
+    res["int8_max_err"] = max(o["int8_max_err"] for o in outs)
     res["runs"] = runs
     res["f16_gemv_fraction_of_read"] = median([o["read_f16_bytes_ms"] / o["f16_gemv_ms"] for o in outs])
     res["int8_gemv_fraction_of_read"] = median([o["read_int8_bytes_ms"] / o["int8_gemv_ms"] for o in outs])
     return res
 
 
-def _step_cmd(reps: int, rounds: int) -> list[str]:
+def _step_cmd(reps: int, rounds: int, checkpoint: Path | None = None) -> list[str]:
+    ck = ["--checkpoint", str(checkpoint), "--position", "1"] if checkpoint else []
     return [
         sys.executable,
         "-m",
@@ -71,6 +74,7 @@ def _step_cmd(reps: int, rounds: int) -> list[str]:
         str(reps),
         "--rounds",
         str(rounds),
+        *ck,
     ]
 
 
@@ -78,16 +82,19 @@ def _wall_ms(out: str) -> float:
     return float(json.loads(out)["float16_bs32"]["threads1"]["wall_ms"])
 
 
-def scaling(reps: int = 20, rounds: int = 5, trials: int = 3) -> dict[str, Any]:
+def scaling(reps: int = 20, rounds: int = 5, trials: int = 3, checkpoint: Path | None = None) -> dict[str, Any]:
     """The one-thread batch-32 step alone, then in two processes at once (pinned to two CPUs where allowed), `trials`
-    times interleaved; wall ms per step of each, and the two processes' combined speed-up over one."""
+    times interleaved; wall ms per step of each, and the two processes' combined speed-up over one. `checkpoint`:
+    the model to step (default the shipped one)."""
     cpus = sorted(os.sched_getaffinity(0))
     alone: list[float] = []
     together: list[float] = []
     for _ in range(trials):
         alone.append(
             _wall_ms(
-                subprocess.run(_step_cmd(reps, rounds), cwd=ROOT, check=True, capture_output=True, text=True).stdout
+                subprocess.run(
+                    _step_cmd(reps, rounds, checkpoint), cwd=ROOT, check=True, capture_output=True, text=True
+                ).stdout
             )
         )
         procs = []
@@ -95,7 +102,7 @@ def scaling(reps: int = 20, rounds: int = 5, trials: int = 3) -> dict[str, Any]:
             pin = {cpus[i % len(cpus)]}
             procs.append(
                 subprocess.Popen(
-                    _step_cmd(reps, rounds),
+                    _step_cmd(reps, rounds, checkpoint),
                     cwd=ROOT,
                     stdout=subprocess.PIPE,
                     text=True,

@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", default="", help="e.g. 1,2: time the step on these thread counts instead")
     p.add_argument("--weights", default="float16", help="with --threads: float32,float16,int8")
+    p.add_argument("--position", type=int, default=64, help="with --threads: the steps' position")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     model = load_checkpoint(a.checkpoint).model.eval()
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             tuple(int(t) for t in a.threads.split(",")),
             tuple(int(b) for b in a.batches.split(",")),
             tuple(a.weights.split(",")),
+            position=a.position,
             reps=a.reps,
             rounds=a.rounds,
         )
