@@ -2,7 +2,7 @@
 
 - `hidden_states`: the activations at chosen sites (TransformerLens names, `RESID_NAMES`), layers and positions of
   each prompt, from the reference forward with the request's intervention, run a block at a time
-  (`Transformer.forward_steps`): a yield after each block, and after each prompt's copies. `to_safetensors` writes
+  (`Transformer.forward_steps`): a yield after each block, and after each layer's copies. `to_safetensors` writes
   them as a safetensors file named like TransformerLens's cache (`blocks.{layer}.hook_{site}`), with the token ids
   in its metadata.
 - `patching`: activation patching (ROME's causal tracing, TransformerLens's `patching.py`): the corrupt prompt run
@@ -30,7 +30,7 @@ from model.transformer import RESID_NAMES, Transformer, in_slices
 PATCH_SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 METRICS: tuple[str, ...] = ("logprob", "logit_diff")
 Metric = Literal["logprob", "logit_diff"]
-PATCH_TOKENS_PER_FORWARD = 256  # grid rows x prompt tokens in one patched forward: one slice of the job
+PATCH_TOKENS_PER_FORWARD = 256  # grid rows x prompt tokens in one patched forward (a job slice: one block of it)
 SAFETENSORS_FORMAT = "shortcut-hidden-states/1"
 
 
@@ -79,8 +79,8 @@ def hidden_states(
 ) -> Generator[None, None, list[torch.Tensor]]:
     """Per prompt, the activations (layers, sites, positions, d_model) float32 on the CPU, in the order asked, from
     the reference forward with `intervention` (compiled as `/diagnostics` does: every position is the prompt's).
-    A generator for `Engine.run_job`: per prompt, a yield after each block of its forward and one after its copies
-    (n_layer + 1 slices), no inference context held across a yield."""
+    A generator for `Engine.run_job`: per prompt, a yield after each block of its forward and after each layer's
+    copies (n_layer + len(layers) slices), no inference context held across a yield."""
     config = model.config
     for layer in layers:
         if not 0 <= layer < config.n_layer:
@@ -98,13 +98,14 @@ def hidden_states(
         idx = torch.tensor([list(ids)], device=device)  # (1, T)
         res = yield from in_slices(model.forward_steps(idx, return_resid=True, edits=edits), torch.inference_mode)
         assert res.resid is not None
-        with torch.inference_mode():
-            at = torch.tensor(list(pos), dtype=torch.long, device=device)
-            stacked = torch.stack(
-                [torch.stack([res.resid[layer][site][0, at] for site in sites]) for layer in layers]
-            )  # (layers, sites, P, C)
-            out.append(stacked.float().cpu())
-        yield
+        arr = torch.empty(len(layers), len(sites), len(pos), config.d_model)  # float32 on the CPU
+        at = torch.tensor(list(pos), dtype=torch.long, device=device)
+        for li, layer in enumerate(layers):  # the copies a layer at a time too: a whole export's is a block's worth
+            with torch.inference_mode():
+                for si, site in enumerate(sites):
+                    arr[li, si] = res.resid[layer][site][0, at]  # (P, C)
+            yield
+        out.append(arr)
     return out
 
 
