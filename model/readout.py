@@ -1,14 +1,15 @@
 """Reading the residual stream out: hidden-state export and activation patching, each a job for `Engine.run_job`.
 
 - `hidden_states`: the activations at chosen sites (TransformerLens names, `RESID_NAMES`), layers and positions of
-  each prompt, from the reference forward with the request's intervention; one forward per prompt, a yield after
-  each. `to_safetensors` writes them as a safetensors file named like TransformerLens's cache
-  (`blocks.{layer}.hook_{site}`), with the token ids in its metadata.
+  each prompt, from the reference forward with the request's intervention, run a block at a time
+  (`Transformer.forward_steps`): a yield after each block, and after each layer's copies. `to_safetensors` writes
+  them as a safetensors file named like TransformerLens's cache (`blocks.{layer}.hook_{site}`), with the token ids
+  in its metadata.
 - `patching`: activation patching (ROME's causal tracing, TransformerLens's `patching.py`): the corrupt prompt run
   with one activation (site, layer, position) replaced by the clean run's, for every cell of the grid, the metric
   measured after the last position. The patched runs are batched, many grid cells (rows) per forward, through the
-  stream-edit seam (`model.edits.StreamPatch`, applied in `model.edits.apply` / `replace`); a yield after each
-  forward.
+  stream-edit seam (`model.edits.StreamPatch`, applied in `model.edits.apply` / `replace`); every forward run a
+  block at a time, a yield after each block.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import torch.nn.functional as F
 from safetensors.torch import save
 
 from model.edits import SITES, Intervention, StreamPatch
-from model.transformer import RESID_NAMES, Transformer
+from model.transformer import RESID_NAMES, Transformer, in_slices
 
 PATCH_SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 METRICS: tuple[str, ...] = ("logprob", "logit_diff")
 Metric = Literal["logprob", "logit_diff"]
-PATCH_TOKENS_PER_FORWARD = 256  # grid rows x prompt tokens in one patched forward: one slice of the job
+PATCH_TOKENS_PER_FORWARD = 256  # grid rows x prompt tokens in one patched forward (a job slice: one block of it)
 SAFETENSORS_FORMAT = "shortcut-hidden-states/1"
 
 
@@ -78,7 +79,8 @@ def hidden_states(
 ) -> Generator[None, None, list[torch.Tensor]]:
     """Per prompt, the activations (layers, sites, positions, d_model) float32 on the CPU, in the order asked, from
     the reference forward with `intervention` (compiled as `/diagnostics` does: every position is the prompt's).
-    A generator for `Engine.run_job`: one forward per prompt, a yield after each."""
+    A generator for `Engine.run_job`: per prompt, a yield after each block of its forward and after each layer's
+    copies (n_layer + len(layers) slices), no inference context held across a yield."""
     config = model.config
     for layer in layers:
         if not 0 <= layer < config.n_layer:
@@ -93,15 +95,17 @@ def hidden_states(
     for i, (ids, pos) in enumerate(zip(prompts, positions, strict=True)):
         _check_ids(model, ids, f"prompts[{i}]")
         edits = intervention.compile(config.n_layer, device, n_prompt=len(ids)) if intervention else None
-        with torch.inference_mode():
-            res = model(torch.tensor([list(ids)], device=device), return_resid=True, edits=edits)
-            assert res.resid is not None
-            at = torch.tensor(list(pos), dtype=torch.long, device=device)
-            stacked = torch.stack(
-                [torch.stack([res.resid[layer][site][0, at] for site in sites]) for layer in layers]
-            )  # (layers, sites, P, C)
-            out.append(stacked.float().cpu())
-        yield
+        idx = torch.tensor([list(ids)], device=device)  # (1, T)
+        res = yield from in_slices(model.forward_steps(idx, return_resid=True, edits=edits), torch.inference_mode)
+        assert res.resid is not None
+        arr = torch.empty(len(layers), len(sites), len(pos), config.d_model)  # float32 on the CPU
+        at = torch.tensor(list(pos), dtype=torch.long, device=device)
+        for li, layer in enumerate(layers):  # the copies a layer at a time too: a whole export's is a block's worth
+            with torch.inference_mode():
+                for si, site in enumerate(sites):
+                    arr[li, si] = res.resid[layer][site][0, at]  # (P, C)
+            yield
+        out.append(arr)
     return out
 
 
@@ -167,7 +171,8 @@ def patching(
     """Activation patching of every (site, layer, position): the corrupt prompt with that activation replaced by the
     clean run's, the metric measured after the last position. `target` None: the clean run's greedy next token.
     Both runs, and every patched one, carry `intervention`. A generator for `Engine.run_job`: the clean and corrupt
-    runs, then the grid in forwards of up to `tokens_per_forward` tokens (rows x prompt length), a yield after each."""
+    runs, then the grid in forwards of up to `tokens_per_forward` tokens (rows x prompt length), each forward a block
+    at a time (`Transformer.forward_steps`), a yield after each block and after each forward's measurement."""
     config = model.config
     _check_ids(model, clean, "clean")
     _check_ids(model, corrupt, "corrupt")
@@ -186,13 +191,14 @@ def patching(
     device = next(model.parameters()).device
     T, L = len(clean), config.n_layer
     edits = intervention.compile(L, device, n_prompt=T) if intervention else None
+    steps = model.forward_steps(
+        torch.tensor([list(clean), list(corrupt)], device=device),
+        return_resid=True,
+        edits=edits.expand(2) if edits is not None else None,
+    )
+    both = yield from in_slices(steps, torch.inference_mode)
+    assert both.resid is not None
     with torch.inference_mode():
-        both = model(
-            torch.tensor([list(clean), list(corrupt)], device=device),
-            return_resid=True,
-            edits=edits.expand(2) if edits is not None else None,
-        )
-        assert both.resid is not None
         last = both.logits[:, -1]  # (2, V)
         if target is None:
             target = int(last[0].argmax())
@@ -214,12 +220,14 @@ def patching(
             site_t = torch.tensor([SITES.index(sites[c[0]]) for c in chunk], device=device)
             value = torch.stack([clean_acts[sites[s]][layer, p] for s, layer, p in chunk])  # (n, C)
             patch = StreamPatch(layer_t, site_t, pos_t, value)
-            out = model(
-                idx_row.expand(n, -1),
-                edits=edits.expand(n) if edits is not None else None,
-                patch=patch,
-                last_only=True,
-            )
+        steps = model.forward_steps(
+            idx_row.expand(n, -1),
+            edits=edits.expand(n) if edits is not None else None,
+            patch=patch,
+            last_only=True,
+        )
+        out = yield from in_slices(steps, torch.inference_mode)
+        with torch.inference_mode():
             values[start : start + n] = measure(out.logits[:, -1], metric, target, contrast).cpu()
         forwards += 1
         yield

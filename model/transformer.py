@@ -6,10 +6,12 @@ returned on request (TransformerLens names), never captured with global hooks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -21,6 +23,7 @@ from model.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
+R = TypeVar("R")
 RESID_NAMES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
 
 
@@ -219,7 +222,34 @@ class Transformer(nn.Module):
         each row only, as (B, 1, ...) (the last real token of right-padded prompts). `edits`
         (`model.edits.StreamEdits`, B rows) change what each block writes per row; `patch`
         (`model.edits.StreamPatch`, B rows) replaces one activation per row (activation patching).
+        `forward_steps` with the same arguments, run to its end: the one implementation of the forward.
         """
+        steps = self.forward_steps(
+            idx, cache=cache, pos=pos, return_resid=return_resid, edits=edits, last_only=last_only, at=at, patch=patch
+        )
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return cast(ModelOutput, stop.value)
+
+    def forward_steps(
+        self,
+        idx: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        pos: torch.Tensor | None = None,
+        return_resid: bool = False,
+        edits: StreamEdits | None = None,
+        last_only: bool = False,
+        at: torch.Tensor | None = None,
+        patch: StreamPatch | None = None,
+    ) -> Generator[None, None, ModelOutput]:
+        """`forward` (same arguments, same result) one block at a time: a generator that yields after each block
+        (n_layer times) and returns the ModelOutput, for a job that time-shares the worker (`in_slices`).
+
+        Each step runs in whatever grad/inference context its caller's `next()` runs in; nothing is kept on the
+        module between steps, so other forwards may run in between."""
         B, T = idx.shape
         if patch is not None:
             patch.check(B, self.config.n_layer, self.config.d_model)
@@ -250,6 +280,7 @@ class Transformer(nn.Module):
                 traces.append(trace if at is None else {k: _take(v, at) for k, v in trace.items()})
             else:
                 x = block(x, edits, layer, positions, patch, **attn_kw)
+            yield
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         elif at is not None:
@@ -259,6 +290,21 @@ class Transformer(nn.Module):
         if return_resid:
             return ModelOutput(logits=logits, resid=traces, final=final)
         return ModelOutput(logits=logits)
+
+
+def in_slices(
+    steps: Generator[None, None, R], context: Callable[[], contextlib.AbstractContextManager[Any]]
+) -> Generator[None, None, R]:
+    """Run `steps` (e.g. `Transformer.forward_steps`) one step at a time, each inside a fresh `context()` (e.g.
+    `torch.inference_mode`), yielding between steps: a job's slices, no grad/inference context held across a yield.
+    Returns what `steps` returns; yields as often as `steps` does (the last slice: its last yield to its end)."""
+    while True:
+        with context():
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return cast(R, stop.value)
+        yield
 
 
 def _take(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,44 @@ def test_hidden_states_carry_the_intervention(make_model: Callable[..., Transfor
     torch.testing.assert_close(arr[0, 2], arr[0, 0])  # and the stream passes it unchanged
 
 
+def run_between(model: Transformer, gen: Generator[None, None, Any]) -> tuple[Any, int]:
+    """Run a job as the engine does, a forward of another prompt (a decode step's stand-in) between its slices, each
+    slice outside any grad/inference context: (its result, how many slices it yielded)."""
+    other = torch.tensor([[7, 1, 99, 42, 3, 3, 250]])
+    slices = 0
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value, slices
+        slices += 1
+        with torch.inference_mode():
+            model(other)
+
+
+@pytest.mark.parametrize("with_intervention", [False, True])
+def test_an_export_is_sliced_per_block_and_equals_the_whole_forward(
+    make_model: Callable[..., Transformer], with_intervention: bool
+) -> None:
+    """An export yields at least once per block of each prompt's forward (a job slice is one block, not a forward),
+    and its arrays equal the activations of one whole reference forward, bit for bit, other forwards run between."""
+    model = make_model()
+    n_layer = model.config.n_layer
+    prompts = [[5, 9, 200, 3, 7], [1, 2, 3]]
+    layers, sites = list(range(n_layer)), list(RESID_NAMES)
+    positions = [resolve_positions("all", len(ids)) for ids in prompts]
+    iv = Intervention(skip=((1, "attn"),), scale=((0, "mlp", 0.5),)) if with_intervention else None
+    got, slices = run_between(model, hidden_states(model, prompts, layers, sites, positions, iv))
+    assert slices >= n_layer * len(prompts)
+    for ids, arr in zip(prompts, got, strict=True):
+        edits = iv.compile(n_layer, n_prompt=len(ids)) if iv else None
+        with torch.inference_mode():
+            whole = model(torch.tensor([ids]), return_resid=True, edits=edits)
+        assert whole.resid is not None
+        want = torch.stack([torch.stack([whole.resid[layer][site][0] for site in sites]) for layer in layers])
+        assert arr.dtype == torch.float32 and torch.equal(arr, want)
+
+
 def test_positions_resolve_and_refuse() -> None:
     assert resolve_positions("last", 4) == [3]
     assert resolve_positions([0, -1, -4], 4) == [0, 3, 0]
@@ -118,11 +156,12 @@ def test_batched_patching_equals_a_naive_hooked_loop(make_model: Callable[..., T
     clean, corrupt = [10, 20, 30, 40, 50, 60], [10, 21, 30, 41, 50, 60]
     sites = ("resid_pre", "attn_out", "mlp_out", "resid_post")
     target, contrast = 7, (9 if metric == "logit_diff" else None)
-    # 5 rows per forward: chunks that cut across layers and sites
-    res = run(
+    # 5 rows per forward: chunks that cut across layers and sites; other forwards between its slices, as in a server
+    res, slices = run_between(
+        model,
         patching(
             model, clean, corrupt, target=target, metric=metric, contrast=contrast, sites=sites, tokens_per_forward=30
-        )
+        ),
     )
     clean_acts, clean_logits = hooked_acts(model, clean)
     _, corrupt_logits = hooked_acts(model, corrupt)
@@ -141,6 +180,7 @@ def test_batched_patching_equals_a_naive_hooked_loop(make_model: Callable[..., T
                 assert res.raw[site][layer][pos] == pytest.approx(want, abs=1e-4), (site, layer, pos)
                 assert res.effect[site][layer][pos] == pytest.approx((want - k) / (c - k), abs=1e-3)
     assert res.forwards == 1 + -(-3 * 6 * 4 // 5)
+    assert slices >= res.forwards * model.config.n_layer  # a slice per block of each forward
 
 
 def test_patching_identities(make_model: Callable[..., Transformer]) -> None:

@@ -331,3 +331,68 @@ def test_kv_cache_starts_zeroed_on_cpu(tiny_config: ModelConfig) -> None:
     assert not cache.k.any() and not cache.v.any()
     cache.k[0, 1].fill_(1.0)
     assert cache.k.sum() == cache.k[0, 1].numel() and not cache.v.any()  # separate storage
+
+
+def _drive_with_others_between(model: Transformer, steps, other: torch.Tensor) -> tuple[object, int]:
+    """Run `steps` (forward_steps) as a job is run: each step in its own inference context, another forward of
+    `other` (a decode step's stand-in) between steps; (its result, how many times it yielded)."""
+    yields = 0
+    while True:
+        with torch.inference_mode():
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value, yields
+        yields += 1
+        with torch.inference_mode():
+            model(other)
+
+
+@pytest.mark.parametrize("kind", ["plain", "resid_edits", "at", "patch", "cache"])
+def test_forward_steps_equal_forward_bit_for_bit(tiny_model: Transformer, kind: str) -> None:
+    """The block-at-a-time forward, other forwards run between its steps, equals `forward()` exactly and yields once
+    per block."""
+    from model.edits import SITES, StreamPatch
+
+    cfg = tiny_model.config
+    idx = _tokens(2, 7, seed=3)
+    other = _tokens(1, 11, seed=4)  # another length: anything kept on the module between steps would show
+    kw: dict[str, object] = {}
+    if kind == "resid_edits":
+        iv = Intervention(skip=((1, "attn"),), scale=((0, "mlp", 0.5),))
+        kw = dict(return_resid=True, edits=iv.compile(cfg.n_layer).expand(2))
+    elif kind == "at":
+        kw = dict(return_resid=True, at=torch.tensor([6, 2]))
+    elif kind == "patch":
+        value = torch.randn(2, cfg.d_model, generator=torch.Generator().manual_seed(5))
+        site = torch.tensor([SITES.index("resid_pre"), SITES.index("mlp_out")])
+        kw = dict(patch=StreamPatch(torch.tensor([1, 0]), site, torch.tensor([3, 5]), value), last_only=True)
+    caches = []
+    if kind == "cache":  # a prefill then a decode step, each into its own copy of the same cache
+        for _ in range(2):
+            cache = KVCache(cfg, 2)
+            with torch.inference_mode():
+                tiny_model(idx, cache=cache, pos=torch.zeros(2, dtype=torch.long))
+            caches.append(cache)
+        step = _tokens(2, 1, seed=6)
+        pos = torch.full((2,), 7)
+        with torch.inference_mode():
+            want = tiny_model(step, cache=caches[0], pos=pos, last_only=True, return_resid=True)
+        got, yields = _drive_with_others_between(
+            tiny_model,
+            tiny_model.forward_steps(step, cache=caches[1], pos=pos, last_only=True, return_resid=True),
+            other,
+        )
+        assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    else:
+        with torch.inference_mode():
+            want = tiny_model(idx, **kw)
+        got, yields = _drive_with_others_between(tiny_model, tiny_model.forward_steps(idx, **kw), other)
+    assert yields == cfg.n_layer
+    assert torch.equal(got.logits, want.logits)
+    assert (got.resid is None) == (want.resid is None)
+    for layer_got, layer_want in zip(got.resid or [], want.resid or [], strict=True):
+        for name in RESID_NAMES:
+            assert torch.equal(layer_got[name], layer_want[name]), name
+    if want.final is not None:
+        assert torch.equal(got.final, want.final)
