@@ -12,6 +12,7 @@ Numerical conventions:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import textwrap
@@ -26,7 +27,7 @@ from model.config import ModelConfig
 from model.edits import Intervention, StreamEdits
 from model.lens import TunedLens
 from model.tokenizer import token_text
-from model.transformer import RESID_NAMES, Transformer
+from model.transformer import RESID_NAMES, Transformer, in_slices
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,10 @@ def iter_diagnostics(
     model_info: Mapping[str, Any] | None = None,
     lens: TunedLens | None = None,
 ) -> Generator[None, None, dict[str, Any]]:
-    """`run_diagnostics` as a generator that yields after each forward pass (so a server can interleave it
-    with batched decoding); its return value is the result. No grad/inference context is held across a yield."""
+    """`run_diagnostics` as a generator that yields after each block of every forward pass
+    (`Transformer.forward_steps`) and of the backward, and after each forward (so a server can interleave it with
+    batched decoding, a block at a time); its return value is the result. No grad/inference context is held across a
+    yield."""
     config = model.config
     opts.validate_for(config, lens)
     _check_ids(ids, config)
@@ -116,9 +119,9 @@ def iter_diagnostics(
     if opts.gradients and n_tokens >= 2:
         resid, logits, grads = yield from _forward_with_grads(model, ids, edits)
     else:
-        with torch.inference_mode():
-            idx = _as_batch(model, ids)  # (1, T)
-            out = model(idx, return_resid=True, edits=edits)
+        idx = _as_batch(model, ids)  # (1, T)
+        out = yield from in_slices(model.forward_steps(idx, return_resid=True, edits=edits), torch.inference_mode)
+        assert out.resid is not None
         resid, logits = out.resid, out.logits
     yield
 
@@ -127,10 +130,11 @@ def iter_diagnostics(
         losses = []
         for layer in range(n_layer):
             for part in COMPONENTS:
+                idx = _as_batch(model, ids)  # (1, T)
+                ablation = Intervention(skip=((layer, part),)).compile(n_layer, device)  # on top of the request's
+                steps = model.forward_steps(idx, edits=ablation.combine(edits))
+                logits_ab = (yield from in_slices(steps, torch.inference_mode)).logits  # (1, T, V)
                 with torch.inference_mode():
-                    idx = _as_batch(model, ids)  # (1, T)
-                    ablation = Intervention(skip=((layer, part),)).compile(n_layer, device)  # on top of the request's
-                    logits_ab = model(idx, edits=ablation.combine(edits)).logits  # (1, T, V)
                     losses.append(_prompt_loss(logits_ab, idx))
                 yield
         ablated = torch.stack(losses).view(n_layer, len(COMPONENTS))  # (L, 3)
@@ -372,12 +376,15 @@ def _forward_with_grads(
 ) -> Generator[None, None, tuple[list[dict[str, torch.Tensor]], torch.Tensor, list[torch.Tensor]]]:
     """One forward with grad on, then dL/d resid_pre for every layer; parameters' .grad is never touched.
 
-    Yields after the forward and after each block's backward (the chain rule, one block at a time: the gradient at
-    a block's input is the gradient at its output pulled back through that block alone), so a server interleaving
-    it with decoding never waits for a whole backward pass."""
-    with torch.inference_mode(False), torch.enable_grad():
+    Yields after each block of the forward (`Transformer.forward_steps`, each block with grad on) and after each
+    block's backward (the chain rule, one block at a time: the gradient at a block's input is the gradient at its
+    output pulled back through that block alone), so a server interleaving it with decoding never waits for a whole
+    forward or backward pass."""
+    with torch.inference_mode(False):
         idx = _as_batch(model, ids)  # (1, T), a normal tensor even if the caller is in inference mode
-        out = model(idx, return_resid=True, edits=edits)
+    out = yield from in_slices(model.forward_steps(idx, return_resid=True, edits=edits), _with_grad)
+    assert out.resid is not None
+    with _with_grad():
         pre = [r["resid_pre"] for r in out.resid]  # L x (1, T, C), all in the graph
         if not pre[0].requires_grad:
             raise ValueError("gradients need the model's parameters to require grad (they only carry the graph)")
@@ -392,6 +399,14 @@ def _forward_with_grads(
         output = pre[layer]
         yield
     return out.resid, out.logits.detach(), grads[::-1]
+
+
+def _with_grad() -> contextlib.ExitStack:
+    """Grad on, outside inference mode: the context of each slice of the forward gradients are taken through."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor, na: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.transformer import Transformer
+from model.transformer import Transformer, in_slices
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,11 +21,12 @@ class TokenScore:
 
 def prompt_logprobs(model: Transformer, ids: list[int], k: int) -> Generator[None, None, list[TokenScore]]:
     """One forward over `ids`; each token after the first with its logprob and its top `k` (at least 1)
-    alternatives. A generator for `Engine.run_job`: it yields once, between the forward and the softmax."""
+    alternatives. A generator for `Engine.run_job`: it yields after each block of the forward
+    (`Transformer.forward_steps`), then computes the softmax."""
+    idx = torch.tensor([ids], device=next(model.parameters()).device)
+    res = yield from in_slices(model.forward_steps(idx), torch.no_grad)
     with torch.no_grad():
-        idx = torch.tensor([ids], device=next(model.parameters()).device)
-        logits = model(idx).logits[0, :-1].float()  # (T-1, V): position t predicts token t+1
-    yield
+        logits = res.logits[0, :-1].float()  # (T-1, V): position t predicts token t+1
     logp = torch.log_softmax(logits, dim=-1)
     chosen = logp.gather(1, idx[0, 1:, None]).squeeze(1).tolist()
     values, top_ids = logp.topk(max(k, 1), dim=-1)

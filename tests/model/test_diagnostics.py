@@ -15,6 +15,7 @@ from model.config import ModelConfig
 from model.diagnostics import (
     EPS,
     DiagnosticsOptions,
+    iter_diagnostics,
     render_text,
     residual_norms_last,
     run_diagnostics,
@@ -274,8 +275,8 @@ def test_ablation_matches_skipped_reference_and_spearman(diag_model: Transformer
 
 
 def test_ablation_runs_one_forward_per_part_and_norms_one_in_total(diag_model: Transformer, ids: list[int]) -> None:
-    calls = []
-    handle = diag_model.register_forward_hook(lambda *_: calls.append(1))
+    calls = []  # the embedding runs once per forward (whole or a block at a time)
+    handle = diag_model.wte.register_forward_hook(lambda *_: calls.append(1))
     try:
         run_diagnostics(diag_model, ids, DiagnosticsOptions(per_token=True, logit_lens=3))
         assert len(calls) == 1
@@ -287,6 +288,31 @@ def test_ablation_runs_one_forward_per_part_and_norms_one_in_total(diag_model: T
         assert len(calls) == 1 + 3 * CFG["n_layer"]
     finally:
         handle.remove()
+
+
+def test_every_forward_is_sliced_per_block_and_other_forwards_between_change_nothing(
+    diag_model: Transformer, ids: list[int]
+) -> None:
+    """A job slice is one block of a forward (or of the backward): with gradients and ablation, at least n_layer yields
+    per forward (1 + 3 n_layer of them) plus one per block of the backward; and a decode-like forward of another
+    prompt run between every two slices leaves the result as one uninterrupted run gives it."""
+    opts = DiagnosticsOptions(gradients=True, ablation=True, logit_lens=2, per_token=True)
+    expected = run_diagnostics(diag_model, ids, opts)
+    steps = iter_diagnostics(diag_model, ids, opts)
+    other = torch.tensor([[7, 8, 9]])
+    slices = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            got = done.value
+            break
+        slices += 1
+        with torch.inference_mode():
+            diag_model(other, return_resid=True)
+    L = CFG["n_layer"]
+    assert slices >= L * (1 + 3 * L) + L
+    assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)
 
 
 @pytest.mark.parametrize(

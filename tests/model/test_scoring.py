@@ -12,11 +12,19 @@ from model.transformer import Transformer
 
 
 def _run(model: Transformer, ids: list[int], k: int) -> list[TokenScore]:
+    """The job run as Engine.run_job slices it, a forward of another prompt between every two slices: a slice is one
+    block of the forward (n_layer yields), and the forwards between change nothing."""
     job = prompt_logprobs(model, ids, k)
-    assert next(job) is None  # one yield (between the forward and the softmax), as Engine.run_job slices it
-    with pytest.raises(StopIteration) as done:
-        next(job)
-    return done.value.value
+    slices = 0
+    while True:
+        try:
+            assert next(job) is None
+        except StopIteration as done:
+            assert slices == model.config.n_layer
+            return done.value
+        slices += 1
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]))
 
 
 @pytest.mark.parametrize("k", [0, 1, 3])
