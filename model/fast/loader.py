@@ -64,7 +64,12 @@ def load(path: str) -> ctypes.CDLL | None:
     version = _abi_version(lib)
     if version != ABI_VERSION or not all(
         hasattr(lib, f)
-        for f in ("shortcut_fused_step", "shortcut_fused_layout", "shortcut_fused_pool_new", "shortcut_fused_int8_layout")
+        for f in (
+            "shortcut_fused_step",
+            "shortcut_fused_layout",
+            "shortcut_fused_pool_new",
+            "shortcut_fused_int8_layout",
+        )
     ):
         log.warning(
             "fused decode step library %s is stale (ABI %s, need %d): rebuild with `python -m model.fast.build`; "
