@@ -3,9 +3,9 @@
 
 The weights are packed once, at construction, into two flat tensors (the block matrices, float16 or float32, and the
 float32 vectors, layer after layer in `ShortcutLayerWeights`'s field order; int8 adds their scales and, packed for
-the VNNI kernel, their column sums) and pointed at by one
-`ShortcutLayerWeights` per layer: the layout is decided here, in `_pack`, and C only follows the named pointers. The
-dims and weights structs are built once; a call fills one `ShortcutStepArgs`.
+the VNNI kernel, their column sums) and pointed at by one `ShortcutLayerWeights` per layer: the layout is decided
+here, in `_pack` (int8: in the layout the library runs, `model.fast.loader.int8_layout`), and C only follows the
+named pointers. The dims and weights structs are built once; a call fills one `ShortcutStepArgs`.
 """
 
 from __future__ import annotations
