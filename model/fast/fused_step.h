@@ -127,7 +127,8 @@ int shortcut_fused_abi_version(void);
 /* "avx2" or "avx512": which build this is, asked before any kernel runs. */
 const char *shortcut_fused_isa(void);
 /* The int8 layout (SHORTCUT_INT8_*) of the fastest int8 kernel this library runs on this CPU: quads where it was
- * built with the VNNI kernel (the AVX-512 build) and the CPU has AVX512_VNNI and AVX512VL, else pairs. */
+ * built with the VNNI kernel (the AVX-512 build) and the CPU has AVX512_VNNI and AVX512VL, else pairs (the test-only
+ * build with vpdpbusd emulated, -DSHORTCUT_EMULATE_VNNI: quads on any AVX2 CPU). */
 int shortcut_fused_int8_layout(void);
 /* For tests: out[i] = acc[i] + sum_j a[4i + j] * b[4i + j] for i < n (n % 8 == 0; u8 a, s8 b, int32 wrapping, no
  * saturation) through the VNNI kernel's own vpdpbusd (the instruction, or the test build's emulation); returns 0, or
