@@ -5,7 +5,8 @@ runs it) and cache dtype at several batch sizes and positions. Prints one JSON o
 `python -m bench.fused --threads 1,2` instead times the step of the installed build on 1 and 2 threads (and
 `--weights float16,int8`): wall and CPU ms per step at each batch (`step_threads`), and each thread count's wall
 speed-up over one thread (the issue #28 goal: >= 1.7x at batch 32 on 2 threads). Also the `step_threads` section of
-`python -m bench.run`."""
+`python -m bench.run`. `--weights int8-pairs,int8` on a CPU with AVX512_VNNI: the AVX2 int8 kernel against the VNNI
+one (`int8` runs the build's fastest, `int8_layout` in the output says which)."""
 
 from __future__ import annotations
 
@@ -106,6 +107,13 @@ def wall_cpu_ms(fns: dict[str, Callable[[], object]], reps: int, rounds: int) ->
     return {k: {"wall_ms": round(median(wall[k]), 4), "cpu_ms": round(median(cpu[k]), 4)} for k in fns}
 
 
+def _decoder(model: Transformer, weights: str, threads: int) -> FusedDecoder:
+    """`int8-pairs`: int8 weights through the AVX2 kernel even where the build also runs the VNNI one."""
+    if weights == "int8-pairs":
+        return FusedDecoder(model, weights="int8", int8_layout="pairs", threads=threads)
+    return FusedDecoder(model, weights=weights, threads=threads)
+
+
 def step_threads(
     model: Transformer,
     threads: tuple[int, ...] = (1, 2),
@@ -120,7 +128,8 @@ def step_threads(
     cfg = model.config
     out: dict[str, Any] = {"position": position, "rounds": rounds, "threads": list(threads)}
     with torch.inference_mode():
-        decs = {(w, t): FusedDecoder(model, weights=w, threads=t) for w in weights for t in threads}
+        decs = {(w, t): _decoder(model, w, t) for w in weights for t in threads}
+        out["int8_layout"] = {w: decs[w, threads[0]].int8_layout for w in weights if w.startswith("int8")}
         for w in weights:
             for B in batches:
                 kv = torch.float32 if w == "float32" else torch.float16
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", default="", help="e.g. 1,2: time the step on these thread counts instead")
-    p.add_argument("--weights", default="float16", help="with --threads: float32,float16,int8")
+    p.add_argument("--weights", default="float16", help="with --threads: float32,float16,int8,int8-pairs")
     p.add_argument("--position", type=int, default=64, help="with --threads: the steps' position")
     a = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -25,11 +25,14 @@ HEADER = HERE / "fused_step.h"
 # two builds of the same source (model.fast.build); the loader takes the widest one this CPU runs
 LIBRARIES = {"avx2": HERE / "_fused_step.so", "avx512": HERE / "_fused_step_avx512.so"}
 
-ABI_VERSION = 4  # == SHORTCUT_FUSED_ABI_VERSION in fused_step.h
+ABI_VERSION = 5  # == SHORTCUT_FUSED_ABI_VERSION in fused_step.h
 
 _i32, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
 
 WEIGHT_FORMATS = {"float32": 0, "float16": 1, "int8": 2}  # SHORTCUT_WEIGHTS_* in the header
+# SHORTCUT_INT8_*: int8 matrices as (in / 2, out, 2) pairs (the AVX2 kernel) or (in / 4, out, 4) quads with their
+# column sums (the VNNI kernel); a library says which it runs fastest (`shortcut_fused_int8_layout`)
+INT8_LAYOUTS = {"pairs": 0, "quads": 1}
 
 
 class ShortcutDims(ctypes.Structure):
@@ -44,6 +47,7 @@ class ShortcutDims(ctypes.Structure):
         ("block_size", _i32),
         ("weights", _i32),  # the block matrices' format: WEIGHT_FORMATS
         ("residual", _i32),
+        ("int8_layout", _i32),  # how int8 matrices are packed: INT8_LAYOUTS
     ]
 
 
@@ -67,6 +71,10 @@ class ShortcutLayerWeights(ctypes.Structure):
         ("s_o", _ptr),
         ("s_fc", _ptr),
         ("s_p", _ptr),
+        ("z_qkv", _ptr),  # int8 quads: 128 * each output column's sum of int8 weights (int32), else NULL
+        ("z_o", _ptr),
+        ("z_fc", _ptr),
+        ("z_p", _ptr),
     ]
 
 
@@ -126,6 +134,7 @@ ERRORS = {  # return codes of shortcut_fused_step (SHORTCUT_E* in the header); -
     -2: "token ids outside the vocabulary",
     -3: "positions must be in [0, block_size)",
     -4: "trace_rows outside the batch",
+    -5: "int8 weights packed in a layout this library cannot run on this CPU",
 }
 
 

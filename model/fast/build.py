@@ -6,7 +6,10 @@ chosen at load time by the CPU's flags (`model.fast.loader`). Without a C compil
 TorchScript step is used.
 
 Building needs only the compiler: the AVX-512 library is built on any x86-64 machine (the image's builder may not be
-the machine it runs on) and loaded only where the CPU has AVX-512.
+the machine it runs on) and loaded only where the CPU has AVX-512 (its int8 VNNI kernels run only where the CPU also
+has AVX512_VNNI). `build(out, isa="avx2-vnni-emulated")` is a test-only build (never built by `build_all` nor loaded
+by default): the AVX2 library with the VNNI kernels, their one instruction emulated exactly in scalar code, so that
+a machine without VNNI runs them (tests/model/test_fused_vnni.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ ISA_CFLAGS = {  # 8-wide AVX2 kernels, and 16-wide AVX-512 ones for the CPUs tha
     "avx2": ("-mavx2", "-mfma", "-mf16c"),
     "avx512": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq"),
 }
+# test-only builds (an explicit `out` only): the VNNI kernels with vpdpbusd emulated (fused_step.c)
+TEST_ISA_CFLAGS = {"avx2-vnni-emulated": (*ISA_CFLAGS["avx2"], "-DSHORTCUT_EMULATE_VNNI")}
 
 
 def build(
@@ -38,14 +43,17 @@ def build(
     """Compile the `isa` build to `out` (default: next to the source) with the system C compiler (or `compiler`,
     `$CC`); None (and a log line) when there is none or it fails. `cflags`: extra flags (a test builds a stale
     library with `-DSHORTCUT_FUSED_ABI_VERSION=...`)."""
+    if out is None and isa not in LIBRARIES:
+        raise ValueError(f"the test-only {isa} build needs an explicit `out`")
     out = out or LIBRARIES[isa]
+    flags = ISA_CFLAGS[isa] if isa in ISA_CFLAGS else TEST_ISA_CFLAGS[isa]
     cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         log.info("fused decode step not built (no C compiler)")
         return None
     tmp = out.with_suffix(".so.tmp")
     try:
-        cmd = [cc, *CFLAGS, *ISA_CFLAGS[isa], *cflags, f"-I{HEADER.parent}", str(SOURCE), "-o", str(tmp), "-lm"]
+        cmd = [cc, *CFLAGS, *flags, *cflags, f"-I{HEADER.parent}", str(SOURCE), "-o", str(tmp), "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             log.warning("fused decode step (%s) failed to build: %s", isa, proc.stderr.strip()[-2000:])

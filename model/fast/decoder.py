@@ -2,9 +2,10 @@
 `fused_step.h`).
 
 The weights are packed once, at construction, into two flat tensors (the block matrices, float16 or float32, and the
-float32 vectors, layer after layer in `ShortcutLayerWeights`'s field order) and pointed at by one
-`ShortcutLayerWeights` per layer: the layout is decided here, in `_pack`, and C only follows the named pointers. The
-dims and weights structs are built once; a call fills one `ShortcutStepArgs`.
+float32 vectors, layer after layer in `ShortcutLayerWeights`'s field order; int8 adds their scales and, packed for
+the VNNI kernel, their column sums) and pointed at by one `ShortcutLayerWeights` per layer: the layout is decided
+here, in `_pack` (int8: in the layout the library runs, `model.fast.loader.int8_layout`), and C only follows the
+named pointers. The dims and weights structs are built once; a call fills one `ShortcutStepArgs`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from model.decode import StepOutput, check_step_shapes
 from model.edits import StreamEdits
 from model.fast import abi
 from model.fast.loader import default_library, load
+from model.fast.loader import int8_layout as library_int8_layout
 from model.kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -32,12 +34,13 @@ log = logging.getLogger(__name__)
 
 KV_DTYPES = (torch.float32, torch.float16)  # the cache dtypes the fused step reads and writes
 WEIGHTS = tuple(abi.WEIGHT_FORMATS)  # float32, float16, int8
-# ShortcutLayerWeights' fields: the block matrices ((in, out) float16|32, or int8 packed), the float32 vectors, and the
-# int8 matrices' scales per output column (NULL for float weights)
+# ShortcutLayerWeights' fields: the block matrices ((in, out) float16|32, or int8 packed), the float32 vectors, the
+# int8 matrices' scales per output column (NULL for float weights) and the int8 quads' column sums (else NULL)
 LAYER_MATRICES = ("w_qkv", "w_o", "w_fc", "w_p")
 LAYER_SCALES = ("s_qkv", "s_o", "s_fc", "s_p")
+LAYER_SUMS = ("z_qkv", "z_o", "z_fc", "z_p")
 LAYER_VECTORS = tuple(
-    f[0] for f in abi.ShortcutLayerWeights._fields_ if f[0] not in LAYER_MATRICES and f[0] not in LAYER_SCALES
+    f[0] for f in abi.ShortcutLayerWeights._fields_ if f[0] not in LAYER_MATRICES + LAYER_SCALES + LAYER_SUMS
 )
 
 
@@ -86,6 +89,14 @@ def pack_int8_pairs(q: torch.Tensor) -> torch.Tensor:
     return q.reshape(k // 2, 2, n).transpose(1, 2).contiguous()
 
 
+def pack_int8_quads(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 (in, out) as the C step's VNNI kernel reads it: (in / 4, out, 4), the weights of inputs 4i..4i + 3 side
+    by side, and each output's z = 128 * sum over inputs of its weights (int32: the correction of the activations'
+    +128 offset)."""
+    k, n = q.shape
+    return q.reshape(k // 4, 4, n).transpose(1, 2).contiguous(), 128 * q.to(torch.int32).sum(0, dtype=torch.int32)
+
+
 def _pack(parts: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
     """`parts` flattened into one contiguous `dtype` tensor, and the address of each part in it."""
     flat = torch.cat([p.to(dtype).reshape(-1) for p in parts]).contiguous()
@@ -115,10 +126,19 @@ class FusedDecoder:
     matrix's input quantized alone per step, int32 sums). Copies the weights (float16: 6.3 MB for the shipped model;
     float32: 12.6 MB; int8: 3.2 MB). `threads`: the step's threads (a pool in C; the numbers do not depend on
     it). Takes and returns what `FastDecoder` does, and also reads and writes a float16 cache
-    (`model.fast.auto_kv_dtype`) and prefills a prompt through the same kernels (`prefill`)."""
+    (`model.fast.auto_kv_dtype`) and prefills a prompt through the same kernels (`prefill`). `int8_layout`: how int8
+    matrices are packed, and so which kernel runs them (`pairs`: AVX2's; `quads`: VNNI's, where the library runs
+    it); by default the library's fastest (`model.fast.loader.int8_layout`); the numbers are the same bits either
+    way."""
 
     def __init__(
-        self, model: Transformer, *, weights: str = "float16", library: Path | None = None, threads: int = 1
+        self,
+        model: Transformer,
+        *,
+        weights: str = "float16",
+        library: Path | None = None,
+        threads: int = 1,
+        int8_layout: str | None = None,
     ) -> None:
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, not {weights!r}")
@@ -135,17 +155,31 @@ class FusedDecoder:
             raise ValueError("fused decode step: d_model, d_ff, vocab_size must be multiples of 16, head_dim of 8")
         if model.wte.weight.device.type != "cpu":
             raise ValueError("fused decode step runs on CPU only")
+        best = library_int8_layout(lib)
+        if int8_layout not in (None, "pairs", best):
+            raise ValueError(
+                f"int8_layout must be 'pairs' or this library's {best!r} (None: {best!r}), not {int8_layout!r}"
+            )
         self.weights = weights
         self.isa: str = lib.shortcut_fused_isa().decode()  # avx2 | avx512
+        # how the int8 matrices are packed (pairs: the AVX2 kernel; quads: VNNI's); None for float weights
+        self.int8_layout: str | None = (int8_layout or best) if weights == "int8" else None
         self.scripted = False  # same attribute as FastDecoder's: this step is not TorchScript (and holds no GIL)
         self._step = lib.shortcut_fused_step
         C, L = cfg.d_model, cfg.n_layer
         params = [_layer_params(b, C, cfg.d_ff) for b in model.layers]
         mats = [p[n] for p in params for n in LAYER_MATRICES]
         scale_ptrs: list[int] = []
+        sum_ptrs: list[int] = []
+        self._sums = torch.zeros(0, dtype=torch.int32)
         if weights == "int8":
             quantized = [quantize_int8(m) for m in mats]
-            self._mats, mat_ptrs = _pack([pack_int8_pairs(q) for q, _ in quantized], torch.int8)
+            if self.int8_layout == "quads":
+                quads = [pack_int8_quads(q) for q, _ in quantized]
+                self._mats, mat_ptrs = _pack([w for w, _ in quads], torch.int8)
+                self._sums, sum_ptrs = _pack([z for _, z in quads], torch.int32)
+            else:
+                self._mats, mat_ptrs = _pack([pack_int8_pairs(q) for q, _ in quantized], torch.int8)
             self._scales, scale_ptrs = _pack([sc for _, sc in quantized], torch.float)
         else:
             self._mats, mat_ptrs = _pack(mats, torch.half if weights == "float16" else torch.float)
@@ -160,13 +194,23 @@ class FusedDecoder:
                 setattr(layer, name, ptr)
             for name, ptr in zip(LAYER_SCALES, scale_ptrs[i * nm : (i + 1) * nm], strict=False):
                 setattr(layer, name, ptr)  # int8 only (float weights: no scales, NULL)
+            for name, ptr in zip(LAYER_SUMS, sum_ptrs[i * nm : (i + 1) * nm], strict=False):
+                setattr(layer, name, ptr)  # int8 quads only (else NULL)
         self._wte = model.wte.weight.detach().float().contiguous()
         self._wpe = model.wpe.weight.detach().float().contiguous()
         self._unembed_t = self._wte.t().contiguous()  # (C, V)
         self._ln_f_w = _vec(model.ln_f.weight, C).contiguous()
         self._ln_f_b = _vec(model.ln_f.bias, C).contiguous()
         self._dims = abi.ShortcutDims(
-            C, cfg.n_head, L, cfg.d_ff, cfg.vocab_size, cfg.block_size, abi.WEIGHT_FORMATS[weights], int(cfg.residual)
+            C,
+            cfg.n_head,
+            L,
+            cfg.d_ff,
+            cfg.vocab_size,
+            cfg.block_size,
+            abi.WEIGHT_FORMATS[weights],
+            int(cfg.residual),
+            abi.INT8_LAYOUTS[self.int8_layout or "pairs"],
         )
         self._weights = abi.ShortcutWeights(
             self._wte.data_ptr(),
@@ -211,7 +255,7 @@ class FusedDecoder:
     def weight_tensors(self) -> tuple[torch.Tensor, ...]:
         """The large tensors the decoder holds its weights in (the block matrices and vectors, the embeddings and the
         unembedding)."""
-        return (self._mats, self._scales, self._vecs, self._wte, self._wpe, self._unembed_t)
+        return (self._mats, self._scales, self._sums, self._vecs, self._wte, self._wpe, self._unembed_t)
 
     def __call__(
         self,

@@ -15,7 +15,8 @@
  * time sum each output in the same order as the 1-row kernel), so a row's numbers do not depend on the others.
  * Built twice (model/fast/build.py): for x86-64 with AVX2, FMA and F16C (8-wide matrix kernels), and with AVX-512
  * as well (16-wide; the same sums in the same order, so both builds give the same numbers); with -ffp-contract=off so
- * that only the explicit FMAs fuse. Keys and values are cached as float32 or float16.
+ * that only the explicit FMAs fuse. Keys and values are cached as float32 or float16. int8 weights run an AVX2
+ * kernel (vpmaddwd), or in the AVX-512 build on a CPU with AVX512_VNNI a VNNI one (vpdpbusd): the same int32 sums.
  */
 #include "fused_step.h"
 
@@ -52,6 +53,7 @@ static const struct {
     LAYOUT_FIELD(ShortcutDims, block_size),
     LAYOUT_FIELD(ShortcutDims, weights),
     LAYOUT_FIELD(ShortcutDims, residual),
+    LAYOUT_FIELD(ShortcutDims, int8_layout),
     LAYOUT_STRUCT(ShortcutLayerWeights),
     LAYOUT_FIELD(ShortcutLayerWeights, w_qkv),
     LAYOUT_FIELD(ShortcutLayerWeights, w_o),
@@ -69,6 +71,10 @@ static const struct {
     LAYOUT_FIELD(ShortcutLayerWeights, s_o),
     LAYOUT_FIELD(ShortcutLayerWeights, s_fc),
     LAYOUT_FIELD(ShortcutLayerWeights, s_p),
+    LAYOUT_FIELD(ShortcutLayerWeights, z_qkv),
+    LAYOUT_FIELD(ShortcutLayerWeights, z_o),
+    LAYOUT_FIELD(ShortcutLayerWeights, z_fc),
+    LAYOUT_FIELD(ShortcutLayerWeights, z_p),
     LAYOUT_STRUCT(ShortcutWeights),
     LAYOUT_FIELD(ShortcutWeights, wte),
     LAYOUT_FIELD(ShortcutWeights, wpe),
@@ -311,8 +317,8 @@ DEFINE_MM(mm_f32, float, LOAD_F32)
  * no saturation (|x|, |w| <= 127, K * 127^2 << 2^31). vpmaddubsw (u8 x s8, twice the products per instruction) is
  * not used: with the +128 offset on x a pair of products overflows int16 and saturates. Integer sums do not depend
  * on their order, and each output's float epilogue is the same in every tile (and both builds): rows stay
- * independent of their batch. The AVX-512 build runs these same AVX2 kernels; a VNNI path (vpdpbusd) is not here:
- * it could not be tested on the machine this was written on. */
+ * independent of their batch. The AVX-512 build runs these same AVX2 kernels where the CPU has no VNNI; where it has
+ * (AVX512_VNNI + AVX512VL), the VNNI kernels below, which give the same int32 sums and so the same bits. */
 static inline __attribute__((always_inline)) void i8_tile16(const int R, int K, int ld, int n, const int16_t *xq,
                                                             const float *sx, const int8_t *w, const float *sw,
                                                             const float *bias, float *y) {
@@ -377,8 +383,9 @@ static void mm_i8(int rows, int K, int n0, int n1, int ld, const int16_t *xq, co
 }
 
 /* Each row of x (rows, K) quantized alone: sx = max|x| / 127, xq = round(x / sx) (nearest even) in [-127, 127];
- * a row of zeros gets sx = 0. K % 16 == 0. */
-static void quantize_rows(int rows, int K, const float *x, int16_t *xq, float *sx) {
+ * a row of zeros gets sx = 0. K % 16 == 0. Stored as int16 (the pairs kernels), or with `u8` as the unsigned bytes
+ * xq + 128 in [1, 255] (the VNNI kernels), the same levels either way. */
+static void quantize_rows(int rows, int K, const float *x, int16_t *xq, float *sx, int u8) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int b = 0; b < rows; b++) {
         const float *xr = x + (size_t)b * K;
@@ -391,6 +398,7 @@ static void quantize_rows(int rows, int K, const float *x, int16_t *xq, float *s
         const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.0f / amax : 0.f);
         const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
         int16_t *qr = xq + (size_t)b * K;
+        uint8_t *ur = (uint8_t *)xq + (size_t)b * K;
         for (int k = 0; k < K; k += 16) {
             __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), inv));
             __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), inv));
@@ -398,32 +406,200 @@ static void quantize_rows(int rows, int K, const float *x, int16_t *xq, float *s
             q1 = _mm256_min_epi32(_mm256_max_epi32(q1, lo), hi);
             /* packs works per 128-bit lane: [q0 lo, q1 lo, q0 hi, q1 hi] -> put the 64-bit quarters back in order */
             __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);
-            _mm256_storeu_si256((__m256i *)(qr + k), p);
+            if (!u8) {
+                _mm256_storeu_si256((__m256i *)(qr + k), p);
+                continue;
+            }
+            p = _mm256_add_epi16(p, _mm256_set1_epi16(128)); /* [1, 255]: packus keeps every value */
+            _mm_storeu_si128((__m128i *)(ur + k),
+                             _mm_packus_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
         }
     }
+}
+
+/* ---- int8 weights through VNNI: the same y, the same int32 sums, four inputs per instruction ----
+ * vpdpbusd multiplies unsigned bytes by signed bytes and adds each 32-bit lane's four products to it (no saturation).
+ * The activations go as u = xq + 128 in [1, 255] (quantize_rows with u8), the weights packed as quads (K/4, ld, 4):
+ * the four weights of inputs 4i..4i+3 side by side for each column, so one 32-byte load holds 8 columns' quads and a
+ * broadcast quad of u meets them in one vpdpbusd. sum_k u[k] w[k][n] = sum_k xq[k] w[k][n] + 128 sum_k w[k][n]: the
+ * second term is each column's z (128 times its column sum, packed with the weights) and is subtracted once after the
+ * sums. Every intermediate is an exact int32 (|sum| <= K * 255 * 127 < 2^31 for K < 66,000), so the int32 sums equal
+ * the pairs kernels' and the float epilogue is theirs: the same bits. 256 bits wide (AVX512VL) for the same 16-column
+ * tiles as i8_tile16 (and 6 rows x 2 sums in registers).
+ *
+ * Built into the AVX-512 library (the functions alone compiled for AVX512_VNNI) and run only where the CPU reports
+ * AVX512_VNNI and AVX512VL (vnni_runs, asked through shortcut_fused_int8_layout by the packer). The machine this was
+ * written on has no VNNI, nor does its QEMU emulate it, so the kernels are verified there through a test build
+ * (build.py's `avx2-vnni-emulated`, -DSHORTCUT_EMULATE_VNNI) in which `dpbusd` is the plain scalar loop below; the
+ * kernels around it are the same source. Their speed is unmeasured; on a VNNI machine
+ * `pytest tests/model/test_fused_vnni.py` runs the real instruction against the AVX2 build, bit for bit. */
+#if defined(SHORTCUT_EMULATE_VNNI) || defined(__AVX512F__)
+#define HAVE_VNNI_KERNEL 1
+#ifdef SHORTCUT_EMULATE_VNNI
+#define VNNI_TARGET
+/* vpdpbusd's definition: per 32-bit lane i, acc + sum_j a[4i + j] (u8) * b[4i + j] (s8), wrapping at 32 bits */
+static inline __m256i dpbusd(__m256i acc, __m256i a, __m256i b) {
+    uint32_t s[8];
+    uint8_t ua[32];
+    int8_t sb[32];
+    _mm256_storeu_si256((__m256i *)s, acc);
+    _mm256_storeu_si256((__m256i *)ua, a);
+    _mm256_storeu_si256((__m256i *)sb, b);
+    for (int i = 0; i < 8; i++)
+        for (int j = 0; j < 4; j++) s[i] += (uint32_t)((int32_t)ua[4 * i + j] * (int32_t)sb[4 * i + j]);
+    return _mm256_loadu_si256((const __m256i *)s);
+}
+#else
+#define VNNI_TARGET __attribute__((target("avx512vnni,avx512vl")))
+#define dpbusd(acc, a, b) _mm256_dpbusd_epi32(acc, a, b)
+#endif
+
+static int vnni_runs(void) {
+#ifdef SHORTCUT_EMULATE_VNNI
+    return 1;
+#else
+    static atomic_int known = -1;
+    int v = atomic_load_explicit(&known, memory_order_relaxed);
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+        atomic_store_explicit(&known, v, memory_order_relaxed);
+    }
+    return v;
+#endif
+}
+
+static inline int32_t load_quad(const uint8_t *p) { /* four bytes as one int32 lane (memcpy: no aliasing) */
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* R rows x 16 columns from n: as i8_tile16, a quad of inputs per step */
+VNNI_TARGET static inline __attribute__((always_inline)) void u8_tile16(const int R, int K, int ld, int n,
+                                                                        const uint8_t *xu, const float *sx,
+                                                                        const int8_t *w, const int32_t *z,
+                                                                        const float *sw, const float *bias, float *y) {
+    __m256i c[6][2];
+    for (int r = 0; r < R; r++) c[r][0] = c[r][1] = _mm256_setzero_si256();
+    const int8_t *wp = w + (size_t)n * 4;
+    for (int i = 0; i < K / 4; i++, wp += (size_t)ld * 4) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)wp), w1 = _mm256_loadu_si256((const __m256i *)(wp + 32));
+        for (int r = 0; r < R; r++) {
+            __m256i xb = _mm256_set1_epi32(load_quad(xu + (size_t)r * K + 4 * i));
+            c[r][0] = dpbusd(c[r][0], xb, w0);
+            c[r][1] = dpbusd(c[r][1], xb, w1);
+        }
+    }
+    __m256i z0 = _mm256_loadu_si256((const __m256i *)(z + n)), z1 = _mm256_loadu_si256((const __m256i *)(z + n + 8));
+    __m256 s0 = _mm256_loadu_ps(sw + n), s1 = _mm256_loadu_ps(sw + n + 8);
+    __m256 b0 = _mm256_loadu_ps(bias + n), b1 = _mm256_loadu_ps(bias + n + 8);
+    for (int r = 0; r < R; r++) {
+        __m256 xs = _mm256_set1_ps(sx[r]);
+        float *yr = y + (size_t)r * ld + n;
+        __m256i q0 = _mm256_sub_epi32(c[r][0], z0), q1 = _mm256_sub_epi32(c[r][1], z1);
+        _mm256_storeu_ps(yr, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), _mm256_mul_ps(xs, s0), b0));
+        _mm256_storeu_ps(yr + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), _mm256_mul_ps(xs, s1), b1));
+    }
+}
+
+/* one row, 64 columns from n: 8 independent sums (as i8_row64) */
+VNNI_TARGET static inline void u8_row64(int K, int ld, int n, const uint8_t *xu, float sx, const int8_t *w,
+                                        const int32_t *z, const float *sw, const float *bias, float *y) {
+    __m256i c[8];
+    for (int j = 0; j < 8; j++) c[j] = _mm256_setzero_si256();
+    const int8_t *wp = w + (size_t)n * 4;
+    for (int i = 0; i < K / 4; i++, wp += (size_t)ld * 4) {
+        __m256i xb = _mm256_set1_epi32(load_quad(xu + 4 * i));
+        for (int j = 0; j < 8; j++) c[j] = dpbusd(c[j], xb, _mm256_loadu_si256((const __m256i *)(wp + 32 * j)));
+    }
+    __m256 xs = _mm256_set1_ps(sx);
+    for (int j = 0; j < 8; j++) {
+        __m256i q = _mm256_sub_epi32(c[j], _mm256_loadu_si256((const __m256i *)(z + n + 8 * j)));
+        _mm256_storeu_ps(y + n + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q),
+                                                        _mm256_mul_ps(xs, _mm256_loadu_ps(sw + n + 8 * j)),
+                                                        _mm256_loadu_ps(bias + n + 8 * j)));
+    }
+}
+
+/* columns [n0, n1) (multiples of 16) of every row: the tiles of mm_i8 */
+VNNI_TARGET static void mm_u8(int rows, int K, int n0, int n1, int ld, const uint8_t *xu, const float *sx,
+                              const int8_t *w, const int32_t *z, const float *sw, const float *bias, float *y) {
+    int b = 0;
+    for (; b + 6 <= rows; b += 6)
+        for (int n = n0; n < n1; n += 16)
+            u8_tile16(6, K, ld, n, xu + (size_t)b * K, sx + b, w, z, sw, bias, y + (size_t)b * ld);
+    for (; b + 4 <= rows; b += 4)
+        for (int n = n0; n < n1; n += 16)
+            u8_tile16(4, K, ld, n, xu + (size_t)b * K, sx + b, w, z, sw, bias, y + (size_t)b * ld);
+    for (; b < rows; b++) {
+        int n = n0;
+        for (; n + 64 <= n1; n += 64) u8_row64(K, ld, n, xu + (size_t)b * K, sx[b], w, z, sw, bias, y + (size_t)b * ld);
+        for (; n < n1; n += 16)
+            u8_tile16(1, K, ld, n, xu + (size_t)b * K, sx + b, w, z, sw, bias, y + (size_t)b * ld);
+    }
+}
+
+VNNI_TARGET static void dpbusd_n(int n, const int32_t *acc, const uint8_t *a, const int8_t *b, int32_t *out) {
+    for (int i = 0; i < n; i += 8) {
+        __m256i r = dpbusd(_mm256_loadu_si256((const __m256i *)(acc + i)), _mm256_loadu_si256((const __m256i *)(a + 4 * i)),
+                           _mm256_loadu_si256((const __m256i *)(b + 4 * i)));
+        _mm256_storeu_si256((__m256i *)(out + i), r);
+    }
+}
+#else
+static int vnni_runs(void) { return 0; }
+#endif
+
+int shortcut_fused_int8_layout(void) { return vnni_runs() ? SHORTCUT_INT8_QUADS : SHORTCUT_INT8_PAIRS; }
+
+int shortcut_fused_dpbusd(int n, const int32_t *acc, const uint8_t *a, const int8_t *b, int32_t *out) {
+#ifdef HAVE_VNNI_KERNEL
+    if (vnni_runs() && n >= 0 && n % 8 == 0) {
+        dpbusd_n(n, acc, a, b, out);
+        return 0;
+    }
+#else
+    (void)n, (void)acc, (void)a, (void)b, (void)out;
+#endif
+    return -1;
 }
 
 /* A matrix's input as the format needs it: int8 weights take the rows quantized (once per input, then any columns) */
 typedef struct {
     const float *x;
-    int16_t *xq;
+    int16_t *xq; /* int16 levels, or (quads) the bytes xq + 128 */
     float *sx;
+    int quads; /* the int8 matrices are quads (the VNNI kernels) */
 } MatIn;
 
 static void mat_in(int fmt, int rows, int K, MatIn *in) {
-    if (fmt == SHORTCUT_WEIGHTS_INT8) quantize_rows(rows, K, in->x, in->xq, in->sx);
+    if (fmt == SHORTCUT_WEIGHTS_INT8) quantize_rows(rows, K, in->x, in->xq, in->sx, in->quads);
 }
 
+/* A block matrix as the layer's fields point at it: the weights, and for int8 the scales (and the quads' z) */
+typedef struct {
+    const void *w;
+    const float *s;
+    const int32_t *z;
+} Mat;
+
 /* y[:, n0:n1) = x @ W[:, n0:n1) + bias[n0:n1) for every row; W (K, ld) in `fmt`; y rows `ld` apart; n0, n1 % 16 == 0 */
-static void matmul(int fmt, int rows, int K, int n0, int n1, int ld, const MatIn *in, const void *w, const float *sw,
-                   const float *bias, float *y) {
+static void matmul(int fmt, int rows, int K, int n0, int n1, int ld, const MatIn *in, Mat m, const float *bias,
+                   float *y) {
     if (n1 <= n0) return;
+#ifdef HAVE_VNNI_KERNEL
+    if (fmt == SHORTCUT_WEIGHTS_INT8 && in->quads) {
+        mm_u8(rows, K, n0, n1, ld, (const uint8_t *)in->xq, in->sx, (const int8_t *)m.w, m.z, m.s, bias, y);
+        return;
+    }
+#endif
     if (fmt == SHORTCUT_WEIGHTS_INT8)
-        mm_i8(rows, K, n0, n1, ld, in->xq, in->sx, (const int8_t *)w, sw, bias, y);
+        mm_i8(rows, K, n0, n1, ld, in->xq, in->sx, (const int8_t *)m.w, m.s, bias, y);
     else if (fmt == SHORTCUT_WEIGHTS_F16)
-        mm_f16(rows, K, n1 - n0, ld, in->x, (const uint16_t *)w + n0, bias + n0, y + n0);
+        mm_f16(rows, K, n1 - n0, ld, in->x, (const uint16_t *)m.w + n0, bias + n0, y + n0);
     else
-        mm_f32(rows, K, n1 - n0, ld, in->x, (const float *)w + n0, bias + n0, y + n0);
+        mm_f32(rows, K, n1 - n0, ld, in->x, (const float *)m.w + n0, bias + n0, y + n0);
 }
 
 /* LayerNorm of one row of C (two passes, biased variance, as torch) */
@@ -747,16 +923,17 @@ static Scratch carve(const ShortcutDims *d, int rows, char *base) {
     s.in.sx = s.zero + d->vocab_size;
     s.in.xq = (int16_t *)(s.in.sx + rows);
     s.in.x = NULL;
+    s.in.quads = d->weights == SHORTCUT_WEIGHTS_INT8 && d->int8_layout == SHORTCUT_INT8_QUADS;
     memset(s.zero, 0, sizeof(float) * d->vocab_size); /* the unembedding has no bias */
     return s;
 }
 
-static const void *mat(const ShortcutLayerWeights *lw, int which, const float **sw) {
+static Mat mat(const ShortcutLayerWeights *lw, int which) {
     switch (which) {
-    case 0: *sw = lw->s_qkv; return lw->w_qkv;
-    case 1: *sw = lw->s_o; return lw->w_o;
-    case 2: *sw = lw->s_fc; return lw->w_fc;
-    default: *sw = lw->s_p; return lw->w_p;
+    case 0: return (Mat){lw->w_qkv, lw->s_qkv, lw->z_qkv};
+    case 1: return (Mat){lw->w_o, lw->s_o, lw->z_o};
+    case 2: return (Mat){lw->w_fc, lw->s_fc, lw->z_fc};
+    default: return (Mat){lw->w_p, lw->s_p, lw->z_p};
     }
 }
 
@@ -810,7 +987,6 @@ static void step_rows(const Step *st, int b0, int n, char *buf) {
     const int fmt = d->weights;
     const size_t kv_esz = a->kv_half ? 2 : 4;
     Scratch s = carve(d, n, buf);
-    const float *sw;
     embed_rows(st, b0, n, s.x);
     trace_rows(st, b0, n, 0, s.x);
     for (int l = 0; l < L; l++) {
@@ -821,28 +997,24 @@ static void step_rows(const Step *st, int b0, int n, char *buf) {
         for (int b = 0; b < n; b++) layer_norm(C, s.x + (size_t)b * C, lw->ln_1_w, lw->ln_1_b, s.h + (size_t)b * C);
         s.in.x = s.h;
         mat_in(fmt, n, C, &s.in);
-        const void *wm = mat(lw, 0, &sw);
-        matmul(fmt, n, C, 0, C3, C3, &s.in, wm, sw, lw->b_qkv, s.qkv);
+        matmul(fmt, n, C, 0, C3, C3, &s.in, mat(lw, 0), lw->b_qkv, s.qkv);
         for (int b = 0; b < n; b++)
             for (int hh = 0; hh < nh; hh++)
                 attend_head(st, b0 + b, hh, s.qkv + (size_t)b * C3, s.sc, s.y + (size_t)b * C + hh * (C / nh), kl, vl);
         s.in.x = s.y;
         mat_in(fmt, n, C, &s.in);
-        wm = mat(lw, 1, &sw);
-        matmul(fmt, n, C, 0, C, C, &s.in, wm, sw, lw->b_o, s.h); /* h = F(x) of the attention part */
+        matmul(fmt, n, C, 0, C, C, &s.in, mat(lw, 1), lw->b_o, s.h); /* h = F(x) of the attention part */
         for (int b = 0; b < n; b++)
             edit_update(d, &a->edits, b0 + b, l, 0, a->pos[b0 + b], s.x + (size_t)b * C, s.h + (size_t)b * C);
         /* MLP */
         for (int b = 0; b < n; b++) layer_norm(C, s.x + (size_t)b * C, lw->ln_2_w, lw->ln_2_b, s.h + (size_t)b * C);
         s.in.x = s.h;
         mat_in(fmt, n, C, &s.in);
-        wm = mat(lw, 2, &sw);
-        matmul(fmt, n, C, 0, F, F, &s.in, wm, sw, lw->b_fc, s.ff);
+        matmul(fmt, n, C, 0, F, F, &s.in, mat(lw, 2), lw->b_fc, s.ff);
         gelu_tanh(n * F, s.ff);
         s.in.x = s.ff;
         mat_in(fmt, n, F, &s.in);
-        wm = mat(lw, 3, &sw);
-        matmul(fmt, n, F, 0, C, C, &s.in, wm, sw, lw->b_p, s.y);
+        matmul(fmt, n, F, 0, C, C, &s.in, mat(lw, 3), lw->b_p, s.y);
         for (int b = 0; b < n; b++)
             edit_update(d, &a->edits, b0 + b, l, 1, a->pos[b0 + b], s.x + (size_t)b * C, s.y + (size_t)b * C);
         trace_rows(st, b0, n, l + 1, s.x);
@@ -888,7 +1060,6 @@ static void cols_job(void *arg, int t, int T) {
     share(F / 16, t, T, &f0, &f1);
     share(V / 16, t, T, &v0, &v1);
     c0 *= 16, c1 *= 16, f0 *= 16, f1 *= 16, v0 *= 16, v1 *= 16;
-    const float *sw;
     embed_rows(st, 0, B, s.x);
     if (t == 0) trace_rows(st, 0, B, 0, s.x);
     for (int l = 0; l < L; l++) {
@@ -898,17 +1069,15 @@ static void cols_job(void *arg, int t, int T) {
         for (int b = 0; b < B; b++) layer_norm(C, s.x + (size_t)b * C, lw->ln_1_w, lw->ln_1_b, s.h + (size_t)b * C);
         s.in.x = s.h;
         mat_in(fmt, B, C, &s.in);
-        const void *wm = mat(lw, 0, &sw);
         for (int part = 0; part < 3; part++) /* this thread's heads' q, k and v columns */
-            matmul(fmt, B, C, part * C + h0 * hd, part * C + h1 * hd, C3, &s.in, wm, sw, lw->b_qkv, s.qkv);
+            matmul(fmt, B, C, part * C + h0 * hd, part * C + h1 * hd, C3, &s.in, mat(lw, 0), lw->b_qkv, s.qkv);
         for (int b = 0; b < B; b++)
             for (int hh = h0; hh < h1; hh++)
                 attend_head(st, b, hh, s.qkv + (size_t)b * C3, s.sc, y_att + (size_t)b * C + hh * hd, kl, vl);
         pool_barrier(st->pool);
         s.in.x = y_att;
         mat_in(fmt, B, C, &s.in);
-        wm = mat(lw, 1, &sw);
-        matmul(fmt, B, C, c0, c1, C, &s.in, wm, sw, lw->b_o, h_att);
+        matmul(fmt, B, C, c0, c1, C, &s.in, mat(lw, 1), lw->b_o, h_att);
         pool_barrier(st->pool);
         for (int b = 0; b < B; b++) {
             edit_update(d, &a->edits, b, l, 0, a->pos[b], s.x + (size_t)b * C, h_att + (size_t)b * C);
@@ -916,14 +1085,12 @@ static void cols_job(void *arg, int t, int T) {
         }
         s.in.x = s.h;
         mat_in(fmt, B, C, &s.in);
-        wm = mat(lw, 2, &sw);
-        matmul(fmt, B, C, f0, f1, F, &s.in, wm, sw, lw->b_fc, ff);
+        matmul(fmt, B, C, f0, f1, F, &s.in, mat(lw, 2), lw->b_fc, ff);
         for (int b = 0; b < B; b++) gelu_tanh(f1 - f0, ff + (size_t)b * F + f0);
         pool_barrier(st->pool);
         s.in.x = ff;
         mat_in(fmt, B, F, &s.in);
-        wm = mat(lw, 3, &sw);
-        matmul(fmt, B, F, c0, c1, C, &s.in, wm, sw, lw->b_p, y_mlp);
+        matmul(fmt, B, F, c0, c1, C, &s.in, mat(lw, 3), lw->b_p, y_mlp);
         pool_barrier(st->pool);
         for (int b = 0; b < B; b++)
             edit_update(d, &a->edits, b, l, 1, a->pos[b], s.x + (size_t)b * C, y_mlp + (size_t)b * C);
@@ -949,6 +1116,9 @@ int shortcut_fused_step(const ShortcutDims *d, const ShortcutWeights *w, const S
     }
     for (int r = 0; r < R; r++)
         if (a->trace_rows[r] < 0 || a->trace_rows[r] >= B) return SHORTCUT_EBAD_TRACE;
+    if (d->weights == SHORTCUT_WEIGHTS_INT8 && d->int8_layout != SHORTCUT_INT8_PAIRS &&
+        d->int8_layout != shortcut_fused_int8_layout())
+        return SHORTCUT_EBAD_LAYOUT;
     if (B == 0) return SHORTCUT_OK;
     Pool *pool = a->pool != NULL && a->pool->n > 1 ? a->pool : NULL;
     const int T = pool ? pool->n : 1;

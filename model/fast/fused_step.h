@@ -7,8 +7,10 @@
  *
  * Names: C d_model, nh n_head, L n_layer, F d_ff, V vocab_size, S block_size (the cache's length), hd = C / nh,
  * B the rows of one step. Block matrices follow ShortcutDims.weights: float32 or float16 (in, out) row-major, or int8
- * packed (in / 2, out, 2) (the two weights of a pair of inputs side by side per output) with a float32 scale per
- * output (the s_* fields: w = int8 * s).
+ * with a float32 scale per output (the s_* fields: w = int8 * s), packed as ShortcutDims.int8_layout says: pairs
+ * (in / 2, out, 2), the weights of inputs 2i, 2i + 1 side by side per output (the AVX2 kernel, vpmaddwd), or quads
+ * (in / 4, out, 4), inputs 4i..4i + 3 side by side (the VNNI kernel, vpdpbusd), with 128 times each output's column
+ * sum as int32 (the z_* fields: the correction of the +128 offset that makes the activations unsigned).
  *
  * To add a kind of stream edit (say, a vector added to the stream at some positions), touch exactly:
  *   1. model/edits.py: a field on StreamEdits (and Intervention), its effect in `apply` (the torch paths);
@@ -22,12 +24,16 @@
 #include <stdint.h>
 
 #ifndef SHORTCUT_FUSED_ABI_VERSION /* overridable only so that a test can build a deliberately stale library */
-#define SHORTCUT_FUSED_ABI_VERSION 4
+#define SHORTCUT_FUSED_ABI_VERSION 5
 #endif
 
 /* ShortcutDims.weights: float32; float16 (arithmetic in float32); int8 with a scale per output, each row of a matrix's
  * input quantized alone per step (scale max|x| / 127), sums in int32 */
 enum { SHORTCUT_WEIGHTS_F32 = 0, SHORTCUT_WEIGHTS_F16 = 1, SHORTCUT_WEIGHTS_INT8 = 2 };
+
+/* ShortcutDims.int8_layout: how int8 matrices are packed, and so which kernel runs them. Pairs run everywhere; quads
+ * only where shortcut_fused_int8_layout() says so (a CPU with AVX512_VNNI and AVX512VL under the AVX-512 build) */
+enum { SHORTCUT_INT8_PAIRS = 0, SHORTCUT_INT8_QUADS = 1 };
 
 /* The model's shape and the step's number formats; fixed for a decoder. */
 typedef struct {
@@ -39,6 +45,7 @@ typedef struct {
     int32_t block_size; /* S: positions 0..S-1 */
     int32_t weights;    /* SHORTCUT_WEIGHTS_*: the block matrices' format */
     int32_t residual;   /* 1: x + F(x) (a residual stack); 0: F(x) replaces x (a plain stack) */
+    int32_t int8_layout; /* SHORTCUT_INT8_*: how int8 matrices are packed (ignored for float weights) */
 } ShortcutDims;
 
 /* One block's parameters. Vectors are float32; a block without biases or LayerNorm affine gets zeros / ones. */
@@ -59,6 +66,10 @@ typedef struct {
     const float *s_o;    /* (C) */
     const float *s_fc;   /* (F) */
     const float *s_p;    /* (C) */
+    const int32_t *z_qkv; /* (3C) int8 quads: 128 * sum over inputs of each output's int8 weights; NULL otherwise */
+    const int32_t *z_o;   /* (C) */
+    const int32_t *z_fc;  /* (F) */
+    const int32_t *z_p;   /* (C) */
 } ShortcutLayerWeights;
 
 /* Every parameter of the model; fixed for a decoder. */
@@ -108,12 +119,21 @@ enum {
     SHORTCUT_EBAD_TOKEN = -2, /* a token id outside [0, V) */
     SHORTCUT_EBAD_POS = -3,   /* a position outside [0, S) */
     SHORTCUT_EBAD_TRACE = -4, /* a traced row outside [0, B) */
+    SHORTCUT_EBAD_LAYOUT = -5, /* int8 weights in a layout this library cannot run on this CPU */
 };
 
 /* SHORTCUT_FUSED_ABI_VERSION as built: the loader's first question. */
 int shortcut_fused_abi_version(void);
 /* "avx2" or "avx512": which build this is, asked before any kernel runs. */
 const char *shortcut_fused_isa(void);
+/* The int8 layout (SHORTCUT_INT8_*) of the fastest int8 kernel this library runs on this CPU: quads where it was
+ * built with the VNNI kernel (the AVX-512 build) and the CPU has AVX512_VNNI and AVX512VL, else pairs (the test-only
+ * build with vpdpbusd emulated, -DSHORTCUT_EMULATE_VNNI: quads on any AVX2 CPU). */
+int shortcut_fused_int8_layout(void);
+/* For tests: out[i] = acc[i] + sum_j a[4i + j] * b[4i + j] for i < n (n % 8 == 0; u8 a, s8 b, int32 wrapping, no
+ * saturation) through the VNNI kernel's own vpdpbusd (the instruction, or the test build's emulation); returns 0, or
+ * -1 (nothing written) where this library or CPU has no VNNI kernel. */
+int shortcut_fused_dpbusd(int n, const int32_t *acc, const uint8_t *a, const int8_t *b, int32_t *out);
 /* The `i`th entry of the struct layout table ("Struct" with its size, or "Struct.field" with its offset and size);
  * NULL past the end. For the test that holds the ctypes mirrors to this header. */
 const char *shortcut_fused_layout(int i, int64_t *offset, int64_t *size);

@@ -13,7 +13,7 @@ import functools
 import logging
 from pathlib import Path
 
-from model.fast.abi import ABI_VERSION, LIBRARIES, ShortcutDims, ShortcutStepArgs, ShortcutWeights
+from model.fast.abi import ABI_VERSION, INT8_LAYOUTS, LIBRARIES, ShortcutDims, ShortcutStepArgs, ShortcutWeights
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,13 @@ def load(path: str) -> ctypes.CDLL | None:
         return None
     version = _abi_version(lib)
     if version != ABI_VERSION or not all(
-        hasattr(lib, f) for f in ("shortcut_fused_step", "shortcut_fused_layout", "shortcut_fused_pool_new")
+        hasattr(lib, f)
+        for f in (
+            "shortcut_fused_step",
+            "shortcut_fused_layout",
+            "shortcut_fused_pool_new",
+            "shortcut_fused_int8_layout",
+        )
     ):
         log.warning(
             "fused decode step library %s is stale (ABI %s, need %d): rebuild with `python -m model.fast.build`; "
@@ -82,6 +88,7 @@ def load(path: str) -> ctypes.CDLL | None:
     layout = lib.shortcut_fused_layout
     layout.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]
     layout.restype = ctypes.c_char_p
+    lib.shortcut_fused_int8_layout.argtypes, lib.shortcut_fused_int8_layout.restype = [], ctypes.c_int
     return lib
 
 
@@ -102,6 +109,13 @@ def library_isa(path: Path) -> str | None:
 def fused_available(path: Path | None = None) -> bool:
     """Whether a usable library (`path`, or the default one) is there: built, current, and this CPU runs it."""
     return load(str(path or default_library())) is not None
+
+
+def int8_layout(lib: ctypes.CDLL) -> str:
+    """The int8 layout (`abi.INT8_LAYOUTS`) of the fastest int8 kernel `lib` runs on this CPU: `quads` (VNNI) where
+    it has the VNNI kernel and the CPU AVX512_VNNI and AVX512VL, else `pairs`."""
+    code = int(lib.shortcut_fused_int8_layout())
+    return next(name for name, c in INT8_LAYOUTS.items() if c == code)
 
 
 def layout(lib: ctypes.CDLL) -> dict[str, tuple[int, int]]:

@@ -41,3 +41,17 @@ def test_step_threads_reports_wall_and_cpu_per_thread_count_and_the_speedup() ->
         for fig in got.values():
             assert fig["wall_ms"] > 0 and fig["cpu_ms"] > 0
             assert fig["wall_speedup"] == pytest.approx(got["threads1"]["wall_ms"] / fig["wall_ms"], abs=1e-3)
+
+
+def test_step_threads_times_the_avx2_int8_kernel_beside_the_builds_fastest() -> None:
+    """`int8-pairs` runs the AVX2 int8 kernel whatever the build; `int8` the layout the installed build picks."""
+    from model.fast import default_library, fused_available
+    from model.fast.loader import int8_layout, load
+
+    if not fused_available():
+        pytest.skip("the fused step is not built here (python -m model.fast.build)")
+    res = fused.step_threads(build_model(seed=0), (1,), (2,), ("int8-pairs", "int8"), position=4, reps=1, rounds=1)
+    lib = load(str(default_library()))
+    assert lib is not None
+    assert res["int8_layout"] == {"int8-pairs": "pairs", "int8": int8_layout(lib)}
+    assert res["int8-pairs_bs2"]["threads1"]["wall_ms"] > 0 and res["int8_bs2"]["threads1"]["wall_ms"] > 0

@@ -16,7 +16,7 @@ import torch
 from model.decode import FastDecoder
 from model.edits import StreamEdits
 from model.fast import FusedDecoder, abi, build, cpu_supported, fused_available, make_decoder
-from model.fast.decoder import LAYER_MATRICES, LAYER_SCALES, LAYER_VECTORS
+from model.fast.decoder import LAYER_MATRICES, LAYER_SCALES, LAYER_SUMS, LAYER_VECTORS
 from model.fast.loader import layout, load
 from tests.conftest import build_model
 
@@ -109,8 +109,9 @@ def test_each_layers_named_pointers_point_at_its_parameters(library: Path) -> No
                 "b_p": block.mlp.c_proj.bias,
             }
             fields = {n for n, _ in abi.ShortcutLayerWeights._fields_}
-            assert set(want) | set(LAYER_SCALES) == set(LAYER_MATRICES + LAYER_VECTORS + LAYER_SCALES) == fields
-            assert all(getattr(layer, s) is None for s in LAYER_SCALES)  # float weights: no scales (NULL)
+            nulls = LAYER_SCALES + LAYER_SUMS
+            assert set(want) | set(nulls) == set(LAYER_MATRICES + LAYER_VECTORS + nulls) == fields
+            assert all(getattr(layer, s) is None for s in nulls)  # float weights: no scales nor sums (NULL)
             for name, param in want.items():
                 t = param.detach().float().contiguous().to(dtype if name in LAYER_MATRICES else torch.float32)
                 raw = ctypes.string_at(getattr(layer, name), t.numel() * t.element_size())
@@ -122,7 +123,9 @@ def test_int8_matrices_and_their_scales_are_where_the_pointers_say(library: Path
     the parameter back to within half a step of its column's scale (an independent unpacking)."""
     model = build_model(seed=4)
     dec = FusedDecoder(model, weights="int8", library=library)
+    assert dec.int8_layout == "pairs"  # (quads: tests/model/test_fused_vnni.py)
     for block, layer in zip(model.blocks, dec._layers, strict=True):
+        assert all(getattr(layer, z) is None for z in LAYER_SUMS)
         for name, sname, lin in (
             ("w_qkv", "s_qkv", block.attn.c_attn),
             ("w_o", "s_o", block.attn.c_proj),
