@@ -83,20 +83,23 @@ def _wall_ms(out: str) -> float:
 
 
 def scaling(reps: int = 20, rounds: int = 5, trials: int = 3, checkpoint: Path | None = None) -> dict[str, Any]:
-    """The one-thread batch-32 step alone, then in two processes at once (pinned to two CPUs where allowed), `trials`
-    times interleaved; wall ms per step of each, and the two processes' combined speed-up over one. `checkpoint`:
-    the model to step (default the shipped one)."""
+    """The one-thread batch-32 step alone, then in two processes at once (each pinned to a CPU of its own, the one
+    alone to the first of them, where the affinity mask allows), `trials` times interleaved; wall ms per step of
+    each, and the two processes' combined speed-up over one. `checkpoint`: the model to step (default the shipped
+    one)."""
     cpus = sorted(os.sched_getaffinity(0))
     alone: list[float] = []
     together: list[float] = []
     for _ in range(trials):
-        alone.append(
-            _wall_ms(
-                subprocess.run(
-                    _step_cmd(reps, rounds, checkpoint), cwd=ROOT, check=True, capture_output=True, text=True
-                ).stdout
-            )
+        one = subprocess.run(
+            _step_cmd(reps, rounds, checkpoint),
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, {cpus[0]})) if len(cpus) > 1 else None,
         )
+        alone.append(_wall_ms(one.stdout))
         procs = []
         for i in range(2):
             pin = {cpus[i % len(cpus)]}
