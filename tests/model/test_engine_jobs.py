@@ -130,8 +130,8 @@ def test_abort_all_ends_requests_and_fails_jobs(model: Transformer) -> None:
 
 
 def test_gradients_yield_after_the_forward_and_each_block(model: Transformer) -> None:
-    """The gradient pass is cut into one forward and one backward per block, so a stream waits at most one of
-    those (not a whole forward + backward) for a diagnostics job."""
+    """The gradient pass is cut into one block of the forward and one block of the backward at a time, so a stream
+    waits at most one of those (not a whole forward + backward) for a diagnostics job."""
     ids = list(range(40, 40 + TINY["block_size"]))
     steps = iter_diagnostics(model, ids, DiagnosticsOptions(gradients=True))
     n = 0
@@ -139,5 +139,6 @@ def test_gradients_yield_after_the_forward_and_each_block(model: Transformer) ->
         while True:
             next(steps)
             n += 1
-    assert n == 2 + TINY["n_layer"]  # the forward, each block's backward, then the per-layer statistics
+    # each block of the forward, the loss, each block's backward, then the per-layer statistics
+    assert n == TINY["n_layer"] + 1 + TINY["n_layer"] + 1
     assert torch.is_grad_enabled()  # no grad mode leaked out of the job
