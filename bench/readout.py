@@ -5,21 +5,12 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Generator
 from typing import Any
 
 import torch
 
 from model.readout import hidden_states, patching
-from model.transformer import RESID_NAMES, Transformer
-
-
-def _run(gen: Generator[None, None, Any]) -> Any:
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+from model.transformer import RESID_NAMES, Transformer, run_to_end
 
 
 def export(model: Transformer, ids: list[int], reps: int = 3) -> dict[str, Any]:
@@ -29,7 +20,7 @@ def export(model: Transformer, ids: list[int], reps: int = 3) -> dict[str, Any]:
     n_bytes = 0
     for _ in range(reps):
         t0 = time.perf_counter()
-        [arr] = _run(hidden_states(model, [ids], layers, sites, [list(range(len(ids)))]))
+        [arr] = run_to_end(hidden_states(model, [ids], layers, sites, [list(range(len(ids)))]))
         t1 = time.perf_counter()
         base64.b64encode(arr.numpy().astype("<f4").tobytes())
         t2 = time.perf_counter()
@@ -54,7 +45,7 @@ def patching_grid(model: Transformer, clean: list[int], corrupt: list[int], site
     for name, per_forward in (("batched", None), ("naive", len(clean))):
         kw = {} if per_forward is None else {"tokens_per_forward": per_forward}
         t0 = time.perf_counter()
-        res = _run(patching(model, clean, corrupt, target=None, sites=sites, **kw))
+        res = run_to_end(patching(model, clean, corrupt, target=None, sites=sites, **kw))
         wall = time.perf_counter() - t0
         out[name] = {
             "forwards": res.forwards,

@@ -27,7 +27,7 @@ from model.config import ModelConfig
 from model.edits import Intervention, StreamEdits
 from model.lens import TunedLens
 from model.tokenizer import token_text
-from model.transformer import RESID_NAMES, Transformer, in_slices
+from model.transformer import RESID_NAMES, Transformer, in_slices, run_to_end
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,7 @@ def run_diagnostics(
 ) -> dict[str, Any]:
     """Diagnose the residual stream of `model` on one prompt; a JSON-serialisable dict (see module docstring).
     `lens`: the model's tuned lens, needed for `opts.tuned_lens`."""
-    steps = iter_diagnostics(model, ids, opts, model_info, lens)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    return run_to_end(iter_diagnostics(model, ids, opts, model_info, lens))
 
 
 def iter_diagnostics(

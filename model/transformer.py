@@ -227,11 +227,7 @@ class Transformer(nn.Module):
         steps = self.forward_steps(
             idx, cache=cache, pos=pos, return_resid=return_resid, edits=edits, last_only=last_only, at=at, patch=patch
         )
-        while True:
-            try:
-                next(steps)
-            except StopIteration as stop:
-                return cast(ModelOutput, stop.value)
+        return run_to_end(steps)
 
     def forward_steps(
         self,
@@ -290,6 +286,15 @@ class Transformer(nn.Module):
         if return_resid:
             return ModelOutput(logits=logits, resid=traces, final=final)
         return ModelOutput(logits=logits)
+
+
+def run_to_end(steps: Generator[None, None, R]) -> R:
+    """Run a sliced computation (`forward_steps`, a job) to its end without stopping; what it returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return cast(R, stop.value)
 
 
 def in_slices(

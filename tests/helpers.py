@@ -14,6 +14,20 @@ from prometheus_client.parser import text_string_to_metric_families
 ERROR_FIELDS = {"message", "type", "param", "code"}
 
 
+def run_job(gen: Any, between: Callable[[], object] | None = None) -> tuple[Any, int]:
+    """Drive a job generator to its end as the engine's worker does, calling `between` (e.g. another forward, a
+    decode step's stand-in) after each slice: (its return value, how many times it yielded)."""
+    yields = 0
+    while True:
+        try:
+            assert next(gen) is None  # a slice hands nothing to the worker
+        except StopIteration as stop:
+            return stop.value, yields
+        yields += 1
+        if between is not None:
+            between()
+
+
 def parse_sse(text: str) -> list[tuple[str, Any]]:
     """Split a Server-Sent Events body into (event, data) pairs; `data` is JSON-decoded unless it is [DONE]."""
     out: list[tuple[str, Any]] = []

@@ -23,6 +23,7 @@ from model.diagnostics import (
 )
 from model.tokenizer import encode, token_text
 from model.transformer import RESID_NAMES, Transformer
+from tests.helpers import run_job
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 CFG = dict(block_size=32, n_layer=4, n_head=4, d_model=32, d_ff=64)
@@ -298,18 +299,13 @@ def test_every_forward_is_sliced_per_block_and_other_forwards_between_change_not
     prompt run between every two slices leaves the result as one uninterrupted run gives it."""
     opts = DiagnosticsOptions(gradients=True, ablation=True, logit_lens=2, per_token=True)
     expected = run_diagnostics(diag_model, ids, opts)
-    steps = iter_diagnostics(diag_model, ids, opts)
     other = torch.tensor([[7, 8, 9]])
-    slices = 0
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            got = done.value
-            break
-        slices += 1
+
+    def forward() -> None:
         with torch.inference_mode():
             diag_model(other, return_resid=True)
+
+    got, slices = run_job(iter_diagnostics(diag_model, ids, opts), forward)
     L = CFG["n_layer"]
     assert slices >= L * (1 + 3 * L) + L
     assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)

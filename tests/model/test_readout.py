@@ -13,14 +13,11 @@ import torch.nn.functional as F
 from model.edits import Intervention, StreamPatch
 from model.readout import hidden_states, patching, resolve_positions, to_safetensors
 from model.transformer import RESID_NAMES, Transformer
+from tests.helpers import run_job
 
 
 def run(gen: Generator[None, None, Any]) -> Any:
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return run_job(gen)[0]
 
 
 def hooked_acts(model: Transformer, ids: list[int]) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor]:
@@ -95,15 +92,12 @@ def run_between(model: Transformer, gen: Generator[None, None, Any]) -> tuple[An
     """Run a job as the engine does, a forward of another prompt (a decode step's stand-in) between its slices, each
     slice outside any grad/inference context: (its result, how many slices it yielded)."""
     other = torch.tensor([[7, 1, 99, 42, 3, 3, 250]])
-    slices = 0
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value, slices
-        slices += 1
+
+    def forward() -> None:
         with torch.inference_mode():
             model(other)
+
+    return run_job(gen, forward)
 
 
 @pytest.mark.parametrize("with_intervention", [False, True])

@@ -9,22 +9,20 @@ from model.config import ModelConfig
 from model.scoring import TokenScore, prompt_logprobs
 from model.tokenizer import encode
 from model.transformer import Transformer
+from tests.helpers import run_job
 
 
 def _run(model: Transformer, ids: list[int], k: int) -> list[TokenScore]:
     """The job run as Engine.run_job slices it, a forward of another prompt between every two slices: a slice is one
     block of the forward (n_layer yields), and the forwards between change nothing."""
-    job = prompt_logprobs(model, ids, k)
-    slices = 0
-    while True:
-        try:
-            assert next(job) is None
-        except StopIteration as done:
-            assert slices == model.config.n_layer
-            return done.value
-        slices += 1
+
+    def forward() -> None:
         with torch.no_grad():
             model(torch.tensor([[1, 2, 3]]))
+
+    scores, slices = run_job(prompt_logprobs(model, ids, k), forward)
+    assert slices == model.config.n_layer
+    return scores
 
 
 @pytest.mark.parametrize("k", [0, 1, 3])

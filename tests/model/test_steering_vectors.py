@@ -23,6 +23,7 @@ from model.steering import (
 )
 from model.transformer import Transformer
 from tests.conftest import build_model
+from tests.helpers import run_job
 
 POSITIVE = ["THE QUICK FOX", "A LAZY DOG SLEEPS"]
 NEGATIVE = ["the quick fox", "a lazy dog sleeps", "my old friend"]
@@ -40,13 +41,7 @@ def independent_resid_post(model: Transformer, ids: list[int], layer: int) -> to
 
 def run(gen):  # noqa: ANN001, ANN201
     """Drive a job generator to its end; (its value, the number of yields)."""
-    yields = 0
-    try:
-        while True:
-            next(gen)
-            yields += 1
-    except StopIteration as stop:
-        return stop.value, yields
+    return run_job(gen)
 
 
 @pytest.mark.parametrize("reduce", ["mean", "last"])

@@ -12,7 +12,8 @@ from model.config import ModelConfig
 from model.decode import FastDecoder, float16_weights_available
 from model.edits import Intervention
 from model.kv_cache import KVCache
-from model.transformer import RESID_NAMES, Transformer, parameter_shapes
+from model.transformer import RESID_NAMES, Transformer, in_slices, parameter_shapes
+from tests.helpers import run_job
 
 ATOL = 1e-5
 
@@ -336,16 +337,12 @@ def test_kv_cache_starts_zeroed_on_cpu(tiny_config: ModelConfig) -> None:
 def _drive_with_others_between(model: Transformer, steps, other: torch.Tensor) -> tuple[object, int]:
     """Run `steps` (forward_steps) as a job is run: each step in its own inference context, another forward of
     `other` (a decode step's stand-in) between steps; (its result, how many times it yielded)."""
-    yields = 0
-    while True:
-        with torch.inference_mode():
-            try:
-                next(steps)
-            except StopIteration as stop:
-                return stop.value, yields
-        yields += 1
+
+    def forward() -> None:
         with torch.inference_mode():
             model(other)
+
+    return run_job(in_slices(steps, torch.inference_mode), forward)
 
 
 @pytest.mark.parametrize("kind", ["plain", "resid_edits", "at", "patch", "cache"])
